@@ -1,0 +1,11 @@
+"""yolo-compress: compress Darknet YOLO detectors; cfg + weights in, cfg + weights out."""
+from __future__ import annotations
+
+from .cfg import Block, Cfg, format_cfg, parse_cfg, read_cfg, write_cfg
+from .errors import CompressError
+from .model import DarknetModel, build_model
+from .persist import load, save
+
+__all__ = ["load", "save", "Block", "Cfg", "parse_cfg", "read_cfg", "format_cfg", "write_cfg", "build_model",
+           "DarknetModel", "CompressError"]
+__version__ = "0.1.0"

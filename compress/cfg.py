@@ -1,0 +1,243 @@
+"""Darknet `.cfg` text <-> `Cfg` (an immutable list of `Block`s). No torch import.
+
+Blocks keep their options in file order as raw strings, so keys we do not interpret (`jitter`,
+`nms_kind`, `stopbackward`, ...) survive a parse -> write round trip. The writer is canonical
+(`key=value`, LF, one blank line between sections) because Darknet forks reject anything fancier.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from .errors import CfgError
+from .fileio import write_text_atomic
+
+__all__ = ["Block", "Cfg", "SUPPORTED_SECTIONS", "parse_cfg", "read_cfg", "format_cfg", "write_cfg"]
+
+SUPPORTED_SECTIONS = (
+    "convolutional", "shortcut", "route", "upsample", "maxpool", "avgpool", "scale_channels", "sam",
+    "dropout", "yolo", "region", "se", "cbam", "eca",
+)
+_NET_NAMES = ("net", "network")
+
+
+@dataclass(frozen=True)
+class Block:
+    """One `[section]` of a cfg; `line` is its header line for error messages."""
+
+    type: str
+    options: tuple[tuple[str, str], ...] = ()
+    line: int = 0
+    source: str = field(default="<cfg>", compare=False)
+
+    def where(self) -> str:
+        return f"{self.source}:{self.line}"
+
+    def has(self, key: str) -> bool:
+        return any(k == key for k, _ in self.options)
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        value = default
+        for k, v in self.options:
+            if k == key:
+                value = v
+        return value
+
+    def _bad(self, key: str, value: str, kind: str) -> CfgError:
+        return CfgError(f"{self.where()}: [{self.type}] {key}={value!r} is not {kind}; fix the value in the cfg")
+
+    def get_int(self, key: str, default: int | None = None) -> int:
+        raw = self.get(key)
+        if raw is None:
+            if default is None:
+                raise CfgError(f"{self.where()}: [{self.type}] needs `{key}=`; add it to the cfg")
+            return default
+        try:
+            return int(raw)
+        except ValueError:
+            try:
+                as_float = float(raw)
+            except ValueError:
+                raise self._bad(key, raw, "an integer") from None
+            if as_float != int(as_float):
+                raise self._bad(key, raw, "an integer") from None
+            return int(as_float)
+
+    def get_float(self, key: str, default: float | None = None) -> float:
+        raw = self.get(key)
+        if raw is None:
+            if default is None:
+                raise CfgError(f"{self.where()}: [{self.type}] needs `{key}=`; add it to the cfg")
+            return default
+        try:
+            return float(raw)
+        except ValueError:
+            raise self._bad(key, raw, "a number") from None
+
+    def get_ints(self, key: str, default: tuple[int, ...] | None = None) -> tuple[int, ...]:
+        raw = self.get(key)
+        if raw is None:
+            if default is None:
+                raise CfgError(f"{self.where()}: [{self.type}] needs `{key}=`; add it to the cfg")
+            return default
+        try:
+            return tuple(int(float(p)) for p in raw.split(",") if p.strip())
+        except ValueError:
+            raise self._bad(key, raw, "a comma-separated list of integers") from None
+
+    def get_floats(self, key: str, default: tuple[float, ...] | None = None) -> tuple[float, ...]:
+        raw = self.get(key)
+        if raw is None:
+            if default is None:
+                raise CfgError(f"{self.where()}: [{self.type}] needs `{key}=`; add it to the cfg")
+            return default
+        try:
+            return tuple(float(p) for p in raw.split(",") if p.strip())
+        except ValueError:
+            raise self._bad(key, raw, "a comma-separated list of numbers") from None
+
+    def replace(self, **changes: object) -> "Block":
+        """New block with keys changed (None removes a key); order kept, new keys appended."""
+        opts = []
+        seen = set()
+        for k, v in self.options:
+            if k in changes:
+                if k in seen or changes[k] is None:
+                    continue
+                seen.add(k)
+                opts.append((k, _fmt(changes[k])))
+            else:
+                opts.append((k, v))
+        for k, v in changes.items():
+            if k not in seen and v is not None and not self.has(k):
+                opts.append((k, _fmt(v)))
+        return Block(self.type, tuple(opts), self.line, self.source)
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(_fmt(v) for v in value)
+    if isinstance(value, bool):
+        return str(int(value))
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Cfg:
+    """A parsed cfg: the `[net]` block plus the layer blocks (index = position, as Darknet counts)."""
+
+    net: Block
+    blocks: tuple[Block, ...]
+    path: str | None = field(default=None, compare=False)
+
+    @property
+    def width(self) -> int:
+        return self.net.get_int("width", 416)
+
+    @property
+    def height(self) -> int:
+        return self.net.get_int("height", 416)
+
+    @property
+    def channels(self) -> int:
+        return self.net.get_int("channels", 3)
+
+    @property
+    def classes(self) -> int:
+        heads = [b for b in self.blocks if b.type in ("yolo", "region")]
+        return heads[0].get_int("classes", 20) if heads else 0
+
+    def with_blocks(self, blocks: Iterable[Block]) -> "Cfg":
+        return Cfg(self.net, tuple(blocks), self.path)
+
+    def with_net(self, **changes: object) -> "Cfg":
+        return Cfg(self.net.replace(**changes), self.blocks, self.path)
+
+
+def _strip_comment(line: str) -> str:
+    for mark in ("#", ";"):
+        cut = line.find(mark)
+        if cut >= 0:
+            line = line[:cut]
+    return line.strip()
+
+
+def parse_cfg(text: str, source: str = "<cfg>") -> Cfg:
+    """Parse cfg text. Raises CfgError naming `source:line` for anything Darknet would not accept."""
+    sections: list[tuple[str, int, list[tuple[str, str]]]] = []
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = _strip_comment(raw.lstrip("\ufeff"))
+        if not line:
+            continue
+        if line.startswith("["):
+            if not line.endswith("]") or len(line) < 3:
+                raise CfgError(f"{source}:{lineno}: malformed section header {line!r}; write it as [name]")
+            sections.append((line[1:-1].strip().lower(), lineno, []))
+            continue
+        if "=" not in line:
+            raise CfgError(f"{source}:{lineno}: expected key=value, got {line!r}")
+        if not sections:
+            raise CfgError(f"{source}:{lineno}: option {line!r} before the first [section]; start with [net]")
+        key, value = line.split("=", 1)
+        key, value = key.strip(), value.strip()
+        if not key or not value:
+            raise CfgError(f"{source}:{lineno}: {line!r} has an empty key or value")
+        sections[-1][2].append((key, value))
+    if not sections or sections[0][0] not in _NET_NAMES:
+        raise CfgError(f"{source}:1: a Darknet cfg starts with a [net] section")
+    blocks = []
+    for name, lineno, opts in sections[1:]:
+        if name in _NET_NAMES:
+            raise CfgError(f"{source}:{lineno}: a second [net] section; a cfg has exactly one")
+        if name not in SUPPORTED_SECTIONS:
+            hint = " (YOLOv2 [reorg] is not supported)" if name == "reorg" else ""
+            raise CfgError(f"{source}:{lineno}: unsupported section [{name}]{hint}; supported: "
+                           + ", ".join(f"[{s}]" for s in SUPPORTED_SECTIONS))
+        blocks.append(Block(name, tuple(opts), lineno, source))
+    net_name, net_line, net_opts = sections[0]
+    cfg = Cfg(Block("net", tuple(net_opts), net_line, source), tuple(blocks), source)
+    _check_heads(cfg)
+    return cfg
+
+
+def _check_heads(cfg: Cfg) -> None:
+    for b in cfg.blocks:
+        if b.type != "yolo":
+            continue
+        anchors = b.get_floats("anchors", ())
+        if len(anchors) % 2:
+            raise CfgError(f"{b.where()}: [yolo] anchors has an odd count ({len(anchors)}); list w,h pairs")
+        n = len(anchors) // 2
+        num = b.get_int("num", n)
+        if num != n:
+            raise CfgError(f"{b.where()}: [yolo] num={num} but anchors lists {n} pairs; make them agree")
+        mask = b.get_ints("mask", tuple(range(n)))
+        bad = [m for m in mask if m < 0 or m >= n]
+        if bad:
+            raise CfgError(f"{b.where()}: [yolo] mask {bad} out of range for {n} anchors; use 0..{n - 1}")
+        b.get_int("classes", 20)
+
+
+def read_cfg(path: str | os.PathLike) -> Cfg:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        raise CfgError(f"{path}: cfg file not found; pass an existing --cfg") from None
+    except OSError as exc:
+        raise CfgError(f"{path}: cannot read cfg ({exc.strerror})") from None
+    return parse_cfg(text, str(path))
+
+
+def format_cfg(cfg: Cfg) -> str:
+    parts = []
+    for block in (cfg.net, *cfg.blocks):
+        lines = [f"[{block.type}]"] + [f"{k}={v}" for k, v in block.options]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def write_cfg(cfg: Cfg, path: str | os.PathLike) -> None:
+    write_text_atomic(path, format_cfg(cfg))

@@ -1,0 +1,1 @@
+"""Placeholder: commands of this group are added by their issue."""

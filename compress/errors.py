@@ -1,0 +1,41 @@
+"""Typed errors. The CLI turns any CompressError into one clean `Error: ...` line."""
+from __future__ import annotations
+
+__all__ = ["CompressError", "CfgError", "WeightsError", "DataError", "PruneError", "QuantError",
+           "DistillError", "RecipeError", "ExportError"]
+
+
+class CompressError(Exception):
+    """Base of every error a user can cause; the message names the file/option and the fix."""
+
+
+class CfgError(CompressError):
+    pass
+
+
+class WeightsError(CompressError):
+    pass
+
+
+class DataError(CompressError):
+    pass
+
+
+class PruneError(CompressError):
+    pass
+
+
+class QuantError(CompressError):
+    pass
+
+
+class DistillError(CompressError):
+    pass
+
+
+class RecipeError(CompressError):
+    pass
+
+
+class ExportError(CompressError):
+    pass

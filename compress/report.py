@@ -1,0 +1,149 @@
+"""Model figures: per-layer table, params, FLOPs, BN-gamma statistics, size on disk, CPU latency."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tabulate import tabulate
+
+from .graph import conv_geometry
+from .model import DarknetModel
+
+__all__ = ["LayerRow", "ModelSummary", "summarize", "bn_gammas", "gamma_stats", "plot_gamma_histogram",
+           "measure_latency", "file_size_mb", "format_stage_table"]
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    index: int
+    type: str
+    in_channels: int
+    out_channels: int
+    kernel: str
+    output: str
+    params: int
+    mflops: float
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    rows: tuple[LayerRow, ...]
+    params: int
+    gflops: float
+    img_size: tuple[int, int]
+    extra: dict = field(default_factory=dict)
+
+    def table(self) -> str:
+        body = [(r.index, r.type, f"{r.in_channels} -> {r.out_channels}", r.kernel, r.output, f"{r.params:,}",
+                 f"{r.mflops:.1f}") for r in self.rows]
+        return tabulate(body, headers=["#", "type", "channels", "k/s", "output", "params", "MFLOPs"],
+                        tablefmt="github")
+
+    def to_dict(self) -> dict:
+        return {"params": self.params, "gflops": round(self.gflops, 4), "img_size": list(self.img_size),
+                "layers": [r.__dict__ for r in self.rows], **self.extra}
+
+
+def summarize(model: DarknetModel, img_size: tuple[int, int] | None = None) -> ModelSummary:
+    """Per-layer channels, output sizes, params and FLOPs (2 x multiply-adds) at `img_size` (h, w)."""
+    h, w = img_size or (model.cfg.height, model.cfg.width)
+    graph = model.graph
+    shapes = graph.shapes(h, w)
+    rows = []
+    for i, (block, layer) in enumerate(zip(model.cfg.blocks, model.layers)):
+        c, oh, ow = shapes[i]
+        params = sum(p.numel() for p in layer.parameters())
+        if hasattr(layer, "darknet_tensors"):  # BN running stats are stored weights too
+            params = sum(t.numel() for t in layer.darknet_tensors())
+        kernel, macs = "", 0
+        if block.type == "convolutional":
+            k, s, _ = conv_geometry(block)
+            groups = block.get_int("groups", 1)
+            kernel = f"{k}x{k}/{s}"
+            macs = k * k * graph.in_channels(i) // groups * c * oh * ow
+        elif block.type in ("se", "cbam", "eca"):
+            macs = sum(p.numel() for p in layer.parameters())
+        rows.append(LayerRow(i, block.type, graph.in_channels(i), c, kernel, f"{oh}x{ow}", params, 2 * macs / 1e6))
+    return ModelSummary(tuple(rows), sum(r.params for r in rows), sum(r.mflops for r in rows) / 1e3, (h, w))
+
+
+def bn_gammas(model: DarknetModel, layers: list[int] | None = None) -> dict[int, torch.Tensor]:
+    """|gamma| of every BN conv (or of `layers`), detached on CPU."""
+    out = {}
+    for i, layer in enumerate(model.layers):
+        bn = getattr(layer, "bn", None)
+        if bn is not None and (layers is None or i in layers):
+            out[i] = bn.weight.detach().abs().cpu()
+    return out
+
+
+def gamma_stats(gammas: dict[int, torch.Tensor]) -> dict:
+    if not gammas:
+        return {"count": 0}
+    g = torch.cat(list(gammas.values())).numpy()
+    pct = {f"p{q}": float(np.percentile(g, q)) for q in (1, 5, 25, 50, 75, 95, 99)}
+    return {"count": int(g.size), "mean": float(g.mean()), **pct,
+            "share_below_1e-2": float((g < 1e-2).mean()), "share_below_1e-3": float((g < 1e-3).mean())}
+
+
+def plot_gamma_histogram(gammas: dict[int, torch.Tensor], path: str | os.PathLike, title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .fileio import atomic_write
+
+    g = torch.cat(list(gammas.values())).numpy() if gammas else np.zeros(1)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(g, bins=100, color="#3b75af")
+    ax.set_xlabel("|BN gamma|")
+    ax.set_ylabel("channels")
+    ax.set_yscale("log")
+    ax.set_title(title or f"BN gamma histogram ({g.size} channels)")
+    fig.tight_layout()
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=100)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def measure_latency(model: torch.nn.Module, img_size: tuple[int, int], runs: int = 10, warmup: int = 2,
+                    device: str | torch.device = "cpu", batch: int = 1) -> float:
+    """Median ms per forward of a (batch, 3, h, w) input."""
+    was_training = model.training
+    model.eval()
+    x = torch.rand(batch, 3, *img_size, device=device)
+    times = []
+    for i in range(warmup + runs):
+        t0 = time.perf_counter()
+        model(x)
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    model.train(was_training)
+    return float(np.median(times))
+
+
+def file_size_mb(*paths: str | os.PathLike | None) -> float:
+    return sum(Path(p).stat().st_size for p in paths if p and Path(p).exists()) / 1e6
+
+
+def format_stage_table(rows: list[dict], keys: list[tuple[str, str]]) -> str:
+    """Tabulate stage dicts; `keys` = [(dict key, column header)]; missing figures print as '-'."""
+    body = [[_fmt(r.get(k)) for k, _ in keys] for r in rows]
+    return tabulate(body, headers=[h for _, h in keys], tablefmt="github")
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
