@@ -31,9 +31,14 @@ class Block:
     options: tuple[tuple[str, str], ...] = ()
     line: int = 0
     source: str = field(default="<cfg>", compare=False)
+    option_lines: tuple[int, ...] = field(default=(), compare=False)
 
-    def where(self) -> str:
-        return f"{self.source}:{self.line}"
+    def where(self, key: str | None = None) -> str:
+        line = self.line
+        for (k, _), n in zip(self.options, self.option_lines):
+            if k == key:
+                line = n
+        return f"{self.source}:{line}"
 
     def has(self, key: str) -> bool:
         return any(k == key for k, _ in self.options)
@@ -46,7 +51,7 @@ class Block:
         return value
 
     def _bad(self, key: str, value: str, kind: str) -> CfgError:
-        return CfgError(f"{self.where()}: [{self.type}] {key}={value!r} is not {kind}; fix the value in the cfg")
+        return CfgError(f"{self.where(key)}: [{self.type}] {key}={value!r} is not {kind}; fix the value in the cfg")
 
     def get_int(self, key: str, default: int | None = None) -> int:
         raw = self.get(key)
@@ -83,7 +88,7 @@ class Block:
                 raise CfgError(f"{self.where()}: [{self.type}] needs `{key}=`; add it to the cfg")
             return default
         try:
-            return tuple(int(float(p)) for p in raw.split(",") if p.strip())
+            return tuple(int(p) for p in raw.split(",") if p.strip())
         except ValueError:
             raise self._bad(key, raw, "a comma-separated list of integers") from None
 
@@ -113,7 +118,7 @@ class Block:
         for k, v in changes.items():
             if k not in seen and v is not None and not self.has(k):
                 opts.append((k, _fmt(v)))
-        return Block(self.type, tuple(opts), self.line, self.source)
+        return Block(self.type, tuple(opts), self.line, self.source)  # option lines no longer apply
 
 
 def _fmt(value: object) -> str:
@@ -166,7 +171,7 @@ def _strip_comment(line: str) -> str:
 
 def parse_cfg(text: str, source: str = "<cfg>") -> Cfg:
     """Parse cfg text. Raises CfgError naming `source:line` for anything Darknet would not accept."""
-    sections: list[tuple[str, int, list[tuple[str, str]]]] = []
+    sections: list[tuple[str, int, list[tuple[str, str]], list[int]]] = []
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = _strip_comment(raw.lstrip("\ufeff"))
         if not line:
@@ -174,7 +179,7 @@ def parse_cfg(text: str, source: str = "<cfg>") -> Cfg:
         if line.startswith("["):
             if not line.endswith("]") or len(line) < 3:
                 raise CfgError(f"{source}:{lineno}: malformed section header {line!r}; write it as [name]")
-            sections.append((line[1:-1].strip().lower(), lineno, []))
+            sections.append((line[1:-1].strip().lower(), lineno, [], []))
             continue
         if "=" not in line:
             raise CfgError(f"{source}:{lineno}: expected key=value, got {line!r}")
@@ -185,19 +190,20 @@ def parse_cfg(text: str, source: str = "<cfg>") -> Cfg:
         if not key or not value:
             raise CfgError(f"{source}:{lineno}: {line!r} has an empty key or value")
         sections[-1][2].append((key, value))
+        sections[-1][3].append(lineno)
     if not sections or sections[0][0] not in _NET_NAMES:
         raise CfgError(f"{source}:1: a Darknet cfg starts with a [net] section")
     blocks = []
-    for name, lineno, opts in sections[1:]:
+    for name, lineno, opts, lines in sections[1:]:
         if name in _NET_NAMES:
             raise CfgError(f"{source}:{lineno}: a second [net] section; a cfg has exactly one")
         if name not in SUPPORTED_SECTIONS:
             hint = " (YOLOv2 [reorg] is not supported)" if name == "reorg" else ""
             raise CfgError(f"{source}:{lineno}: unsupported section [{name}]{hint}; supported: "
                            + ", ".join(f"[{s}]" for s in SUPPORTED_SECTIONS))
-        blocks.append(Block(name, tuple(opts), lineno, source))
-    net_name, net_line, net_opts = sections[0]
-    cfg = Cfg(Block("net", tuple(net_opts), net_line, source), tuple(blocks), source)
+        blocks.append(Block(name, tuple(opts), lineno, source, tuple(lines)))
+    _, net_line, net_opts, net_lines = sections[0]
+    cfg = Cfg(Block("net", tuple(net_opts), net_line, source, tuple(net_lines)), tuple(blocks), source)
     _check_heads(cfg)
     return cfg
 

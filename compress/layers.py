@@ -60,7 +60,8 @@ class ConvBNAct(nn.Module):
         k, s, p = conv_geometry(block)
         filters = block.get_int("filters", 1)
         self.batch_normalize = bool(block.get_int("batch_normalize", 0))
-        self.conv = nn.Conv2d(in_channels, filters, k, s, p, dilation=block.get_int("dilation", 1),
+        dilation = block.get_int("dilation", 1)  # Darknet pads `pad * dilation` (im2col_cpu_ext)
+        self.conv = nn.Conv2d(in_channels, filters, k, s, p * dilation, dilation=dilation,
                               groups=block.get_int("groups", 1), bias=not self.batch_normalize)
         self.bn = nn.BatchNorm2d(filters, eps=BN_EPS, momentum=BN_MOMENTUM) if self.batch_normalize else None
         self.act = make_activation(block, "logistic")
@@ -92,6 +93,9 @@ class Route(nn.Module):
 class Shortcut(nn.Module):
     def __init__(self, block: Block) -> None:
         super().__init__()
+        if (block.get("weights_type", "none") or "none").lower() != "none":
+            raise CfgError(f"{block.where()}: [shortcut] weights_type={block.get('weights_type')} (weighted "
+                           "shortcut) is not supported; remove weights_type")
         self.act = make_activation(block, "linear")
 
     def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

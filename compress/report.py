@@ -14,7 +14,7 @@ from .graph import conv_geometry
 from .model import DarknetModel
 
 __all__ = ["LayerRow", "ModelSummary", "summarize", "bn_gammas", "gamma_stats", "plot_gamma_histogram",
-           "measure_latency", "file_size_mb", "format_stage_table"]
+           "measure_latency", "file_size_mb", "format_stage_table", "stage_figures"]
 
 
 @dataclass(frozen=True)
@@ -147,3 +147,19 @@ def _fmt(v: object) -> str:
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
+
+
+def stage_figures(model: DarknetModel, cfg_path: str | os.PathLike | None = None,
+                  weights_path: str | os.PathLike | None = None, metrics: dict | None = None,
+                  img_size: tuple[int, int] | None = None, latency_runs: int = 10) -> dict:
+    """The figures every model-producing command reports for its output model (see docs/design.md)."""
+    summary = summarize(model, img_size)
+    figures = {"cfg": str(cfg_path) if cfg_path else None, "weights": str(weights_path) if weights_path else None,
+               "params": summary.params, "gflops": round(summary.gflops, 4),
+               "size_mb": round(file_size_mb(weights_path), 4) if weights_path else None,
+               "latency_ms": round(measure_latency(model, summary.img_size, runs=latency_runs,
+                                                   device=next(model.parameters()).device), 3),
+               "map50": None, "map50_95": None}
+    if metrics:
+        figures.update({k: metrics.get(k) for k in ("map50", "map50_95")})
+    return figures
