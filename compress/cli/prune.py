@@ -1,1 +1,86 @@
-"""Placeholder: commands of this group are added by their issue."""
+"""`yolo-compress prune` and `yolo-compress sparse-train`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from tabulate import tabulate
+
+from ..prune import METHODS, PruneConfig
+from ..report import format_stage_table
+from . import cli
+from .common import device_option, model_options, out_option, report_option, write_report
+
+_ROWS = [("params", "params"), ("gflops", "GFLOPs"), ("size_mb", "weights MB"), ("latency_ms", "CPU latency ms"),
+         ("map50", "mAP@.5"), ("map50_95", "mAP@.5:.95")]
+
+
+def _before_after(report: dict) -> str:
+    rows = [{"figure": head, "before": report[f"{k}_before"], "after": report[f"{k}_after"]} for k, head in _ROWS]
+    return format_stage_table(rows, [("figure", "figure"), ("before", "before"), ("after", "after")])
+
+
+@cli.command("prune")
+@model_options(weights_required=False)
+@out_option()
+@click.option("--method", type=click.Choice(sorted(METHODS)), default="slim", show_default=True,
+              help="Pruning method (see README).")
+@click.option("--percent", "--global_percent", "percent", type=click.FloatRange(0, 1, max_open=True), default=0.5,
+              show_default=True, help="Share of prunable BN channels to cut (global |gamma| threshold).")
+@click.option("--shortcuts", type=click.IntRange(0), default=0, help="Residual blocks to remove (layer methods).")
+@click.option("--round-to", type=click.IntRange(1), help="Round kept channels up to a multiple (regular: 8).")
+@click.option("--min-keep", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Per-layer floor (fraction of width); 0 = normal/shortcut refuse to empty a layer.")
+@click.option("--layer-keep", "--layer_keep", "layer_keep", type=click.FloatRange(0, 1), default=0.01,
+              show_default=True, help="slim / torch-pruning per-layer floor (fraction of width).")
+@click.option("--no-compensate", is_flag=True, help="Do not fold removed channels' act(beta) into consumers.")
+@click.option("--data", type=click.Path(exists=True), help="Evaluate mAP before/after on this .data / image folder.")
+@click.option("--img-size", type=click.IntRange(32, 4096), help="Size for figures/eval (default: the cfg's).")
+@click.option("--dry-run", is_flag=True, help="Print the per-layer channel table; write nothing.")
+@device_option
+@report_option
+def prune_command(cfg: str, weights: str | None, out: str, method: str, percent: float, shortcuts: int,
+                  round_to: int | None, min_keep: float, layer_keep: float, no_compensate: bool, data: str | None,
+                  img_size: int | None, dry_run: bool, device: str, report_path: str | None) -> None:
+    """Channel or layer pruning of a Darknet model -> DIR/<cfg>-<method>.cfg/.weights + report.json."""
+    from ..prune.pipeline import PruneJob, run_prune
+    config = PruneConfig(method=method, percent=percent, shortcuts=shortcuts, round_to=round_to, min_keep=min_keep,
+                         layer_keep=layer_keep, compensate=not no_compensate)
+    report, result, model = run_prune(PruneJob(cfg, weights, out, config, data, img_size, dry_run, device))
+    if dry_run:
+        click.echo(tabulate(result.channel_rows(model), headers=["#", "type", "before", "after"], tablefmt="github"))
+    click.echo(_before_after(report))
+    if not dry_run:
+        write_report(Path(out) / "report.json", report)
+        click.echo(f"-> {report['cfg']}, {report['weights']}")
+    write_report(report_path, report)
+
+
+@cli.command("sparse-train")
+@model_options()
+@click.option("--data", type=click.Path(exists=True), required=True, help="Darknet .data file or image folder.")
+@out_option()
+@click.option("--s", "--sr", "s", type=click.FloatRange(0), default=1e-3, show_default=True,
+              help="L1 strength on BN gammas (reference --s).")
+@click.option("-sr", "sr_flag", is_flag=True, hidden=True, help="Accepted for the reference; implied.")
+@click.option("--prune", "mode", type=click.IntRange(0, 2), default=0, show_default=True,
+              help="Layer set: 0 normal/regular, 1 shortcut/slim, 2 layer pruning.")
+@click.option("--s-schedule", type=click.Choice(["constant", "step", "relax"]), default="constant", show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--img-size", type=click.IntRange(32, 4096), default=416, show_default=True)
+@device_option
+@report_option
+def sparse_train_command(cfg: str, weights: str | None, data: str, out: str, s: float, sr_flag: bool, mode: int,
+                         s_schedule: str, epochs: int, batch_size: int, img_size: int, device: str,
+                         report_path: str | None) -> None:
+    """Train with an L1 penalty on BN gammas (network slimming) so that `prune` can cut channels."""
+    from ..sparsity import SparseTrainJob, SparsityConfig, run_sparse_train
+    job = SparseTrainJob(cfg, weights, data, out, SparsityConfig(s=s, mode=mode, schedule=s_schedule),
+                         epochs=epochs, batch_size=batch_size, img_size=img_size, device=device)
+    report = run_sparse_train(job)
+    click.echo(format_stage_table([report], [("params", "params"), ("gflops", "GFLOPs"), ("map50", "mAP@.5"),
+                                             ("suggested_max_percent", "max safe --percent")]))
+    click.echo(json.dumps(report["gamma"], indent=None))
+    write_report(report_path, report)

@@ -1,0 +1,23 @@
+"""normal: global |gamma| threshold over the mode-0 prune set (residual-stream convs excluded; reference 4.1)."""
+from __future__ import annotations
+
+from ..model import DarknetModel
+from ..report import bn_gammas
+from . import PruneConfig, finalize_mask, register_pruner
+from .coupling import Coupling, prunable_layers
+from .mask import ChannelMask, check_not_emptied, global_threshold, safe_percent, threshold_masks
+
+__all__ = ["select"]
+
+
+@register_pruner("normal")
+def select(model: DarknetModel, coupling: Coupling, config: PruneConfig) -> tuple[ChannelMask, dict]:
+    """Keep |gamma| >= thr, thr = sorted |gamma|[floor(N * percent)]; a layer emptied by thr is an error
+    (naming the largest safe percent) unless --min-keep gives a floor."""
+    gammas = bn_gammas(model, prunable_layers(coupling, 0))
+    thr = global_threshold(gammas, config.percent)
+    mask = threshold_masks(gammas, thr)
+    if config.min_keep == 0:
+        check_not_emptied(mask, gammas, config.percent, "normal")
+    info = {"threshold": thr, "safe_percent": safe_percent(gammas)[0], "prunable_layers": len(gammas)}
+    return finalize_mask(mask, coupling, gammas, config), info

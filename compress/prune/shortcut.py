@@ -1,0 +1,25 @@
+"""shortcut: global threshold over the mode-1 set; each residual chain takes its root conv's mask
+(the stage's first conv; reference 4.3). An emptied layer is an error naming the largest safe percent."""
+from __future__ import annotations
+
+from ..model import DarknetModel
+from ..report import bn_gammas
+from . import PruneConfig, finalize_mask, register_pruner
+from .coupling import Coupling, prunable_layers
+from .mask import ChannelMask, check_not_emptied, global_threshold, merge_coupled, safe_percent, threshold_masks
+
+__all__ = ["select"]
+
+
+@register_pruner("shortcut")
+def select(model: DarknetModel, coupling: Coupling, config: PruneConfig) -> tuple[ChannelMask, dict]:
+    layers = prunable_layers(coupling, 1)
+    gammas = bn_gammas(model, layers)
+    thr = global_threshold(gammas, config.percent)
+    mask = merge_coupled(threshold_masks(gammas, thr), coupling, "root")
+    deciding = {i: gammas[i] for i in layers if coupling.root(i) == i}  # singletons and chain roots
+    if config.min_keep == 0:
+        check_not_emptied({i: mask[i] for i in deciding}, deciding, config.percent, "shortcut")
+    root_scores = {i: gammas[coupling.root(i)] for i in layers}
+    info = {"threshold": thr, "safe_percent": safe_percent(deciding)[0], "prunable_layers": len(layers)}
+    return finalize_mask(mask, coupling, root_scores, config, merge="root"), info

@@ -1,0 +1,21 @@
+"""slim: network slimming (SlimYOLOv3; reference 4.4). Keep |gamma| > thr over the mode-1 set with a
+per-layer floor max(1, floor(C * layer_keep)), then the union over each residual chain."""
+from __future__ import annotations
+
+from ..model import DarknetModel
+from ..report import bn_gammas
+from . import PruneConfig, finalize_mask, register_pruner
+from .coupling import Coupling, prunable_layers
+from .mask import ChannelMask, apply_floor, global_threshold, safe_percent, threshold_masks
+
+__all__ = ["select"]
+
+
+@register_pruner("slim")
+def select(model: DarknetModel, coupling: Coupling, config: PruneConfig) -> tuple[ChannelMask, dict]:
+    gammas = bn_gammas(model, prunable_layers(coupling, 1))
+    thr = global_threshold(gammas, config.percent)
+    mask = apply_floor(threshold_masks(gammas, thr, strict=True), gammas, config.layer_keep)
+    info = {"threshold": thr, "safe_percent": safe_percent(gammas)[0], "prunable_layers": len(gammas),
+            "layer_keep": config.layer_keep}
+    return finalize_mask(mask, coupling, gammas, config, merge="union"), info

@@ -1,0 +1,141 @@
+"""The shared pruning core: apply a channel mask to a model and return a NEW, compact model.
+
+1. Output-channel masks are propagated through route (concat, `groups/group_id` slices), shortcut, maxpool,
+   upsample, dropout, avgpool and attention blocks, so every conv knows which input columns survive.
+2. With `compensate`, each removed channel's constant activation `a = act(beta)` (exact when its gamma is 0)
+   is folded into its consumers (reference section 3.1): per consumer conv output o,
+   `offset_o = sum_c (sum of kernel taps W[o, c]) * a_c`, subtracted from the BN running mean (or added to the
+   conv bias of a conv without BN). Constants add up along shortcut chains and pass through routes, maxpool and
+   upsample. Exact for 1x1 consumers; for kxk consumers exact away from the zero-padded border.
+3. New cfg via `block.replace(filters=kept)`, `build_model`, then the sliced tensors are copied.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from ..graph import LayerGraph
+from ..model import DarknetModel, build_model
+from .coupling import build_coupling
+from .mask import ChannelMask, validate_mask
+
+__all__ = ["apply_channel_mask", "propagate", "channel_offsets", "copy_layer"]
+
+log = logging.getLogger(__name__)
+
+
+def propagate(graph: LayerGraph, own: Callable[[int], torch.Tensor], image: torch.Tensor,
+              combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """Per-block channel vectors: convs give `own(i)`, other blocks map their inputs' vectors like their
+    channels (route concat/slices, pass-through), shortcut merges its two inputs with `combine`."""
+    out: list[torch.Tensor] = []
+    for i, block in enumerate(graph.cfg.blocks):
+        ins = [image if s < 0 else out[s] for s in graph.inputs[i]]
+        t = block.type
+        if t == "convolutional":
+            v = own(i)
+        elif t == "route":
+            groups, gid = block.get_int("groups", 1), block.get_int("group_id", 0)
+            v = torch.cat([x.chunk(groups)[gid] if groups > 1 else x for x in ins])
+        elif t == "shortcut":
+            v = combine(ins[0], ins[1])
+        elif t == "scale_channels":
+            v = ins[1]
+        elif t == "maxpool" and block.get_int("maxpool_depth", 0):
+            v = torch.zeros(graph.channels[i], dtype=image.dtype) if image.dtype != torch.bool \
+                else torch.ones(graph.channels[i], dtype=torch.bool)
+        else:
+            v = ins[0]
+        out.append(v)
+    return out
+
+
+def _keep_vectors(graph: LayerGraph, mask: ChannelMask) -> list[torch.Tensor]:
+    full = lambda i: mask.get(i, torch.ones(graph.channels[i], dtype=torch.bool))  # noqa: E731
+    return propagate(graph, full, torch.ones(graph.cfg.channels, dtype=torch.bool), lambda a, b: a & b)
+
+
+def _constants(model: DarknetModel, keep: ChannelMask) -> list[torch.Tensor]:
+    """Per block: the constant each removed channel emits (act(beta)), 0 elsewhere."""
+    graph = model.graph
+
+    def own(i: int) -> torch.Tensor:
+        layer = model.layers[i]
+        if i not in keep or layer.bn is None:
+            return torch.zeros(graph.channels[i])
+        with torch.no_grad():
+            a = layer.act(layer.bn.bias.detach().float().cpu().view(1, -1, 1, 1)).flatten()
+        return torch.where(keep[i].cpu(), torch.zeros_like(a), a)
+
+    return propagate(graph, own, torch.zeros(graph.cfg.channels), lambda a, b: a + b)
+
+
+def channel_offsets(model: DarknetModel, keep: ChannelMask) -> dict[int, torch.Tensor]:
+    """Per consumer conv: the per-output offset that the removed channels' constants contributed.
+    Subtract it from the BN running mean (or add it to the bias) to compensate for their removal."""
+    consts = _constants(model, keep)
+    out = {}
+    for i, block in enumerate(model.cfg.blocks):
+        src = model.graph.inputs[i][0]
+        if block.type != "convolutional" or src < 0 or not bool(consts[src].any()):
+            continue
+        w = model.layers[i].conv.weight.detach().float().cpu()
+        groups = model.layers[i].conv.groups
+        taps = w.sum((2, 3)).view(groups, w.shape[0] // groups, w.shape[1])
+        a = consts[src].view(groups, 1, w.shape[1])
+        out[i] = (taps * a).sum(-1).flatten()
+    return out
+
+
+def copy_layer(dst: torch.nn.Module, src: torch.nn.Module, out_idx: torch.Tensor | None = None,
+               in_idx: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> None:
+    """Copy `src` into `dst`; for a ConvBNAct, slice output rows / input columns and fold `offset`."""
+    if not hasattr(src, "bn"):
+        dst.load_state_dict(src.state_dict())
+        return
+    with torch.no_grad():
+        w = src.conv.weight
+        w = w if out_idx is None else w[out_idx.to(w.device)]
+        w = w if in_idx is None else w[:, in_idx.to(w.device)]
+        dst.conv.weight.copy_(w)
+        if src.bn is None:
+            bias = src.conv.bias + (0 if offset is None else offset.to(src.conv.bias))
+            dst.conv.bias.copy_(bias if out_idx is None else bias[out_idx.to(bias.device)])
+        else:
+            state = dict(src.bn.state_dict())
+            if offset is not None:
+                state["running_mean"] = state["running_mean"] - offset.to(state["running_mean"])
+            for k, v in state.items():
+                if v.dim() and out_idx is not None:
+                    state[k] = v[out_idx.to(v.device)]
+            dst.bn.load_state_dict(state)
+
+
+def apply_channel_mask(model: DarknetModel, mask: ChannelMask, compensate: bool = True) -> DarknetModel:
+    """Return a new compact model keeping `mask[i]` output channels of conv i (others kept whole).
+
+    Example:
+        >>> small = apply_channel_mask(model, {3: torch.tensor([True, False, True, True])})
+    Raises PruneError for an invalid mask (empty, fixed layer, coupled layers differing). The input model is
+    not modified.
+    """
+    graph = model.graph
+    mask = validate_mask(build_coupling(graph), {i: m.cpu() for i, m in mask.items()})
+    keep = _keep_vectors(graph, mask)
+    offsets = channel_offsets(model, mask) if compensate else {}
+    blocks = [b.replace(filters=int(mask[i].sum())) if i in mask else b for i, b in enumerate(model.cfg.blocks)]
+    new = build_model(model.cfg.with_blocks(blocks))
+    device = next(model.parameters()).device
+    new.to(device)
+    for i, (dst, src) in enumerate(zip(new.layers, model.layers)):
+        s = graph.inputs[i][0]
+        grouped = not hasattr(src, "bn") or src.conv.groups > 1
+        in_idx = None if s < 0 or grouped or bool(keep[s].all()) else keep[s].nonzero().flatten()
+        out_idx = mask[i].nonzero().flatten() if i in mask else None
+        copy_layer(dst, src, out_idx, in_idx, offsets.get(i))
+    new.header = model.header
+    log.info("pruned %d layers; %d -> %d conv channels", len(mask), sum(graph.channels[i] for i in mask),
+             sum(int(m.sum()) for m in mask.values()))
+    return new.train(model.training)
