@@ -1,0 +1,13 @@
+"""Training: `fit(model, data_spec, TrainConfig(...), hooks=...)`. Sub-modules: `config` (TrainConfig,
+DistConfig), `hooks` (Hook, TrainState), `optim` (optimizer/scheduler registries), `ema`, `checkpoint`,
+`distributed`, `log` (results.csv/png), `loop` (fit)."""
+from __future__ import annotations
+
+from .config import DistConfig, TrainConfig, TrainError
+from .hooks import Hook, TrainState
+from .api import train_model
+from .loop import TrainResult, fit
+from .optim import OPTIMIZERS, SCHEDULERS, register_optimizer, register_scheduler
+
+__all__ = ["fit", "train_model", "TrainConfig", "DistConfig", "TrainError", "TrainResult", "Hook", "TrainState",
+           "OPTIMIZERS", "SCHEDULERS", "register_optimizer", "register_scheduler"]

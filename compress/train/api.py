@@ -1,0 +1,57 @@
+"""`train_model`: the whole `train` command as one library call (load, fit, save, report)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..data import load_data_spec
+from ..fileio import write_text_atomic
+from ..losses import init_head_biases
+from ..persist import load
+from ..report import stage_figures
+from .config import DistConfig, TrainConfig, TrainError
+from .hooks import Hook
+from .loop import TrainResult, fit
+
+__all__ = ["train_model"]
+
+log = logging.getLogger(__name__)
+
+
+def train_model(cfg: str | os.PathLike, weights: str | os.PathLike | None, data: str | os.PathLike,
+                config: TrainConfig, out_dir: str | os.PathLike, device: str | torch.device = "cpu",
+                cutoff: int | None = None, distributed: DistConfig | None = None,
+                hooks: tuple[Hook, ...] = ()) -> tuple[TrainResult, dict]:
+    """Load cfg (+ weights, the first `cutoff` layers only if given), train on `data`, write the output
+    convention files to `out_dir`, and return (result, report). Without weights the detection-head biases
+    get prior initialisation (training from scratch). Only rank 0 writes `report.json`."""
+    model = load(cfg, weights, device=device, cutoff=cutoff)
+    if weights is None or cutoff is not None:
+        init_head_biases(model, config.img_size, start=0 if weights is None else cutoff)
+    spec = load_data_spec(data)
+    if spec.nc != model.num_classes:
+        raise TrainError(f"{cfg}: [yolo] classes={model.num_classes} but {data} has {spec.nc} classes; "
+                         "set classes= (and the filters before each [yolo]) to match the data")
+    out = Path(out_dir)
+    result = fit(model, spec, config, hooks=hooks, device=device, out_dir=out, distributed=distributed)
+    if distributed is not None and not distributed.is_main:
+        return result, {}
+    report = _report(result, config, device)
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    return result, report
+
+
+def _report(result: TrainResult, config: TrainConfig, device: str | torch.device) -> dict:
+    best = load(result.best_cfg, result.best_weights, device=device)
+    rows = [r for r in result.history if r.get("map50") is not None]
+    best_row = max(rows, key=lambda r: r["map50"]) if rows else {}
+    figures = stage_figures(best, result.best_cfg, result.best_weights, metrics=best_row,
+                            img_size=(config.img_size, config.img_size))
+    return {**figures, "epochs": result.epochs, "final_loss": result.final_loss,
+            "best_epoch": best_row.get("epoch"), "last_cfg": str(result.last_cfg),
+            "last_weights": str(result.last_weights), "checkpoint": str(result.checkpoint),
+            "train_config": config.to_dict(), "history": result.history}

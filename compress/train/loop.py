@@ -1,0 +1,244 @@
+"""`fit`: the training loop. Sparsity, distillation and QAT plug in through hooks; the loop has no
+branches for them."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..data import DataSpec, DetectionDataset, collate
+from ..losses import LossConfig, YoloLoss
+from ..persist import save
+from . import distributed as D
+from .checkpoint import restore_train_checkpoint, save_train_checkpoint, seed_all
+from .config import DistConfig, TrainConfig, TrainError
+from .ema import ModelEMA
+from .hooks import Hook, HookList, TrainState
+from .log import plot_results, write_results_csv
+from .optim import build_optimizer, lr_factor, warmup_step
+
+__all__ = ["fit", "TrainResult", "NOMINAL_BATCH"]
+
+log = logging.getLogger(__name__)
+NOMINAL_BATCH = 64  # weight decay is scaled by batch_size * accumulate / NOMINAL_BATCH
+
+
+@dataclass
+class TrainResult:
+    """Outcome of `fit`. Paths are None when `fit` ran without an out_dir."""
+    epochs: int
+    final_loss: float | None
+    history: list[dict]
+    best_map50: float | None = None
+    metrics: dict = field(default_factory=dict)
+    best_cfg: Path | None = None
+    best_weights: Path | None = None
+    last_cfg: Path | None = None
+    last_weights: Path | None = None
+    checkpoint: Path | None = None
+
+    def to_dict(self) -> dict:
+        return {"epochs": self.epochs, "final_loss": self.final_loss, "best_map50": self.best_map50,
+                "history": self.history, "best_cfg": _s(self.best_cfg), "best_weights": _s(self.best_weights),
+                "last_cfg": _s(self.last_cfg), "last_weights": _s(self.last_weights),
+                "checkpoint": _s(self.checkpoint)}
+
+
+def _s(p: Path | None) -> str | None:
+    return str(p) if p else None
+
+
+def fit(model: nn.Module, data_spec: DataSpec, config: TrainConfig, hooks: Sequence[Hook] = (),
+        device: str | torch.device = "cpu", out_dir: str | Path | None = None,
+        distributed: DistConfig | None = None) -> TrainResult:
+    """Train `model` in place on `data_spec.train`; evaluate on `data_spec.valid` every `eval_every` epochs.
+
+    With `out_dir`: `last.pt` (resumable, every epoch and on Ctrl-C), `last.cfg/.weights`,
+    `best.cfg/.weights` (best mAP@0.5, else the last model), `results.csv`, `results.png`.
+    The saved/evaluated model is the EMA model when `config.ema`. `distributed` (from torchrun) turns on
+    DistributedDataParallel; only rank 0 evaluates, logs and writes files.
+    """
+    device = torch.device(device)
+    dist_cfg = distributed or DistConfig()
+    created = D.setup(dist_cfg, device)
+    try:
+        return _Trainer(model, data_spec, config, hooks, device, out_dir, dist_cfg).run()
+    finally:
+        D.teardown(created)
+
+
+class _Trainer:
+    def __init__(self, model: nn.Module, spec: DataSpec, config: TrainConfig, hooks: Sequence[Hook],
+                 device: torch.device, out_dir: str | Path | None, dist_cfg: DistConfig) -> None:
+        seed_all(config.seed)
+        self.cfg, self.spec, self.dist, self.main = config, spec, dist_cfg, dist_cfg.is_main
+        self.out = Path(out_dir) if out_dir is not None else None
+        model.to(device).train()
+        self.loss_fn = YoloLoss(model, LossConfig(box=config.box, obj=config.obj, cls=config.cls,
+                                                  anchor_t=config.anchor_t, iou_kind=config.iou_kind))
+        wd = config.weight_decay * config.batch_size * config.accumulate / NOMINAL_BATCH
+        optimizer = build_optimizer(model, config.optimizer, config.lr0, config.momentum, wd)
+        scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
+        ema = ModelEMA(model) if config.ema else None
+        self.state = TrainState(model, optimizer, config.epochs, device, self.out, rank=dist_cfg.rank,
+                                world_size=dist_cfg.world_size, config=config, ema=ema, scaler=scaler)
+        self.hooks = HookList(hooks)
+        self.dataset = DetectionDataset(spec.train, config.img_size, config.augment, spec.nc, seed=config.seed,
+                                        source=f"{spec.source or 'data'} [train]")
+        self.loader, self.sampler = D.make_train_loader(self.dataset, config.batch_size, config.workers,
+                                                        config.seed, dist_cfg, collate)
+        self.net = D.wrap(model, dist_cfg, device)
+        self.start_epoch, self.history, self.best = 0, [], None
+        self.completed = 0
+        self._valid: DetectionDataset | None = None
+        if config.resume:
+            self._resume()
+
+    def _resume(self) -> None:
+        if self.out is None:
+            raise TrainError("train option resume needs an out_dir holding last.pt")
+        done, progress = restore_train_checkpoint(self.out / "last.pt", self.state)
+        self.start_epoch, self.history, self.best = done, progress.get("history", []), progress.get("best")
+        self.completed = done
+        if done >= self.cfg.epochs:
+            log.warning("%s: already trained %d of %d epochs; nothing to do", self.out, done, self.cfg.epochs)
+
+    def run(self) -> TrainResult:
+        self.hooks.on_fit_start(self.state)
+        try:
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                self.state.epoch = epoch
+                t0 = time.perf_counter()
+                losses = self._train_epoch(epoch)
+                self._end_epoch(epoch, losses, time.perf_counter() - t0)
+        except KeyboardInterrupt:
+            if self.main and self.out is not None:
+                self._save_checkpoint(self.completed)
+                log.warning("interrupted: checkpoint saved to %s; continue with resume", self.out / "last.pt")
+            raise
+        self._finish()
+        self.hooks.on_fit_end(self.state)
+        return self._result()
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg, state = self.cfg, self.state
+        seed_all(cfg.seed + epoch)
+        self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+        nb = len(self.loader)
+        n_warmup = round(cfg.warmup_epochs * nb)
+        target_lr = cfg.lr0 * lr_factor(cfg.scheduler, epoch, cfg.epochs, cfg.lrf)
+        sums: dict[str, float] = {}
+        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and self.main),
+                   leave=False)
+        for i, (imgs, targets, _, _) in enumerate(bar):
+            it = epoch * nb + i
+            warmup_step(state.optimizer, min(it, n_warmup), n_warmup, target_lr, cfg.momentum,
+                        cfg.warmup_momentum)
+            parts = self._micro_step(imgs.to(state.device), targets.to(state.device))
+            if (i + 1) % cfg.accumulate == 0 or i == nb - 1:
+                self._optimizer_step()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix({k: f"{v / (i + 1):.4f}" for k, v in sums.items()})
+        means = {k: v / max(nb, 1) for k, v in sums.items()}
+        means["lr"] = target_lr
+        return means
+
+    def _micro_step(self, imgs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """Forward + backward of one batch; returns the detached loss parts (per-image means)."""
+        state = self.state
+        with torch.autocast(state.device.type, enabled=state.scaler.is_enabled()):
+            heads = self.net(imgs)
+            loss, parts = self.loss_fn(heads, targets, (imgs.shape[-2], imgs.shape[-1]))
+            extra = self.hooks.extra_loss(state, imgs, targets, heads)
+            if extra:
+                loss = loss + sum(extra.values()) * imgs.shape[0]
+        if not torch.isfinite(loss):
+            raise TrainError(f"loss became {loss.item()} at epoch {state.epoch + 1}; lower --lr0 or use --amp "
+                             "off / a smaller --accumulate")
+        state.scaler.scale(loss * self.dist.world_size).backward()
+        parts = {**parts, **{k: v.detach() for k, v in extra.items()}}
+        out = {k: float(v) for k, v in parts.items()}
+        out["total"] = sum(out.values())
+        return out
+
+    def _optimizer_step(self) -> None:
+        state = self.state
+        state.scaler.unscale_(state.optimizer)
+        if self.cfg.clip_grad:
+            nn.utils.clip_grad_norm_(state.model.parameters(), self.cfg.clip_grad)
+        self.hooks.after_backward(state)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.optimizer.zero_grad(set_to_none=True)
+        if state.ema is not None:
+            state.ema.update(state.model)
+        state.step += 1
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.state.ema.module if self.state.ema is not None else self.state.model
+
+    def _end_epoch(self, epoch: int, losses: dict[str, float], seconds: float) -> None:
+        D.broadcast_buffers(self.state.model, self.dist)
+        row: dict = {"epoch": epoch + 1, **losses, "map50": None, "map50_95": None}
+        last = epoch + 1 == self.cfg.epochs
+        if self.main and self.spec.valid and ((epoch + 1) % self.cfg.eval_every == 0 or last):
+            row.update(self._evaluate())
+        self.hooks.on_epoch_end(self.state, row)
+        row["time_s"] = round(seconds, 2)
+        self.history.append(row)
+        self.completed = epoch + 1
+        log.info("epoch %d/%d: %s", epoch + 1, self.cfg.epochs,
+                 ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+        if self.main and self.out is not None:
+            self._save_epoch(epoch + 1, row)
+        D.barrier(self.dist)
+
+    def _evaluate(self) -> dict:
+        from ..evaluate import EvalConfig, evaluate
+
+        if self._valid is None:
+            self._valid = DetectionDataset(self.spec.valid, self.cfg.img_size, num_classes=self.spec.nc,
+                                           source=f"{self.spec.source or 'data'} [valid]")
+        config = EvalConfig(img_size=self.cfg.img_size, workers=self.cfg.workers, progress=False)
+        result = evaluate(self.eval_model, self._valid, config, self.state.device)
+        return {"map50": float(result.map50), "map50_95": float(result.map50_95)}
+
+    def _save_epoch(self, done: int, row: dict) -> None:
+        out = self.out
+        write_results_csv(out / "results.csv", self.history)
+        plot_results(out / "results.png", self.history)
+        save(self.eval_model, out / "last.cfg", out / "last.weights")
+        if row.get("map50") is not None and (self.best is None or row["map50"] > self.best):
+            self.best = row["map50"]
+            save(self.eval_model, out / "best.cfg", out / "best.weights")
+        self._save_checkpoint(done)
+
+    def _save_checkpoint(self, done: int) -> None:
+        save_train_checkpoint(self.out / "last.pt", self.state, done, {"history": self.history, "best": self.best})
+
+    def _finish(self) -> None:
+        """Without any evaluation, best = last."""
+        if self.main and self.out is not None and self.best is None:
+            save(self.eval_model, self.out / "best.cfg", self.out / "best.weights")
+
+    def _result(self) -> TrainResult:
+        out = self.out
+        last = self.history[-1] if self.history else {}
+        evaluated = [r for r in self.history if r.get("map50") is not None]
+        metrics = {k: evaluated[-1][k] for k in ("map50", "map50_95")} if evaluated else {}
+        paths = {} if out is None or not self.main else {
+            "best_cfg": out / "best.cfg", "best_weights": out / "best.weights", "last_cfg": out / "last.cfg",
+            "last_weights": out / "last.weights", "checkpoint": out / "last.pt"}
+        final = last.get("total")
+        return TrainResult(len(self.history), None if final is None or math.isnan(final) else final,
+                           self.history, self.best, metrics, **paths)

@@ -1,0 +1,146 @@
+"""fit(): loss goes down, hook order and cadence, decay groups, resume equivalence, outputs, CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from compress import CompressError, build_model, load, parse_cfg
+from compress.cli import cli
+from compress.data import load_data_spec
+from compress.synth import synthesize
+from compress.train import Hook, TrainConfig, fit
+from compress.train.optim import build_optimizer
+from conftest import DATA
+
+CFG_TEXT = (DATA / "tiny-shortcut.cfg").read_text().replace("classes=2", "classes=3").replace("filters=21",
+                                                                                               "filters=24")
+
+
+def tiny_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(parse_cfg(CFG_TEXT, "tiny-3cls.cfg"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synthesize(tmp_path_factory.mktemp("synth"), n_train=16, n_valid=4, img_size=64, seed=1)
+
+
+def quick(**kw) -> TrainConfig:
+    base = dict(epochs=2, batch_size=8, img_size=64, workers=0, progress=False, warmup_epochs=0, eval_every=100)
+    return TrainConfig(**{**base, **kw})
+
+
+class Recorder(Hook):
+    def __init__(self):
+        self.calls, self.grad_ok = [], []
+
+    def on_fit_start(self, state):
+        self.calls.append("start")
+
+    def extra_loss(self, state, imgs, targets, heads):
+        self.calls.append("loss")
+        return {"l2": 1e-4 * sum((h.float() ** 2).mean() for h in heads)}
+
+    def after_backward(self, state):
+        self.calls.append("step")
+        self.grad_ok.append(all(p.grad is not None and torch.isfinite(p.grad).all()
+                                for p in state.model.parameters()))
+
+    def on_epoch_end(self, state, metrics):
+        self.calls.append("epoch")
+        metrics["recorded"] = len(self.calls)
+
+    def on_fit_end(self, state):
+        self.calls.append("end")
+
+
+def test_loss_decreases_on_fixed_data(data):
+    result = fit(tiny_model(), load_data_spec(data), quick(epochs=5, augment=False, ema=False, lr0=0.02))
+    totals = [r["total"] for r in result.history]
+    assert all(torch.isfinite(torch.tensor(totals)))
+    assert all(b < a for a, b in zip(totals, totals[1:])) and totals[-1] < 0.9 * totals[0], totals
+
+
+def test_hook_order_and_one_after_backward_per_optimizer_step(data):
+    hook = Recorder()
+    result = fit(tiny_model(), load_data_spec(data), quick(batch_size=4, accumulate=2), hooks=[hook])
+    per_epoch = ["loss", "loss", "step", "loss", "loss", "step", "epoch"]  # 16 images / 4 = 4 micro-batches
+    assert hook.calls == ["start", *per_epoch, *per_epoch, "end"]
+    assert all(hook.grad_ok)
+    assert [r["recorded"] for r in result.history] == [8, 15]  # hooks can add logged metrics
+    assert all(r["l2"] > 0 for r in result.history)  # extra loss terms are logged by name
+
+
+def test_weight_decay_only_on_conv_weights():
+    model = tiny_model()
+    opt = build_optimizer(model, "sgd", lr=0.1, momentum=0.0, weight_decay=0.1)
+    decay = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    bn_params = [p for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()]
+    biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.bias is not None]
+    assert bn_params and biases and not decay & {id(p) for p in bn_params + biases}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # zero gradients: only weight decay moves anything
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) == (p.ndim == 1), name
+
+
+class Interrupt(Hook):
+    def extra_loss(self, state, imgs, targets, heads):
+        if state.epoch == 1:
+            raise KeyboardInterrupt
+        return {}
+
+
+def test_resume_continues_exactly(data, tmp_path):
+    spec, config = load_data_spec(data), quick(epochs=2, batch_size=4, warmup_epochs=1)
+    straight = fit(tiny_model(), spec, config, out_dir=tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(), spec, config, hooks=[Interrupt()], out_dir=tmp_path / "b")
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["epoch"] == 1
+    resumed = fit(tiny_model(seed=5), spec, quick(epochs=2, batch_size=4, warmup_epochs=1, resume=True),
+                  out_dir=tmp_path / "b")
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    for key in ("total", "box", "obj", "cls"):
+        assert resumed.history[1][key] == pytest.approx(straight.history[1][key], abs=1e-5)
+    a, b = load(None, tmp_path / "a" / "last.pt"), load(None, tmp_path / "b" / "last.pt")
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-5), name
+
+
+def test_outputs_and_report_via_cli(data, tmp_path):
+    cfg = tmp_path / "tiny.cfg"
+    cfg.write_text(CFG_TEXT)
+    out, report = tmp_path / "run", tmp_path / "copy.json"
+    res = CliRunner().invoke(cli, ["train", "--cfg", str(cfg), "--data", str(data), "--out", str(out), "--epochs",
+                                   "2", "--batch-size", "8", "--workers", "0", "--report", str(report)])
+    assert res.exit_code == 0, res.output
+    for name in ("best.cfg", "best.weights", "last.cfg", "last.weights", "last.pt", "results.csv", "results.png",
+                 "report.json"):
+        assert (out / name).is_file(), name
+    rep = json.loads(report.read_text())
+    assert rep == json.loads((out / "report.json").read_text())
+    assert rep["cfg"] == str(out / "best.cfg") and rep["weights"] == str(out / "best.weights")
+    assert rep["epochs"] == 2 and len(rep["history"]) == 2 and rep["final_loss"] > 0
+    assert 0 <= rep["map50"] <= 1 and {"params", "gflops", "size_mb", "latency_ms", "map50_95"} <= rep.keys()
+    lines = (out / "results.csv").read_text().splitlines()
+    assert lines[0].startswith("epoch,total,box,obj,cls") and len(lines) == 3
+    best = load(out / "best.cfg", out / "best.weights")
+    assert best.num_classes == 3
+
+
+@pytest.mark.parametrize("field,value", [("epochs", 0), ("optimizer", "lion"), ("img_size", 100),
+                                         ("momentum", 1.5), ("accumulate", 0)])
+def test_config_validation_names_the_field(field, value):
+    with pytest.raises(CompressError, match=field):
+        quick(**{field: value})
+
+
+def test_resume_without_checkpoint_is_a_clear_error(data, tmp_path):
+    with pytest.raises(CompressError, match="nothing to resume"):
+        fit(tiny_model(), load_data_spec(data), quick(resume=True), out_dir=tmp_path)
