@@ -1,1 +1,40 @@
-"""Placeholder: commands of this group are added by their issue."""
+"""`yolo-compress run RECIPE.yaml`: run a recipe's steps (the CLI commands themselves) and tabulate the stages."""
+from __future__ import annotations
+
+import click
+
+from ..recipe import Plan, RunConfig, render_commands, run_recipe, stage_rows, stage_table
+from . import cli
+from .common import write_report
+
+
+def lookup_command(path: str) -> click.Command | None:
+    """The click command at a command path like "prune" or "data synth" (None when it does not exist)."""
+    command: click.Command | None = cli
+    ctx = click.Context(cli)
+    for word in path.split():
+        if not isinstance(command, click.Group):
+            return None
+        command = command.get_command(ctx, word)
+    return None if command is cli or isinstance(command, click.Group) else command
+
+
+@cli.command("run")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="Output directory (default: the recipe's `out:`, "
+              "else runs/<recipe name>).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value: model.cfg=x.cfg, data=my.data, steps.3.prune.percent=0.7 (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Validate every step against its command and print the commands.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the stage table as JSON.")
+@click.pass_obj
+def run_command(obj: object, recipe: str, out: str | None, overrides: tuple[str, ...], dry_run: bool,
+                report_path: str | None) -> None:
+    """Run RECIPE.yaml: each step is a yolo-compress command; models thread through the steps' report.json."""
+    result = run_recipe(RunConfig(recipe, out, overrides, dry_run), lookup_command, context_obj=obj)
+    if isinstance(result, Plan):
+        click.echo(render_commands(result))
+        return
+    rows = stage_rows(result)
+    click.echo(f"\n{stage_table(rows)}\n\n{len(result.records)} steps in {result.seconds:.1f} s -> {result.plan.out}")
+    write_report(report_path, {"out": str(result.plan.out), "wall_s": round(result.seconds, 2), "stages": rows})

@@ -1,0 +1,67 @@
+"""Recipes: a YAML list of steps named exactly like CLI commands, run in order with models threaded through.
+
+Example:
+    >>> from compress.recipe import RunConfig, run_recipe
+    >>> result = run_recipe(RunConfig("recipes/demo.yaml", out="runs/demo"), commands=lookup)
+
+`commands` maps a step name ("prune", "data synth") to its click command; the CLI passes the real command
+tree, so recipe options are checked against, converted by and passed to the very same click options.
+See `spec.py` for the file format and `runner.py` for the output folder, manifest and resume rules.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import RecipeError
+from .plan import CommandLookup, Plan, PlannedStep, plan_recipe
+from .runner import RunResult, StepRecord, execute_plan, render_commands
+from .spec import Recipe, load_recipe, parse_recipe
+from .steps import MODEL_REFS, STEPS, StepKind, register_step
+from .summary import STAGE_KEYS, stage_rows, stage_table, write_summary
+
+__all__ = ["RunConfig", "RunResult", "StepRecord", "Recipe", "Plan", "PlannedStep", "STEPS", "StepKind",
+           "MODEL_REFS", "STAGE_KEYS", "register_step", "load_recipe", "parse_recipe", "prepare", "run_recipe",
+           "render_commands", "stage_rows", "stage_table", "write_summary"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """`recipe` file; `out` overrides the recipe's `out:`; `overrides` are `key.sub=value` strings."""
+
+    recipe: str | os.PathLike
+    out: str | os.PathLike | None = None
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.overrides, (str, bytes)):
+            raise RecipeError("RunConfig.overrides must be a tuple of key=value strings, not one string")
+
+
+def _out_dir(config: RunConfig, recipe: Recipe) -> Path:
+    if config.out is not None:
+        return Path(config.out)
+    if recipe.out is not None and recipe.out.value:
+        return recipe.out.path()
+    return Path("runs") / recipe.path.stem
+
+
+def prepare(config: RunConfig, commands: CommandLookup) -> Plan:
+    """Read, override and validate the recipe; nothing runs and nothing is written."""
+    recipe = parse_recipe(config.recipe, tuple(config.overrides))
+    return plan_recipe(recipe, commands, _out_dir(config, recipe))
+
+
+def run_recipe(config: RunConfig, commands: CommandLookup, context_obj: object = None) -> RunResult | Plan:
+    """Validate, then (unless dry_run) run every step and write summary.json/summary.png.
+
+    Returns the Plan for a dry run, else the RunResult.
+    """
+    plan = prepare(config, commands)
+    if config.dry_run:
+        return plan
+    result = execute_plan(plan, context_obj)
+    write_summary(result, stage_rows(result))
+    return result

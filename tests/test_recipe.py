@@ -1,0 +1,291 @@
+"""Recipe runner: validation with file:line errors, model threading, manifest/resume, and recipe <-> CLI parity."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+import torch
+
+from compress.cli.run import lookup_command
+from compress.errors import PruneError, RecipeError
+from compress.persist import load, save
+from compress.recipe import Plan, RunConfig, prepare, render_commands, run_recipe
+from compress.recipe.runner import sha256_file
+from compress.report import stage_figures
+
+from conftest import DATA, ROOT, randomize_bn
+
+TINY = DATA / "tiny-shortcut.cfg"
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+# ---------------------------------------------------------------- fake model-producing commands (fast, real files)
+CALLS: list[tuple[str, dict]] = []
+
+
+def _produce(name: str, cfg: str, weights: str | None, out: str, scale: float = 1.0, **extra) -> None:
+    model = load(cfg, weights)
+    if weights is None:
+        randomize_bn(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.mul_(scale)
+    cfg_out, w_out = Path(out) / f"{name}.cfg", Path(out) / f"{name}.weights"
+    save(model, cfg_out, w_out)
+    report = {**stage_figures(model, cfg_out, w_out, latency_runs=1), **extra}
+    (Path(out) / "report.json").write_text(json.dumps(report))
+
+
+@click.command()
+@click.option("--cfg", type=click.Path(exists=True), required=True)
+@click.option("--weights", type=click.Path(exists=True))
+@click.option("--data", type=click.Path(exists=True), required=True)
+@click.option("--out", required=True)
+@click.option("--epochs", type=click.IntRange(1), default=3)
+@click.option("--lr0", type=float, default=0.01)
+def fake_train(**kw):
+    CALLS.append(("train", kw))
+    _produce("trained", kw["cfg"], kw["weights"], kw["out"])
+
+
+@click.command()
+@click.option("--cfg", type=click.Path(exists=True), required=True)
+@click.option("--weights", type=click.Path(exists=True))
+@click.option("--out", required=True)
+@click.option("--data", type=click.Path(exists=True))
+@click.option("--method", type=click.Choice(["slim", "regular"]), default="slim")
+@click.option("--percent", type=click.FloatRange(0, 1, max_open=True), default=0.5)
+@click.option("--round-to", type=click.IntRange(1))
+def fake_prune(**kw):
+    CALLS.append(("prune", kw))
+    _produce("pruned", kw["cfg"], kw["weights"], kw["out"], scale=1 - kw["percent"])
+
+
+@click.command()
+@click.option("--cfg", type=click.Path(exists=True), required=True)
+@click.option("--weights", type=click.Path(exists=True))
+@click.option("--t_cfg", "--t-cfg", "t_cfg", type=click.Path(exists=True), required=True)
+@click.option("--t_weights", "--t-weights", "t_weights", type=click.Path(exists=True), required=True)
+@click.option("--data", type=click.Path(exists=True), required=True)
+@click.option("--out", required=True)
+@click.option("--kd", type=click.Choice(["1", "2", "3"]), default="3")
+def fake_distill(**kw):
+    CALLS.append(("distill", kw))
+    _produce("distilled", kw["cfg"], kw["weights"], kw["out"], map50=0.4, map50_95=0.2)
+
+
+@click.command()
+@click.option("--cfg", type=click.Path(exists=True), required=True)
+@click.option("--weights", type=click.Path(exists=True))
+@click.option("--data", type=click.Path(exists=True), required=True)
+@click.option("--report", "report_path")
+def fake_eval(**kw):
+    CALLS.append(("eval", kw))
+    Path(kw["report_path"]).write_text(json.dumps({"map50": 0.5, "map50_95": 0.25, "images": 4}))
+
+
+@click.command()
+@click.option("--out", required=True)
+@click.option("--n-train", type=click.IntRange(1), default=8)
+def fake_synth(**kw):
+    CALLS.append(("data synth", kw))
+    Path(kw["out"]).mkdir(parents=True, exist_ok=True)
+    (Path(kw["out"]) / "synth.data").write_text(f"classes=3\n# n_train={kw['n_train']}\n")
+
+
+FAKES = {"train": fake_train, "prune": fake_prune, "distill": fake_distill, "eval": fake_eval,
+         "data synth": fake_synth}
+
+
+def fake_lookup(name: str) -> click.Command | None:
+    return FAKES.get(name) or lookup_command(name)
+
+
+def _recipe(tmp_path: Path, text: str) -> Path:
+    shutil.copy(TINY, tmp_path / "net.cfg")
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+PIPELINE = """\
+model: {cfg: net.cfg}
+data: {synth: {n_train: 4}}
+steps:
+  - train: {epochs: 2}
+  - prune: {method: slim, percent: 0.5}
+  - distill: {teacher: step:1, kd: 3}
+  - eval: {}
+  - export: {check: true, dynamic-batch: true}
+"""
+
+
+# ---------------------------------------------------------------------------------------------------- running
+def test_pipeline_threads_models_writes_manifest_and_resumes(tmp_path):
+    CALLS.clear()
+    recipe, out = _recipe(tmp_path, PIPELINE), tmp_path / "out"
+    result = run_recipe(RunConfig(recipe, out), fake_lookup)
+    calls = dict(CALLS)
+    assert [c for c, _ in CALLS] == ["data synth", "train", "prune", "distill", "eval"]
+    data = str(out / "00-data" / "synth.data")
+    assert calls["train"]["cfg"] == str(tmp_path / "net.cfg") and calls["train"]["weights"] is None
+    assert calls["train"]["data"] == data == calls["distill"]["data"] == calls["eval"]["data"]
+    assert calls["train"]["epochs"] == 2 and calls["prune"]["percent"] == 0.5
+    trained = json.loads((out / "01-train" / "report.json").read_text())
+    pruned = json.loads((out / "02-prune" / "report.json").read_text())
+    distilled = json.loads((out / "03-distill" / "report.json").read_text())
+    assert (calls["prune"]["cfg"], calls["prune"]["weights"]) == (trained["cfg"], trained["weights"])
+    assert (calls["distill"]["t_cfg"], calls["distill"]["t_weights"]) == (trained["cfg"], trained["weights"])
+    assert (calls["distill"]["cfg"], calls["distill"]["weights"]) == (pruned["cfg"], pruned["weights"])
+    assert (calls["eval"]["cfg"], calls["eval"]["weights"]) == (distilled["cfg"], distilled["weights"])
+    export = json.loads((out / "05-export" / "report.json").read_text())
+    assert export["cfg"] == distilled["cfg"] and Path(export["onnx"]).is_file() and export["max_abs_diff"] < 1e-3
+
+    manifest = json.loads((out / "manifest.json").read_text())["steps"]
+    assert [s["status"] for s in manifest] == ["done"] * 6
+    assert manifest[2]["sha256"][trained["weights"]] == sha256_file(trained["weights"])
+    lines = [ln for ln in (out / "commands.sh").read_text().splitlines() if ln.startswith("yolo-compress")]
+    assert lines == [shlex.join(s["argv"]) for s in manifest]  # commands.sh is exactly what ran, 1:1
+
+    summary = json.loads((out / "summary.json").read_text())["stages"]
+    assert [r["stage"] for r in summary] == ["01-train", "02-prune", "03-distill", "04-eval"]
+    assert summary[3]["params"] == distilled["params"] and summary[3]["map50"] == 0.5
+    assert summary[2]["map50"] == 0.4 and (out / "summary.png").stat().st_size > 1000
+    assert len(result.records) == 6
+
+    resolved = prepare(RunConfig(out / "resolved.yaml"), fake_lookup)  # resolved.yaml is a runnable recipe
+    assert render_commands(resolved) == render_commands(prepare(RunConfig(recipe, out), fake_lookup))
+
+    CALLS.clear()  # unchanged re-run: everything reused
+    run_recipe(RunConfig(recipe, out), fake_lookup)
+    assert CALLS == []
+    assert {s["status"] for s in json.loads((out / "manifest.json").read_text())["steps"]} == {"reused"}
+
+    CALLS.clear()  # a changed option re-runs that step and, through the changed hashes, everything downstream
+    run_recipe(RunConfig(recipe, out, ("steps.2.prune.percent=0.25",)), fake_lookup)
+    assert [c for c, _ in CALLS] == ["prune", "distill", "eval"]
+    assert [s["status"] for s in json.loads((out / "manifest.json").read_text())["steps"]] == \
+        ["reused", "reused", "done", "done", "done", "done"]
+
+
+@click.command()
+@click.option("--cfg", required=True)
+@click.option("--weights")
+@click.option("--out", required=True)
+@click.option("--data")
+def failing_prune(**kw):
+    raise PruneError("layer 3: boom; use another --percent")
+
+
+def test_failed_step_names_the_recipe_line_and_resume_reuses_finished_steps(tmp_path):
+    CALLS.clear()
+    recipe = _recipe(tmp_path, "model: {cfg: net.cfg}\ndata: {synth: {}}\nsteps:\n  - train: {}\n  - prune: {}\n")
+    out = tmp_path / "out"
+    with pytest.raises(RecipeError, match=f"^{recipe}:5: step 2 `prune` failed: layer 3: boom"):
+        run_recipe(RunConfig(recipe, out), lambda n: failing_prune if n == "prune" else fake_lookup(n))
+    manifest = json.loads((out / "manifest.json").read_text())["steps"]
+    assert [(s["name"], s["status"]) for s in manifest] == [("data synth", "done"), ("train", "done"),
+                                                             ("prune", "failed")]
+    assert "boom" in manifest[2]["error"]
+    CALLS.clear()
+    run_recipe(RunConfig(recipe, out), fake_lookup)
+    assert [c for c, _ in CALLS] == ["prune"]
+
+
+# ------------------------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("bad, line, match", [
+    ("  - prune: {method: slim, precent: 0.5}\n", 5, "`prune` has no option `precent`; valid options: .*percent"),
+    ("  - prune: {method: slim, percent: 2}\n", 5, "`prune.percent`: 2(\\.0)? is not in the range"),
+    ("  - prune: {method: magic}\n", 5, "`prune.method`: 'magic' is not one of"),
+    ("  - prun: {}\n", 5, "unknown step `prun`; valid steps: .*prune"),
+    ("  - distill: {teacher: step:3}\n", 5, "`step:3` must name an earlier model-producing step"),
+    ("  - prune: {cfg: x.cfg}\n", 5, "`cfg` is set by the runner"),
+    ("  - export: {img_size: [1, 2]}\n", 5, "`export.img_size`"),
+    ("  - eval: {}\n  - info: {gamma_plot: g.png, cutoff: 0}\n", 6, "`info.cutoff`: 0 is not in the range"),
+])
+def test_bad_step_is_a_recipe_error_with_file_and_line(tmp_path, bad, line, match):
+    recipe = _recipe(tmp_path, "model: {cfg: net.cfg}\ndata: {synth: {}}\nsteps:\n  - train: {epochs: 1}\n" + bad)
+    with pytest.raises(RecipeError, match=f"^{recipe}:{line}: {match}"):
+        run_recipe(RunConfig(recipe, tmp_path / "out", dry_run=True), fake_lookup)
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
+
+
+@pytest.mark.parametrize("text, line, match", [
+    ("model: {cfg: missing.cfg}\nsteps:\n  - info: {}\n", 1, "model cfg .*missing.cfg does not exist"),
+    ("model: {cfg: net.cfg}\ndata: nowhere.data\nsteps:\n  - info: {}\n", 2, "data .*nowhere.data does not exist"),
+    ("model: {cfg: net.cfg}\nsteps:\n  - train: {epochs: 1}\n", 3, "`train` needs --data; add `data:`"),
+    ("model: {cfg: net.cfg}\nmodle: {}\nsteps:\n  - info: {}\n", 2, "unknown top-level key `modle`"),
+    ("model: {cfg: net.cfg}\nsteps:\n  - info: {}\n    export: {}\n", 3, "step 1 must be a one-key mapping"),
+    ("model: {cfg: net.cfg}\nsteps:\n  - info: {img_size: 64\n", 3, "not valid YAML"),
+    ("model: {cfg: net.cfg}\nsteps:\n  - info: {}\n  - distill: {teacher: {cfg: gone.cfg}}\n", 4,
+     "cfg .*gone.cfg does not exist"),
+])
+def test_bad_recipe_shape_or_file_names_the_line(tmp_path, text, line, match):
+    recipe = _recipe(tmp_path, text)
+    with pytest.raises(RecipeError, match=f"^{recipe}:{line}: {match}"):
+        run_recipe(RunConfig(recipe, tmp_path / "out", dry_run=True), fake_lookup)
+
+
+def test_overrides_are_typed_checked_and_relative_to_cwd(tmp_path, monkeypatch):
+    recipe = _recipe(tmp_path, PIPELINE)
+    (tmp_path / "sub").mkdir()
+    shutil.copy(TINY, tmp_path / "sub" / "other.cfg")
+    monkeypatch.chdir(tmp_path / "sub")
+    overrides = ("model.cfg=other.cfg", "steps.prune.percent=0.7", "steps.3.distill.teacher=input",
+                 "data=../net.cfg")
+    plan = run_recipe(RunConfig(recipe, "o", overrides, dry_run=True), fake_lookup)
+    assert isinstance(plan, Plan)
+    assert plan.input_model == (str(tmp_path / "sub" / "other.cfg"), None)
+    assert plan.data == str(tmp_path / "net.cfg") and plan.out == tmp_path / "sub" / "o"
+    prune = next(s for s in plan.steps if s.name == "prune")
+    assert prune.user.values["percent"] == 0.7 and prune.user.args[-2:] == ("--percent", "0.7")
+    assert next(s for s in plan.steps if s.name == "distill").refs["teacher"][0] == 0
+    assert [s.index for s in plan.steps] == [1, 2, 3, 4, 5]  # no synth step once data is a path
+    with pytest.raises(RecipeError, match=r"^--set steps.2.prune.percent: `prune.percent`: 1.5 is not in the range"):
+        run_recipe(RunConfig(recipe, "o", ("steps.2.prune.percent=1.5",), dry_run=True), fake_lookup)
+    with pytest.raises(RecipeError, match=r"--set steps.3.prune.percent: step 3 is `distill`.*`prune` is step 2"):
+        run_recipe(RunConfig(recipe, "o", ("steps.3.prune.percent=0.5",), dry_run=True), fake_lookup)
+    with pytest.raises(RecipeError, match=r"--set model.cfg: model cfg .*nope.cfg does not exist"):
+        run_recipe(RunConfig(recipe, "o", ("model.cfg=nope.cfg",), dry_run=True), fake_lookup)
+
+
+# ------------------------------------------------------------------------------------ recipes <-> real CLI parity
+def _stand_ins(recipe: Path, tmp_path: Path) -> tuple[str, ...]:
+    """Real-model recipes name user files (placeholders, given with --set): stand in existing files.
+
+    A dry run checks that files exist, not what they hold, so empty stand-ins suffice."""
+    text = recipe.read_text()
+    if "weights:" not in text.split("steps:")[0]:
+        return ()
+    weights, data = tmp_path / "stand-in.weights", tmp_path / "stand-in.data"
+    weights.write_bytes(b"")
+    data.write_text("classes=80\n")
+    return (f"model.cfg={TINY}", f"model.weights={weights}", f"data={data}")
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_validates_against_the_real_cli(recipe, tmp_path):
+    plan = run_recipe(RunConfig(recipe, tmp_path / "out", _stand_ins(recipe, tmp_path), dry_run=True),
+                      lookup_command)
+    assert [s.name for s in plan.steps if s.index > 0] == [s.name for s in plan.recipe.steps]
+
+
+def test_commands_sh_reproduces_the_run(tmp_path):
+    recipe = _recipe(tmp_path, "model: {cfg: net.cfg, weights: net.weights}\nsteps:\n  - info: {img_size: 64}\n"
+                               "  - export: {opset: 13, dynamic_batch: true}\n")
+    save(randomize_bn(load(TINY)), tmp_path / "net.cfg", tmp_path / "net.weights")
+    out = tmp_path / "out"
+    run_recipe(RunConfig(recipe, out), lookup_command)
+    onnx = out / "02-export" / "model.onnx"
+    first = onnx.read_bytes()
+    onnx.unlink()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["bash", str(out / "commands.sh")], check=True, env=env, capture_output=True)
+    assert onnx.read_bytes() == first
