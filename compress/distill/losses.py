@@ -1,0 +1,198 @@
+"""Distillation losses as pure functions of tensors (reference-algorithms.md §6, bugs of §10.12 fixed).
+
+Shapes: raw head maps are (N, A, H, W, 5+C) logits; features are (N, C, H, W). Positive cells come from the
+student's `build_targets` as `HeadPositives`. Every KL term is `KL(p_t || p_s)` summed and scaled by T^2 / N
+(Hinton et al.), as in the reference; box terms are sums over positives / N too, so every term is per image
+(fit() multiplies the loss by the batch size, like its detection parts). Teacher tensors are expected to carry
+no graph (computed under no_grad).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import DistillConfig
+
+__all__ = ["HeadPositives", "KDInputs", "STRATEGIES", "register_strategy", "soft_kl", "kd_logit_loss",
+           "decode_positive_boxes", "kd_box_teacher_bounded", "kd_box_mimic", "attention_map",
+           "kd_attention_loss", "fine_grained_mask"]
+
+MAX_LOG_WH = 8.0  # exp() clamp for decoded box sizes: e^8 anchors is far beyond any image
+
+
+class HeadPositives(NamedTuple):
+    """Positive cells of one head: indices (n,), GT boxes (n, 4) xywh with xy relative to the cell and wh in
+    grid units, and each positive's anchor size in grid units for the student and the teacher (n, 2)."""
+    b: Tensor
+    a: Tensor
+    gy: Tensor
+    gx: Tensor
+    tbox: Tensor
+    anchors_s: Tensor
+    anchors_t: Tensor
+
+
+@dataclass(frozen=True)
+class KDInputs:
+    """Everything a strategy reads: paired head maps, positives per head, paired features, input size."""
+    s_heads: list[Tensor]
+    t_heads: list[Tensor]
+    positives: list[HeadPositives] | None
+    features: list[tuple[Tensor, Tensor]]
+    img_hw: tuple[int, int]
+    scales: tuple[tuple[float, float], ...] = ()  # (student, teacher) scale_x_y per head
+
+
+def soft_kl(s_logits: Tensor, t_logits: Tensor, temperature: float, batch: int) -> Tensor:
+    """sum KL(softmax(t/T) || softmax(s/T)) over rows of the last axis, times T^2 / batch."""
+    log_ps = F.log_softmax(s_logits / temperature, dim=-1)
+    log_pt = F.log_softmax(t_logits / temperature, dim=-1)
+    return F.kl_div(log_ps, log_pt, reduction="sum", log_target=True) * temperature ** 2 / batch
+
+
+def kd_logit_loss(s_heads: list[Tensor], t_heads: list[Tensor], temperature: float,
+                  reference: bool = False) -> Tensor:
+    """Hinton KD on [objectness, classes] per cell and anchor (box logits excluded); `reference=True`
+    softmaxes the whole 5+C vector like the reference's KDstr 1."""
+    first = 0 if reference else 4
+    return sum(soft_kl(s[..., first:], t[..., first:], temperature, s.shape[0]) for s, t in zip(s_heads, t_heads))
+
+
+def decode_positive_boxes(p: Tensor, pos: HeadPositives, anchors: Tensor, scale_x_y: float = 1.0) -> Tensor:
+    """Boxes (n, 4) at the positive cells in grid units, the model's formula (`YOLOLayer.decode`):
+    (sigma(tx) * s - (s - 1) / 2, sigma(ty) * s - (s - 1) / 2, e^tw * aw, e^th * ah)."""
+    q = p[pos.b, pos.a, pos.gy, pos.gx, :4]
+    xy = torch.sigmoid(q[:, :2]) * scale_x_y - (scale_x_y - 1) / 2
+    return torch.cat((xy, torch.exp(q[:, 2:4].clamp(max=MAX_LOG_WH)) * anchors), 1)
+
+
+def kd_box_teacher_bounded(box_s: Tensor, box_t: Tensor, gt: Tensor, margin: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Chen et al. 2017: sum of ||box_s - gt||^2 over positives where it exceeds ||box_t - gt||^2 - margin.
+
+    Returns (loss, fraction of positives where the bound was active). With margin 0 the inequality is strict,
+    so a student equal to its teacher gets exactly 0.
+    """
+    d_s = ((box_s - gt) ** 2).sum(1)
+    d_t = ((box_t - gt) ** 2).sum(1).detach()
+    active = (d_s + margin > d_t).to(d_s.dtype)
+    frac = active.mean() if active.numel() else d_s.new_zeros(())
+    return (d_s * active).sum(), frac.detach()
+
+
+def kd_box_mimic(box_s: Tensor, box_t: Tensor) -> Tensor:
+    """sum ||box_s - box_t||^2 over positives (the student regresses onto the teacher's boxes)."""
+    return ((box_s - box_t.detach()) ** 2).sum()
+
+
+def attention_map(f: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N, H*W): mean over channels of |F|. The mean (not the reference's sum) keeps the
+    map's scale independent of the channel count, so pruned or narrower students are comparable."""
+    return f.abs().mean(1).flatten(1)
+
+
+def kd_attention_loss(f_s: Tensor, f_t: Tensor, temperature: float, mask: Tensor | None = None) -> Tensor:
+    """KL between the softmax(att/T) spatial distributions of paired features, times T^2 / N. `mask`
+    (N, H, W) multiplies both maps before the softmax (masked cells stay in it as zeros, as in the reference)."""
+    if f_s.shape[-2:] != f_t.shape[-2:]:
+        raise ValueError(f"paired features differ in size: student {tuple(f_s.shape)} vs teacher {tuple(f_t.shape)}")
+    att_s, att_t = attention_map(f_s), attention_map(f_t)
+    if mask is not None:
+        m = mask.flatten(1).to(att_s.dtype)
+        att_s, att_t = att_s * m, att_t * m
+    return soft_kl(att_s, att_t, temperature, f_s.shape[0])
+
+
+def fine_grained_mask(positives: list[HeadPositives], head_hw: list[tuple[int, int]], feat_hw: tuple[int, int],
+                      batch: int, device: torch.device | str = "cpu") -> Tensor:
+    """(N, Hf, Wf) 0/1 mask of the feature cells covered by any head's positive cells.
+
+    Each positive cell (gy, gx) of a head of size (H, W) spans rows [gy*Hf/H, (gy+1)*Hf/H) and columns
+    [gx*Wf/W, (gx+1)*Wf/W) of the feature map; the whole covered block is set (not a diagonal). Works for
+    non-square inputs and any head order because only the map sizes are used (stride = img / size).
+    """
+    hf, wf = feat_hw
+    mask = torch.zeros(batch, hf, wf, device=device)
+    for pos, (h, w) in zip(positives, head_hw):
+        if pos.b.numel() == 0:
+            continue
+        y0, y1 = _span(pos.gy, h, hf)
+        x0, x1 = _span(pos.gx, w, wf)
+        for dy in range(int((y1 - y0).max())):
+            for dx in range(int((x1 - x0).max())):
+                ys, xs = y0 + dy, x0 + dx
+                ok = (ys < y1) & (xs < x1)
+                mask[pos.b[ok], ys[ok], xs[ok]] = 1.0
+    return mask
+
+
+def _span(g: Tensor, n: int, nf: int) -> tuple[Tensor, Tensor]:
+    """Cells [lo, hi) of a size-nf axis covered by cell g of a size-n axis (exact integer arithmetic)."""
+    g = g.long()
+    lo = (g * nf) // n
+    hi = -((-(g + 1) * nf) // n)  # ceil((g + 1) * nf / n)
+    return lo.clamp(0, nf - 1), hi.clamp(1, nf)
+
+
+# ---------------------------------------------------------------- strategies (registry, one function each)
+StrategyFn = Callable[[KDInputs, DistillConfig], dict[str, Tensor]]
+STRATEGIES: dict[int, StrategyFn] = {}
+
+
+def register_strategy(k: int) -> Callable[[StrategyFn], StrategyFn]:
+    def deco(fn: StrategyFn) -> StrategyFn:
+        STRATEGIES[k] = fn
+        return fn
+    return deco
+
+
+@register_strategy(1)
+def strategy_logits(x: KDInputs, config: DistillConfig) -> dict[str, Tensor]:
+    w_soft = config.weights[0]
+    return {"kd_soft": w_soft * kd_logit_loss(x.s_heads, x.t_heads, config.temperature, config.reference_kd1)}
+
+
+def _boxes(x: KDInputs) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """(student boxes, teacher boxes, GT boxes) at the positives of each head."""
+    if x.positives is None:
+        raise ValueError("box distillation needs the positive cells of build_targets")
+    scales = x.scales or ((1.0, 1.0),) * len(x.s_heads)
+    return [(decode_positive_boxes(s, pos, pos.anchors_s, ss), decode_positive_boxes(t, pos, pos.anchors_t, ts),
+             pos.tbox) for s, t, pos, (ss, ts) in zip(x.s_heads, x.t_heads, x.positives, scales)]
+
+
+@register_strategy(2)
+def strategy_teacher_bounded(x: KDInputs, config: DistillConfig) -> dict[str, Tensor]:
+    w_soft, w_box, _ = config.weights
+    soft = kd_logit_loss(x.s_heads, x.t_heads, config.temperature)
+    parts = [kd_box_teacher_bounded(bs, bt, gt, config.box_margin) for bs, bt, gt in _boxes(x)]
+    box = sum(p[0] for p in parts) / x.s_heads[0].shape[0]
+    frac = torch.stack([p[1] for p in parts]).mean()
+    return {"kd_soft": w_soft * soft, "kd_box": w_box * box, "kd_bounded_frac": frac.detach()}
+
+
+@register_strategy(3)
+def strategy_mimic(x: KDInputs, config: DistillConfig) -> dict[str, Tensor]:
+    w_soft, w_box, _ = config.weights
+    soft = kd_logit_loss(x.s_heads, x.t_heads, config.temperature)
+    box = sum(kd_box_mimic(bs, bt) for bs, bt, _ in _boxes(x)) / x.s_heads[0].shape[0]
+    return {"kd_soft": w_soft * soft, "kd_box": w_box * box}
+
+
+@register_strategy(4)
+def strategy_attention(x: KDInputs, config: DistillConfig) -> dict[str, Tensor]:
+    feat = sum(kd_attention_loss(fs, ft, config.temperature) for fs, ft in x.features)
+    return {**strategy_mimic(x, config), "kd_feat": config.weights[2] * feat}
+
+
+@register_strategy(5)
+def strategy_masked_attention(x: KDInputs, config: DistillConfig) -> dict[str, Tensor]:
+    head_hw = [tuple(s.shape[2:4]) for s in x.s_heads]
+    feat = x.s_heads[0].new_zeros(())
+    for fs, ft in x.features:
+        mask = fine_grained_mask(x.positives or [], head_hw, tuple(fs.shape[-2:]), fs.shape[0], fs.device)
+        feat = feat + kd_attention_loss(fs, ft, config.temperature, mask)
+    return {**strategy_mimic(x, config), "kd_feat": config.weights[2] * feat}
