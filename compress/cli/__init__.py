@@ -21,12 +21,14 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
     """Compress Darknet YOLO detectors: cfg + weights in, cfg + weights out."""
     level = logging.WARNING - 10 * min(verbose + 1, 2)
     logging.basicConfig(level=level, format="%(message)s")
+    for noisy in ("PIL", "matplotlib"):  # their debug logs drown ours
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     ctx.obj = AppContext(debug=debug)
 
 
 def _register() -> None:
     # Importing a command module attaches its commands to `cli`.
-    from . import info, train, prune, quantize, distill, export, run  # noqa: F401
+    from . import info, train, prune, quantize, distill, export, run, data  # noqa: F401
 
 
 _register()

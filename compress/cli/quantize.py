@@ -1,1 +1,62 @@
-"""Placeholder: commands of this group are added by their issue."""
+"""`yolo-compress quantize`: DoReFa (k-bit) or Google (int8) fake quantization, PTQ or QAT."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..quant.config import METHOD_CONFIGS, make_config
+from ..report import format_stage_table
+from . import cli
+from .common import check_not_input, device_option, model_options, out_option, report_option, write_report
+
+_ROWS = [("fp32", "fp32 (input)"), ("fakequant", "fake-quant (torch)"), ("int8_onnx", "int8 QDQ ONNX"),
+         ("darknet", "Darknet pair (weights on grid)")]
+
+
+def _table(r: dict) -> str:
+    rows = [{"stage": head, "map50": r.get(f"map50_{k}"), "map50_95": r.get(f"map50_95_{k}")} for k, head in _ROWS]
+    rows[0].update(size=r["size_mb_fp32"], lat=r["latency_ms_fp32_onnx"])
+    rows[2].update(size=r["size_mb_int8"], lat=r["latency_ms_int8_onnx"])
+    return format_stage_table(rows, [("stage", "stage"), ("map50", "mAP@.5"), ("map50_95", "mAP@.5:.95"),
+                                     ("size", "weights MB"), ("lat", "ORT CPU ms")])
+
+
+@cli.command("quantize")
+@model_options(weights_required=True)
+@click.option("--data", type=click.Path(exists=True), required=True, help="Darknet .data file or image folder.")
+@out_option()
+@click.option("--method", type=click.Choice(sorted(METHOD_CONFIGS)), help="Default: dorefa below 8 bits, google at 8.")
+@click.option("--bits", type=click.IntRange(2, 8), default=8, show_default=True, help="Weight bits.")
+@click.option("--a-bits", type=click.IntRange(2, 8), help="Activation bits (default 8).")
+@click.option("--bn-fold/--no-bn-fold", default=True, show_default=True, help="Train with BN folded (Jacob et al.).")
+@click.option("--pow2", is_flag=True, help="Round scales up to powers of two (exponents go to quant.json).")
+@click.option("--per-tensor", is_flag=True, help="One weight scale per layer instead of per output channel.")
+@click.option("--first-last-bits", type=click.IntRange(2, 8), default=8, show_default=True,
+              help="Bits of the first conv and the head convs (symmetric).")
+@click.option("--epochs", type=click.IntRange(0), default=0, show_default=True,
+              help="0 = post-training calibration; >0 = QAT epochs through the trainer.")
+@click.option("--calib-batches", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--lr0", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True, help="QAT lr (Adam).")
+@click.option("--img-size", type=click.IntRange(32, 4096), help="Input size (default: the cfg's).")
+@click.option("--no-eval", is_flag=True, help="Skip the three mAP evaluations.")
+@device_option
+@report_option
+def quantize_command(cfg: str, weights: str, data: str, out: str, method: str | None, bits: int, a_bits: int | None,
+                     bn_fold: bool, pow2: bool, per_tensor: bool, first_last_bits: int, epochs: int,
+                     calib_batches: int, batch_size: int, lr0: float, img_size: int | None, no_eval: bool,
+                     device: str, report_path: str | None) -> None:
+    """Quantize -> DIR/<cfg>-q<bits>.cfg/.weights (folded, on the grid), quant.json, weights_int.npz,
+    model-int8.onnx (QDQ), model-fp32.onnx and report.json."""
+    from ..quant.pipeline import QuantizeJob, output_paths, quantize
+    config = make_config(method, bits, a_bits, bn_fold=bn_fold, pow2=pow2, per_channel=not per_tensor,
+                         first_last_bits=first_last_bits)
+    job = QuantizeJob(cfg, weights, data, out, config, epochs, calib_batches, batch_size, img_size, lr0,
+                      evaluate=not no_eval)
+    check_not_input(list(output_paths(job).values()), [cfg, weights])
+    report = quantize(job, device)
+    click.echo(_table(report))
+    write_report(Path(out) / "report.json", report)
+    click.echo(f"-> {report['cfg']}, {report['weights']}, {report['onnx']}")
+    write_report(report_path, report)

@@ -1,0 +1,122 @@
+"""Frozen, validated quantization configs. One class per method; the method name keys the registries."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional, Union
+
+from ..errors import QuantError
+
+__all__ = ["DorefaConfig", "GoogleConfig", "QuantConfig", "LayerQuant", "METHOD_CONFIGS", "make_config",
+           "config_to_dict"]
+
+Pow2Rounding = Literal["ceil", "nearest"]
+
+
+def _check_range(name: str, value: Optional[int], lo: int, hi: int, option: str) -> None:
+    if value is not None and not (lo <= value <= hi):
+        raise QuantError(f"{name}={value} is out of range; pass {option} between {lo} and {hi}")
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """What one conv gets: weight scheme + bits, output activation bits (None = float output)."""
+    w_scheme: str
+    w_bits: int
+    a_bits: Optional[int]
+    pre_act_bits: Optional[int]
+    per_channel: bool
+    pow2: bool
+    pow2_rounding: str
+    momentum: float
+    bn_fold: bool
+
+
+@dataclass(frozen=True)
+class _Common:
+    bn_fold: bool = True
+    pow2: bool = False
+    pow2_rounding: Pow2Rounding = "ceil"
+    per_channel: bool = True
+    first_last_bits: Optional[int] = 8
+    pre_act_bits: Optional[int] = 8
+    ema_momentum: float = 0.1
+
+    def _check_common(self) -> None:
+        _check_range("first_last_bits", self.first_last_bits, 2, 8, "--first-last-bits")
+        _check_range("pre_act_bits", self.pre_act_bits, 2, 8, "pre_act_bits")
+        if self.pow2_rounding not in ("ceil", "nearest"):
+            raise QuantError(f"pow2_rounding={self.pow2_rounding!r} is unknown; use 'ceil' or 'nearest'")
+        if not 0.0 < self.ema_momentum <= 1.0:
+            raise QuantError(f"ema_momentum={self.ema_momentum} must be in (0, 1]; e.g. 0.1 for calibration")
+        if not self.bn_fold and (self.pow2 or not self.per_channel):
+            raise QuantError("--no-bn-fold needs per-channel weights without --pow2 (folding BN after "
+                             "quantization keeps the grid only by rescaling each channel); "
+                             "drop --pow2/--per-tensor or use --bn-fold")
+
+    def _layer(self, scheme: str, w_bits: int, a_bits: Optional[int], edge: bool) -> LayerQuant:
+        if edge and self.first_last_bits is not None:
+            scheme, w_bits, a_bits = "symmetric", self.first_last_bits, self.first_last_bits
+        return LayerQuant(scheme, w_bits, a_bits, self.pre_act_bits, self.per_channel, self.pow2,
+                          self.pow2_rounding, self.ema_momentum, self.bn_fold)
+
+
+@dataclass(frozen=True)
+class DorefaConfig(_Common):
+    """DoReFa (Zhou et al. 2016): k-bit weights through tanh normalisation (exactly 2^k levels), k-bit
+    activations on the activation output with a calibrated/EMA range (no fixed prescale).
+
+    Example:
+        >>> DorefaConfig(w_bits=4, a_bits=8)
+    """
+    w_bits: int = 4
+    a_bits: int = 8
+    method = "dorefa"
+
+    def __post_init__(self) -> None:
+        _check_range("w_bits", self.w_bits, 2, 8, "--bits")
+        _check_range("a_bits", self.a_bits, 2, 8, "--a-bits")
+        self._check_common()
+
+    def layer(self, edge: bool) -> LayerQuant:
+        return self._layer("dorefa", self.w_bits, self.a_bits, edge)
+
+
+@dataclass(frozen=True)
+class GoogleConfig(_Common):
+    """Jacob et al. (2018) integer-arithmetic quantization: symmetric per-channel weights in
+    [-(2^(b-1)-1), 2^(b-1)-1], asymmetric uint activations with EMA min/max and an exact zero.
+
+    Example:
+        >>> GoogleConfig(bits=8, per_channel=True, pow2=False, bn_fold=True)
+    """
+    bits: int = 8
+    a_bits: int = 8
+    method = "google"
+
+    def __post_init__(self) -> None:
+        _check_range("bits", self.bits, 2, 8, "--bits")
+        _check_range("a_bits", self.a_bits, 2, 8, "--a-bits")
+        self._check_common()
+
+    def layer(self, edge: bool) -> LayerQuant:
+        return self._layer("symmetric", self.bits, self.a_bits, edge)
+
+
+QuantConfig = Union[DorefaConfig, GoogleConfig]
+METHOD_CONFIGS: dict[str, type] = {"dorefa": DorefaConfig, "google": GoogleConfig}
+_FROM_BITS = {
+    "dorefa": lambda bits, a_bits, common: DorefaConfig(w_bits=bits, a_bits=a_bits, **common),
+    "google": lambda bits, a_bits, common: GoogleConfig(bits=bits, a_bits=a_bits, **common),
+}
+
+
+def make_config(method: Optional[str], bits: int = 8, a_bits: Optional[int] = None, **common: object) -> QuantConfig:
+    """Config from CLI-style options. No method: DoReFa below 8 bits, Google at 8."""
+    method = method or ("dorefa" if bits < 8 else "google")
+    if method not in METHOD_CONFIGS:
+        raise QuantError(f"--method {method} is unknown; use one of {', '.join(METHOD_CONFIGS)}")
+    return _FROM_BITS[method](bits, a_bits if a_bits is not None else 8, common)
+
+
+def config_to_dict(config: QuantConfig) -> dict:
+    return {"method": config.method, **asdict(config)}

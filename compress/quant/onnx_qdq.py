@@ -1,0 +1,197 @@
+"""QDQ ONNX export of a fake-quant model: int8 weight initializers with DequantizeLinear, activation
+QuantizeLinear -> DequantizeLinear pairs carrying the calibrated scales, and the [yolo] decode in float.
+
+Sub-8-bit tensors use int8/uint8 containers with a Clip to the k-bit code range between Q and DQ ("QCDQ").
+onnxruntime fuses DQ -> Conv -> Q into QLinearConv and DQ -> LeakyRelu -> Q into QLinearLeakyRelu.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ExportError
+from ..fileio import write_bytes_atomic
+from .fake_quant import ActQuant, Holder, QParams
+from .modules import QConvBNAct
+
+__all__ = ["export_qdq_onnx", "qdq_symbolic", "QConvExport", "exportable", "OnnxPredictor", "onnx_latency",
+           "optimized_op_counts"]
+
+log = logging.getLogger(__name__)
+
+
+def _const(g, t: torch.Tensor):  # type: ignore[no-untyped-def]
+    return g.op("Constant", value_t=t)
+
+
+def _zp_tensor(qp: QParams, dtype: torch.dtype) -> torch.Tensor:
+    return qp.zero_point.detach().cpu().round().to(dtype)
+
+
+def qdq_symbolic(g, x, qp: QParams):  # type: ignore[no-untyped-def]
+    """QuantizeLinear (uint8 if qmin >= 0 else int8) -> Clip to [qmin, qmax] when narrower -> DequantizeLinear."""
+    dtype, full = (torch.int8, (-128, 127)) if qp.signed else (torch.uint8, (0, 255))
+    kw = {"axis_i": qp.axis} if qp.axis is not None else {}
+    scale = _const(g, qp.scale.detach().cpu().float())
+    zp = _const(g, _zp_tensor(qp, dtype))
+    q = g.op("QuantizeLinear", x, scale, zp, **kw)
+    if (qp.qmin, qp.qmax) != full:
+        lo, hi = torch.tensor(qp.qmin, dtype=dtype), torch.tensor(qp.qmax, dtype=dtype)
+        q = g.op("Clip", q, _const(g, lo), _const(g, hi))
+    return g.op("DequantizeLinear", q, scale, zp, **kw)
+
+
+class _ConstDQ(torch.autograd.Function):
+    """Constant integer codes -> DequantizeLinear (per output channel). `anchor` only ties it to the trace."""
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, const: tuple) -> torch.Tensor:  # type: ignore[override]
+        codes, qp = const.value
+        s, z = qp.view(codes.dim())
+        return (codes.to(anchor.dtype) - z) * s
+
+    @staticmethod
+    def symbolic(g, anchor, const: tuple):  # type: ignore[no-untyped-def]
+        codes, qp = const.value
+        dtype = torch.int32 if codes.dtype == torch.int32 else torch.int8
+        scale = _const(g, qp.scale.detach().cpu().float())
+        zp = _const(g, torch.zeros(qp.scale.shape, dtype=dtype))
+        return g.op("DequantizeLinear", _const(g, codes.detach().cpu()), scale, zp, axis_i=0)
+
+
+class QConvExport(nn.Module):
+    """Frozen eval conv: int8 codes + per-channel scales, int32 bias (scale s_in * s_w) when the input
+    is quantized, then the same activation quantizers as the fake-quant module."""
+
+    def __init__(self, q: QConvBNAct) -> None:
+        super().__init__()
+        f = q.folded()
+        conv = q.conv
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.in_quant, self.pre_quant, self.act, self.act_quant = q.in_quant, q.pre_quant, q.act, q.act_quant
+        fits = int(f.codes.abs().max()) <= 127
+        if not fits:
+            log.warning("conv codes need more than int8 (%d bits DoReFa); exported as float weights", q.spec.w_bits)
+        self.codes = f.codes.to(torch.int8) if fits else None
+        self.w_qp = f.w_qp
+        self.weight = f.weight.float()
+        in_qp = q.input_qparams()
+        self.bias_qp = None
+        self.bias = f.bias.float()
+        if in_qp is not None and fits:
+            bscale = (in_qp.scale * f.w_qp.scale).float()
+            self.bias_qp = QParams(bscale, torch.zeros_like(bscale), -2 ** 31, 2 ** 31 - 1, axis=0)
+            self.bias_codes = torch.round(f.bias / bscale).to(torch.int32)
+            self.bias = self.bias_codes.float() * bscale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_quant is not None:
+            x = self.in_quant(x)
+        w = _ConstDQ.apply(x, Holder((self.codes, self.w_qp))) if self.codes is not None else self.weight
+        b = _ConstDQ.apply(x, Holder((self.bias_codes, self.bias_qp))) if self.bias_qp is not None else self.bias
+        y = F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        if self.pre_quant is not None:
+            y = self.pre_quant(y)
+        y = self.act(y)
+        return self.act_quant(y) if self.act_quant is not None else y
+
+
+def exportable(model: nn.Module) -> nn.Module:
+    """Eval copy of a fake-quant model with each `QConvBNAct` replaced by its frozen integer form."""
+    m = copy.deepcopy(model).eval()
+    for aq in m.modules():
+        if isinstance(aq, ActQuant):
+            aq.freeze_params()
+    for i, layer in enumerate(m.layers):
+        if isinstance(layer, QConvBNAct):
+            m.layers[i] = QConvExport(layer)
+    return m
+
+
+class _RawHeads(nn.Module):
+    """Head maps (logits) flattened and concatenated: (N, sum A*H*W*(5+C)); used by parity checks."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([h.flatten(1) for h in self.model(x, raw=True)], 1)
+
+
+def export_qdq_onnx(model: nn.Module, path: str | os.PathLike, img_size: tuple[int, int], opset: int = 13,
+                    raw: bool = False) -> None:
+    """Write the decoded eval-mode QDQ model (input `images` (N,3,H,W) in [0,1], output `output` (N,boxes,5+C)).
+    `raw=True` writes the head logits instead (see `_RawHeads`)."""
+    m = exportable(model).cpu()
+    m = _RawHeads(m) if raw else m
+    dummy = torch.rand(1, 3, *img_size)
+    buf = io.BytesIO()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer notes about constants (the scales are constants by design)
+            torch.onnx.export(m, (dummy,), buf, dynamo=False, opset_version=opset, input_names=["images"],
+                              output_names=["output"], dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}},
+                              do_constant_folding=True)
+    except Exception as exc:  # the exporter raises many types
+        raise ExportError(f"{path}: QDQ ONNX export failed ({exc.__class__.__name__}: {exc})") from exc
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def _session(path: str | os.PathLike, threads: int = 1, optimized_path: str | os.PathLike | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, threads)
+    opts.inter_op_num_threads = 1
+    if optimized_path is not None:
+        opts.optimized_model_filepath = str(optimized_path)
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+class OnnxPredictor:
+    """Callable (N,3,S,S) float tensor in [0,1] -> decoded output tensor, for `compress.evaluate.evaluate`."""
+
+    def __init__(self, path: str | os.PathLike, threads: int = 1) -> None:
+        self.session = _session(path, threads)
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input: imgs.detach().cpu().float().numpy()})[0]
+        return torch.from_numpy(out)
+
+
+def onnx_latency(path: str | os.PathLike, img_size: tuple[int, int], runs: int = 20, warmup: int = 3,
+                 threads: int = 1) -> float:
+    """Median ms per batch-1 run with onnxruntime on CPU."""
+    import time
+
+    import numpy as np
+
+    sess = _session(path, threads)
+    x = {sess.get_inputs()[0].name: np.random.default_rng(0).random((1, 3, *img_size), dtype=np.float32)}
+    times = []
+    for i in range(warmup + runs):
+        t0 = time.perf_counter()
+        sess.run(None, x)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def optimized_op_counts(path: str | os.PathLike, optimized_path: str | os.PathLike) -> dict[str, int]:
+    """Op types of the graph onnxruntime actually runs (after its QDQ fusions), e.g. QLinearConv counts."""
+    from collections import Counter
+
+    import onnx
+
+    _session(path, 1, optimized_path)
+    return dict(Counter(n.op_type for n in onnx.load(str(optimized_path)).graph.node).most_common())

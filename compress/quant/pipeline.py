@@ -1,0 +1,161 @@
+"""`quantize(job)`: the whole `yolo-compress quantize` run as one library call.
+
+load -> prepare_qat -> calibrate on a few batches -> (QAT through `compress.train.fit` when epochs > 0) ->
+write the folded Darknet pair (weights on the grid), quant.json, weights_int.npz, model-int8.onnx (QDQ)
+and model-fp32.onnx -> evaluate fp32 / fake-quant / int8 ONNX -> figures for the report.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import QuantError
+from ..persist import load, save
+from ..report import file_size_mb, stage_figures
+from ..train import Hook
+from . import calibrate, config_to_dict, freeze_bn, prepare_qat
+from .config import QuantConfig
+from .export import write_int_weights, write_quant_json
+from .onnx_qdq import OnnxPredictor, export_qdq_onnx, onnx_latency
+
+__all__ = ["QuantizeJob", "quantize", "QATHook", "output_paths"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantizeJob:
+    """Inputs and knobs of one quantization run (built by the CLI or a recipe)."""
+    cfg: str
+    weights: str | None
+    data: str
+    out: str
+    config: QuantConfig
+    epochs: int = 0
+    calib_batches: int = 8
+    batch_size: int = 8
+    img_size: int | None = None
+    lr0: float = 1e-4
+    freeze_bn_at: float = 0.8
+    evaluate: bool = True
+    latency_runs: int = 20
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise QuantError(f"--epochs {self.epochs} must be >= 0 (0 = post-training calibration only)")
+        if self.calib_batches < 1 or self.batch_size < 1:
+            raise QuantError("--calib-batches and the batch size must be >= 1")
+        if self.img_size is not None and (self.img_size < 32 or self.img_size % 32):
+            raise QuantError(f"--img-size {self.img_size} must be a positive multiple of 32, e.g. 416")
+        if not 0.0 <= self.freeze_bn_at <= 1.0:
+            raise QuantError(f"freeze_bn_at={self.freeze_bn_at} must be a fraction of the epochs in [0, 1]")
+
+
+def output_paths(job: QuantizeJob) -> dict[str, Path]:
+    out, bits = Path(job.out), _bits(job.config)
+    stem = f"{Path(job.cfg).stem}-q{bits}"
+    return {"cfg": out / f"{stem}.cfg", "weights": out / f"{stem}.weights", "quant_json": out / "quant.json",
+            "weights_int": out / "weights_int.npz", "onnx": out / "model-int8.onnx",
+            "onnx_fp32": out / "model-fp32.onnx"}
+
+
+def _bits(config: QuantConfig) -> int:
+    return getattr(config, "w_bits", getattr(config, "bits", 8))
+
+
+class QATHook(Hook):
+    """Freezes BN statistics (fold with running stats) after `freeze_at` of the epochs (Jacob et al.)."""
+
+    def __init__(self, freeze_at: float) -> None:
+        self.freeze_at = freeze_at
+
+    def on_epoch_end(self, state: Any, metrics: dict) -> None:
+        if state.epoch + 1 >= self.freeze_at * state.epochs:
+            freeze_bn(state.model)
+            metrics["bn_frozen"] = 1
+
+
+def _calibration_batches(spec: Any, img: int, job: QuantizeJob):
+    from ..data import make_loader
+
+    loader = make_loader(spec, img, job.batch_size, augment=False, workers=0, split="train")
+    return (imgs for imgs, *_ in itertools.islice(loader, job.calib_batches))
+
+
+def _qat(qmodel: torch.nn.Module, spec: Any, img: int, job: QuantizeJob, device: str) -> dict:
+    from ..train import TrainConfig, fit
+
+    tc = TrainConfig(epochs=job.epochs, batch_size=job.batch_size, img_size=img, lr0=job.lr0, optimizer="adam",
+                     warmup_epochs=0.0, ema=False, workers=0, progress=False, eval_every=max(job.epochs, 1))
+    result = fit(qmodel, spec, tc, hooks=[QATHook(job.freeze_bn_at)], device=device,
+                 out_dir=Path(job.out) / "qat")
+    return {"qat_epochs": result.epochs, "qat_final_loss": result.final_loss}
+
+
+def _evaluate(model_or_fn: Any, spec: Any, img: int, job: QuantizeJob, device: str) -> dict:
+    from ..evaluate import EvalConfig, evaluate
+
+    r = evaluate(model_or_fn, spec, EvalConfig(img_size=img, batch_size=job.batch_size, progress=False, workers=0),
+                 device)
+    return {"map50": r.map50, "map50_95": r.map50_95}
+
+
+def quantize(job: QuantizeJob, device: str = "cpu") -> dict:
+    """Run the job; returns the report figures (paths, mAPs, sizes, latencies)."""
+    from ..data import load_data_spec
+    from ..export import ExportConfig, export_onnx
+
+    paths = output_paths(job)
+    model = load(job.cfg, job.weights, device=device)
+    img = job.img_size or model.cfg.width
+    spec = load_data_spec(job.data)
+    qmodel = prepare_qat(model, job.config)
+    seen = calibrate(qmodel, _calibration_batches(spec, img, job), device)
+    figures: dict[str, Any] = {"method": job.config.method, "quant_config": config_to_dict(job.config),
+                               "calib_images": seen, "img_size": img}
+    if job.epochs:
+        figures.update(_qat(qmodel, spec, img, job, device))
+        qmodel.eval()
+    save(qmodel, paths["cfg"], paths["weights"])
+    write_quant_json(qmodel, paths["quant_json"], {"img_size": img, "source_cfg": str(job.cfg)})
+    write_int_weights(qmodel, paths["weights_int"])
+    export_qdq_onnx(qmodel, paths["onnx"], (img, img))
+    export_onnx(load(job.cfg, job.weights), paths["onnx_fp32"], ExportConfig(img_size=img, dynamic_batch=True,
+                                                                              opset=13))
+    figures.update({k: str(v) for k, v in paths.items()})
+    figures.update(size_mb_fp32=round(file_size_mb(job.weights), 4) if job.weights else None,
+                   size_mb_int8=round(file_size_mb(paths["weights_int"]), 4),
+                   size_mb=round(file_size_mb(paths["weights"]), 4),
+                   latency_ms_fp32_onnx=round(onnx_latency(paths["onnx_fp32"], (img, img), job.latency_runs,
+                                                           threads=job.threads), 3),
+                   latency_ms_int8_onnx=round(onnx_latency(paths["onnx"], (img, img), job.latency_runs,
+                                                           threads=job.threads), 3))
+    out_model = load(paths["cfg"], paths["weights"], device=device)
+    figures.update(_accuracy(model, qmodel, out_model, paths["onnx"], spec, img, job, device))
+    stage = stage_figures(out_model, paths["cfg"], paths["weights"], None, (img, img))
+    figures.update({k: v for k, v in stage.items() if k not in ("map50", "map50_95")})
+    return figures
+
+
+def _accuracy(model: torch.nn.Module, qmodel: torch.nn.Module, out_model: torch.nn.Module, onnx_path: os.PathLike,
+              spec: Any, img: int, job: QuantizeJob, device: str) -> dict:
+    """mAP of fp32, fake-quant (weights + activations), int8 ONNX and the written Darknet pair (weights on
+    the grid, float activations). `map50`/`map50_95` describe the written pair, as for every command."""
+    tags = ("fp32", "fakequant", "int8_onnx", "darknet")
+    if not job.evaluate:
+        return {f"map50{s}_{t}": None for t in tags for s in ("", "_95")} | {"map50": None, "map50_95": None}
+    out = {}
+    subjects = (model, qmodel, OnnxPredictor(onnx_path, job.threads), out_model)
+    for tag, subject in zip(tags, subjects):
+        r = _evaluate(subject, spec, img, job, device)
+        out[f"map50_{tag}"], out[f"map50_95_{tag}"] = r["map50"], r["map50_95"]
+        log.info("%s: mAP@0.5 %.4f, mAP@0.5:0.95 %.4f", tag, r["map50"], r["map50_95"])
+    out["map50"], out["map50_95"] = out["map50_darknet"], out["map50_95_darknet"]
+    return out

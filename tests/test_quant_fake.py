@@ -1,0 +1,129 @@
+"""Fake-quant primitives: exact levels, zero points, pow2 rounding, observers, configs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from compress.errors import QuantError
+from compress.quant.config import DorefaConfig, GoogleConfig, make_config
+from compress.quant.fake_quant import (ActQuant, affine_qparams, dorefa_weight, fake_quant, pow2_exponent, pow2_round,
+                                       round_ste, symmetric_weight)
+
+
+def test_round_ste_rounds_forward_and_passes_gradient():
+    x = torch.tensor([0.4, 0.5, 1.5, -2.6], requires_grad=True)
+    y = round_ste(x)
+    assert y.tolist() == [0.0, 0.0, 2.0, -3.0]  # half to even, like ONNX QuantizeLinear
+    y.sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_dorefa_weights_use_exactly_2_pow_k_levels(bits):
+    # dense weights spanning [-a, a] per channel, shuffled, so every level can be hit
+    w = torch.linspace(-1, 1, 4 * 4096)[torch.randperm(4 * 4096)].view(4, 1024, 2, 2)
+    w = w / w.abs().flatten(1).amax(1).view(-1, 1, 1, 1) * torch.tensor([0.2, 0.5, 1.0, 3.0]).view(-1, 1, 1, 1)
+    wq = dorefa_weight(w, bits, per_channel=True, pow2=False, rounding="ceil")
+    n = 2 ** bits - 1
+    for c in range(4):
+        codes = wq.codes[c].unique()
+        assert len(codes) == 2 ** bits
+        assert codes.tolist() == list(range(-n, n + 1, 2))  # odd integers, 2^k of them
+        assert len(wq.dequant[c].unique()) == 2 ** bits
+    torch.testing.assert_close(wq.dequant, wq.codes.float() * wq.qparams.scale.view(-1, 1, 1, 1))
+    # the grid spans the channel's range: the top level equals max|w|
+    torch.testing.assert_close(wq.dequant.flatten(1).amax(1), w.abs().flatten(1).amax(1))
+
+
+def test_dorefa_formula_matches_paper_grid():
+    w = torch.randn(2, 8, 1, 1)
+    k = 3
+    wq = dorefa_weight(w, k, per_channel=False, pow2=False, rounding="ceil")
+    t = torch.tanh(w)
+    u = t / (2 * t.abs().max()) + 0.5
+    paper = 2 * torch.round((2 ** k - 1) * u) / (2 ** k - 1) - 1  # in [-1, 1]
+    torch.testing.assert_close(wq.dequant, paper * w.abs().max())
+
+
+def test_dorefa_ste_gradient_flows():
+    w = torch.randn(3, 4, 3, 3, requires_grad=True)
+    dorefa_weight(w, 4, True, False, "ceil").dequant.sum().backward()
+    assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+
+
+def test_symmetric_weight_int8_range_and_exact_codes():
+    w = torch.randn(6, 3, 3, 3)
+    wq = symmetric_weight(w, 8, per_channel=True, pow2=False, rounding="ceil")
+    assert wq.codes.min() >= -127 and wq.codes.max() <= 127
+    assert (wq.codes.abs().flatten(1).amax(1) == 127).all()  # each channel uses its full range
+    s = w.abs().flatten(1).amax(1) / 127
+    torch.testing.assert_close(wq.qparams.scale, s)
+    torch.testing.assert_close(wq.dequant, torch.round(w / s.view(-1, 1, 1, 1)) * s.view(-1, 1, 1, 1))
+    assert (wq.dequant - w).abs().max() <= s.max() / 2 + 1e-7
+
+
+@given(lo=st.floats(-50, 0), span=st.floats(1e-3, 100), bits=st.integers(2, 8), pow2=st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_affine_zero_point_makes_zero_exact(lo, span, bits, pow2):
+    qp = affine_qparams(torch.tensor(lo), torch.tensor(lo + span), bits, pow2, "ceil")
+    assert float(qp.zero_point) == round(float(qp.zero_point))
+    assert qp.qmin <= float(qp.zero_point) <= qp.qmax
+    assert float(fake_quant(torch.tensor(0.0), qp.scale, qp.zero_point, qp.qmin, qp.qmax)) == 0.0
+    if pow2:  # ceil never clips: the whole observed range is representable
+        assert float(pow2_exponent(qp.scale)) == -torch.log2(qp.scale).item()
+        lo_rep = (qp.qmin - qp.zero_point) * qp.scale
+        hi_rep = (qp.qmax - qp.zero_point) * qp.scale
+        assert lo_rep <= min(lo, 0.0) + 1e-6 and hi_rep >= max(lo + span, 0.0) - 1e-6
+
+
+def test_affine_params_known_answer():
+    qp = affine_qparams(torch.tensor(-1.0), torch.tensor(3.0), 8, False, "ceil")
+    assert qp.scale.item() == pytest.approx(4 / 255)
+    assert qp.zero_point.item() == round(1.0 / (4 / 255))  # 63.75 -> 64
+    relu = affine_qparams(torch.tensor(0.0), torch.tensor(6.0), 8, False, "ceil")
+    assert relu.zero_point.item() == 0
+
+
+@given(st.floats(1e-6, 1e3))
+def test_pow2_ceil_never_shrinks_scale(s):
+    p = pow2_round(torch.tensor(s, dtype=torch.float64), "ceil")
+    assert p >= s * (1 - 1e-12) and p < 2 * s
+    n = torch.log2(p)
+    assert n == torch.round(n)
+
+
+def test_pow2_symmetric_weights_never_clip():
+    w = torch.randn(5, 4, 3, 3)
+    wq = symmetric_weight(w, 8, per_channel=True, pow2=True, rounding="ceil")
+    assert ((wq.codes.abs().flatten(1).amax(1)) <= 127).all()
+    torch.testing.assert_close(wq.dequant, w, atol=float(wq.qparams.scale.max()) / 2, rtol=0)
+    exps = pow2_exponent(wq.qparams.scale)
+    torch.testing.assert_close(wq.qparams.scale, torch.exp2(-exps.float()))
+
+
+def test_observer_updates_only_in_training_with_ema():
+    aq = ActQuant(8, momentum=0.1)
+    aq.train()
+    aq(torch.tensor([-1.0, 2.0]))
+    assert (aq.min_val.item(), aq.max_val.item()) == (-1.0, 2.0)  # first batch initialises
+    aq(torch.tensor([-3.0, 4.0]))
+    assert aq.min_val.item() == pytest.approx(-1.0 + 0.1 * (-3.0 + 1.0))
+    assert aq.max_val.item() == pytest.approx(2.0 + 0.1 * (4.0 - 2.0))
+    before = (aq.min_val.item(), aq.max_val.item())
+    aq.eval()
+    aq(torch.tensor([-100.0, 100.0]))
+    assert (aq.min_val.item(), aq.max_val.item()) == before
+
+
+def test_configs_validate_and_method_defaults_from_bits():
+    assert make_config(None, 4).method == "dorefa"
+    assert make_config(None, 8).method == "google"
+    assert make_config("google", 6).bits == 6
+    for bad in (lambda: DorefaConfig(w_bits=1), lambda: GoogleConfig(bits=9), lambda: DorefaConfig(a_bits=16),
+                lambda: GoogleConfig(pow2=True, bn_fold=False), lambda: make_config("int4", 4)):
+        with pytest.raises(QuantError):
+            bad()
+    with pytest.raises(Exception):
+        GoogleConfig().bits = 4  # frozen

@@ -1,0 +1,38 @@
+"""QAT through `compress.train.fit`: fake-quant model trains, observers move, BN freezes, export still exact."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress.cfg import read_cfg
+from compress.model import build_model
+from compress.quant import ActQuant, DorefaConfig, QConvBNAct, prepare_qat, to_darknet
+from compress.quant.pipeline import QATHook
+from compress.synth import synthesize
+
+from conftest import DEMO_CFG, randomize_bn
+
+train = pytest.importorskip("compress.train")
+
+
+def test_one_qat_epoch_updates_weights_observers_and_freezes_bn(tmp_path):
+    data = synthesize(tmp_path / "synth", n_train=8, n_valid=4, img_size=64)
+    from compress.data import load_data_spec
+    model = randomize_bn(build_model(read_cfg(DEMO_CFG)))
+    q = prepare_qat(model, DorefaConfig(w_bits=4, a_bits=8))
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    cfg = train.TrainConfig(epochs=1, batch_size=4, img_size=64, lr0=1e-3, optimizer="adam", warmup_epochs=0.0,
+                            ema=False, workers=0, progress=False, augment=False)
+    result = train.fit(q, load_data_spec(data), cfg, hooks=[QATHook(0.5)])
+    assert result.final_loss is not None and result.final_loss == result.final_loss  # finite, not NaN
+    after = q.state_dict()
+    conv = next(i for i, m in enumerate(q.layers) if isinstance(m, QConvBNAct) and m.spec.w_scheme == "dorefa")
+    assert not torch.equal(before[f"layers.{conv}.conv.weight"], after[f"layers.{conv}.conv.weight"])
+    observers = [m for m in q.modules() if isinstance(m, ActQuant) and not m.fixed]
+    assert all(bool(m.initialized) for m in observers)  # every observer saw training batches
+    assert all(bool(m.bn_frozen) for m in q.modules() if isinstance(m, QConvBNAct))  # the hook froze BN
+    q.eval()
+    dk = to_darknet(q)
+    for i, m in enumerate(q.layers):
+        if isinstance(m, QConvBNAct):
+            torch.testing.assert_close(dk.layers[i].conv.weight, m.folded().weight)
