@@ -139,9 +139,7 @@ class SparseTrainJob:
     data: str
     out: str
     sparsity: SparsityConfig = SparsityConfig()
-    epochs: int = 100
-    batch_size: int = 16
-    img_size: int = 416
+    train: "TrainConfig | None" = None  # default: TrainConfig() at the cfg's size
     device: str = "cpu"
 
 
@@ -156,14 +154,15 @@ def run_sparse_train(job: SparseTrainJob) -> dict:
     from .train import TrainConfig
     model = load(job.cfg, job.weights, device=job.device)
     out = Path(job.out)
-    train_config = TrainConfig(epochs=job.epochs, batch_size=job.batch_size, img_size=job.img_size, progress=False)
+    train_config = job.train or TrainConfig(img_size=model.cfg.width, progress=False)
     result, summary = sparse_train(model, load_data_spec(job.data), job.sparsity, train_config, job.device, out)
     final = load(result.last_cfg, result.last_weights) if result.last_weights else model
     cfg_out, weights_out = out / f"{Path(job.cfg).stem}-sparse.cfg", out / f"{Path(job.cfg).stem}-sparse.weights"
     save(final, cfg_out, weights_out)
-    report = {**stage_figures(final, cfg_out, weights_out, result.metrics, (job.img_size, job.img_size)),
+    size = (train_config.img_size, train_config.img_size)
+    report = {**stage_figures(final, cfg_out, weights_out, result.metrics, size),
               **{k: v for k, v in summary.items() if k != "history"}, "s": job.sparsity.s,
-              "prune": job.sparsity.mode, "s_schedule": job.sparsity.schedule, "epochs": job.epochs,
+              "prune": job.sparsity.mode, "s_schedule": job.sparsity.schedule, "epochs": train_config.epochs,
               "gamma_history": summary["history"]}
     write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     return report

@@ -69,3 +69,42 @@ def check_not_input(out_paths: list[str | Path], in_paths: list[str | Path | Non
 
 def echo_table(text: str) -> None:
     click.echo(text)
+
+
+FIT_OPTION_NAMES = ("epochs", "batch_size", "img_size", "lr0", "optimizer", "warmup_epochs", "workers", "seed")
+
+
+def fit_options(epochs: int = 100, lr0: float = 0.01, optimizer: str = "sgd", warmup_epochs: float = 3.0) -> Callable:
+    """The training-loop options shared by train, sparse-train and distill (defaults differ per command)."""
+    from ..train.optim import OPTIMIZERS
+
+    options = [
+        click.option("--epochs", default=epochs, show_default=True, type=click.IntRange(1)),
+        click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1),
+                     help="Total over processes."),
+        click.option("--img-size", type=click.IntRange(32), help="Square training size (multiple of 32); "
+                     "default: the cfg's."),
+        click.option("--lr0", default=lr0, show_default=True, type=click.FloatRange(0, min_open=True)),
+        click.option("--optimizer", default=optimizer, show_default=True, type=click.Choice(sorted(OPTIMIZERS))),
+        click.option("--warmup-epochs", default=warmup_epochs, show_default=True, type=click.FloatRange(0),
+                     help="Epochs of linear lr warm-up."),
+        click.option("--workers", default=2, show_default=True, type=click.IntRange(0),
+                     help="Data-loading processes."),
+        click.option("--seed", default=0, show_default=True, type=int),
+    ]
+
+    def deco(f: Callable) -> Callable:
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return deco
+
+
+def fit_config(cfg_path: str, opts: dict, **extra: Any):
+    """Pop the fit_options from a command's kwargs and build the TrainConfig (img size defaults to the cfg's)."""
+    from ..cfg import read_cfg
+    from ..train import TrainConfig
+
+    values = {k: opts.pop(k) for k in FIT_OPTION_NAMES}
+    values["img_size"] = values["img_size"] or read_cfg(cfg_path).width
+    return TrainConfig(**values, **extra)

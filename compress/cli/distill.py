@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -9,9 +10,9 @@ from ..data import load_data_spec
 from ..distill import STRATEGIES, DistillConfig, DistillResult, distill, parse_pairs
 from ..persist import load
 from ..report import format_stage_table
-from ..train import TrainConfig
 from . import cli
-from .common import check_not_input, device_option, model_options, out_option, report_option, write_report
+from .common import (check_not_input, device_option, fit_config, fit_options, model_options, out_option,
+                     report_option, write_report)
 
 ROWS = [("run", "run"), ("map50", "mAP@0.5"), ("map50_95", "mAP@0.5:0.95")]
 
@@ -27,31 +28,25 @@ ROWS = [("run", "run"), ("map50", "mAP@0.5"), ("map50_95", "mAP@0.5:0.95")]
 @click.option("--kd", "--KDstr", "kd", type=click.Choice([str(k) for k in sorted(STRATEGIES)]), default="3",
               show_default=True, help="1 logits, 2 +teacher-bounded box, 3 +box mimic, 4 +attention, 5 +GT-masked.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True)
-@click.option("--epochs", type=click.IntRange(1), default=30, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
-@click.option("--img-size", type=click.IntRange(32), help="Training size (multiple of 32); default: the cfg's.")
-@click.option("--lr0", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True)
+@fit_options(epochs=30)
 @click.option("--baseline", is_flag=True, help="Also train without KD (same epochs and seed) and report both.")
 @click.option("--pairs", help="Feature pairs 'student:teacher,...' for --kd 4/5 (default: one per stride).")
 @click.option("--w-soft", type=click.FloatRange(0), help="Logit-KD weight (default: the strategy's reference).")
 @click.option("--w-box", type=click.FloatRange(0), help="Box-KD weight (default: the strategy's reference).")
 @click.option("--w-feat", type=click.FloatRange(0), help="Feature-KD weight (default: the strategy's reference).")
 @click.option("--reference-kd1", is_flag=True, help="--kd 1 softmaxes box logits too, like the reference.")
-@click.option("--seed", type=int, default=0, show_default=True)
 @device_option
 @report_option
 def distill_command(cfg: str, weights: str | None, t_cfg: str, t_weights: str, data: str, out: str, kd: str,
-                    temperature: float, epochs: int, batch_size: int, img_size: int | None, lr0: float,
-                    baseline: bool, pairs: str | None, w_soft: float | None, w_box: float | None,
-                    w_feat: float | None, reference_kd1: bool, seed: int, device: str,
-                    report_path: str | None) -> None:
+                    temperature: float, baseline: bool, pairs: str | None, w_soft: float | None,
+                    w_box: float | None, w_feat: float | None, reference_kd1: bool, device: str,
+                    report_path: str | None, **fit: Any) -> None:
     """Fine-tune --cfg/--weights with a --t_cfg/--t_weights teacher; writes OUT/distilled.cfg/.weights."""
     check_not_input([Path(out) / "distilled.cfg", Path(out) / "distilled.weights"], [cfg, weights, t_cfg, t_weights])
     config = DistillConfig(strategy=int(kd), temperature=temperature, w_soft=w_soft, w_box=w_box, w_feat=w_feat,
                            pairs=parse_pairs(pairs), baseline=baseline, reference_kd1=reference_kd1)
     student, teacher = load(cfg, weights, device=device), load(t_cfg, t_weights, device=device)
-    train = TrainConfig(epochs=epochs, batch_size=batch_size, img_size=img_size or student.cfg.width, lr0=lr0,
-                        seed=seed)
+    train = fit_config(cfg, fit)
     result = distill(student, teacher, load_data_spec(data), config, train, device, out)
     _echo(result)
     figures = result.to_dict()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 from tabulate import tabulate
@@ -10,7 +11,7 @@ from tabulate import tabulate
 from ..prune import METHODS, PruneConfig
 from ..report import format_stage_table
 from . import cli
-from .common import device_option, model_options, out_option, report_option, write_report
+from .common import device_option, fit_config, fit_options, model_options, out_option, report_option, write_report
 
 _ROWS = [("params", "params"), ("gflops", "GFLOPs"), ("size_mb", "weights MB"), ("latency_ms", "CPU latency ms"),
          ("map50", "mAP@.5"), ("map50_95", "mAP@.5:.95")]
@@ -67,18 +68,15 @@ def prune_command(cfg: str, weights: str | None, out: str, method: str, percent:
 @click.option("--prune", "mode", type=click.IntRange(0, 2), default=0, show_default=True,
               help="Layer set: 0 normal/regular, 1 shortcut/slim, 2 layer pruning.")
 @click.option("--s-schedule", type=click.Choice(["constant", "step", "relax"]), default="constant", show_default=True)
-@click.option("--epochs", type=click.IntRange(1), default=100, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
-@click.option("--img-size", type=click.IntRange(32, 4096), default=416, show_default=True)
+@fit_options()
 @device_option
 @report_option
 def sparse_train_command(cfg: str, weights: str | None, data: str, out: str, s: float, sr_flag: bool, mode: int,
-                         s_schedule: str, epochs: int, batch_size: int, img_size: int, device: str,
-                         report_path: str | None) -> None:
+                         s_schedule: str, device: str, report_path: str | None, **fit: Any) -> None:
     """Train with an L1 penalty on BN gammas (network slimming) so that `prune` can cut channels."""
     from ..sparsity import SparseTrainJob, SparsityConfig, run_sparse_train
     job = SparseTrainJob(cfg, weights, data, out, SparsityConfig(s=s, mode=mode, schedule=s_schedule),
-                         epochs=epochs, batch_size=batch_size, img_size=img_size, device=device)
+                         fit_config(cfg, fit, progress=False), device=device)
     report = run_sparse_train(job)
     click.echo(format_stage_table([report], [("params", "params"), ("gflops", "GFLOPs"), ("map50", "mAP@.5"),
                                              ("suggested_max_percent", "max safe --percent")]))

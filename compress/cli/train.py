@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ..report import format_stage_table
-from ..train import DistConfig, TrainConfig, train_model
-from ..train.optim import OPTIMIZERS, SCHEDULERS
+from ..train import DistConfig, train_model
+from ..train.optim import SCHEDULERS
 from . import cli
-from .common import check_not_input, device_option, model_options, out_option, report_option, write_report
+from .common import (check_not_input, device_option, fit_config, fit_options, model_options, out_option,
+                     report_option, write_report)
 
 TABLE_KEYS = [("epochs", "epochs"), ("final_loss", "final loss"), ("map50", "mAP@0.5"),
               ("map50_95", "mAP@0.5:0.95"), ("params", "params"), ("gflops", "GFLOPs"), ("size_mb", "MB"),
@@ -32,43 +34,27 @@ def dist_from_env(device: str) -> tuple[DistConfig | None, str]:
 @model_options()
 @click.option("--data", required=True, type=click.Path(exists=True), help="Darknet .data file or image folder.")
 @out_option(help="Output directory: best/last .cfg+.weights, last.pt, results.csv/png, report.json.")
-@click.option("--epochs", default=100, show_default=True, type=click.IntRange(1))
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1), help="Total over processes.")
-@click.option("--img-size", type=click.IntRange(32), help="Square training size (multiple of 32); default: cfg's.")
-@click.option("--lr0", default=0.01, show_default=True, type=click.FloatRange(0, min_open=True))
-@click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(sorted(OPTIMIZERS)))
+@fit_options()
 @click.option("--scheduler", default="cosine", show_default=True, type=click.Choice(sorted(SCHEDULERS)))
 @device_option
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="Data-loading processes.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out from last.pt.")
 @click.option("--no-ema", is_flag=True, help="Save/evaluate the raw weights instead of their moving average.")
 @click.option("--amp", is_flag=True, help="Mixed precision (CUDA only; ignored on CPU).")
 @click.option("--accumulate", default=1, show_default=True, type=click.IntRange(1), help="Batches per step.")
 @click.option("--no-augment", is_flag=True, help="Train on letterboxed images only.")
-@click.option("--warmup-epochs", default=3.0, show_default=True, type=click.FloatRange(0),
-              help="Epochs of linear lr warm-up.")
 @click.option("--eval-every", default=1, show_default=True, type=click.IntRange(1), help="Epochs between evals.")
-@click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--cutoff", type=click.IntRange(1), help="Load weights of the first N layers only (transfer).")
 @report_option
-def train_command(cfg: str, weights: str | None, data: str, out: str, epochs: int, batch_size: int,
-                  img_size: int | None, lr0: float, optimizer: str, scheduler: str, device: str, workers: int,
-                  resume: bool, no_ema: bool, amp: bool, accumulate: int, no_augment: bool, warmup_epochs: float,
-                  eval_every: int, seed: int, cutoff: int | None, report_path: str | None) -> None:
+def train_command(cfg: str, weights: str | None, data: str, out: str, scheduler: str, device: str, resume: bool,
+                  no_ema: bool, amp: bool, accumulate: int, no_augment: bool, eval_every: int, cutoff: int | None,
+                  report_path: str | None, **fit: Any) -> None:
     """Train or fine-tune a Darknet model; the best model (by mAP@0.5) is OUT/best.cfg + best.weights."""
     check_not_input([Path(out) / f"{n}.{e}" for n in ("best", "last") for e in ("cfg", "weights")], [cfg, weights])
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, img_size=img_size or _cfg_size(cfg), lr0=lr0,
-                         optimizer=optimizer, scheduler=scheduler, workers=workers, resume=resume, ema=not no_ema,
-                         amp=amp, accumulate=accumulate, augment=not no_augment, warmup_epochs=warmup_epochs,
-                         eval_every=eval_every, seed=seed)
+    config = fit_config(cfg, fit, scheduler=scheduler, resume=resume, ema=not no_ema, amp=amp,
+                        accumulate=accumulate, augment=not no_augment, eval_every=eval_every)
     dist, device = dist_from_env(device)
     result, report = train_model(cfg, weights, data, config, out, device, cutoff, dist)
     if report:
         click.echo(format_stage_table([report], TABLE_KEYS))
         write_report(report_path, report)
 
-
-def _cfg_size(cfg: str) -> int:
-    from ..cfg import read_cfg
-
-    return read_cfg(cfg).width

@@ -136,7 +136,8 @@ class _Trainer:
         n_warmup = round(cfg.warmup_epochs * nb)
         target_lr = cfg.lr0 * lr_factor(cfg.scheduler, epoch, cfg.epochs, cfg.lrf)
         sums: dict[str, float] = {}
-        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and self.main),
+        show = cfg.progress and self.main
+        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if show else True,  # None: TTY only
                    leave=False)
         for i, (imgs, targets, _, _) in enumerate(bar):
             it = epoch * nb + i
