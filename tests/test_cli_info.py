@@ -95,7 +95,7 @@ def test_info_bad_cfg_is_one_error_line(tmp_path: Path, capsys) -> None:
     bad.write_text("[net]\nwidth=64\n\n[convolutional]\nfilters=abc\nsize=3\n")
     code, out, err = _run(["info", "--cfg", str(bad)], capsys)
     assert code == 1
-    assert err.splitlines() == [f"Error: {bad}:4: [convolutional] filters='abc' is not an integer; "
+    assert err.splitlines() == [f"Error: {bad}:5: [convolutional] filters='abc' is not an integer; "
                                 "fix the value in the cfg"]
     assert "Traceback" not in err + out
     bad.write_text("[net]\n[upsample]\n[reorg]\nstride=2\n")

@@ -1,0 +1,126 @@
+"""Box geometry: format conversions, IoU variants and non-maximum suppression (pure torch)."""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+
+__all__ = ["xywh2xyxy", "xyxy2xywh", "box_area", "box_iou", "bbox_iou", "nms", "batched_nms", "non_max_suppression"]
+
+IoUKind = Literal["iou", "giou", "diou", "ciou"]
+
+
+def xywh2xyxy(x: torch.Tensor) -> torch.Tensor:
+    """(..., 4) centre x, centre y, width, height -> x1, y1, x2, y2."""
+    out = x.clone()
+    out[..., 0] = x[..., 0] - x[..., 2] / 2
+    out[..., 1] = x[..., 1] - x[..., 3] / 2
+    out[..., 2] = x[..., 0] + x[..., 2] / 2
+    out[..., 3] = x[..., 1] + x[..., 3] / 2
+    return out
+
+
+def xyxy2xywh(x: torch.Tensor) -> torch.Tensor:
+    """(..., 4) x1, y1, x2, y2 -> centre x, centre y, width, height."""
+    out = x.clone()
+    out[..., 0] = (x[..., 0] + x[..., 2]) / 2
+    out[..., 1] = (x[..., 1] + x[..., 3]) / 2
+    out[..., 2] = x[..., 2] - x[..., 0]
+    out[..., 3] = x[..., 3] - x[..., 1]
+    return out
+
+
+def box_area(b: torch.Tensor) -> torch.Tensor:
+    """Area of (..., 4) xyxy boxes (0 for degenerate boxes)."""
+    return (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
+    """Pairwise IoU of xyxy boxes: (N, 4) x (M, 4) -> (N, M)."""
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    return inter / (box_area(a)[:, None] + box_area(b)[None, :] - inter + eps)
+
+
+def bbox_iou(a: torch.Tensor, b: torch.Tensor, kind: IoUKind = "ciou", eps: float = 1e-7) -> torch.Tensor:
+    """Elementwise IoU / GIoU / DIoU / CIoU of broadcastable (..., 4) xywh boxes -> (...)."""
+    a1, b1 = xywh2xyxy(a), xywh2xyxy(b)
+    iw = (torch.minimum(a1[..., 2], b1[..., 2]) - torch.maximum(a1[..., 0], b1[..., 0])).clamp(min=0)
+    ih = (torch.minimum(a1[..., 3], b1[..., 3]) - torch.maximum(a1[..., 1], b1[..., 1])).clamp(min=0)
+    inter = iw * ih
+    union = a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter + eps
+    iou = inter / union
+    if kind == "iou":
+        return iou
+    cw = torch.maximum(a1[..., 2], b1[..., 2]) - torch.minimum(a1[..., 0], b1[..., 0])
+    ch = torch.maximum(a1[..., 3], b1[..., 3]) - torch.minimum(a1[..., 1], b1[..., 1])
+    if kind == "giou":
+        c_area = cw * ch + eps
+        return iou - (c_area - union) / c_area
+    c2 = cw ** 2 + ch ** 2 + eps
+    rho2 = (a[..., 0] - b[..., 0]) ** 2 + (a[..., 1] - b[..., 1]) ** 2
+    if kind == "diou":
+        return iou - rho2 / c2
+    if kind != "ciou":
+        raise ValueError(f"bbox_iou kind must be iou|giou|diou|ciou, got {kind!r}")
+    v = (4 / math.pi ** 2) * (torch.atan(a[..., 2] / (a[..., 3] + eps))
+                              - torch.atan(b[..., 2] / (b[..., 3] + eps))) ** 2
+    with torch.no_grad():
+        alpha = v / (v - iou + 1).clamp(min=eps)  # clamp: no 0/0 for identical boxes
+    return iou - (rho2 / c2 + v * alpha)
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float, chunk: int = 1024) -> torch.Tensor:
+    """Greedy NMS of xyxy boxes. Returns kept indices by decreasing score (like torchvision.ops.nms).
+
+    The pairwise overlap matrix is built in row chunks (N*N bytes); the greedy pass runs on it in numpy.
+    """
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    order = scores.argsort(descending=True)
+    b = boxes[order].float()
+    over = torch.cat([box_iou(b[k:k + chunk], b) > iou for k in range(0, len(b), chunk)]).cpu().numpy()
+    alive = np.ones(len(b), dtype=bool)
+    for i in range(len(b)):
+        if alive[i]:
+            alive[i + 1:] &= ~over[i, i + 1:]
+    return order[torch.from_numpy(alive).to(boxes.device)]
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou: float) -> torch.Tensor:
+    """NMS within each class (boxes of different classes never suppress each other).
+
+    Equivalent to offsetting each class's boxes far apart and running `nms` once, but runs one small
+    overlap matrix per class instead of one large one. Returns kept indices by decreasing score.
+    """
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    keep = [idx[nms(boxes[idx], scores[idx], iou)] for c in classes.unique()
+            for idx in [(classes == c).nonzero(as_tuple=True)[0]]]
+    keep = torch.cat(keep)
+    return keep[scores[keep].argsort(descending=True)]
+
+
+def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres: float = 0.45,
+                        max_det: int = 300, max_nms: int = 10000) -> list[torch.Tensor]:
+    """Eval-mode model output (N, B, 5+C) -> per image (n, 6) x1, y1, x2, y2, conf, cls.
+
+    conf = objectness * class score; one box per (anchor, class) above `conf_thres` (multi-label).
+    Classes are suppressed separately (`batched_nms`). Boxes stay in the model's input pixels.
+    """
+    out = []
+    for p in pred.detach():
+        p = p[p[:, 4] > conf_thres]
+        scores = p[:, 5:] * p[:, 4:5]
+        i, j = (scores > conf_thres).nonzero(as_tuple=True)
+        conf = scores[i, j]
+        if len(conf) > max_nms:
+            top = conf.topk(max_nms).indices
+            i, j, conf = i[top], j[top], conf[top]
+        boxes = xywh2xyxy(p[i, :4])
+        keep = batched_nms(boxes, conf, j, iou_thres)[:max_det]
+        out.append(torch.cat((boxes[keep], conf[keep, None], j[keep, None].to(boxes.dtype)), 1))
+    return out
