@@ -53,12 +53,15 @@ class Block:
     def _bad(self, key: str, value: str, kind: str) -> CfgError:
         return CfgError(f"{self.where(key)}: [{self.type}] {key}={value!r} is not {kind}; fix the value in the cfg")
 
+    def _default(self, key: str, default):
+        if default is None:
+            raise CfgError(f"{self.where()}: [{self.type}] needs `{key}=`; add it to the cfg")
+        return default
+
     def get_int(self, key: str, default: int | None = None) -> int:
         raw = self.get(key)
         if raw is None:
-            if default is None:
-                raise CfgError(f"{self.where()}: [{self.type}] needs `{key}=`; add it to the cfg")
-            return default
+            return self._default(key, default)
         try:
             return int(raw)
         except ValueError:
@@ -73,9 +76,7 @@ class Block:
     def get_float(self, key: str, default: float | None = None) -> float:
         raw = self.get(key)
         if raw is None:
-            if default is None:
-                raise CfgError(f"{self.where()}: [{self.type}] needs `{key}=`; add it to the cfg")
-            return default
+            return self._default(key, default)
         try:
             return float(raw)
         except ValueError:
@@ -84,9 +85,7 @@ class Block:
     def get_ints(self, key: str, default: tuple[int, ...] | None = None) -> tuple[int, ...]:
         raw = self.get(key)
         if raw is None:
-            if default is None:
-                raise CfgError(f"{self.where()}: [{self.type}] needs `{key}=`; add it to the cfg")
-            return default
+            return self._default(key, default)
         try:
             return tuple(int(p) for p in raw.split(",") if p.strip())
         except ValueError:
@@ -95,9 +94,7 @@ class Block:
     def get_floats(self, key: str, default: tuple[float, ...] | None = None) -> tuple[float, ...]:
         raw = self.get(key)
         if raw is None:
-            if default is None:
-                raise CfgError(f"{self.where()}: [{self.type}] needs `{key}=`; add it to the cfg")
-            return default
+            return self._default(key, default)
         try:
             return tuple(float(p) for p in raw.split(",") if p.strip())
         except ValueError:

@@ -136,7 +136,7 @@ def file_size_mb(*paths: str | os.PathLike | None) -> float:
 def format_stage_table(rows: list[dict], keys: list[tuple[str, str]]) -> str:
     """Tabulate stage dicts; `keys` = [(dict key, column header)]; missing figures print as '-'."""
     body = [[_fmt(r.get(k)) for k, _ in keys] for r in rows]
-    return tabulate(body, headers=[h for _, h in keys], tablefmt="github")
+    return tabulate(body, headers=[h for _, h in keys], tablefmt="github", disable_numparse=True)  # pre-formatted
 
 
 def _fmt(v: object) -> str:
