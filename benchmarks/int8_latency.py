@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from compress.export import ExportConfig, export_onnx
 from compress.fileio import write_text_atomic
 from compress.quant import GoogleConfig, calibrate, prepare_qat
 from compress.quant.onnx_qdq import export_qdq_onnx, onnx_latency, optimized_op_counts
+
+ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 
 
 def _batches(data: str | None, img: int, n: int):
@@ -46,8 +49,8 @@ def _per_channel(path: Path) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cfg", required=True)
-    ap.add_argument("--weights", required=True)
+    ap.add_argument("--cfg", default=str(ASSETS / "weights" / "yolov4-tiny.cfg"))
+    ap.add_argument("--weights", default=str(ASSETS / "weights" / "yolov4-tiny.weights"))
     ap.add_argument("--data", help="calibration data (.data or image folder); default random images")
     ap.add_argument("--img-size", type=int, default=416)
     ap.add_argument("--runs", type=int, default=30)
