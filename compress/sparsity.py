@@ -121,13 +121,14 @@ class BNL1Hook(Hook):
 
 
 def sparse_train(model: DarknetModel, data_spec, config: SparsityConfig, train_config, device="cpu",
-                 out_dir: str | Path | None = None) -> tuple[object, dict]:
+                 out_dir: str | Path | None = None, distributed=None) -> tuple[object, dict]:
     """`fit()` plus a `BNL1Hook` on the mode's layer set. Returns (TrainResult, sparsity summary)."""
     from .train import fit
     hook = BNL1Hook(config, sparsity_layers(model, config.mode))
     if not hook.layers:
         raise PruneError(f"--prune {config.mode}: this cfg has no BN conv in that prune set; try --prune 1")
-    result = fit(model, data_spec, train_config, hooks=[hook], device=device, out_dir=out_dir)
+    result = fit(model, data_spec, train_config, hooks=[hook], device=device, out_dir=out_dir,
+                 distributed=distributed)
     return result, hook.summary(model)
 
 
@@ -141,6 +142,7 @@ class SparseTrainJob:
     sparsity: SparsityConfig = SparsityConfig()
     train: "TrainConfig | None" = None  # default: TrainConfig() at the cfg's size
     device: str = "cpu"
+    distributed: object = None          # a compress.train.DistConfig under torchrun
 
 
 def run_sparse_train(job: SparseTrainJob) -> dict:
@@ -155,7 +157,10 @@ def run_sparse_train(job: SparseTrainJob) -> dict:
     model = load(job.cfg, job.weights, device=job.device)
     out = Path(job.out)
     train_config = job.train or TrainConfig(img_size=model.cfg.width, progress=False)
-    result, summary = sparse_train(model, load_data_spec(job.data), job.sparsity, train_config, job.device, out)
+    result, summary = sparse_train(model, load_data_spec(job.data), job.sparsity, train_config, job.device, out,
+                                   job.distributed)
+    if job.distributed is not None and job.distributed.rank != 0:
+        return {}  # rank 0 writes the pair and the report
     final = load(result.last_cfg, result.last_weights) if result.last_weights else model
     cfg_out, weights_out = out / f"{Path(job.cfg).stem}-sparse.cfg", out / f"{Path(job.cfg).stem}-sparse.weights"
     save(final, cfg_out, weights_out)

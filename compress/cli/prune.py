@@ -75,9 +75,13 @@ def sparse_train_command(cfg: str, weights: str | None, data: str, out: str, s: 
                          s_schedule: str, device: str, report_path: str | None, **fit: Any) -> None:
     """Train with an L1 penalty on BN gammas (network slimming) so that `prune` can cut channels."""
     from ..sparsity import SparseTrainJob, SparsityConfig, run_sparse_train
+    from .train import dist_from_env
+    dist, device = dist_from_env(device)
     job = SparseTrainJob(cfg, weights, data, out, SparsityConfig(s=s, mode=mode, schedule=s_schedule),
-                         fit_config(cfg, fit, progress=False), device=device)
+                         fit_config(cfg, fit, progress=False), device=device, distributed=dist)
     report = run_sparse_train(job)
+    if not report:
+        return
     click.echo(format_stage_table([report], [("params", "params"), ("gflops", "GFLOPs"), ("map50", "mAP@.5"),
                                              ("suggested_max_percent", "max safe --percent")]))
     click.echo(json.dumps(report["gamma"], indent=None))
