@@ -19,7 +19,7 @@ from compress.weights import write_weights
 
 from conftest import ASSETS, DATA, randomize_bn
 
-cv2 = pytest.importorskip("cv2")
+import cv2
 if not hasattr(cv2, "dnn") or not hasattr(cv2.dnn, "readNetFromDarknet"):
     pytest.skip("this OpenCV has no readNetFromDarknet (use opencv-python-headless<5)", allow_module_level=True)
 

@@ -11,7 +11,7 @@ import torch
 import compress
 from compress.prune import PruneConfig, prune
 
-cv2 = pytest.importorskip("cv2")
+import cv2
 if not hasattr(cv2, "dnn") or not hasattr(cv2.dnn, "readNetFromDarknet"):
     pytest.skip("this OpenCV has no readNetFromDarknet", allow_module_level=True)
 

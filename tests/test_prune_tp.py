@@ -12,7 +12,7 @@ from compress.prune.tp import build_dependency_graph
 
 from conftest import DATA
 
-tp = pytest.importorskip("torch_pruning")
+import torch_pruning as tp
 
 
 def _tp_conv_groups(model) -> set[tuple[int, ...]]:
