@@ -215,6 +215,15 @@ class ECA(nn.Module):
         return [self.conv.weight]
 
 
+def _grid_and_stride(p: torch.Tensor, img_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cell offsets (H, W, 2) as (x, y) and the (x, y) stride in input pixels of a (N, A, H, W, .) head map."""
+    h, w = p.shape[2], p.shape[3]
+    stride = torch.tensor([img_hw[1] / w, img_hw[0] / h], device=p.device, dtype=p.dtype)
+    gy, gx = torch.meshgrid(torch.arange(h, device=p.device, dtype=p.dtype),
+                            torch.arange(w, device=p.device, dtype=p.dtype), indexing="ij")
+    return torch.stack((gx, gy), -1), stride
+
+
 class YOLOLayer(nn.Module):
     """[yolo] head. Raw output (N, A, H, W, 5+C); decoded output (N, A*H*W, 5+C) in input pixels."""
 
@@ -239,10 +248,7 @@ class YOLOLayer(nn.Module):
 
     def decode(self, p: torch.Tensor, img_hw: tuple[int, int]) -> torch.Tensor:
         n, a, h, w, _ = p.shape
-        stride = torch.tensor([img_hw[1] / w, img_hw[0] / h], device=p.device, dtype=p.dtype)
-        gy, gx = torch.meshgrid(torch.arange(h, device=p.device, dtype=p.dtype),
-                                torch.arange(w, device=p.device, dtype=p.dtype), indexing="ij")
-        grid = torch.stack((gx, gy), -1)
+        grid, stride = _grid_and_stride(p, img_hw)
         anchors = self.anchors.to(p.dtype).view(1, a, 1, 1, 2)
         s = self.scale_x_y
         if self.new_coords:  # scaled-YOLOv4: the conv already applied logistic
@@ -275,10 +281,8 @@ class RegionLayer(YOLOLayer):
 
     def decode(self, p: torch.Tensor, img_hw: tuple[int, int]) -> torch.Tensor:
         n, a, h, w, _ = p.shape
-        stride = torch.tensor([img_hw[1] / w, img_hw[0] / h], device=p.device, dtype=p.dtype)
-        gy, gx = torch.meshgrid(torch.arange(h, device=p.device, dtype=p.dtype),
-                                torch.arange(w, device=p.device, dtype=p.dtype), indexing="ij")
-        xy = (torch.sigmoid(p[..., :2]) + torch.stack((gx, gy), -1)) * stride
+        grid, stride = _grid_and_stride(p, img_hw)
+        xy = (torch.sigmoid(p[..., :2]) + grid) * stride
         wh = torch.exp(p[..., 2:4]) * self.anchors.to(p.dtype).view(1, a, 1, 1, 2) * stride
         obj = torch.sigmoid(p[..., 4:5])
         cls = torch.softmax(p[..., 5:], -1)

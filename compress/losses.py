@@ -31,7 +31,8 @@ from torch import nn
 from .boxes import bbox_iou
 from .errors import CompressError
 
-__all__ = ["LossConfig", "YoloLoss", "HeadTargets", "build_targets", "head_strides", "init_head_biases"]
+__all__ = ["LossConfig", "YoloLoss", "decode_cell_boxes", "HeadTargets", "build_targets", "head_strides",
+           "init_head_biases"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,18 @@ def build_targets(heads: Sequence[torch.Tensor], targets: torch.Tensor, model: n
     return out
 
 
+MAX_LOG_WH = 8.0  # clamp t_wh before exp(): e^8 anchors is far beyond any image, and exp() cannot overflow
+
+
+def decode_cell_boxes(ps: torch.Tensor, anchors: torch.Tensor, s: float = 1.0) -> torch.Tensor:
+    """The model's box formula (`YOLOLayer.decode`) for (n, >=4) raw predictions at known cells, in grid units
+    relative to the cell: (sigmoid(t_xy) * s - (s - 1) / 2, exp(t_wh) * anchors). Shared by the detection loss
+    and the distillation box terms."""
+    xy = torch.sigmoid(ps[:, :2]) * s - (s - 1) / 2
+    wh = torch.exp(ps[:, 2:4].clamp(max=MAX_LOG_WH)) * anchors
+    return torch.cat((xy, wh), 1)
+
+
 class YoloLoss:
     """`loss(heads, targets, img_hw) -> (total, parts)`; parts = {"box", "obj", "cls"} (detached, after gains,
     before the batch-size factor). Raises CompressError for heads it cannot train (new_coords=1)."""
@@ -126,7 +139,7 @@ class YoloLoss:
             tobj = torch.zeros(p.shape[:4], device=device)
             if len(tg.b):
                 ps = p[tg.b, tg.a, tg.gy, tg.gx]
-                iou = bbox_iou(self._decode(ps, tg.anchors, layer.scale_x_y), tg.tbox, kind=hyp.iou_kind)
+                iou = bbox_iou(decode_cell_boxes(ps, tg.anchors, layer.scale_x_y), tg.tbox, kind=hyp.iou_kind)
                 lbox = lbox + (1.0 - iou).mean()
                 tobj[tg.b, tg.a, tg.gy, tg.gx] = iou.detach().clamp(0).to(tobj.dtype)
                 if self.nc > 1:
@@ -142,12 +155,6 @@ class YoloLoss:
         parts = {"box": lbox.detach(), "obj": lobj.detach(), "cls": lcls.detach()}
         return (lbox + lobj + lcls) * bs, parts
 
-    @staticmethod
-    def _decode(ps: torch.Tensor, anchors: torch.Tensor, s: float) -> torch.Tensor:
-        """The model's box formula, in grid units relative to the positive cell."""
-        xy = torch.sigmoid(ps[:, :2]) * s - (s - 1) / 2
-        wh = torch.exp(ps[:, 2:4]).clamp(max=1e3) * anchors
-        return torch.cat((xy, wh), 1)
 
     def _balance(self, heads: Sequence[torch.Tensor], img_hw: tuple[int, int]) -> list[float]:
         """Objectness weight per head, assigned by stride (finest first), returned in head order."""

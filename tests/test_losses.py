@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compress import CompressError, build_model, parse_cfg
-from compress.losses import LossConfig, YoloLoss, build_targets, init_head_biases
+from compress.losses import LossConfig, YoloLoss, build_targets, decode_cell_boxes, init_head_biases
 from conftest import DATA
 
 IMG = (64, 64)
@@ -99,7 +99,7 @@ def test_scale_x_y_changes_decoded_box_like_the_model():
     assert all(h.scale_x_y == 1.2 for h in model.heads)
     p = torch.zeros(1, 4)  # sigmoid(0) = 0.5 -> 0.5 * 1.2 - 0.1 = 0.5, exp(0) = 1
     p[0, 0] = 2.0
-    box = YoloLoss._decode(p, torch.tensor([[3.0, 4.0]]), 1.2)
+    box = decode_cell_boxes(p, torch.tensor([[3.0, 4.0]]), 1.2)
     assert torch.allclose(box, torch.tensor([[torch.sigmoid(torch.tensor(2.0)).item() * 1.2 - 0.1, 0.5, 3.0, 4.0]]))
 
 

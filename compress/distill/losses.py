@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..losses import decode_cell_boxes
 from .config import DistillConfig
 
 __all__ = ["HeadPositives", "KDInputs", "STRATEGIES", "register_strategy", "soft_kl", "kd_logit_loss",
            "decode_positive_boxes", "kd_box_teacher_bounded", "kd_box_mimic", "attention_map",
            "kd_attention_loss", "fine_grained_mask"]
 
-MAX_LOG_WH = 8.0  # exp() clamp for decoded box sizes: e^8 anchors is far beyond any image
 
 
 class HeadPositives(NamedTuple):
@@ -65,9 +65,7 @@ def kd_logit_loss(s_heads: list[Tensor], t_heads: list[Tensor], temperature: flo
 def decode_positive_boxes(p: Tensor, pos: HeadPositives, anchors: Tensor, scale_x_y: float = 1.0) -> Tensor:
     """Boxes (n, 4) at the positive cells in grid units, the model's formula (`YOLOLayer.decode`):
     (sigma(tx) * s - (s - 1) / 2, sigma(ty) * s - (s - 1) / 2, e^tw * aw, e^th * ah)."""
-    q = p[pos.b, pos.a, pos.gy, pos.gx, :4]
-    xy = torch.sigmoid(q[:, :2]) * scale_x_y - (scale_x_y - 1) / 2
-    return torch.cat((xy, torch.exp(q[:, 2:4].clamp(max=MAX_LOG_WH)) * anchors), 1)
+    return decode_cell_boxes(p[pos.b, pos.a, pos.gy, pos.gx, :4], anchors, scale_x_y)
 
 
 def kd_box_teacher_bounded(box_s: Tensor, box_t: Tensor, gt: Tensor, margin: float = 0.0) -> tuple[Tensor, Tensor]:
