@@ -10,7 +10,8 @@ from compress.model import build_model
 from compress.quant import (GoogleConfig, DorefaConfig, QConvBNAct, calibrate, fold_bn, fold_model, prepare_qat,
                             to_darknet)
 from compress.quant.config import LayerQuant
-from compress.quant.fake_quant import WEIGHT_QUANTIZERS, QParams, WeightQ, register_weight_quantizer
+from compress.quant.fake_quant import QParams
+from compress.quant.weights import WEIGHT_QUANTIZERS, WeightQ, register_weight_quantizer
 from compress.layers import ConvBNAct
 from compress.cfg import Block
 from conftest import randomize_bn
@@ -19,7 +20,7 @@ from conftest import randomize_bn
 @pytest.fixture(autouse=True)
 def _identity_quantizer():
     @register_weight_quantizer("identity-test")
-    def identity(w, bits, per_channel, pow2, rounding):
+    def identity(w, bits, per_channel, pow2, rounding, **_):
         one = torch.ones(w.shape[0])
         return WeightQ(w, w.detach(), QParams(one, torch.zeros_like(one), -1, 1, 0))
     yield

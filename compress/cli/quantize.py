@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-from ..quant.config import METHOD_CONFIGS, make_config
+from ..quant.config import ACT_SCHEMES, METHOD_CONFIGS, make_config
+from ..quant.weights import W_CLIPS
 from ..report import format_stage_table
 from . import cli
 from .common import check_not_input, device_option, model_options, out_option, report_option, write_report
@@ -34,6 +35,14 @@ def _table(r: dict) -> str:
 @click.option("--per-tensor", is_flag=True, help="One weight scale per layer instead of per output channel.")
 @click.option("--first-last-bits", type=click.IntRange(2, 8), default=8, show_default=True,
               help="Bits of the first conv and the head convs (symmetric).")
+@click.option("--act-scheme", type=click.Choice(ACT_SCHEMES), default="asymmetric", show_default=True,
+              help="Activations: asymmetric uint8 (fastest in onnxruntime) or symmetric int8, zero point 0 "
+                   "(TensorRT).")
+@click.option("--reduce-range/--full-range", default=True, show_default=True,
+              help="8-bit weight codes in [-63, 63]: exact in onnxruntime on x86 CPUs without VNNI. "
+                   "--full-range only where every target has VNNI (or a GPU).")
+@click.option("--weight-clip", type=click.Choice(W_CLIPS), default="max", show_default=True,
+              help="Symmetric weight range per channel: max|w| or the MSE-optimal clip (4-bit PTQ).")
 @click.option("--epochs", type=click.IntRange(0), default=0, show_default=True,
               help="0 = post-training calibration; >0 = QAT epochs through the trainer.")
 @click.option("--calib-batches", type=click.IntRange(1), default=8, show_default=True)
@@ -44,14 +53,16 @@ def _table(r: dict) -> str:
 @device_option
 @report_option
 def quantize_command(cfg: str, weights: str, data: str, out: str, method: str | None, bits: int, a_bits: int | None,
-                     bn_fold: bool, pow2: bool, per_tensor: bool, first_last_bits: int, epochs: int,
+                     bn_fold: bool, pow2: bool, per_tensor: bool, first_last_bits: int, act_scheme: str,
+                     reduce_range: bool, weight_clip: str, epochs: int,
                      calib_batches: int, batch_size: int, lr0: float, img_size: int | None, no_eval: bool,
                      device: str, report_path: str | None) -> None:
     """Quantize -> DIR/<cfg>-q<bits>.cfg/.weights (folded, on the grid), quant.json, weights_int.npz,
     model-int8.onnx (QDQ), model-fp32.onnx and report.json."""
     from ..quant.pipeline import QuantizeJob, output_paths, quantize
     config = make_config(method, bits, a_bits, bn_fold=bn_fold, pow2=pow2, per_channel=not per_tensor,
-                         first_last_bits=first_last_bits)
+                         first_last_bits=first_last_bits, act_scheme=act_scheme, reduce_range=reduce_range,
+                         w_clip=weight_clip)
     job = QuantizeJob(cfg, weights, data, out, config, epochs, calib_batches, batch_size, img_size, lr0,
                       evaluate=not no_eval)
     check_not_input(list(output_paths(job).values()), [cfg, weights])

@@ -93,7 +93,7 @@ def prepare_qat(model: DarknetModel, config: QuantConfig, skip: Iterable[int] | 
             q.layers[i] = QuantOut(layer, shared=sources[srcs[0]])
         elif rule == "new":
             q.layers[i] = QuantOut(layer, quant=ActQuant(config.layer(False).a_bits, momentum, config.pow2,
-                                                         config.pow2_rounding))
+                                                         config.pow2_rounding, symmetric=_symmetric(config)))
         sources[i] = q.layers[i].source if isinstance(q.layers[i], QuantOut) else None
     log.info("prepared %s quantization: %d convs, edges %s", config.method,
              sum(isinstance(m, QConvBNAct) for m in q.layers), sorted(edges))
@@ -105,8 +105,12 @@ def _make_qconv(layer: ConvBNAct, spec: LayerQuant, src: ActQuant | None, produc
     in_quant = None
     if src is None:  # float input: quantize it here (the image has a fixed [0, 1] range)
         fixed = (0.0, 1.0) if producer < 0 else None
-        in_quant = ActQuant(8, config.ema_momentum, config.pow2 and producer >= 0, config.pow2_rounding, fixed)
+        in_quant = ActQuant(8, config.ema_momentum, config.pow2, config.pow2_rounding, fixed, _symmetric(config))
     return QConvBNAct(layer, spec, in_quant, src)
+
+
+def _symmetric(config: QuantConfig) -> bool:
+    return config.act_scheme == "symmetric"
 
 
 @torch.no_grad()

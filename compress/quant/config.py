@@ -5,11 +5,17 @@ from dataclasses import asdict, dataclass
 from typing import Literal, Optional, Union
 
 from ..errors import QuantError
+from .weights import W_CLIPS
 
-__all__ = ["DorefaConfig", "GoogleConfig", "QuantConfig", "LayerQuant", "METHOD_CONFIGS", "make_config",
+__all__ = ["ACT_SCHEMES", "DorefaConfig", "GoogleConfig", "QuantConfig", "LayerQuant", "METHOD_CONFIGS", "make_config",
            "config_to_dict"]
 
 Pow2Rounding = Literal["ceil", "nearest"]
+# Activation schemes. "asymmetric": uint8 codes with a zero point (onnxruntime fuses every conv, leaky and
+# concat into QLinear ops: int8/fp32 latency ~0.5). "symmetric": int8 codes, zero point 0 (what TensorRT
+# takes; onnxruntime on x86 fuses fewer ops, ~0.8). Both are exact on x86 CPUs without VNNI only with
+# reduced-range weights (|code| <= 63): onnxruntime shifts s8 activations to u8 there, so s8 alone is no fix.
+ACT_SCHEMES = ("asymmetric", "symmetric")
 
 
 def _check_range(name: str, value: Optional[int], lo: int, hi: int, option: str) -> None:
@@ -29,6 +35,9 @@ class LayerQuant:
     pow2_rounding: str
     momentum: float
     bn_fold: bool
+    act_symmetric: bool = False
+    reduce_range: bool = True
+    w_clip: str = "max"
 
 
 @dataclass(frozen=True)
@@ -40,8 +49,16 @@ class _Common:
     first_last_bits: Optional[int] = 8
     pre_act_bits: Optional[int] = 8
     ema_momentum: float = 0.1
+    act_scheme: str = "asymmetric"
+    reduce_range: bool = True
+    w_clip: str = "max"
 
     def _check_common(self) -> None:
+        if self.act_scheme not in ACT_SCHEMES:
+            raise QuantError(f"act_scheme={self.act_scheme!r} is unknown; pass --act-scheme "
+                             f"{' or '.join(ACT_SCHEMES)}")
+        if self.w_clip not in W_CLIPS:
+            raise QuantError(f"w_clip={self.w_clip!r} is unknown; pass --weight-clip {' or '.join(W_CLIPS)}")
         _check_range("first_last_bits", self.first_last_bits, 2, 8, "--first-last-bits")
         _check_range("pre_act_bits", self.pre_act_bits, 2, 8, "pre_act_bits")
         if self.pow2_rounding not in ("ceil", "nearest"):
@@ -57,7 +74,8 @@ class _Common:
         if edge and self.first_last_bits is not None:
             scheme, w_bits, a_bits = "symmetric", self.first_last_bits, self.first_last_bits
         return LayerQuant(scheme, w_bits, a_bits, self.pre_act_bits, self.per_channel, self.pow2,
-                          self.pow2_rounding, self.ema_momentum, self.bn_fold)
+                          self.pow2_rounding, self.ema_momentum, self.bn_fold, self.act_scheme == "symmetric",
+                          self.reduce_range, self.w_clip)
 
 
 @dataclass(frozen=True)
@@ -76,6 +94,9 @@ class DorefaConfig(_Common):
         _check_range("w_bits", self.w_bits, 2, 8, "--bits")
         _check_range("a_bits", self.a_bits, 2, 8, "--a-bits")
         self._check_common()
+        if self.reduce_range and self.w_bits > 6:
+            raise QuantError(f"DoReFa {self.w_bits}-bit weights have codes up to +-{2 ** self.w_bits - 1}, beyond "
+                             "the +-63 of reduced-range weights; use --method google at 7-8 bits, or --full-range")
 
     def layer(self, edge: bool) -> LayerQuant:
         return self._layer("dorefa", self.w_bits, self.a_bits, edge)

@@ -1,5 +1,5 @@
-"""Fake-quantization primitives: `round_ste` (defined here only), affine fake quant, EMA observers,
-weight quantizers (registry by scheme name) and power-of-two scale rounding.
+"""Fake-quantization primitives: `round_ste` (defined here only), affine fake quant, EMA observers and
+power-of-two scale rounding (the weight quantizers are in `weights`).
 
 Conventions (match ONNX QuantizeLinear, so torch and onnxruntime agree): `q = clamp(round(x / s) + z, qmin, qmax)`,
 `x_hat = (q - z) * s`, round half to even, float32 scales, integer-valued zero points.
@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
-__all__ = ["round_ste", "fake_quant", "quantize", "pow2_round", "pow2_exponent", "QParams", "WeightQ",
-           "WEIGHT_QUANTIZERS", "register_weight_quantizer", "quantize_weight", "affine_qparams", "ActQuant",
-           "FakeQuantFn"]
+from .qdq import qdq_symbolic
+
+__all__ = ["round_ste", "fake_quant", "quantize", "pow2_round", "pow2_exponent", "QParams", "affine_qparams",
+           "symmetric_qparams", "ActQuant", "FakeQuantFn"]
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -94,80 +94,35 @@ class FakeQuantFn(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, held: Holder):  # type: ignore[no-untyped-def]
-        from .onnx_qdq import qdq_symbolic
         return qdq_symbolic(g, x, held.value)
 
 
-@dataclass(frozen=True)
-class WeightQ:
-    """Quantized weight: dequantized tensor (STE gradients), integer codes and per-channel scales."""
-    dequant: torch.Tensor
-    codes: torch.Tensor
-    qparams: QParams
+def symmetric_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, pow2: bool, rounding: str,
+                      fixed: bool = False) -> QParams:
+    """Signed symmetric params (zero point 0, codes in [-2^(b-1), 2^(b-1)-1]) covering max(|lo|, |hi|).
 
-
-WeightQuantizer = Callable[[torch.Tensor, int, bool, bool, str], WeightQ]
-WEIGHT_QUANTIZERS: dict[str, WeightQuantizer] = {}
-
-
-def register_weight_quantizer(name: str) -> Callable[[WeightQuantizer], WeightQuantizer]:
-    def deco(fn: WeightQuantizer) -> WeightQuantizer:
-        WEIGHT_QUANTIZERS[name] = fn
-        return fn
-    return deco
-
-
-def quantize_weight(w: torch.Tensor, scheme: str, bits: int, per_channel: bool, pow2: bool, rounding: str) -> WeightQ:
-    return WEIGHT_QUANTIZERS[scheme](w, bits, per_channel, pow2, rounding)
-
-
-def _absmax(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    a = w.detach().abs().flatten(1).amax(1) if per_channel else w.detach().abs().max().expand(w.shape[0])
-    return a.clamp_min(1e-8)
-
-
-@register_weight_quantizer("symmetric")
-def symmetric_weight(w: torch.Tensor, bits: int, per_channel: bool, pow2: bool, rounding: str) -> WeightQ:
-    """Signed symmetric codes in [-(2^(b-1)-1), 2^(b-1)-1] (int8: [-127, 127]), zero point 0."""
-    qmax = 2 ** (bits - 1) - 1
-    scale = _absmax(w, per_channel) / qmax
-    if pow2:
-        scale = pow2_round(scale, rounding)
-    qp = QParams(scale.float(), torch.zeros_like(scale), -qmax, qmax, axis=0)
-    s, z = qp.view(w.dim())
-    return WeightQ(fake_quant(w, s, z, -qmax, qmax), quantize(w.detach(), s, z, -qmax, qmax), qp)
-
-
-@register_weight_quantizer("dorefa")
-def dorefa_weight(w: torch.Tensor, bits: int, per_channel: bool, pow2: bool, rounding: str) -> WeightQ:
-    """DoReFa: u = tanh(w) / (2 max|tanh w|) + 1/2, c = round((2^k - 1) u) in [0, 2^k - 1] (2^k levels).
-
-    The paper's w_q = 2c/(2^k-1) - 1 lies in [-1, 1]; we rescale by max|w| (per channel by default) so
-    a pretrained model keeps its magnitudes. Stored codes are the odd integers 2c - (2^k - 1) with
-    scale max|w| / (2^k - 1), i.e. w_q = scale * code, zero point 0.
+    Why signed: onnxruntime's u8 x s8 integer kernels saturate their int16 pair sums on x86 CPUs without
+    VNNI (AVX2 only), s8 x s8 does not; TensorRT takes only zero point 0. A fixed range (the image input)
+    rounds a pow2 scale down (2^-7 for [0, 1]): the top value clips by < one step instead of losing a bit.
     """
-    n = 2 ** bits - 1
-    t = torch.tanh(w)
-    tmax = t.detach().abs().flatten(1).amax(1) if per_channel else t.detach().abs().max().expand(w.shape[0])
-    shape = (-1,) + (1,) * (w.dim() - 1)
-    u = t / (2 * tmax.clamp_min(1e-8).view(shape)) + 0.5
-    c = round_ste(n * u)
-    scale = _absmax(w, per_channel) / n
+    qmax = 2 ** (bits - 1) - 1
+    scale = (torch.maximum(lo.abs(), hi.abs()) / qmax).clamp_min(1e-8)
     if pow2:
-        scale = pow2_round(scale, rounding)
-    code = 2 * c - n
-    qp = QParams(scale.float(), torch.zeros_like(scale), -n, n, axis=0)
-    return WeightQ(code * scale.view(shape), code.detach().round().long(), qp)
+        scale = torch.exp2(torch.floor(torch.log2(scale))) if fixed else pow2_round(scale, rounding)
+    return QParams(scale.float().reshape(()), torch.zeros((), dtype=torch.float32), -qmax - 1, qmax)
 
 
-def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, pow2: bool, rounding: str) -> QParams:
+def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, pow2: bool, rounding: str,
+                   fixed: bool = False) -> QParams:
     """Asymmetric unsigned params for the range [lo, hi] (widened to hold 0). The zero point is an integer in
     [0, 2^b - 1], so 0.0 is exact; it is nudged inside the window that covers [lo, hi] when there is one
-    (always, in pow2 mode with 'ceil' rounding).
+    (always, in pow2 mode with 'ceil' rounding). A fixed range rounds a pow2 scale down (2^-8 for [0, 1]).
     """
     qmin, qmax = 0, 2 ** bits - 1
     lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
-    if pow2:  # one spare step so an integer zero point always fits: with 'ceil' nothing in [lo, hi] clips
+    if pow2 and fixed:
+        scale = torch.exp2(torch.floor(torch.log2(((hi - lo) / (qmax - qmin)).clamp_min(1e-8))))
+    elif pow2:  # one spare step so an integer zero point always fits: with 'ceil' nothing in [lo, hi] clips
         scale = pow2_round(((hi - lo) / (qmax - qmin - 1)).clamp_min(1e-8), rounding)
     else:  # standard nudging (TF / Jacob et al.): the range ends may move by < half a step
         scale = ((hi - lo) / (qmax - qmin)).clamp_min(1e-8)
@@ -181,7 +136,8 @@ def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, pow2: bool, ro
 
 
 class ActQuant(nn.Module):
-    """Per-tensor asymmetric activation fake quant with an EMA min/max observer.
+    """Per-tensor activation fake quant with an EMA min/max observer: signed symmetric (`symmetric=True`,
+    zero point 0, int8 container) or unsigned asymmetric (uint8 container, integer zero point).
 
     The observer updates only in training mode (QAT, or `calibrate()`, which puts only these modules in
     training mode); the first observed batch initialises the range. `fixed=(lo, hi)` pins the range
@@ -189,9 +145,10 @@ class ActQuant(nn.Module):
     """
 
     def __init__(self, bits: int = 8, momentum: float = 0.1, pow2: bool = False, rounding: str = "ceil",
-                 fixed: tuple[float, float] | None = None) -> None:
+                 fixed: tuple[float, float] | None = None, symmetric: bool = True) -> None:
         super().__init__()
         self.bits, self.momentum, self.pow2, self.rounding = bits, momentum, pow2, rounding
+        self.symmetric = symmetric
         self.fixed = fixed is not None
         lo, hi = fixed or (0.0, 0.0)
         self.register_buffer("min_val", torch.tensor(float(lo)))
@@ -215,7 +172,8 @@ class ActQuant(nn.Module):
             self.max_val.lerp_(hi, self.momentum)
 
     def qparams(self) -> QParams:
-        return affine_qparams(self.min_val, self.max_val, self.bits, self.pow2, self.rounding)
+        make = symmetric_qparams if self.symmetric else affine_qparams
+        return make(self.min_val, self.max_val, self.bits, self.pow2, self.rounding, self.fixed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._frozen is not None:
@@ -230,7 +188,8 @@ class ActQuant(nn.Module):
         return FakeQuantFn.apply(x, Holder(qp))
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, range=({float(self.min_val):.4g}, {float(self.max_val):.4g}), pow2={self.pow2}"
+        kind = "s" if self.symmetric else "u"
+        return f"{kind}{self.bits}, range=({float(self.min_val):.4g}, {float(self.max_val):.4g}), pow2={self.pow2}"
 
     def to_dict(self) -> dict:
         qp = self.qparams()

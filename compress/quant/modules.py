@@ -17,7 +17,8 @@ from torch import nn
 
 from ..layers import ConvBNAct
 from .config import LayerQuant
-from .fake_quant import ActQuant, QParams, WeightQ, quantize_weight
+from .fake_quant import ActQuant, QParams
+from .weights import REDUCED_MAX_CODE, WeightQ, quantize_weight
 
 __all__ = ["QConvBNAct", "QuantOut", "FoldedConv"]
 
@@ -45,7 +46,8 @@ class QConvBNAct(nn.Module):
         self.spec = spec
         self.in_quant = in_quant
         linear = isinstance(self.act, nn.Identity)
-        mk = lambda bits: ActQuant(bits, spec.momentum, spec.pow2, spec.pow2_rounding)  # noqa: E731
+        mk = lambda bits: ActQuant(bits, spec.momentum, spec.pow2, spec.pow2_rounding,  # noqa: E731
+                                   symmetric=spec.act_symmetric)
         self.pre_quant = mk(spec.pre_act_bits) if spec.a_bits and spec.pre_act_bits and not linear else None
         self.act_quant = mk(spec.a_bits) if spec.a_bits else None
         self.register_buffer("bn_frozen", torch.tensor(False))
@@ -67,7 +69,8 @@ class QConvBNAct(nn.Module):
 
     def _quant(self, w: torch.Tensor) -> WeightQ:
         s = self.spec
-        return quantize_weight(w, s.w_scheme, s.w_bits, s.per_channel, s.pow2, s.pow2_rounding)
+        return quantize_weight(w, s.w_scheme, s.w_bits, s.per_channel, s.pow2, s.pow2_rounding,
+                               REDUCED_MAX_CODE if s.reduce_range else None, s.w_clip)
 
     def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         c = self.conv

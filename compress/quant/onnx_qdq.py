@@ -20,32 +20,13 @@ from ..errors import ExportError
 from ..fileio import write_bytes_atomic
 from .fake_quant import ActQuant, Holder, QParams
 from .modules import QConvBNAct
+from .qdq import const as _const
+from .qdq import qdq_symbolic
 
 __all__ = ["export_qdq_onnx", "qdq_symbolic", "QConvExport", "exportable", "OnnxPredictor", "onnx_latency",
            "optimized_op_counts"]
 
 log = logging.getLogger(__name__)
-
-
-def _const(g, t: torch.Tensor):  # type: ignore[no-untyped-def]
-    return g.op("Constant", value_t=t)
-
-
-def _zp_tensor(qp: QParams, dtype: torch.dtype) -> torch.Tensor:
-    return qp.zero_point.detach().cpu().round().to(dtype)
-
-
-def qdq_symbolic(g, x, qp: QParams):  # type: ignore[no-untyped-def]
-    """QuantizeLinear (uint8 if qmin >= 0 else int8) -> Clip to [qmin, qmax] when narrower -> DequantizeLinear."""
-    dtype, full = (torch.int8, (-128, 127)) if qp.signed else (torch.uint8, (0, 255))
-    kw = {"axis_i": qp.axis} if qp.axis is not None else {}
-    scale = _const(g, qp.scale.detach().cpu().float())
-    zp = _const(g, _zp_tensor(qp, dtype))
-    q = g.op("QuantizeLinear", x, scale, zp, **kw)
-    if (qp.qmin, qp.qmax) != full:
-        lo, hi = torch.tensor(qp.qmin, dtype=dtype), torch.tensor(qp.qmax, dtype=dtype)
-        q = g.op("Clip", q, _const(g, lo), _const(g, hi))
-    return g.op("DequantizeLinear", q, scale, zp, **kw)
 
 
 class _ConstDQ(torch.autograd.Function):

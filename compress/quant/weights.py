@@ -1,0 +1,131 @@
+"""Weight quantizers, a registry by scheme name: "symmetric" (Jacob et al. / Google, k bits) and "dorefa".
+
+Every quantizer returns the dequantized weight (STE gradients), the integer codes and per-output-channel
+scales with zero point 0, so `codes * scale` is exactly the weight inference uses.
+
+`max_code` caps |code| (63 for "reduced range" 8-bit weights: onnxruntime's u8 x s8 kernels on x86 CPUs
+without VNNI add pairs of u8 x s8 products in int16 (VPMADDUBSW), and 2 * 255 * 63 = 32130 cannot saturate
+while 2 * 255 * 127 can). `w_clip="mse"` picks each channel's clipping range that minimises the squared
+error instead of max|w| (the calibration-only answer for 4-bit weights).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import QuantError
+from .fake_quant import QParams, fake_quant, pow2_round, quantize, round_ste
+
+__all__ = ["WeightQ", "WEIGHT_QUANTIZERS", "register_weight_quantizer", "quantize_weight", "symmetric_weight",
+           "dorefa_weight", "W_CLIPS", "REDUCED_MAX_CODE"]
+
+REDUCED_MAX_CODE = 63
+W_CLIPS = ("max", "mse")
+
+
+@dataclass(frozen=True)
+class WeightQ:
+    """Quantized weight: dequantized tensor (STE gradients), integer codes and per-channel scales."""
+    dequant: torch.Tensor
+    codes: torch.Tensor
+    qparams: QParams
+
+
+WeightQuantizer = Callable[..., WeightQ]
+WEIGHT_QUANTIZERS: dict[str, WeightQuantizer] = {}
+
+
+def register_weight_quantizer(name: str) -> Callable[[WeightQuantizer], WeightQuantizer]:
+    """Quantizers take (w, bits, per_channel, pow2, rounding, max_code=None, w_clip="max")."""
+    def deco(fn: WeightQuantizer) -> WeightQuantizer:
+        WEIGHT_QUANTIZERS[name] = fn
+        return fn
+    return deco
+
+
+def quantize_weight(w: torch.Tensor, scheme: str, bits: int, per_channel: bool, pow2: bool, rounding: str,
+                    max_code: int | None = None, w_clip: str = "max") -> WeightQ:
+    return WEIGHT_QUANTIZERS[scheme](w, bits, per_channel, pow2, rounding, max_code=max_code, w_clip=w_clip)
+
+
+def _shape(w: torch.Tensor) -> tuple[int, ...]:
+    return (-1,) + (1,) * (w.dim() - 1)
+
+
+def _absmax(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    a = w.detach().abs().flatten(1).amax(1) if per_channel else w.detach().abs().max().expand(w.shape[0])
+    return a.clamp_min(1e-8)
+
+
+@torch.no_grad()
+def _mse_clip(w: torch.Tensor, absmax: torch.Tensor, qmax: int, per_channel: bool, steps: int = 40) -> torch.Tensor:
+    """Per channel (or tensor), the clip value in [0.3, 1] * max|w| with the least squared rounding+clip error."""
+    flat = w.detach().flatten(1) if per_channel else w.detach().reshape(1, -1)
+    top = absmax[:1] if not per_channel else absmax
+    best, best_err = top.clone(), torch.full_like(top, float("inf"))
+    for r in torch.linspace(0.3, 1.0, steps, device=w.device):
+        s = (top * r / qmax).view(-1, 1)
+        err = ((torch.clamp(torch.round(flat / s), -qmax, qmax) * s - flat) ** 2).sum(1)
+        better = err < best_err
+        best, best_err = torch.where(better, top * r, best), torch.where(better, err, best_err)
+    return best if per_channel else best.expand(w.shape[0])
+
+
+@register_weight_quantizer("symmetric")
+def symmetric_weight(w: torch.Tensor, bits: int, per_channel: bool, pow2: bool, rounding: str,
+                     max_code: int | None = None, w_clip: str = "max") -> WeightQ:
+    """Signed symmetric codes in [-q, q], q = 2^(b-1) - 1 (or `max_code` if smaller), zero point 0."""
+    qmax = 2 ** (bits - 1) - 1
+    qmax = min(qmax, max_code) if max_code else qmax
+    top = _absmax(w, per_channel)
+    if w_clip == "mse":
+        top = _mse_clip(w, top, qmax, per_channel)
+    scale = top / qmax
+    if pow2:
+        scale = pow2_round(scale, rounding)
+    qp = QParams(scale.float(), torch.zeros_like(scale), -qmax, qmax, axis=0)
+    s, z = qp.view(w.dim())
+    return WeightQ(fake_quant(w, s, z, -qmax, qmax), quantize(w.detach(), s, z, -qmax, qmax), qp)
+
+
+def _odd_round(x: torch.Tensor) -> torch.Tensor:
+    """Nearest odd integer (STE)."""
+    return 2 * round_ste((x - 1) / 2) + 1
+
+
+@register_weight_quantizer("dorefa")
+def dorefa_weight(w: torch.Tensor, bits: int, per_channel: bool, pow2: bool, rounding: str,
+                  max_code: int | None = None, w_clip: str = "max") -> WeightQ:
+    """DoReFa (Zhou et al. 2016) on the per-channel normalised weight: t = tanh(w / max|w|),
+    u = t / (2 max|t|) + 1/2, c = round((2^k - 1) u) in [0, 2^k - 1] (2^k levels), code = 2c - (2^k - 1)
+    (odd integers in [-(2^k - 1), 2^k - 1]).
+
+    Normalising first keeps tanh's input in [-1, 1] whatever BN folding did to the magnitudes (folded
+    weights reach |w| ~ 20, where tanh saturates). The scale is each channel's least-squares fit
+    sum(w code) / sum(code^2), which removes the gain tanh adds to small weights. With `pow2` the scale is
+    rounded to a power of two and the weights are re-quantized onto that grid (odd codes, clamped), so
+    pow2 never rescales a weight by more than one grid step.
+    """
+    n = 2 ** bits - 1
+    if max_code is not None and n > max_code:
+        raise QuantError(f"DoReFa {bits}-bit codes reach +-{n}, beyond the +-{max_code} allowed by reduced-range "
+                         "weights; use --bits <= 6, --method google, or --full-range")
+    shape = _shape(w)
+    top = _absmax(w, per_channel).view(shape)
+    t = torch.tanh(w / top)
+    tmax = t.detach().abs().flatten(1).amax(1) if per_channel else t.detach().abs().max().expand(w.shape[0])
+    code = 2 * round_ste(n * (t / (2 * tmax.clamp_min(1e-8).view(shape)) + 0.5)) - n
+    cd, wd = code.detach().flatten(1), w.detach().flatten(1)
+    if per_channel:
+        scale = (wd * cd).sum(1) / (cd * cd).sum(1).clamp_min(1e-12)
+    else:
+        scale = ((wd * cd).sum() / (cd * cd).sum().clamp_min(1e-12)).expand(w.shape[0])
+    scale = scale.clamp_min(1e-8)
+    if pow2:
+        s2 = pow2_round(scale, rounding)
+        code = torch.clamp(_odd_round(code * (scale / s2).view(shape)), -n, n)
+        scale = s2
+    qp = QParams(scale.float(), torch.zeros_like(scale), -n, n, axis=0)
+    return WeightQ(code * scale.view(shape), code.detach().round().long(), qp)
