@@ -3,6 +3,10 @@
 Blocks keep their options in file order as raw strings, so keys we do not interpret (`jitter`,
 `nms_kind`, `stopbackward`, ...) survive a parse -> write round trip. The writer is canonical
 (`key=value`, LF, one blank line between sections) because Darknet forks reject anything fancier.
+Which sections exist is the section table's business (`compress.sections`). A cfg is read in a
+dialect: `darknet`, or `reference` (the reference compression project: [depthwise], [se] filters=,
+activation=none, ASFF heads, [net] channels ignored); it is detected unless given, and written back
+in the same dialect.
 """
 from __future__ import annotations
 
@@ -13,13 +17,12 @@ from typing import Iterable
 
 from .errors import CfgError
 from .fileio import write_text_atomic
+from . import sections as _sections
+from .sections.heads import check_yolo_block
 
 __all__ = ["Block", "Cfg", "SUPPORTED_SECTIONS", "parse_cfg", "read_cfg", "format_cfg", "write_cfg"]
 
-SUPPORTED_SECTIONS = (
-    "convolutional", "shortcut", "route", "upsample", "maxpool", "avgpool", "scale_channels", "sam",
-    "dropout", "yolo", "region", "se", "cbam", "eca",
-)
+SUPPORTED_SECTIONS = _sections.supported_sections()
 _NET_NAMES = ("net", "network")
 
 
@@ -133,6 +136,7 @@ class Cfg:
     net: Block
     blocks: tuple[Block, ...]
     path: str | None = field(default=None, compare=False)
+    dialect: str = "darknet"
 
     @property
     def width(self) -> int:
@@ -144,18 +148,24 @@ class Cfg:
 
     @property
     def channels(self) -> int:
-        return self.net.get_int("channels", 3)
+        """Input channels. The reference project always builds 3 (its count ignores `channels=`)."""
+        if self.dialect == "reference":
+            return 3
+        value = self.net.get_int("channels", 3)
+        if value < 1:
+            raise CfgError(f"{self.net.where('channels')}: [net] channels={value} must be >= 1")
+        return value
 
     @property
     def classes(self) -> int:
-        heads = [b for b in self.blocks if b.type in ("yolo", "region")]
+        heads = [b for b in self.blocks if _sections.lookup(b).head]
         return heads[0].get_int("classes", 20) if heads else 0
 
     def with_blocks(self, blocks: Iterable[Block]) -> "Cfg":
-        return Cfg(self.net, tuple(blocks), self.path)
+        return Cfg(self.net, tuple(blocks), self.path, self.dialect)
 
     def with_net(self, **changes: object) -> "Cfg":
-        return Cfg(self.net.replace(**changes), self.blocks, self.path)
+        return Cfg(self.net.replace(**changes), self.blocks, self.path, self.dialect)
 
 
 def _strip_comment(line: str) -> str:
@@ -166,8 +176,9 @@ def _strip_comment(line: str) -> str:
     return line.strip()
 
 
-def parse_cfg(text: str, source: str = "<cfg>") -> Cfg:
-    """Parse cfg text. Raises CfgError naming `source:line` for anything Darknet would not accept."""
+def parse_cfg(text: str, source: str = "<cfg>", dialect: str | None = None) -> Cfg:
+    """Parse cfg text. Raises CfgError naming `source:line` for anything Darknet would not accept.
+    `dialect`: "darknet" or "reference"; None detects it (`sections.detect_dialect`)."""
     sections: list[tuple[str, int, list[tuple[str, str]], list[int]]] = []
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = _strip_comment(raw.lstrip("\ufeff"))
@@ -194,36 +205,25 @@ def parse_cfg(text: str, source: str = "<cfg>") -> Cfg:
     for name, lineno, opts, lines in sections[1:]:
         if name in _NET_NAMES:
             raise CfgError(f"{source}:{lineno}: a second [net] section; a cfg has exactly one")
-        if name not in SUPPORTED_SECTIONS:
-            hint = " (YOLOv2 [reorg] is not supported)" if name == "reorg" else ""
+        name = _sections.canonical(name)
+        if name not in _sections.SECTIONS:
+            hint = " ([crnn]/[connected]/... are recurrent or classifier layers, not detector sections)"
             raise CfgError(f"{source}:{lineno}: unsupported section [{name}]{hint}; supported: "
                            + ", ".join(f"[{s}]" for s in SUPPORTED_SECTIONS))
         blocks.append(Block(name, tuple(opts), lineno, source, tuple(lines)))
     _, net_line, net_opts, net_lines = sections[0]
-    cfg = Cfg(Block("net", tuple(net_opts), net_line, source, tuple(net_lines)), tuple(blocks), source)
-    _check_heads(cfg)
+    net = Block("net", tuple(net_opts), net_line, source, tuple(net_lines))
+    dialect = dialect or _sections.detect_dialect(blocks, net)
+    if dialect not in _sections.DIALECTS:
+        raise CfgError(f"{source}: dialect={dialect!r} is not one of {', '.join(_sections.DIALECTS)}")
+    cfg = Cfg(net, tuple(blocks), source, dialect)
+    for b in cfg.blocks:
+        if b.type == "yolo":
+            check_yolo_block(b)
     return cfg
 
 
-def _check_heads(cfg: Cfg) -> None:
-    for b in cfg.blocks:
-        if b.type != "yolo":
-            continue
-        anchors = b.get_floats("anchors", ())
-        if len(anchors) % 2:
-            raise CfgError(f"{b.where()}: [yolo] anchors has an odd count ({len(anchors)}); list w,h pairs")
-        n = len(anchors) // 2
-        num = b.get_int("num", n)
-        if num != n:
-            raise CfgError(f"{b.where()}: [yolo] num={num} but anchors lists {n} pairs; make them agree")
-        mask = b.get_ints("mask", tuple(range(n)))
-        bad = [m for m in mask if m < 0 or m >= n]
-        if bad:
-            raise CfgError(f"{b.where()}: [yolo] mask {bad} out of range for {n} anchors; use 0..{n - 1}")
-        b.get_int("classes", 20)
-
-
-def read_cfg(path: str | os.PathLike) -> Cfg:
+def read_cfg(path: str | os.PathLike, dialect: str | None = None) -> Cfg:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -231,13 +231,18 @@ def read_cfg(path: str | os.PathLike) -> Cfg:
         raise CfgError(f"{path}: cfg file not found; pass an existing --cfg") from None
     except OSError as exc:
         raise CfgError(f"{path}: cannot read cfg ({exc.strerror})") from None
-    return parse_cfg(text, str(path))
+    return parse_cfg(text, str(path), dialect)
 
 
 def format_cfg(cfg: Cfg) -> str:
+    """Canonical text. A reference-dialect cfg whose dialect cannot be detected from its sections gets
+    `dialect=reference` in [net] (Darknet and the reference project ignore that key)."""
+    net = cfg.net
+    if cfg.dialect == "reference" and _sections.detect_dialect(cfg.blocks, net) != "reference":
+        net = net.replace(dialect="reference")
     parts = []
-    for block in (cfg.net, *cfg.blocks):
-        lines = [f"[{block.type}]"] + [f"{k}={v}" for k, v in block.options]
+    for block in (net, *cfg.blocks):
+        lines = [f"[{_sections.header_of(block.type)}]"] + [f"{k}={v}" for k, v in block.options]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 

@@ -13,7 +13,8 @@ from torch import nn
 
 from .cfg import Block
 from .errors import CfgError
-from .graph import conv_geometry, maxpool_geometry
+from .sections import conv_geometry, maxpool_geometry
+from .sections.heads import yolo_anchors, yolo_mask
 
 __all__ = ["ACTIVATIONS", "register_activation", "make_activation", "ConvBNAct", "Route", "Shortcut", "Upsample",
            "MaxPool", "GlobalAvgPool", "ScaleChannels", "SAM", "Dropout", "SE", "CBAM", "ECA", "YOLOLayer",
@@ -32,14 +33,14 @@ def register_activation(*names: str) -> Callable:
     return deco
 
 
-register_activation("linear")(nn.Identity)
+register_activation("linear", "none")(nn.Identity)  # none: the reference dialect's "no activation"
 register_activation("leaky")(lambda: nn.LeakyReLU(0.1))
 register_activation("relu")(nn.ReLU)
 register_activation("relu6")(nn.ReLU6)
 register_activation("mish")(nn.Mish)
 register_activation("swish", "silu")(nn.SiLU)
 register_activation("logistic")(nn.Sigmoid)
-register_activation("hardswish", "hard_swish")(nn.Hardswish)
+register_activation("hardswish", "hard_swish", "h_swish")(nn.Hardswish)
 register_activation("tanh")(nn.Tanh)
 register_activation("elu")(nn.ELU)
 register_activation("gelu")(nn.GELU)
@@ -55,14 +56,14 @@ def make_activation(block: Block, default: str = "linear") -> nn.Module:
 class ConvBNAct(nn.Module):
     """[convolutional]: conv -> (BN) -> activation, with stable `.conv/.bn/.act` names."""
 
-    def __init__(self, block: Block, in_channels: int) -> None:
+    def __init__(self, block: Block, in_channels: int, groups: int | None = None) -> None:
         super().__init__()
         k, s, p = conv_geometry(block)
         filters = block.get_int("filters", 1)
         self.batch_normalize = bool(block.get_int("batch_normalize", 0))
         dilation = block.get_int("dilation", 1)  # Darknet pads `pad * dilation` (im2col_cpu_ext)
         self.conv = nn.Conv2d(in_channels, filters, k, s, p * dilation, dilation=dilation,
-                              groups=block.get_int("groups", 1), bias=not self.batch_normalize)
+                              groups=groups or block.get_int("groups", 1), bias=not self.batch_normalize)
         self.bn = nn.BatchNorm2d(filters, eps=BN_EPS, momentum=BN_MOMENTUM) if self.batch_normalize else None
         self.act = make_activation(block, "logistic")
 
@@ -91,24 +92,52 @@ class Route(nn.Module):
 
 
 class Shortcut(nn.Module):
-    def __init__(self, block: Block) -> None:
-        super().__init__()
-        if (block.get("weights_type", "none") or "none").lower() != "none":
-            raise CfgError(f"{block.where()}: [shortcut] weights_type={block.get('weights_type')} (weighted "
-                           "shortcut) is not supported; remove weights_type")
-        self.act = make_activation(block, "linear")
+    """[shortcut] from=a[,b..]: previous + each from-layer where their channels overlap (Darknet's
+    shortcut_multilayer_cpu), optionally weighted per input (per_feature) or per input and channel
+    (per_channel), the weights normalized by relu or softmax (+1e-4 in the denominator, as Darknet)."""
 
-    def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        return self.act(x + other)
+    def __init__(self, block: Block, in_channels: list[int] | None = None) -> None:
+        super().__init__()
+        self.act = make_activation(block, "linear")
+        kind = (block.get("weights_type", "none") or "none").lower()
+        self.norm = (block.get("weights_normalization", "none") or "none").lower().replace("avg_relu", "relu")
+        n, c = len(in_channels or (0, 0)), (in_channels or (1,))[0]
+        self.weight = None
+        if kind != "none":
+            self.weight = nn.Parameter(torch.ones(n, c if kind == "per_channel" else 1))
+
+    def _weights(self) -> torch.Tensor:
+        w = self.weight
+        if self.norm == "relu":
+            w = F.relu(w)
+            return w / (w.sum(0, keepdim=True) + 1e-4)
+        if self.norm == "softmax":
+            e = torch.exp(w - w.amax(0, keepdim=True))
+            return e / (e.sum(0, keepdim=True) + 1e-4)
+        return w
+
+    def forward(self, x: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self._weights().view(self.weight.shape[0], 1, -1, 1, 1)
+        out = x if w is None else x * w[0]
+        for k, other in enumerate(others, start=1):
+            m = min(out.shape[1], other.shape[1])  # channels beyond the overlap pass unchanged
+            add = other[:, :m] if w is None else other[:, :m] * w[k][:, :m]
+            out = out + add if m == out.shape[1] else torch.cat((out[:, :m] + add, out[:, m:]), 1)
+        return self.act(out)
+
+    def darknet_tensors(self) -> list[torch.Tensor]:
+        return [] if self.weight is None else [self.weight]
 
 
 class Upsample(nn.Module):
     def __init__(self, block: Block) -> None:
         super().__init__()
         self.stride = block.get_int("stride", 2)
+        self.scale = block.get_float("scale", 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, scale_factor=float(self.stride), mode="nearest")
+        x = F.interpolate(x, scale_factor=float(self.stride), mode="nearest")
+        return x if self.scale == 1.0 else x * self.scale
 
 
 class MaxPool(nn.Module):
@@ -160,21 +189,23 @@ class Dropout(nn.Module):
         return self.drop(x)
 
 
-def _mlp(c: int, reduction: int) -> tuple[nn.Conv2d, nn.Conv2d]:
-    hidden = max(1, c // reduction)
+def _mlp(c: int, reduction: int, hidden: int | None = None) -> tuple[nn.Conv2d, nn.Conv2d]:
+    hidden = hidden or max(1, c // reduction)
     return nn.Conv2d(c, hidden, 1, bias=False), nn.Conv2d(hidden, c, 1, bias=False)
 
 
 class SE(nn.Module):
-    """[se] reduction=16: squeeze-excitation on the previous layer (Hu et al. 2018). Weights: fc1, fc2."""
+    """[se] reduction=16: squeeze-excitation on the previous layer (Hu et al. 2018). Weights: fc1, fc2.
+    The reference dialect's SE uses a hard-sigmoid gate (relu6(x + 3) / 6)."""
 
-    def __init__(self, block: Block, channels: int) -> None:
+    def __init__(self, block: Block, channels: int, hidden: int | None = None, gate: str = "sigmoid") -> None:
         super().__init__()
-        self.fc1, self.fc2 = _mlp(channels, block.get_int("reduction", 16))
+        self.fc1, self.fc2 = _mlp(channels, block.get_int("reduction", 16), hidden)
+        self.gate = F.hardsigmoid if gate == "hard_sigmoid" else torch.sigmoid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         att = self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True))))
-        return x * torch.sigmoid(att)
+        return x * self.gate(att)
 
     def darknet_tensors(self) -> list[torch.Tensor]:
         return [self.fc1.weight, self.fc2.weight]
@@ -229,9 +260,8 @@ class YOLOLayer(nn.Module):
 
     def __init__(self, block: Block) -> None:
         super().__init__()
-        all_anchors = block.get_floats("anchors")
-        pairs = [all_anchors[i:i + 2] for i in range(0, len(all_anchors), 2)]
-        self.mask = block.get_ints("mask", tuple(range(len(pairs))))
+        pairs = yolo_anchors(block)
+        self.mask = yolo_mask(block)
         self.classes = block.get_int("classes", 20)
         self.scale_x_y = block.get_float("scale_x_y", 1.0)
         self.new_coords = bool(block.get_int("new_coords", 0))
@@ -272,8 +302,7 @@ class RegionLayer(YOLOLayer):
 
     def __init__(self, block: Block) -> None:
         nn.Module.__init__(self)
-        all_anchors = block.get_floats("anchors")
-        pairs = [all_anchors[i:i + 2] for i in range(0, len(all_anchors), 2)]
+        pairs = yolo_anchors(block)
         self.mask = tuple(range(len(pairs)))
         self.classes = block.get_int("classes", 20)
         self.scale_x_y, self.new_coords = 1.0, False

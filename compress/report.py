@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tabulate import tabulate
 
-from .graph import conv_geometry
+from .sections import conv_geometry
 from .model import DarknetModel
 
 __all__ = ["LayerRow", "ModelSummary", "summarize", "bn_gammas", "gamma_stats", "plot_gamma_histogram",
@@ -49,24 +49,23 @@ class ModelSummary:
 
 
 def summarize(model: DarknetModel, img_size: tuple[int, int] | None = None) -> ModelSummary:
-    """Per-layer channels, output sizes, params and FLOPs (2 x multiply-adds) at `img_size` (h, w)."""
+    """Per-layer channels, output sizes, params and FLOPs (2 x multiply-adds, from the section table) at
+    `img_size` (h, w). Raises CfgError when that size cannot flow through the network."""
     h, w = img_size or (model.cfg.height, model.cfg.width)
     graph = model.graph
     shapes = graph.shapes(h, w)
     rows = []
-    for i, (block, layer) in enumerate(zip(model.cfg.blocks, model.layers)):
+    for i, (block, layer, section) in enumerate(zip(model.cfg.blocks, model.layers, graph.sections)):
         c, oh, ow = shapes[i]
         params = sum(p.numel() for p in layer.parameters())
         if hasattr(layer, "darknet_tensors"):  # BN running stats are stored weights too
             params = sum(t.numel() for t in layer.darknet_tensors())
-        kernel, macs = "", 0
-        if block.type == "convolutional":
+        ins = [(graph.cfg.channels, h, w) if s < 0 else shapes[s] for s in graph.inputs[i]]
+        kernel = ""
+        if section.conv:
             k, s, _ = conv_geometry(block)
-            groups = block.get_int("groups", 1)
             kernel = f"{k}x{k}/{s}"
-            macs = k * k * graph.in_channels(i) // groups * c * oh * ow
-        elif block.type in ("se", "cbam", "eca"):
-            macs = sum(p.numel() for p in layer.parameters())
+        macs = section.macs(block, layer, ins, shapes[i])
         rows.append(LayerRow(i, block.type, graph.in_channels(i), c, kernel, f"{oh}x{ow}", params, 2 * macs / 1e6))
     return ModelSummary(tuple(rows), sum(r.params for r in rows), sum(r.mflops for r in rows) / 1e3, (h, w))
 

@@ -121,14 +121,14 @@ def test_valid_minimal_cfg_builds() -> None:
 
 
 def test_unknown_section_lists_supported() -> None:
-    text = NET + CONV + "[reorg3d]\nstride=2\n"
+    text = NET + CONV + "[crnn]\noutput=2\n"
     with pytest.raises(CfgError) as err:
         parse_cfg(text, "bad.cfg")
     msg = str(err.value)
-    assert msg.startswith("bad.cfg:13: unsupported section [reorg3d]")
+    assert msg.startswith("bad.cfg:13: unsupported section [crnn]")
     assert all(f"[{s}]" in msg for s in SUPPORTED_SECTIONS)
-    with pytest.raises(CfgError, match=r"bad\.cfg:5: .*\[reorg\] is not supported"):
-        parse_cfg(NET + "[reorg]\nstride=2\n", "bad.cfg")
+    for name in ("reorg", "reorg3d", "local_avgpool", "depthwise", "gaussian_yolo"):
+        assert name in SUPPORTED_SECTIONS
 
 
 def test_non_numeric_value() -> None:
@@ -167,19 +167,33 @@ def test_index_out_of_range(section: str, ref: str, target: int) -> None:
         _build(text)
 
 
-def test_shortcut_channel_mismatch() -> None:
+def test_shortcut_unequal_channels_is_darknets_overlap_add() -> None:
+    """Darknet adds where the channels overlap; the output has the previous layer's channels."""
     text = NET + CONV + CONV.replace("filters=8", "filters=16") + "[shortcut]\nfrom=-2\n"
-    with pytest.raises(CfgError, match=r"^bad\.cfg:21: \[shortcut\] .*channel counts must match"):
-        _build(text)
+    assert build_graph(parse_cfg(text)).channels[2] == 16
+    text = NET + CONV + CONV.replace("filters=8", "filters=16") + "[maxpool]\nsize=2\nstride=2\n[shortcut]\nfrom=-3\n"
+    with pytest.raises(CfgError, match=r"^bad\.cfg:24: \[shortcut\] joins the previous layer \(32x32\) with from "):
+        build_graph(parse_cfg(text, "bad.cfg")).shapes()
 
 
 def test_anchors_mask_mismatch() -> None:
-    with pytest.raises(CfgError, match=r"^bad\.cfg:18: \[yolo\] mask \[3\] out of range for 3 anchors"):
+    with pytest.raises(CfgError, match=r"^bad\.cfg:19: \[yolo\] mask \[3\] out of range for 3 anchors"):
         parse_cfg(NET + CONV + HEAD.format(f=21, mask="1,2,3"), "bad.cfg")
-    with pytest.raises(CfgError, match=r"^bad\.cfg:18: \[yolo\] num=4 but anchors lists 3 pairs"):
-        parse_cfg(NET + CONV + HEAD.format(f=21, mask="0,1,2").replace("num=3", "num=4"), "bad.cfg")
-    with pytest.raises(CfgError, match=r"^bad\.cfg:18: \[yolo\] anchors has an odd count \(5\)"):
-        parse_cfg(NET + CONV + HEAD.format(f=21, mask="0").replace("12,9", "12"), "bad.cfg")
+    with pytest.raises(CfgError, match=r"^bad\.cfg:20: \[yolo\] anchors has an odd count \(5\)"):
+        parse_cfg(NET + CONV + HEAD.format(f=21, mask="0").replace("12,9", "12").replace("num=3\n", ""), "bad.cfg")
+
+
+def test_anchors_are_read_like_darknet() -> None:
+    """num= larger than the listed pairs: the rest are 0.5 (Darknet's initial biases); spaces, a trailing comma
+    and an odd count with num= are accepted as Darknet accepts them."""
+    from compress.sections.heads import yolo_anchors
+    cfg = parse_cfg(NET + CONV + HEAD.format(f=21, mask="0,1,2").replace("num=3", "num=4"))
+    assert yolo_anchors(cfg.blocks[-1]) == [(4, 5), (8, 10), (12, 9), (0.5, 0.5)]
+    cfg = parse_cfg(NET + CONV + HEAD.format(f=21, mask="0,1,2").replace("anchors=4,5, 8,10, 12,9",
+                                                                       "anchors = 4 , 5,8,10,\t12,9,"))
+    assert yolo_anchors(cfg.blocks[-1]) == [(4, 5), (8, 10), (12, 9)]
+    cfg = parse_cfg(NET + CONV + HEAD.format(f=21, mask="0,1,2").replace("12,9", "12"))
+    assert yolo_anchors(cfg.blocks[-1])[2] == (12, 0.5)
 
 
 def test_yolo_filters_mismatch() -> None:

@@ -98,7 +98,7 @@ def test_info_bad_cfg_is_one_error_line(tmp_path: Path, capsys) -> None:
     assert err.splitlines() == [f"Error: {bad}:5: [convolutional] filters='abc' is not an integer; "
                                 "fix the value in the cfg"]
     assert "Traceback" not in err + out
-    bad.write_text("[net]\n[upsample]\n[reorg]\nstride=2\n")
+    bad.write_text("[net]\n[upsample]\n[crnn]\noutput=2\n")
     code, _, err = _run(["info", "--cfg", str(bad)], capsys)
     assert code == 1 and len(err.splitlines()) == 1 and err.startswith(f"Error: {bad}:3: unsupported section")
 

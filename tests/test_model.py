@@ -196,8 +196,8 @@ def test_dilated_conv_pads_like_darknet() -> None:
         assert float(y[0, f, oy, ox]) == pytest.approx(float(want), abs=1e-5)
 
 
-def test_weighted_shortcut_is_rejected() -> None:
-    text = "[net]\n[convolutional]\nfilters=4\n[shortcut]\nfrom=-1\nweights_type=per_feature\n"
-    with pytest.raises(CfgError, match=r"<cfg>:4: \[shortcut\] weights_type=per_feature .* not supported"):
+def test_unknown_shortcut_weights_type_names_the_line() -> None:
+    text = "[net]\n[convolutional]\nfilters=4\n[shortcut]\nfrom=-1\nweights_type=per_pixel\n"
+    with pytest.raises(CfgError, match=r"<cfg>:6: \[shortcut\] weights_type=per_pixel is not supported; use one of"):
         build_model(parse_cfg(text))
-    build_model(parse_cfg(text.replace("per_feature", "none")))
+    assert len(build_model(parse_cfg(text.replace("per_pixel", "per_channel"))).layers[1].darknet_tensors()) == 1

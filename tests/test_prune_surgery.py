@@ -56,12 +56,17 @@ def test_keep_size_equals_compact_tiny(name: str, method: str) -> None:
     _check_exact(TINY_CFGS[0].parent / f"{name}.cfg", method, 0.4, 64)
 
 
-def test_attention_cfg_has_no_reference_prunable_layer_but_spp_feeder_prunes_exactly() -> None:
-    """tiny-attn: every BN conv feeds a depthwise conv, [eca], [sam] or SPP (reference rule 4) -> nothing to
-    select; a hand mask on the SPP feeder (layer 9: maxpools + 3-input route) is still exact."""
+def test_attention_cfg_prunes_through_the_depthwise_conv_and_spp_feeder_exactly() -> None:
+    """tiny-attn: conv 0 feeds a depthwise conv (1), so slim cuts both together; every other BN conv feeds
+    [eca], [sam] or SPP (reference rule 4). A hand mask on the SPP feeder (layer 9) is still exact."""
     cfg = TINY_CFGS[0].parent / "tiny-attn.cfg"
+    model = build_model(read_cfg(cfg))
+    mask, _ = select_mask(model, PruneConfig(method="slim", percent=0.3, min_keep=0.05))
+    assert set(mask) == {0, 1} and torch.equal(mask[0], mask[1])
     with pytest.raises(PruneError, match="no prunable layer"):
-        select_mask(build_model(read_cfg(cfg)), PruneConfig(method="slim"))
+        select_mask(model, PruneConfig(method="normal"))
+    keep = torch.arange(8) % 3 != 1
+    _check_exact(cfg, "slim", 0.0, 64, mask={0: keep, 1: keep})
     _check_exact(cfg, "slim", 0.0, 64, mask={9: torch.arange(16) % 4 != 1})
 
 

@@ -1,4 +1,4 @@
-"""torch-pruning's traced DependencyGraph agrees with our cfg coupling on residual-add groups."""
+"""torch-pruning's traced DependencyGraph agrees with our cfg coupling on residual-add and depthwise groups."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,8 +24,16 @@ def _tp_conv_groups(model) -> set[tuple[int, ...]]:
             continue
         group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=[0])
         groups.add(tuple(sorted({index[dep.target.module] for dep, _ in group
-                                 if dep.handler == tp.prune_conv_out_channels and dep.target.module in index})))
-    return {g for g in groups if len(g) > 1}
+                                 if dep.handler in (tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels)
+                                 and dep.target.module in index})))
+    merged: list[set[int]] = []  # a depthwise conv fed by a concat joins two groups: merge overlapping ones
+    for g in groups:
+        joined = set(g)
+        for other in [m for m in merged if m & joined]:
+            merged.remove(other)
+            joined |= other
+        merged.append(joined)
+    return {tuple(sorted(g)) for g in merged if len(g) > 1}
 
 
 def _check(path: Path) -> None:

@@ -20,7 +20,10 @@ from .surgery import channel_offsets, copy_layer
 __all__ = ["remove_blocks", "remove_units"]
 
 log = logging.getLogger(__name__)
-_REF_KEYS = {"route": "layers", "shortcut": "from", "scale_channels": "from", "sam": "from"}
+
+
+def _ref_count(block: Block, keys: tuple[str, ...]) -> int:
+    return sum(len(block.get_ints(k)) for k in keys if block.has(k))
 
 
 def _resolver(model: DarknetModel, drop: set[int]):
@@ -38,16 +41,19 @@ def _resolver(model: DarknetModel, drop: set[int]):
 
 
 def _remap(block: Block, i: int, model: DarknetModel, resolve, new_index: dict[int, int]) -> Block:
-    key = _REF_KEYS.get(block.type)
-    if key is None:
-        return block
-    raw = block.get_ints(key)
-    olds = model.graph.inputs[i] if block.type == "route" else model.graph.inputs[i][1:]
-    refs = []
-    for r, old in zip(raw, olds):
-        new = new_index[resolve(old, i)]
-        refs.append(str(new - new_index[i]) if r < 0 else str(new))
-    return block.replace(**{key: ",".join(refs)})
+    """Rewrite the section's layer-reference keys (the section table's `refs`) for the new numbering."""
+    inputs = model.graph.inputs[i]
+    olds = iter(inputs[len(inputs) - _ref_count(block, model.graph.sections[i].refs):])  # refs come last
+    changes = {}
+    for key in model.graph.sections[i].refs:
+        if not block.has(key):
+            continue
+        refs = []
+        for r in block.get_ints(key):
+            new = new_index[resolve(next(olds), i)]
+            refs.append(str(new - new_index[i]) if r < 0 else str(new))
+        changes[key] = ",".join(refs)
+    return block.replace(**changes) if changes else block
 
 
 def remove_blocks(model: DarknetModel, drop: set[int], keep: dict[int, torch.Tensor] | None = None,
@@ -61,7 +67,9 @@ def remove_blocks(model: DarknetModel, drop: set[int], keep: dict[int, torch.Ten
     kept = [i for i in range(len(blocks)) if i not in drop]
     new_index = {old: new for new, old in enumerate(kept)}
     for pos, i in enumerate(kept):  # the implicit input (previous block) must survive the removal
-        prev = graph.inputs[i][0] if blocks[i].type != "route" else None
+        section = graph.sections[i]
+        implicit = section.reads_previous and len(graph.inputs[i]) > _ref_count(blocks[i], section.refs)
+        prev = graph.inputs[i][0] if implicit else None
         if prev is not None and prev >= 0 and resolve(prev, i) != (kept[pos - 1] if pos else -1):
             raise PruneError(f"removing blocks before layer {i} changes what it reads; remove whole residual blocks")
     new_blocks = [_remap(blocks[i], i, model, resolve, new_index) for i in kept]

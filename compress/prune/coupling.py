@@ -1,18 +1,19 @@
 """Coupled channel groups and prunable layer sets, derived from the `LayerGraph` (never from hard-coded indices).
 
-Every output channel of a `[convolutional]` block is a node. Walking the blocks in order, each block's output
-channels are expressed as node ids: a conv creates nodes, a route concatenates (or slices, with `groups`) its
-inputs' ids, maxpool/upsample/dropout/avgpool pass them through, and a shortcut *unites* its two inputs' ids
-channel by channel (one union-find). Channels that cannot be removed are *fixed*:
+Every output channel of a conv block ([convolutional], [depthwise]) is a node. Walking the blocks in order,
+each block's output channels are expressed as node ids by its section-table `flow` rule: a conv creates nodes,
+a route concatenates (or slices, with `groups`) its inputs' ids, pooling/upsample/dropout pass them through,
+a shortcut *unites* its inputs' ids channel by channel where they overlap, and a depthwise conv (one filter
+per channel, with BN) unites its outputs with its inputs, so it is cut together with its producer.
+Channels that cannot be removed are *fixed*:
 
-* convs without BN (YOLO head convs, attention logits) and grouped/depthwise convs (their outputs);
+* convs without BN (YOLO head convs, attention logits) and other grouped convs (their outputs);
 * every channel feeding a grouped route (`groups/group_id`, YOLOv4-tiny CSP split; reference rule 5),
-  a grouped or depthwise conv (rule 6), `[se]`/`[cbam]`/`[eca]` (their weights are sized by the channel
-  count), `[scale_channels]`/`[sam]` operands, `maxpool_depth`, `[yolo]`/`[region]` and the image.
+  another grouped conv, `[se]`/`[cbam]`/`[eca]` (their weights mix the channels), `[scale_channels]`/`[sam]`
+  operands, a weighted shortcut, `maxpool_depth`, `[reorg]`, the heads and the image.
 
-Simplest-correct choice: these producers are excluded instead of being pruned symmetrically. A coupled group
-is a set of convs whose channels are tied one-to-one (a residual chain); a group with any fixed channel, or
-whose ties are not channel-aligned, is fixed as a whole.
+A coupled group is a set of convs whose channels are tied one-to-one (a residual chain, a producer and its
+depthwise conv); a group with any fixed channel, or whose ties are not channel-aligned, is fixed as a whole.
 """
 from __future__ import annotations
 
@@ -26,8 +27,6 @@ from ..graph import LayerGraph
 __all__ = ["Coupling", "build_coupling", "prunable_layers", "residual_units", "MODES"]
 
 MODES = (0, 1, 2)
-_PASS = ("maxpool", "upsample", "dropout", "avgpool")
-_POISON_INPUT = ("se", "cbam", "eca", "yolo", "region")
 
 
 class _UnionFind:
@@ -64,62 +63,53 @@ class Coupling:
         return min(self.group_of[i])
 
 
+class _IdOps:
+    """Channel ids for the section table's flow rules: a union-find over every conv output channel."""
+
+    def __init__(self, graph: LayerGraph) -> None:
+        self.graph = graph
+        self.offset, n = {}, graph.cfg.channels
+        for i, s in enumerate(graph.sections):
+            if s.conv:
+                self.offset[i] = n
+                n += graph.channels[i]
+        self.uf, self.poison = _UnionFind(n), set(range(graph.cfg.channels))
+
+    def own(self, i: int) -> np.ndarray:
+        return np.arange(self.offset[i], self.offset[i] + self.graph.channels[i])
+
+    def cat(self, vs: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(vs)
+
+    def part(self, v: np.ndarray, groups: int, group_id: int) -> np.ndarray:
+        return np.array_split(v, groups)[group_id]
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        for x, y in zip(a.tolist(), b.tolist()):  # unequal widths: only the overlap is tied (Darknet adds it)
+            self.uf.union(x, y)
+        return a
+
+    def tie(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.add(a, b)
+
+    def keep_whole(self, v: np.ndarray) -> None:
+        self.poison.update(v.tolist())
+
+    def fresh(self, i: int) -> np.ndarray:
+        c, start = self.graph.channels[i], len(self.uf.parent)
+        self.uf.parent.extend(range(start, start + c))
+        self.poison.update(range(start, start + c))
+        return np.arange(start, start + c)
+
+
 def _walk(graph: LayerGraph) -> tuple[_UnionFind, dict[int, np.ndarray], set[int]]:
-    blocks = graph.cfg.blocks
-    convs = [i for i, b in enumerate(blocks) if b.type == "convolutional"]
-    offset, n = {}, graph.cfg.channels
-    for i in convs:
-        offset[i] = n
-        n += graph.channels[i]
-    uf, poison = _UnionFind(n), set(range(graph.cfg.channels))
+    ops = _IdOps(graph)
     ids: dict[int, np.ndarray] = {}
     image = np.arange(graph.cfg.channels)
-    for i, block in enumerate(blocks):
+    for i, (block, section) in enumerate(zip(graph.cfg.blocks, graph.sections)):
         ins = [image if s < 0 else ids[s] for s in graph.inputs[i]]
-        ids[i] = _block_ids(block, i, graph, ins, offset, uf, poison)
-    return uf, {i: ids[i] for i in convs}, poison
-
-
-def _block_ids(block, i: int, graph: LayerGraph, ins: list[np.ndarray], offset: dict[int, int],
-               uf: _UnionFind, poison: set[int]) -> np.ndarray:
-    t = block.type
-    if t == "convolutional":
-        own = np.arange(offset[i], offset[i] + graph.channels[i])
-        if block.get_int("groups", 1) > 1:
-            poison.update(ins[0].tolist())
-            poison.update(own.tolist())
-        elif not block.get_int("batch_normalize", 0):
-            poison.update(own.tolist())
-        return own
-    if t == "route":
-        groups, gid = block.get_int("groups", 1), block.get_int("group_id", 0)
-        if groups > 1:
-            for x in ins:
-                poison.update(x.tolist())
-            ins = [np.array_split(x, groups)[gid] for x in ins]
-        return np.concatenate(ins)
-    if t == "shortcut":
-        for a, b in zip(ins[0].tolist(), ins[1].tolist()):
-            uf.union(a, b)
-        return ins[0]
-    if t in _PASS and not block.get_int("maxpool_depth", 0):
-        return ins[0]
-    for x in ins:  # se/cbam/eca/yolo/region/scale_channels/sam/maxpool_depth: keep their inputs whole
-        poison.update(x.tolist())
-    if t in _POISON_INPUT:
-        return ins[0]
-    if t == "scale_channels":
-        return ins[1]
-    if t == "sam":
-        return ins[0]
-    return _fresh_poisoned(uf, poison, graph.channels[i])
-
-
-def _fresh_poisoned(uf: _UnionFind, poison: set[int], c: int) -> np.ndarray:
-    start = len(uf.parent)
-    uf.parent.extend(range(start, start + c))
-    poison.update(range(start, start + c))
-    return np.arange(start, start + c)
+        ids[i] = section.flow(block, i, ins, ops)
+    return ops.uf, {i: ids[i] for i in ops.offset}, ops.poison
 
 
 def build_coupling(graph: LayerGraph) -> Coupling:

@@ -1,13 +1,15 @@
 """The shared pruning core: apply a channel mask to a model and return a NEW, compact model.
 
-1. Output-channel masks are propagated through route (concat, `groups/group_id` slices), shortcut, maxpool,
-   upsample, dropout, avgpool and attention blocks, so every conv knows which input columns survive.
+1. Output-channel masks are propagated by each section's flow rule (`compress.sections`: route concat and
+   `groups/group_id` slices, shortcut overlap, pass-through blocks), so every conv knows which input columns
+   survive. A depthwise conv is cut with its producer: its rows are sliced, it has no columns to slice.
 2. With `compensate`, each removed channel's constant activation `a = act(beta)` (exact when its gamma is 0)
    is folded into its consumers (reference section 3.1): per consumer conv output o,
    `offset_o = sum_c (sum of kernel taps W[o, c]) * a_c`, subtracted from the BN running mean (or added to the
    conv bias of a conv without BN). Constants add up along shortcut chains and pass through routes, maxpool and
    upsample. Exact for 1x1 consumers; for kxk consumers exact away from the zero-padded border.
-3. New cfg via `block.replace(filters=kept)`, `build_model`, then the sliced tensors are copied.
+3. New cfg via each section's `resize` (filters=, and groups= of a depthwise conv), `build_model`, then the
+   sliced tensors are copied.
 """
 from __future__ import annotations
 
@@ -26,29 +28,43 @@ __all__ = ["apply_channel_mask", "propagate", "channel_offsets", "copy_layer"]
 log = logging.getLogger(__name__)
 
 
+class _VectorOps:
+    """Per-channel vectors (keep masks, removed-channel constants) for the section table's flow rules."""
+
+    def __init__(self, graph: LayerGraph, own: Callable[[int], torch.Tensor], image: torch.Tensor,
+                 combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        self.graph, self.own, self.image, self.combine = graph, own, image, combine
+
+    def cat(self, vs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(list(vs))
+
+    def part(self, v: torch.Tensor, groups: int, group_id: int) -> torch.Tensor:
+        return v.chunk(groups)[group_id]
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        m = min(len(a), len(b))  # Darknet adds where the channels overlap
+        return torch.cat((self.combine(a[:m], b[:m]), a[m:]))
+
+    def tie(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        pass
+
+    def keep_whole(self, v: torch.Tensor) -> None:
+        pass
+
+    def fresh(self, i: int) -> torch.Tensor:
+        n = self.graph.channels[i]
+        return torch.ones(n, dtype=torch.bool) if self.image.dtype == torch.bool else torch.zeros(n)
+
+
 def propagate(graph: LayerGraph, own: Callable[[int], torch.Tensor], image: torch.Tensor,
               combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
-    """Per-block channel vectors: convs give `own(i)`, other blocks map their inputs' vectors like their
-    channels (route concat/slices, pass-through), shortcut merges its two inputs with `combine`."""
+    """Per-block channel vectors by each section's flow rule: convs give `own(i)`, routes concatenate/slice,
+    pass-through blocks copy, shortcuts merge their inputs with `combine` where they overlap."""
+    ops = _VectorOps(graph, own, image, combine)
     out: list[torch.Tensor] = []
-    for i, block in enumerate(graph.cfg.blocks):
+    for i, (block, section) in enumerate(zip(graph.cfg.blocks, graph.sections)):
         ins = [image if s < 0 else out[s] for s in graph.inputs[i]]
-        t = block.type
-        if t == "convolutional":
-            v = own(i)
-        elif t == "route":
-            groups, gid = block.get_int("groups", 1), block.get_int("group_id", 0)
-            v = torch.cat([x.chunk(groups)[gid] if groups > 1 else x for x in ins])
-        elif t == "shortcut":
-            v = combine(ins[0], ins[1])
-        elif t == "scale_channels":
-            v = ins[1]
-        elif t == "maxpool" and block.get_int("maxpool_depth", 0):
-            v = torch.zeros(graph.channels[i], dtype=image.dtype) if image.dtype != torch.bool \
-                else torch.ones(graph.channels[i], dtype=torch.bool)
-        else:
-            v = ins[0]
-        out.append(v)
+        out.append(section.flow(block, i, ins, ops))
     return out
 
 
@@ -77,9 +93,9 @@ def channel_offsets(model: DarknetModel, keep: ChannelMask) -> dict[int, torch.T
     Subtract it from the BN running mean (or add it to the bias) to compensate for their removal."""
     consts = _constants(model, keep)
     out = {}
-    for i, block in enumerate(model.cfg.blocks):
+    for i, section in enumerate(model.graph.sections):
         src = model.graph.inputs[i][0]
-        if block.type != "convolutional" or src < 0 or not bool(consts[src].any()):
+        if not section.conv or src < 0 or not bool(consts[src].any()):
             continue
         w = model.layers[i].conv.weight.detach().float().cpu()
         groups = model.layers[i].conv.groups
@@ -125,7 +141,8 @@ def apply_channel_mask(model: DarknetModel, mask: ChannelMask, compensate: bool 
     mask = validate_mask(build_coupling(graph), {i: m.cpu() for i, m in mask.items()})
     keep = _keep_vectors(graph, mask)
     offsets = channel_offsets(model, mask) if compensate else {}
-    blocks = [b.replace(filters=int(mask[i].sum())) if i in mask else b for i, b in enumerate(model.cfg.blocks)]
+    blocks = [graph.sections[i].resize(b, int(mask[i].sum())) if i in mask else b
+              for i, b in enumerate(model.cfg.blocks)]
     new = build_model(model.cfg.with_blocks(blocks))
     device = next(model.parameters()).device
     new.to(device)
