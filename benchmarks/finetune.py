@@ -27,6 +27,12 @@ ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 MODELS = ("yolov4-tiny", "yolov3-tiny", "yolo-fastest-1.1")
 
 
+def geometry() -> str:
+    """The input geometry `evaluate` (and training) used for these figures."""
+    value = getattr(EvalConfig(), "letterbox", None)
+    return "letterbox (every model)" if value is None else f"letterbox={value} (None: the cfg's letter_box)"
+
+
 def score(cfg: Path, weights: Path, data: Path, img_size: int) -> tuple[float, float]:
     r = evaluate(load(cfg, weights), load_data_spec(data), EvalConfig(img_size=img_size, progress=False))
     return round(float(r.map50), 4), round(float(r.map50_95), 4)
@@ -46,13 +52,15 @@ def run_one(name: str, loss: str | None, data: Path, img_size: int, epochs: int,
     if res.exit_code:
         raise SystemExit(f"{name}: train failed\n{res.output}")
     report = json.loads((out / "report.json").read_text())
-    last = score(out / "last.cfg", out / "last.weights", data, img_size)
+    final = report["history"][-1]  # the last epoch, evaluated by train itself (= out/last.weights)
+    last = round(final["map50"], 4), round(final["map50_95"], 4)
     tc = report["train_config"]
     return {"model": name, "loss": tc["loss"], "img_size": img_size, "epochs": epochs, "lr0": tc["lr0"],
             "freeze_bn_stats": tc["freeze_bn_stats"], "map50_before": before[0], "map50_95_before": before[1],
             "map50_last": last[0], "map50_95_last": last[1], "map50_best": report["map50"],
             "map50_95_best": report["map50_95"], "d_map50": round(last[0] - before[0], 4),
-            "d_map50_95": round(last[1] - before[1], 4), "train_s": round(time.perf_counter() - t0)}
+            "d_map50_95": round(last[1] - before[1], 4), "train_s": round(time.perf_counter() - t0),
+            "geometry": geometry()}
 
 
 def main() -> None:
