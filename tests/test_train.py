@@ -165,17 +165,19 @@ def test_hyp_file_keys_are_validated_with_file_and_key(tmp_path):
 def test_finetune_defaults_hyp_and_typed_options_in_that_order(tmp_path):
     from compress.train.hyp import FINETUNE, resolve_train_config
 
-    values = dict(epochs=1, lr0=0.01, warmup_epochs=3.0, loss="darknet")
+    values = dict(epochs=1, lr0=0.01, warmup_epochs=3.0)
     scratch = resolve_train_config(values, set(), None, pretrained=False)
-    assert (scratch.lr0, scratch.warmup_epochs, scratch.freeze_bn_stats) == (0.01, 3.0, False)
+    assert (scratch.lr0, scratch.warmup_epochs, scratch.freeze_bn_stats, scratch.loss) == (0.01, 3.0, False, "v5")
     tuned = resolve_train_config(values, set(), None, pretrained=True)
-    assert tuned.lr0 == FINETUNE["darknet"]["lr0"] and tuned.freeze_bn_stats == FINETUNE["darknet"]["freeze_bn_stats"]
+    assert tuned.loss == "darknet" and tuned.lr0 == FINETUNE["darknet"]["lr0"] and tuned.freeze_bn_stats == FINETUNE["darknet"]["freeze_bn_stats"]
     hyp = tmp_path / "h.yaml"
     hyp.write_text("lr0: 0.003\nwarmup_epochs: 1.5\n")
     from_hyp = resolve_train_config(values, set(), hyp, pretrained=True)
     assert (from_hyp.lr0, from_hyp.warmup_epochs) == (0.003, 1.5)
     typed = resolve_train_config(values, {"lr0"}, hyp, pretrained=True)
     assert (typed.lr0, typed.warmup_epochs) == (0.01, 1.5)
+    v5 = resolve_train_config({**values, "loss": "v5"}, {"loss"}, None, pretrained=True)
+    assert v5.loss == "v5" and v5.lr0 == FINETUNE["v5"]["lr0"]
     hyp.write_text("momentum: 1.5\n")
     with pytest.raises(CompressError, match=f"{hyp}: hyp key momentum"):
         resolve_train_config(values, set(), hyp, pretrained=False)
@@ -207,7 +209,7 @@ def test_cli_finetune_with_darknet_loss_and_hyp(data, tmp_path):
     out = tmp_path / "ft"
     res = CliRunner().invoke(cli, ["train", "--cfg", str(cfg), "--weights", str(tmp_path / "pre.weights"), "--data",
                                    str(data), "--out", str(out), "--epochs", "1", "--batch-size", "8", "--workers",
-                                   "0", "--loss", "darknet", "--hyp", str(hyp), "--warmup-epochs", "0.5"])
+                                   "0", "--hyp", str(hyp), "--warmup-epochs", "0.5"])
     assert res.exit_code == 0, res.output
     tc = json.loads((out / "report.json").read_text())["train_config"]
     assert tc["loss"] == "darknet" and tc["freeze_bn_stats"] is True and tc["lr0"] < 0.001

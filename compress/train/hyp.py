@@ -2,7 +2,9 @@
 
 Precedence when the `train` command builds its TrainConfig, lowest first: TrainConfig's defaults < the
 fine-tune defaults (only when starting from pretrained `--weights`) < the `--hyp` file < options given on
-the command line.
+the command line. The loss itself defaults to "darknet" for fine-tuning (the loss the weights were trained
+with: its assignment and objectness targets keep their calibration) and to "v5" from scratch (the recipes'
+learning rates are tuned for it).
 """
 from __future__ import annotations
 
@@ -55,6 +57,9 @@ FINETUNE: dict[str, dict[str, Any]] = {
     "darknet": {"lr0": 4e-5, "warmup_epochs": 0.0, "freeze_bn_stats": True},
     "v5": {"lr0": 1e-3, "warmup_epochs": 0.0, "freeze_bn_stats": True},
 }
+
+
+FINETUNE_LOSS = "darknet"
 
 
 def finetune_defaults(loss: str) -> dict[str, Any]:
@@ -114,8 +119,9 @@ def resolve_train_config(values: dict[str, Any], explicit: set[str], hyp_path: s
     """TrainConfig from the command's option values, applying the fine-tune defaults (when `pretrained`)
     and the hyp file to every field not in `explicit` (the options the user typed)."""
     merged = dict(values)
+    merged.setdefault("loss", FINETUNE_LOSS if pretrained else TrainConfig.loss)
     if pretrained:
-        for key, value in finetune_defaults(merged.get("loss", TrainConfig.loss)).items():
+        for key, value in finetune_defaults(merged["loss"]).items():
             if key not in explicit:
                 merged[key] = value
     hyp = load_hyp(hyp_path) if hyp_path else {}
