@@ -10,7 +10,9 @@ Notation, per [yolo] head with grid (H, W), stride (sx, sy) = (img_w / W, img_h 
 * The positive cell is the cell holding the centre: `(gx, gy) = floor(g_xy)`; the box target is
   `tbox = (g_xy - (gx, gy), g_wh)` (centre offset in the cell, size in grid units).
 * The predicted box uses the model's decoding (`YOLOLayer.decode`):
-  `xy = sigmoid(t_xy) * s - (s - 1) / 2` with `s = scale_x_y`, `wh = exp(t_wh) * a_k`.
+  `xy = sigmoid(t_xy) * s - (s - 1) / 2` with `s = scale_x_y`, `wh = exp(t_wh) * a_k`; for `new_coords=1`
+  heads (the map already holds probabilities p): `xy = p_xy * s - (s - 1) / 2`, `wh = (2 p_wh)^2 * a_k`, and
+  the BCE terms take `logit(p)` (their gradient at the conv's input is then the usual `p - target`).
 * Box term: `L_box = mean(1 - CIoU(pred, tbox))` (or GIoU), over the positives of a head.
 * Objectness: `L_obj = BCEWithLogits(t_o, tobj)`, mean over all A*H*W cells, where `tobj = clamp(IoU, 0)`
   (detached) at positive cells and 0 elsewhere; heads are weighted by `balance`, ordered by stride (fine
@@ -18,12 +20,15 @@ Notation, per [yolo] head with grid (H, W), stride (sx, sy) = (img_w / W, img_h 
 * Classes: `L_cls = BCEWithLogits(t_c, onehot(cls))`, mean over positives and classes (skipped if nc == 1).
 * Gains: `box * 3/nl`, `obj * (img/640)^2 * 3/nl`, `cls * nc/80 * 3/nl` (nl = number of heads), and
   `total = batch_size * (L_box + L_obj + L_cls)` so gradients sum over images (SGD lr 0.01 tuned for it).
+
+Losses are a registry: `LOSSES[name](model, train_config) -> loss`, `build_loss(name, model, config)`;
+"v5" is this module's `YoloLoss`, "darknet" is `compress.losses_darknet.DarknetLoss` (the `[yolo]` keys).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Sequence
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -32,11 +37,28 @@ from .boxes import bbox_iou
 from .errors import CompressError
 
 __all__ = ["LossConfig", "YoloLoss", "decode_cell_boxes", "HeadTargets", "build_targets", "head_strides",
-           "init_head_biases"]
+           "init_head_biases", "LOSSES", "register_loss", "build_loss"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BALANCE = (4.0, 1.0, 0.4, 0.06, 0.02)
+
+# name -> factory(model, train_config) -> callable(heads, targets, img_hw) -> (total, parts)
+LOSSES: dict[str, Callable[[nn.Module, Any], Callable]] = {}
+
+
+def register_loss(name: str) -> Callable:
+    def deco(f: Callable) -> Callable:
+        LOSSES[name] = f
+        return f
+    return deco
+
+
+def build_loss(name: str, model: nn.Module, config: Any = None) -> Callable:
+    """The registered loss `name` for `model`; `config` (a TrainConfig or None) carries the v5 gains."""
+    if name not in LOSSES:
+        raise CompressError(f"loss {name!r} is not one of {sorted(LOSSES)}; pick one of those (--loss)")
+    return LOSSES[name](model, config)
 
 
 @dataclass(frozen=True)
@@ -104,10 +126,13 @@ def build_targets(heads: Sequence[torch.Tensor], targets: torch.Tensor, model: n
 MAX_LOG_WH = 8.0  # clamp t_wh before exp(): e^8 anchors is far beyond any image, and exp() cannot overflow
 
 
-def decode_cell_boxes(ps: torch.Tensor, anchors: torch.Tensor, s: float = 1.0) -> torch.Tensor:
+def decode_cell_boxes(ps: torch.Tensor, anchors: torch.Tensor, s: float = 1.0,
+                      new_coords: bool = False) -> torch.Tensor:
     """The model's box formula (`YOLOLayer.decode`) for (n, >=4) raw predictions at known cells, in grid units
-    relative to the cell: (sigmoid(t_xy) * s - (s - 1) / 2, exp(t_wh) * anchors). Shared by the detection loss
-    and the distillation box terms."""
+    relative to the cell: (sigmoid(t_xy) * s - (s - 1) / 2, exp(t_wh) * anchors), or for new_coords heads
+    (p_xy * s - (s - 1) / 2, (2 p_wh)^2 * anchors). Shared by the detection loss and the distillation box terms."""
+    if new_coords:
+        return torch.cat((ps[:, :2] * s - (s - 1) / 2, (2 * ps[:, 2:4]) ** 2 * anchors), 1)
     xy = torch.sigmoid(ps[:, :2]) * s - (s - 1) / 2
     wh = torch.exp(ps[:, 2:4].clamp(max=MAX_LOG_WH)) * anchors
     return torch.cat((xy, wh), 1)
@@ -115,14 +140,10 @@ def decode_cell_boxes(ps: torch.Tensor, anchors: torch.Tensor, s: float = 1.0) -
 
 class YoloLoss:
     """`loss(heads, targets, img_hw) -> (total, parts)`; parts = {"box", "obj", "cls"} (detached, after gains,
-    before the batch-size factor). Raises CompressError for heads it cannot train (new_coords=1)."""
+    before the batch-size factor). new_coords=1 heads train on logit(p) (see the module docstring)."""
 
     def __init__(self, model: nn.Module, hyp: LossConfig = LossConfig()) -> None:
         model = _unwrap(model)
-        for i, layer in zip(model.graph.heads, model.heads):
-            if layer.new_coords:
-                raise CompressError(f"{model.cfg.blocks[i].where()}: [yolo] new_coords=1 heads cannot be trained "
-                                    "yet (inference works); use a cfg without new_coords")
         self.model, self.hyp = model, hyp
         self.nc = model.num_classes
         self.bce = nn.BCEWithLogitsLoss()
@@ -135,11 +156,13 @@ class YoloLoss:
         lbox, lobj, lcls = (torch.zeros((), device=device) for _ in range(3))
         matched = build_targets(heads, targets, self.model, img_hw, hyp.anchor_t)
         for layer, p, tg, bal in zip(self.model.heads, heads, matched, balance):
-            p = p.float()
+            p = _as_logits(p.float(), layer.new_coords)
             tobj = torch.zeros(p.shape[:4], device=device)
             if len(tg.b):
                 ps = p[tg.b, tg.a, tg.gy, tg.gx]
-                iou = bbox_iou(decode_cell_boxes(ps, tg.anchors, layer.scale_x_y), tg.tbox, kind=hyp.iou_kind)
+                box = decode_cell_boxes(_box_input(ps, layer.new_coords), tg.anchors, layer.scale_x_y,
+                                        layer.new_coords)
+                iou = bbox_iou(box, tg.tbox, kind=hyp.iou_kind)
                 lbox = lbox + (1.0 - iou).mean()
                 tobj[tg.b, tg.a, tg.gy, tg.gx] = iou.detach().clamp(0).to(tobj.dtype)
                 if self.nc > 1:
@@ -191,5 +214,25 @@ def init_head_biases(model: nn.Module, img_size: int | None = None, start: int =
             b[:, 5:] = math.log(0.6 / max(layer.classes - 0.99, 0.01))
 
 
+def _as_logits(p: torch.Tensor, new_coords: bool) -> torch.Tensor:
+    """new_coords maps hold probabilities: turn them into logits for the BCE terms (box terms undo it)."""
+    return torch.logit(p.clamp(1e-6, 1 - 1e-6)) if new_coords else p
+
+
+def _box_input(ps: torch.Tensor, new_coords: bool) -> torch.Tensor:
+    return torch.sigmoid(ps) if new_coords else ps
+
+
+@register_loss("v5")
+def _v5(model: nn.Module, config: Any = None) -> YoloLoss:
+    if config is None:
+        return YoloLoss(model)
+    return YoloLoss(model, LossConfig(box=config.box, obj=config.obj, cls=config.cls, anchor_t=config.anchor_t,
+                                      iou_kind=config.iou_kind))
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
+
+
+from . import losses_darknet  # noqa: E402,F401  (registers "darknet"; it imports register_loss from here)

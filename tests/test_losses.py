@@ -103,9 +103,21 @@ def test_scale_x_y_changes_decoded_box_like_the_model():
     assert torch.allclose(box, torch.tensor([[torch.sigmoid(torch.tensor(2.0)).item() * 1.2 - 0.1, 0.5, 3.0, 4.0]]))
 
 
-def test_new_coords_heads_refuse_training():
-    with pytest.raises(CompressError, match="new_coords"):
-        YoloLoss(tiny_model(extra="\nnew_coords=1"))
+def test_new_coords_heads_train_on_probabilities():
+    """new_coords maps hold probabilities: the v5 loss decodes xy = p*s - (s-1)/2, wh = (2p)^2 * anchor, so the
+    probabilities that encode the targets exactly give ~0 loss, and 0.5 everywhere does not."""
+    model = tiny_model(extra="\nnew_coords=1\nscale_x_y=2.0")
+    targets = torch.cat([one_target(), one_target(0.7, 0.2, 0.3, 0.2, 2.0)])
+    heads = [torch.full_like(p, 1e-7) for p in model(torch.zeros(1, 3, *IMG))]
+    for p, t in zip(heads, build_targets(heads, targets, model, IMG)):
+        p[t.b, t.a, t.gy, t.gx, 0:2] = (t.tbox[:, :2] + 0.5) / 2.0
+        p[t.b, t.a, t.gy, t.gx, 2:4] = torch.sqrt(t.tbox[:, 2:4] / t.anchors) / 2
+        p[t.b, t.a, t.gy, t.gx, 4] = 1 - 1e-7
+        p[t.b, t.a, t.gy, t.gx, 5 + t.tcls] = 1 - 1e-7
+    _, parts = YoloLoss(model)(heads, targets, IMG)
+    assert all(v < 1e-4 for v in parts.values()), parts
+    _, half = YoloLoss(model)([torch.full_like(p, 0.5) for p in heads], targets, IMG)
+    assert all(v > 1e-3 for v in half.values()), half
 
 
 def test_loss_config_validation():

@@ -144,3 +144,121 @@ def test_config_validation_names_the_field(field, value):
 def test_resume_without_checkpoint_is_a_clear_error(data, tmp_path):
     with pytest.raises(CompressError, match="nothing to resume"):
         fit(tiny_model(), load_data_spec(data), quick(resume=True), out_dir=tmp_path)
+
+
+def test_hyp_file_keys_are_validated_with_file_and_key(tmp_path):
+    from compress.train.hyp import load_hyp
+
+    good = tmp_path / "hyp.yaml"
+    good.write_text("lr0: 0.002\nmomentum: 0.9\nfreeze_bn_stats: true\nmosaic: 0.0\ndegrees: 0.0\niou_t: 0.2\n")
+    assert load_hyp(good) == {"lr0": 0.002, "momentum": 0.9, "freeze_bn_stats": True, "mosaic": 0.0}
+    for text, match in [("lr_zero: 0.1\n", "unknown hyp key 'lr_zero'"), ("lr0: fast\n", "hyp key lr0 must be a number"),
+                        ("degrees: 10\n", "degrees=10 is not supported"), ("- 1\n", "mapping"),
+                        ("freeze_bn_stats: 1\n", "true or false")]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(CompressError, match=match) as err:
+            load_hyp(bad)
+        assert str(bad) in str(err.value)
+
+
+def test_finetune_defaults_hyp_and_typed_options_in_that_order(tmp_path):
+    from compress.train.hyp import FINETUNE, resolve_train_config
+
+    values = dict(epochs=1, lr0=0.01, warmup_epochs=3.0)
+    scratch = resolve_train_config(values, set(), None, pretrained=False)
+    assert (scratch.lr0, scratch.warmup_epochs, scratch.freeze_bn_stats, scratch.loss) == (0.01, 3.0, False, "v5")
+    tuned = resolve_train_config(values, set(), None, pretrained=True)
+    assert tuned.loss == "darknet" and tuned.lr0 == FINETUNE["darknet"]["lr0"] and tuned.freeze_bn_stats == FINETUNE["darknet"]["freeze_bn_stats"]
+    hyp = tmp_path / "h.yaml"
+    hyp.write_text("lr0: 0.003\nwarmup_epochs: 1.5\n")
+    from_hyp = resolve_train_config(values, set(), hyp, pretrained=True)
+    assert (from_hyp.lr0, from_hyp.warmup_epochs) == (0.003, 1.5)
+    typed = resolve_train_config(values, {"lr0"}, hyp, pretrained=True)
+    assert (typed.lr0, typed.warmup_epochs) == (0.01, 1.5)
+    v5 = resolve_train_config({**values, "loss": "v5"}, {"loss"}, None, pretrained=True)
+    assert v5.loss == "v5" and v5.lr0 == FINETUNE["v5"]["lr0"]
+    hyp.write_text("momentum: 1.5\n")
+    with pytest.raises(CompressError, match=f"{hyp}: hyp key momentum"):
+        resolve_train_config(values, set(), hyp, pretrained=False)
+
+
+def _bn_buffers(model):
+    return [b.clone() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)
+            for b in (m.running_mean, m.running_var)]
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freeze_bn_stats_keeps_running_statistics(data, freeze):
+    model = tiny_model()
+    before = _bn_buffers(model)
+    fit(model, load_data_spec(data), quick(epochs=1, ema=False, freeze_bn_stats=freeze, bn_momentum=0.5))
+    after = _bn_buffers(model)
+    assert all(torch.equal(a, b) for a, b in zip(before, after)) == freeze
+    assert all(m.momentum == 0.5 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_cli_finetune_with_darknet_loss_and_hyp(data, tmp_path):
+    from compress.persist import save
+
+    cfg = tmp_path / "tiny.cfg"
+    cfg.write_text(CFG_TEXT)
+    save(tiny_model(), tmp_path / "pre.cfg", tmp_path / "pre.weights")
+    hyp = tmp_path / "hyp.yaml"
+    hyp.write_text("momentum: 0.9\nscale: 0.2\n")
+    out = tmp_path / "ft"
+    res = CliRunner().invoke(cli, ["train", "--cfg", str(cfg), "--weights", str(tmp_path / "pre.weights"), "--data",
+                                   str(data), "--out", str(out), "--epochs", "1", "--batch-size", "8", "--workers",
+                                   "0", "--hyp", str(hyp), "--warmup-epochs", "0.5"])
+    assert res.exit_code == 0, res.output
+    tc = json.loads((out / "report.json").read_text())["train_config"]
+    assert tc["loss"] == "darknet" and tc["freeze_bn_stats"] is True and tc["lr0"] < 0.001
+    assert (tc["momentum"], tc["scale"], tc["warmup_epochs"]) == (0.9, 0.2, 0.5)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr0: -1\n")
+    res = CliRunner().invoke(cli, ["train", "--cfg", str(cfg), "--data", str(data), "--out", str(tmp_path / "x"),
+                                   "--hyp", str(bad)])
+    assert isinstance(res.exception, CompressError) and f"{bad}: hyp key lr0" in str(res.exception)
+
+
+class InterruptAt(Hook):
+    """Ctrl-C in the middle of epoch `epoch`, at its micro-batch `batch` (0-based), once."""
+
+    def __init__(self, epoch, batch):
+        self.epoch, self.batch, self.seen = epoch, batch, 0
+
+    def extra_loss(self, state, imgs, targets, heads):
+        if state.epoch == self.epoch:
+            if self.seen == self.batch:
+                raise KeyboardInterrupt
+            self.seen += 1
+        return {}
+
+
+class CountSteps(Hook):
+    def __init__(self):
+        self.steps = 0
+
+    def after_backward(self, state):
+        self.steps += 1
+
+
+@pytest.mark.parametrize("accumulate,batch", [(1, 2), (2, 3)])
+def test_ctrl_c_mid_epoch_resumes_exactly(data, tmp_path, accumulate, batch):
+    """Same optimizer steps, same epoch losses and weights as an uninterrupted run (16 images, batches of 4)."""
+    config = dict(epochs=2, batch_size=4, warmup_epochs=1, accumulate=accumulate, ema=True)
+    straight = fit(tiny_model(), load_data_spec(data), quick(**config), out_dir=tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(), load_data_spec(data), quick(**config), hooks=[InterruptAt(1, batch)],
+            out_dir=tmp_path / "b")
+    counter = CountSteps()
+    resumed = fit(tiny_model(seed=5), load_data_spec(data), quick(**config, resume=True), hooks=[counter],
+                  out_dir=tmp_path / "b")
+    steps = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["step"]
+    assert steps == torch.load(tmp_path / "a" / "last.pt", weights_only=False)["step"] == 8 // accumulate
+    assert counter.steps == (4 - batch // accumulate * accumulate) // accumulate
+    for key in ("total", "box", "obj", "cls"):
+        assert resumed.history[1][key] == pytest.approx(straight.history[1][key], rel=1e-5)
+    a, b = load(None, tmp_path / "a" / "last.pt"), load(None, tmp_path / "b" / "last.pt")
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(pa.float(), pb.float(), atol=1e-6), name

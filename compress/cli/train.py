@@ -6,12 +6,16 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from ..report import format_stage_table
 from ..train import DistConfig, train_model
+from ..cfg import read_cfg
+from ..losses import LOSSES
+from ..train.hyp import resolve_train_config
 from ..train.optim import SCHEDULERS
 from . import cli
-from .common import (check_not_input, device_option, fit_config, fit_options, model_options, out_option,
+from .common import (FIT_OPTION_NAMES, check_not_input, device_option, fit_options, model_options, out_option,
                      report_option, write_report)
 
 TABLE_KEYS = [("epochs", "epochs"), ("final_loss", "final loss"), ("map50", "mAP@0.5"),
@@ -44,14 +48,29 @@ def dist_from_env(device: str) -> tuple[DistConfig | None, str]:
 @click.option("--no-augment", is_flag=True, help="Train on letterboxed images only.")
 @click.option("--eval-every", default=1, show_default=True, type=click.IntRange(1), help="Epochs between evals.")
 @click.option("--cutoff", type=click.IntRange(1), help="Load weights of the first N layers only (transfer).")
+@click.option("--loss", type=click.Choice(sorted(LOSSES)), help="Detection loss: darknet (the cfg's [yolo] keys, as "
+              "Darknet trains) or v5 (Ultralytics). Default: darknet when fine-tuning --weights, else v5.")
+@click.option("--hyp", "hyp_path", type=click.Path(exists=True, dir_okay=False),
+              help="YAML of hyper-parameters (Ultralytics keys: lr0, lrf, momentum, weight_decay, warmup_epochs, "
+                   "box, obj, cls, hsv_h, scale, mosaic, ...; also freeze_bn_stats, bn_momentum).")
 @report_option
 def train_command(cfg: str, weights: str | None, data: str, out: str, scheduler: str, device: str, resume: bool,
                   no_ema: bool, amp: bool, accumulate: int, no_augment: bool, eval_every: int, cutoff: int | None,
-                  report_path: str | None, **fit: Any) -> None:
-    """Train or fine-tune a Darknet model; the best model (by mAP@0.5) is OUT/best.cfg + best.weights."""
+                  loss: str | None, hyp_path: str | None, report_path: str | None, **fit: Any) -> None:
+    """Train or fine-tune a Darknet model; the best model (by mAP@0.5) is OUT/best.cfg + best.weights.
+
+    With --weights (fine-tuning) the defaults change to protect the pretrained model: a small lr0, no
+    warm-up, BatchNorm statistics frozen (see the README); options you type and --hyp keys win over them."""
     check_not_input([Path(out) / f"{n}.{e}" for n in ("best", "last") for e in ("cfg", "weights")], [cfg, weights])
-    config = fit_config(cfg, fit, scheduler=scheduler, resume=resume, ema=not no_ema, amp=amp,
-                        accumulate=accumulate, augment=not no_augment, eval_every=eval_every)
+    values = {k: fit.pop(k) for k in FIT_OPTION_NAMES}
+    values["img_size"] = values["img_size"] or read_cfg(cfg).width
+    values.update(scheduler=scheduler, resume=resume, ema=not no_ema, amp=amp, accumulate=accumulate,
+                  augment=not no_augment, eval_every=eval_every)
+    if loss:
+        values["loss"] = loss
+    ctx = click.get_current_context()
+    explicit = {k for k in ctx.params if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+    config = resolve_train_config(values, explicit, hyp_path, pretrained=weights is not None and cutoff is None)
     dist, device = dist_from_env(device)
     result, report = train_model(cfg, weights, data, config, out, device, cutoff, dist)
     if report:

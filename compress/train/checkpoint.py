@@ -38,12 +38,15 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def save_train_checkpoint(path: Path, state: TrainState, completed_epochs: int, progress: dict) -> None:
-    """`completed_epochs` = epochs fully trained; `progress` = best fitness, history, ..."""
+def save_train_checkpoint(path: Path, state: TrainState, completed_epochs: int, progress: dict,
+                          rng: dict | None = None) -> None:
+    """`completed_epochs` = epochs fully trained; `progress` = best fitness, history, and for a run stopped
+    mid-epoch `partial` (batches of the next epoch already trained); `rng` = the RNG states to resume with
+    (default: the current ones)."""
     save_checkpoint(state.model, path, optimizer=state.optimizer.state_dict(),
                     ema=state.ema.state_dict() if state.ema is not None else None,
                     scaler=state.scaler.state_dict() if state.scaler is not None else None,
-                    epoch=completed_epochs, step=state.step, rng=rng_state(),
+                    epoch=completed_epochs, step=state.step, rng=rng or rng_state(),
                     train_config=state.config.to_dict(), progress=progress)
 
 

@@ -20,7 +20,11 @@ class TrainConfig:
     batch_size is the total batch per optimizer micro-step (split across processes under DDP);
     `accumulate` micro-batches make one optimizer step. Weight decay applies to conv/linear weights only
     (BN and biases are never decayed) and is scaled by batch_size * accumulate / 64 (nominal batch 64).
-    `optimizer`/`scheduler` name entries of `compress.train.optim.OPTIMIZERS` / `SCHEDULERS`.
+    `optimizer`/`scheduler` name entries of `compress.train.optim.OPTIMIZERS` / `SCHEDULERS`, `loss` one of
+    `compress.losses.LOSSES` ("darknet": the cfg's [yolo] keys; "v5": box/obj/cls/anchor_t/iou_kind below).
+    BatchNorm: `freeze_bn_stats` keeps the running mean/var fixed (BN layers normalise with them while
+    training, as at inference); `bn_momentum` (None = the model's) sets how fast they follow the batches.
+    hsv_h ... mosaic: the augmentation (`compress.augment.AugmentConfig`), used when `augment`.
     """
     epochs: int = 100
     batch_size: int = 16
@@ -48,8 +52,19 @@ class TrainConfig:
     cls: float = 0.5
     anchor_t: float = 4.0
     iou_kind: str = "ciou"
+    loss: str = "v5"
+    freeze_bn_stats: bool = False
+    bn_momentum: float | None = None
+    hsv_h: float = 0.015
+    hsv_s: float = 0.7
+    hsv_v: float = 0.4
+    fliplr: float = 0.5
+    translate: float = 0.1
+    scale: float = 0.5
+    mosaic: float = 0.0
 
     def __post_init__(self) -> None:
+        from ..losses import LOSSES
         from .optim import OPTIMIZERS, SCHEDULERS
 
         positive = ("epochs", "batch_size", "img_size", "accumulate", "eval_every", "lr0", "lrf")
@@ -64,6 +79,18 @@ class TrainConfig:
         _check("iou_kind", self.iou_kind in ("ciou", "giou"), "must be 'ciou' or 'giou'", self.iou_kind)
         _check("anchor_t", self.anchor_t > 1, "must be > 1", self.anchor_t)
         _check("clip_grad", self.clip_grad is None or self.clip_grad > 0, "must be > 0 or None", self.clip_grad)
+        _check("loss", self.loss in LOSSES, f"must be one of {sorted(LOSSES)}", self.loss)
+        _check("bn_momentum", self.bn_momentum is None or 0 <= self.bn_momentum <= 1, "must be in [0, 1] or None",
+               self.bn_momentum)
+        for name in ("hsv_h", "hsv_s", "hsv_v", "fliplr", "translate", "mosaic"):
+            _check(name, 0 <= getattr(self, name) <= 1, "must be in [0, 1]", getattr(self, name))
+        _check("scale", 0 <= self.scale < 1, "must be in [0, 1)", self.scale)
+
+    def augment_config(self):
+        from ..augment import AugmentConfig
+
+        return AugmentConfig(hsv_h=self.hsv_h, hsv_s=self.hsv_s, hsv_v=self.hsv_v, fliplr=self.fliplr,
+                             translate=self.translate, scale=self.scale, mosaic=self.mosaic)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -4,6 +4,7 @@ The CLI builds a `DistConfig` from torchrun's environment; nothing here reads th
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any
 
@@ -39,14 +40,26 @@ def wrap(model: nn.Module, cfg: DistConfig, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None)
 
 
+class EpochSampler(DistributedSampler):
+    """DistributedSampler that can leave out the first `skip` samples of the epoch's order (resuming an
+    interrupted epoch without loading the batches already trained)."""
+    skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, super().__len__() - self.skip)
+
+
 def make_train_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, cfg: DistConfig,
-                      collate_fn: Any) -> tuple[DataLoader, DistributedSampler]:
+                      collate_fn: Any) -> tuple[DataLoader, EpochSampler]:
     """Loader whose order depends only on (seed, epoch): call `sampler.set_epoch(e)` before each epoch.
     Each of the world_size processes gets batch_size // world_size images per batch."""
     if batch_size % cfg.world_size:
         raise TrainError(f"train option batch_size {batch_size} must be a multiple of the process count "
                          f"{cfg.world_size}")
-    sampler = DistributedSampler(dataset, num_replicas=cfg.world_size, rank=cfg.rank, shuffle=True, seed=seed)
+    sampler = EpochSampler(dataset, num_replicas=cfg.world_size, rank=cfg.rank, shuffle=True, seed=seed)
     loader = DataLoader(dataset, batch_size=batch_size // cfg.world_size, sampler=sampler, num_workers=workers,
                         collate_fn=collate_fn, pin_memory=False, drop_last=False)
     return loader, sampler

@@ -14,10 +14,10 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import DataSpec, DetectionDataset, collate
-from ..losses import LossConfig, YoloLoss
+from ..losses import build_loss
 from ..persist import save
 from . import distributed as D
-from .checkpoint import restore_train_checkpoint, save_train_checkpoint, seed_all
+from .checkpoint import restore_train_checkpoint, rng_state, save_train_checkpoint, seed_all, set_rng_state
 from .config import DistConfig, TrainConfig, TrainError
 from .ema import ModelEMA
 from .hooks import Hook, HookList, TrainState
@@ -74,15 +74,34 @@ def fit(model: nn.Module, data_spec: DataSpec, config: TrainConfig, hooks: Seque
         D.teardown(created)
 
 
+def set_bn_momentum(model: nn.Module, momentum: float | None) -> None:
+    """Darknet's own running averages use 0.01; the model's default is `layers.BN_MOMENTUM`."""
+    if momentum is not None:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = momentum
+
+
+def set_train_mode(model: nn.Module, freeze_bn_stats: bool) -> None:
+    """Train mode; with `freeze_bn_stats` the BN layers stay in eval mode (running statistics, not updated),
+    which keeps pretrained statistics intact when small batches would give noisy ones."""
+    model.train()
+    if freeze_bn_stats:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
 class _Trainer:
     def __init__(self, model: nn.Module, spec: DataSpec, config: TrainConfig, hooks: Sequence[Hook],
                  device: torch.device, out_dir: str | Path | None, dist_cfg: DistConfig) -> None:
         seed_all(config.seed)
         self.cfg, self.spec, self.dist, self.main = config, spec, dist_cfg, dist_cfg.is_main
         self.out = Path(out_dir) if out_dir is not None else None
-        model.to(device).train()
-        self.loss_fn = YoloLoss(model, LossConfig(box=config.box, obj=config.obj, cls=config.cls,
-                                                  anchor_t=config.anchor_t, iou_kind=config.iou_kind))
+        model.to(device)
+        set_bn_momentum(model, config.bn_momentum)
+        set_train_mode(model, config.freeze_bn_stats)
+        self.loss_fn = build_loss(config.loss, model, config)
         wd = config.weight_decay * config.batch_size * config.accumulate / NOMINAL_BATCH
         optimizer = build_optimizer(model, config.optimizer, config.lr0, config.momentum, wd)
         scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
@@ -90,13 +109,17 @@ class _Trainer:
         self.state = TrainState(model, optimizer, config.epochs, device, self.out, rank=dist_cfg.rank,
                                 world_size=dist_cfg.world_size, config=config, ema=ema, scaler=scaler)
         self.hooks = HookList(hooks)
-        self.dataset = DetectionDataset(spec.train, config.img_size, config.augment, spec.nc, seed=config.seed,
+        self.dataset = DetectionDataset(spec.train, config.img_size, config.augment, spec.nc,
+                                        aug=config.augment_config() if config.augment else None, seed=config.seed,
                                         source=f"{spec.source or 'data'} [train]")
         self.loader, self.sampler = D.make_train_loader(self.dataset, config.batch_size, config.workers,
                                                         config.seed, dist_cfg, collate)
         self.net = D.wrap(model, dist_cfg, device)
         self.start_epoch, self.history, self.best = 0, [], None
         self.completed = 0
+        # the last optimizer-step boundary of the running epoch: what a Ctrl-C checkpoint resumes from
+        self._mark: dict = {}
+        self._partial: dict = {}
         self._valid: DetectionDataset | None = None
         if config.resume:
             self._resume()
@@ -107,6 +130,9 @@ class _Trainer:
         done, progress = restore_train_checkpoint(self.out / "last.pt", self.state)
         self.start_epoch, self.history, self.best = done, progress.get("history", []), progress.get("best")
         self.completed = done
+        self._partial = progress.get("partial") or {}
+        if self._partial:
+            self._partial["rng"] = rng_state()  # the checkpoint's, restored above
         if done >= self.cfg.epochs:
             log.warning("%s: already trained %d of %d epochs; nothing to do", self.out, done, self.cfg.epochs)
 
@@ -120,7 +146,7 @@ class _Trainer:
                 self._end_epoch(epoch, losses, time.perf_counter() - t0)
         except KeyboardInterrupt:
             if self.main and self.out is not None:
-                self._save_checkpoint(self.completed)
+                self._save_interrupted()
                 log.warning("interrupted: checkpoint saved to %s; continue with resume", self.out / "last.pt")
             raise
         self._finish()
@@ -129,26 +155,36 @@ class _Trainer:
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         cfg, state = self.cfg, self.state
+        partial, self._partial = self._partial, {}
+        start, sums = partial.get("batch", 0), dict(partial.get("sums", {}))
         seed_all(cfg.seed + epoch)
+        set_train_mode(state.model, cfg.freeze_bn_stats)
         self.sampler.set_epoch(epoch)
         self.dataset.set_epoch(epoch)
+        self.sampler.skip = 0
         nb = len(self.loader)
+        self.sampler.skip = start * self.loader.batch_size
         n_warmup = round(cfg.warmup_epochs * nb)
         target_lr = cfg.lr0 * lr_factor(cfg.scheduler, epoch, cfg.epochs, cfg.lrf)
-        sums: dict[str, float] = {}
         show = cfg.progress and self.main
-        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if show else True,  # None: TTY only
-                   leave=False)
-        for i, (imgs, targets, _, _) in enumerate(bar):
+        batches = iter(self.loader)  # draws the loader's base seed from the global RNG
+        if partial:  # resuming mid-epoch: continue with the RNG states of the interrupted run at that step
+            set_rng_state(partial["rng"])
+        self._set_mark(epoch, start, sums)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=None if show else True,  # None: TTY only
+                   leave=False, initial=start, total=nb)
+        for i, (imgs, targets, _, _) in enumerate(bar, start):
             it = epoch * nb + i
             warmup_step(state.optimizer, min(it, n_warmup), n_warmup, target_lr, cfg.momentum,
                         cfg.warmup_momentum)
             parts = self._micro_step(imgs.to(state.device), targets.to(state.device))
-            if (i + 1) % cfg.accumulate == 0 or i == nb - 1:
-                self._optimizer_step()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
+            if (i + 1) % cfg.accumulate == 0 or i == nb - 1:
+                self._optimizer_step()
+                self._set_mark(epoch, i + 1, sums)
             bar.set_postfix({k: f"{v / (i + 1):.4f}" for k, v in sums.items()})
+        self.sampler.skip = 0
         means = {k: v / max(nb, 1) for k, v in sums.items()}
         means["lr"] = target_lr
         return means
@@ -223,6 +259,26 @@ class _Trainer:
             self.best = row["map50"]
             save(self.eval_model, out / "best.cfg", out / "best.weights")
         self._save_checkpoint(done)
+
+    def _set_mark(self, epoch: int, batch: int, sums: dict[str, float]) -> None:
+        """Remember the state after an optimizer step; BN buffers too (a forward pass after the step, cut
+        short by Ctrl-C, moves the running statistics)."""
+        buffers = {k: v.detach().clone() for k, v in self.state.model.named_buffers()}
+        self._mark = {"epoch": epoch, "batch": batch, "sums": dict(sums), "rng": rng_state(), "buffers": buffers}
+
+    def _save_interrupted(self) -> None:
+        """Ctrl-C: save the state at the last optimizer step, with the batches of the running epoch trained
+        so far, so that resume continues with the next batch (the same steps as an uninterrupted run)."""
+        mark = self._mark
+        if not mark or mark["epoch"] < self.completed:  # stopped outside an epoch's batches
+            self._save_checkpoint(self.completed)
+            return
+        partial = {"epoch": mark["epoch"], "batch": mark["batch"], "sums": mark["sums"]}
+        with torch.no_grad():
+            for name, buf in self.state.model.named_buffers():
+                buf.copy_(mark["buffers"][name])
+        save_train_checkpoint(self.out / "last.pt", self.state, self.completed,
+                              {"history": self.history, "best": self.best, "partial": partial}, rng=mark["rng"])
 
     def _save_checkpoint(self, done: int) -> None:
         save_train_checkpoint(self.out / "last.pt", self.state, done, {"history": self.history, "best": self.best})
