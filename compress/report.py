@@ -157,7 +157,8 @@ def stage_figures(model: DarknetModel, cfg_path: str | os.PathLike | None = None
                "params": summary.params, "gflops": round(summary.gflops, 4),
                "size_mb": round(file_size_mb(weights_path), 4) if weights_path else None,
                "latency_ms": round(measure_latency(model, summary.img_size, runs=latency_runs,
-                                                   device=next(model.parameters()).device), 3),
+                                                   device=next(model.parameters()).device), 3)
+               if latency_runs > 0 else None,  # 0: not measured (it can dominate a command's run time)
                "map50": None, "map50_95": None}
     if metrics:
         figures.update({k: metrics.get(k) for k in ("map50", "map50_95")})

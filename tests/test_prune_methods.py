@@ -12,7 +12,7 @@ from compress.errors import PruneError
 from compress.model import build_model
 from compress.prune import METHODS, PruneConfig, prune, select_mask
 from compress.prune.blocks import remove_blocks
-from compress.prune.coupling import build_coupling, residual_units
+from compress.prune.coupling import build_coupling, prunable_layers, residual_units
 from compress.prune.mask import validate_mask
 
 from conftest import DATA, randomize_bn
@@ -68,6 +68,35 @@ def test_percent_too_high_names_layer_and_safe_percent(assets: Path, method: str
     assert all(bool(m.any()) for m in mask.values())
     floored, _ = select_mask(model, PruneConfig(method=method, percent=0.99, min_keep=0.1))
     assert all(int(m.sum()) >= int(0.1 * len(m)) for m in floored.values())
+
+
+def _largest_accepted_percent(model, method: str) -> float:
+    """Bisection on select_mask itself: the largest --percent it accepts (to ~1e-6)."""
+    lo, hi = 0.0, 0.9999
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        try:
+            select_mask(model, PruneConfig(method=method, percent=mid))
+            lo = mid
+        except PruneError:
+            hi = mid
+    return lo
+
+
+@pytest.mark.parametrize("cfg", ["tiny-shortcut", "yolov3"])
+def test_shortcut_safe_percent_is_the_boundary_of_its_own_threshold(assets: Path, cfg: str) -> None:
+    """The threshold runs over every mode-1 gamma (chain members included): the suggested percent must be the
+    largest accepted one (floored to 4 decimals), and the error must name that same value."""
+    path = DATA / "tiny-shortcut.cfg" if cfg == "tiny-shortcut" else assets / "cfg" / "yolov3.cfg"
+    model = _model(path, seed=3)
+    _, info = select_mask(model, PruneConfig(method="shortcut", percent=0.01))
+    safe, boundary = info["safe_percent"], _largest_accepted_percent(model, "shortcut")
+    n = sum(model.graph.channels[i] for i in prunable_layers(build_coupling(model.graph), 1))
+    assert safe <= boundary < safe + 1e-4 + 1 / n  # thr = sorted[floor(N * p)]: one gamma = 1/N of percent
+    select_mask(model, PruneConfig(method="shortcut", percent=safe))  # the suggestion itself works
+    too_high = min(0.9999, boundary + 1e-4)
+    with pytest.raises(PruneError, match=rf"largest safe --percent is {safe} \(limited by layer \d+\)"):
+        select_mask(model, PruneConfig(method="shortcut", percent=too_high))
 
 
 def test_regular_rounds_up_within_width() -> None:

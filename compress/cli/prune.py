@@ -10,11 +10,16 @@ from tabulate import tabulate
 
 from ..prune import METHODS, PruneConfig
 from ..report import format_stage_table
+from ..sparsity import SCHEDULES, UPDATES
 from . import cli
 from .common import device_option, fit_config, fit_options, model_options, out_option, report_option, write_report
 
 _ROWS = [("params", "params"), ("gflops", "GFLOPs"), ("size_mb", "weights MB"), ("latency_ms", "CPU latency ms"),
          ("map50", "mAP@.5"), ("map50_95", "mAP@.5:.95")]
+
+
+_SPARSE_KEYS = [("params", "params"), ("gflops", "GFLOPs"), ("map50", "mAP@.5"), ("s_final", "final s"),
+                ("suggested_max_percent", "max safe --percent"), ("target_reached_epoch", "target reached (epoch)")]
 
 
 def _before_after(report: dict) -> str:
@@ -39,16 +44,19 @@ def _before_after(report: dict) -> str:
 @click.option("--data", type=click.Path(exists=True), help="Evaluate mAP before/after on this .data / image folder.")
 @click.option("--img-size", type=click.IntRange(32, 4096), help="Size for figures/eval (default: the cfg's).")
 @click.option("--dry-run", is_flag=True, help="Print the per-layer channel table; write nothing.")
+@click.option("--latency", is_flag=True, help="Also measure CPU latency before/after (median of 5 runs each).")
 @device_option
 @report_option
 def prune_command(cfg: str, weights: str | None, out: str, method: str, percent: float, shortcuts: int,
                   round_to: int | None, min_keep: float, layer_keep: float, no_compensate: bool, data: str | None,
-                  img_size: int | None, dry_run: bool, device: str, report_path: str | None) -> None:
+                  img_size: int | None, dry_run: bool, latency: bool, device: str,
+                  report_path: str | None) -> None:
     """Channel or layer pruning of a Darknet model -> DIR/<cfg>-<method>.cfg/.weights + report.json."""
     from ..prune.pipeline import PruneJob, run_prune
     config = PruneConfig(method=method, percent=percent, shortcuts=shortcuts, round_to=round_to, min_keep=min_keep,
                          layer_keep=layer_keep, compensate=not no_compensate)
-    report, result, model = run_prune(PruneJob(cfg, weights, out, config, data, img_size, dry_run, device))
+    report, result, model = run_prune(PruneJob(cfg, weights, out, config, data, img_size, dry_run, device,
+                                                   5 if latency else 0))
     if dry_run:
         click.echo(tabulate(result.channel_rows(model), headers=["#", "type", "before", "after"], tablefmt="github"))
     click.echo(_before_after(report))
@@ -67,22 +75,31 @@ def prune_command(cfg: str, weights: str | None, out: str, method: str, percent:
 @click.option("-sr", "sr_flag", is_flag=True, hidden=True, help="Accepted for the reference; implied.")
 @click.option("--prune", "mode", type=click.IntRange(0, 2), default=0, show_default=True,
               help="Layer set: 0 normal/regular, 1 shortcut/slim, 2 layer pruning.")
-@click.option("--s-schedule", type=click.Choice(["constant", "step", "relax"]), default="constant", show_default=True)
+@click.option("--s-schedule", type=click.Choice(sorted(SCHEDULES)), default="constant", show_default=True)
+@click.option("--l1-update", type=click.Choice(["auto", *sorted(UPDATES)]), default="auto", show_default=True,
+              help="How the L1 term acts: auto = proximal step for Adam/AdamW, subgradient s*sign(gamma) for SGD.")
+@click.option("--target-sparsity", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Raise s (x --s-growth per epoch) until this share of |gamma| is below 1e-2.")
+@click.option("--s-growth", type=click.FloatRange(1, 100, min_open=True), default=2.0, show_default=True,
+              help="Factor on s per epoch while below --target-sparsity.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out from its last.pt.")
 @fit_options()
 @device_option
 @report_option
 def sparse_train_command(cfg: str, weights: str | None, data: str, out: str, s: float, sr_flag: bool, mode: int,
-                         s_schedule: str, device: str, report_path: str | None, **fit: Any) -> None:
+                         s_schedule: str, l1_update: str, target_sparsity: float | None, s_growth: float,
+                         resume: bool, device: str, report_path: str | None, **fit: Any) -> None:
     """Train with an L1 penalty on BN gammas (network slimming) so that `prune` can cut channels."""
     from ..sparsity import SparseTrainJob, SparsityConfig, run_sparse_train
     from .train import dist_from_env
     dist, device = dist_from_env(device)
-    job = SparseTrainJob(cfg, weights, data, out, SparsityConfig(s=s, mode=mode, schedule=s_schedule),
-                         fit_config(cfg, fit, progress=False), device=device, distributed=dist)
+    sparsity = SparsityConfig(s=s, mode=mode, schedule=s_schedule, update=l1_update, target=target_sparsity,
+                              growth=s_growth)
+    job = SparseTrainJob(cfg, weights, data, out, sparsity, fit_config(cfg, fit, progress=False, resume=resume),
+                         device=device, distributed=dist)
     report = run_sparse_train(job)
     if not report:
         return
-    click.echo(format_stage_table([report], [("params", "params"), ("gflops", "GFLOPs"), ("map50", "mAP@.5"),
-                                             ("suggested_max_percent", "max safe --percent")]))
+    click.echo(format_stage_table([report], _SPARSE_KEYS))
     click.echo(json.dumps(report["gamma"], indent=None))
     write_report(report_path, report)

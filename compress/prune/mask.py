@@ -30,12 +30,15 @@ def global_threshold(scores: dict[int, torch.Tensor], percent: float) -> float:
     return float(flat[min(int(len(flat) * percent), len(flat) - 1)])
 
 
-def safe_percent(scores: dict[int, torch.Tensor]) -> tuple[float, int]:
-    """Largest --percent whose threshold leaves every layer >= 1 channel, and the layer that limits it.
-    (Reference: highest_thr = min over layers of max |gamma|.)"""
+def safe_percent(scores: dict[int, torch.Tensor], deciding: dict[int, torch.Tensor] | None = None
+                 ) -> tuple[float, int]:
+    """Largest --percent whose threshold (over all `scores`) leaves every `deciding` layer (default: every
+    layer of `scores`) >= 1 channel kept (`>= thr`), and the layer that limits it. (Reference: highest_thr =
+    min over layers of max |gamma|.) The percent is floored to 4 decimals, so it is itself safe."""
     flat = _flat(scores)
-    layer = min(scores, key=lambda i: (float(scores[i].max()), i))
-    highest = float(scores[layer].max())
+    deciding = scores if deciding is None else deciding
+    layer = min(deciding, key=lambda i: (float(deciding[i].max()), i))
+    highest = float(deciding[layer].max())
     return math.floor(int((flat < highest).sum()) / len(flat) * 1e4) / 1e4, layer
 
 
@@ -51,11 +54,13 @@ def threshold_masks(scores: dict[int, torch.Tensor], thr: float, strict: bool = 
     return {i: (s > thr) if strict else (s >= thr) for i, s in scores.items()}
 
 
-def check_not_emptied(mask: ChannelMask, scores: dict[int, torch.Tensor], percent: float, method: str) -> None:
-    """normal/shortcut: a layer emptied by the global threshold is an error naming the safe percent."""
+def check_not_emptied(mask: ChannelMask, scores: dict[int, torch.Tensor], percent: float, method: str,
+                      deciding: dict[int, torch.Tensor] | None = None) -> None:
+    """normal/shortcut: a layer emptied by the global threshold is an error naming the safe percent (computed
+    over the same `scores` the threshold ran over; `deciding`: the layers whose own mask counts)."""
     empty = [i for i, m in mask.items() if not bool(m.any())]
     if empty:
-        safe, layer = safe_percent(scores)
+        safe, layer = safe_percent(scores, deciding)
         raise PruneError(f"--percent {percent} would remove every channel of layer {empty[0]} ({method}); the largest "
                          f"safe --percent is {safe} (limited by layer {layer}); lower it or pass --min-keep 0.01")
 

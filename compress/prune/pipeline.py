@@ -29,9 +29,11 @@ class PruneJob:
     img_size: int | None = None
     dry_run: bool = False
     device: str = "cpu"
-    latency_runs: int = 5
+    latency_runs: int = 0   # CPU latency repetitions before and after; 0 = not measured (`--latency` sets 5)
 
     def __post_init__(self) -> None:
+        if self.latency_runs < 0:
+            raise PruneError(f"latency_runs {self.latency_runs} must be >= 0 (0 = do not measure latency)")
         if self.img_size is not None and self.img_size % 32:
             raise PruneError(f"--img-size {self.img_size} must be a multiple of 32")
 

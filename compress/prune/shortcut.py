@@ -18,8 +18,8 @@ def select(model: DarknetModel, coupling: Coupling, config: PruneConfig) -> tupl
     thr = global_threshold(gammas, config.percent)
     mask = merge_coupled(threshold_masks(gammas, thr), coupling, "root")
     deciding = {i: gammas[i] for i in layers if coupling.root(i) == i}  # singletons and chain roots
-    if config.min_keep == 0:
-        check_not_emptied({i: mask[i] for i in deciding}, deciding, config.percent, "shortcut")
+    if config.min_keep == 0:  # the threshold ran over all of `gammas`: so must the safe percent
+        check_not_emptied({i: mask[i] for i in deciding}, gammas, config.percent, "shortcut", deciding)
     root_scores = {i: gammas[coupling.root(i)] for i in layers}
-    info = {"threshold": thr, "safe_percent": safe_percent(deciding)[0], "prunable_layers": len(layers)}
+    info = {"threshold": thr, "safe_percent": safe_percent(gammas, deciding)[0], "prunable_layers": len(layers)}
     return finalize_mask(mask, coupling, root_scores, config, merge="root"), info

@@ -36,6 +36,7 @@ class Hook:
     on_fit_start(state)
       per micro-batch: extra_loss(state, imgs, targets, heads) -> {name: scalar tensor}
       per optimizer step (after gradients are unscaled and clipped): after_backward(state)
+      per optimizer step, right after optimizer.step() (before the EMA update): after_step(state)
       per epoch: on_epoch_end(state, metrics)  (may add entries to `metrics`; they are logged)
     on_fit_end(state)
 
@@ -51,6 +52,9 @@ class Hook:
         return {}
 
     def after_backward(self, state: TrainState) -> None:
+        pass
+
+    def after_step(self, state: TrainState) -> None:
         pass
 
     def on_epoch_end(self, state: TrainState, metrics: dict) -> None:
@@ -83,6 +87,10 @@ class HookList:
     def after_backward(self, state: TrainState) -> None:
         for h in self.hooks:
             h.after_backward(state)
+
+    def after_step(self, state: TrainState) -> None:
+        for h in self.hooks:
+            h.after_step(state)
 
     def on_epoch_end(self, state: TrainState, metrics: dict) -> None:
         for h in self.hooks:

@@ -215,6 +215,7 @@ class _Trainer:
         self.hooks.after_backward(state)
         state.scaler.step(state.optimizer)
         state.scaler.update()
+        self.hooks.after_step(state)
         state.optimizer.zero_grad(set_to_none=True)
         if state.ema is not None:
             state.ema.update(state.model)
