@@ -42,6 +42,27 @@ VARIANTS: dict[str, dict | None] = {
 }
 
 
+def variant_kwargs(name: str) -> dict | None:
+    """A VARIANTS name, or 'K:key=value,...' = strategy K with DistillConfig overrides (e.g. '3:temperature=2')."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    k, _, rest = name.partition(":")
+    kw: dict = {"strategy": int(k)}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        kw[key] = tuple(float(v) for v in value.split("/")) if "/" in value else _value(value)
+    return kw
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
 def teacher(work: Path, data: Path, epochs: int) -> tuple[Path, Path]:
     out = work / "teacher"
     if not (out / "best.weights").is_file():
@@ -68,14 +89,14 @@ def score(cfg: Path, weights: Path, data: Path) -> dict:
 
 
 def run_variant(name: str, seed: int, args: argparse.Namespace, paths: dict) -> dict:
-    train = TrainConfig(epochs=args.epochs, batch_size=16, img_size=128, lr0=args.lr0, optimizer="adam",
+    train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, img_size=128, lr0=args.lr0, optimizer="adam",
                         warmup_epochs=0, eval_every=args.epochs, workers=0, seed=seed, progress=False)
     s = load(paths["s_cfg"], paths["s_weights"])
     spec = load_data_spec(paths["data"])
     if args.n_train:  # a subset keeps the benchmark cheap on a shared 2-core CPU
         spec = DataSpec(train=spec.train[:args.n_train], valid=spec.valid, names=spec.names, source=spec.source)
     t0 = time.perf_counter()
-    kw = VARIANTS[name]
+    kw = variant_kwargs(name)
     if kw is None:
         res = fit(s, spec, train)
         row = {**res.metrics}
@@ -113,13 +134,16 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "kd-bench")
     p.add_argument("--out", type=Path, default=None, help="JSON with every run and the summary")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", default=["none", "1", "2", "3", "4", "5"], choices=sorted(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["none", "1", "2", "3", "4", "5"],
+                   help=f"{', '.join(VARIANTS)} or 'K:key=value,...' (DistillConfig overrides; a/b/c = a tuple)")
+    p.add_argument("--teacher", nargs=2, type=Path, metavar=("CFG", "WEIGHTS"), help="use this teacher")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr0", type=float, default=0.001)
+    p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--teacher-epochs", type=int, default=30)
     p.add_argument("--prune-method", default="l1")
     p.add_argument("--percent", type=float, default=0.6)
-    p.add_argument("--n-train", type=int, default=96, help="fine-tune on the first N train images (0: all)")
+    p.add_argument("--n-train", type=int, default=64, help="fine-tune on the first N train images (0: all)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -129,13 +153,13 @@ def main() -> None:
     data = work / "synth" / "synth.data"
     if not data.is_file():
         synthesize(work / "synth", img_size=128, seed=0)
-    t_cfg, t_weights = teacher(work, data, args.teacher_epochs)
+    t_cfg, t_weights = args.teacher or teacher(work, data, args.teacher_epochs)
     s_cfg, s_weights = student(work, t_cfg, t_weights, args.prune_method, args.percent)
     paths = dict(data=data, t_cfg=t_cfg, t_weights=t_weights, s_cfg=s_cfg, s_weights=s_weights)
     cache = work / "results.json"
     results = json.loads(cache.read_text()) if cache.is_file() else []
     setup = {"epochs": args.epochs, "lr0": args.lr0, "prune": f"{args.prune_method} {args.percent}",
-             "n_train": args.n_train}
+             "n_train": args.n_train, "batch_size": args.batch_size, "teacher": str(t_weights)}
     results = [r for r in results if r.get("setup") == setup]
     for seed in args.seeds:
         for name in args.variants:
