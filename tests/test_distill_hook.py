@@ -50,7 +50,7 @@ def test_gradient_flows_only_into_the_student(k):
     hook.setup(student)
     x = torch.rand(2, 3, 96, 128)  # non-square input
     heads = student.train()(x)
-    parts = hook.loss(x, _targets(2), heads)
+    parts = hook.loss(x, _targets(2), heads, det=1.0)  # calibrated against a detection loss of 1 per image
     total = sum(v for name, v in parts.items() if name.startswith("kd_") and v.requires_grad)
     assert total > 0
     total.backward()
@@ -62,7 +62,7 @@ def test_gradient_flows_only_into_the_student(k):
         assert set(hook.pairs) == {(0, 0), (3, 3), (7, 7), (26, 26), (19, 19)}
         student.zero_grad()
         heads = student(x)
-        hook.loss(x, _targets(2), heads)["kd_feat"].backward()
+        hook.loss(x, _targets(2), heads, det=1.0)["kd_feat"].backward()
         assert student.layers[26].conv.weight.grad.abs().sum() > 0
     hook.teardown()
 
@@ -119,12 +119,15 @@ def test_explicit_pairs_are_validated():
 
 
 @pytest.mark.parametrize("bad", [dict(strategy=0), dict(strategy=6), dict(temperature=0), dict(w_box=-1.0),
-                                 dict(box_margin=float("nan"))])
+                                 dict(box_margin=float("nan")), dict(ratios=(0.5, -1, None)), dict(ratios=(1.0,)),
+                                 dict(logits="softmax2"), dict(feature="l1"), dict(calib_batches=0)])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(DistillError):
         DistillConfig(**bad)
 
 
-def test_config_weights_default_to_the_reference_table():
-    assert DistillConfig(strategy=3).weights == (1e-4, 1e-3, 0.0)
-    assert DistillConfig(strategy=5, w_feat=0.5).weights == (1e-3, 1e-3, 0.5)
+def test_config_weights_reference_table_explicit_or_calibrated():
+    assert DistillConfig.reference(3).fixed_weights == (1e-4, 1e-3, 0.0)
+    assert DistillConfig(strategy=5, calibrate=False, w_feat=0.5).fixed_weights == (1e-3, 1e-3, 0.5)
+    assert DistillConfig(strategy=5, w_feat=0.5).fixed_weights == (None, None, 0.5)  # others calibrated
+    assert DistillConfig(strategy=1).fixed_weights == (None, 0.0, 0.0)  # unused terms weigh 0

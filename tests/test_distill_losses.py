@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 from compress.distill.config import DEFAULT_WEIGHTS, DistillConfig
 from compress.distill.losses import (STRATEGIES, HeadPositives, KDInputs, attention_map, decode_positive_boxes,
                                      fine_grained_mask, kd_attention_loss, kd_box_mimic, kd_box_teacher_bounded,
-                                     kd_logit_loss, soft_kl)
+                                     kd_logit_loss, soft_kl, sigmoid_kl, kd_sigmoid_loss, at_map, kd_at_loss)
 
 
 def _heads(n=2, a=3, sizes=((4, 6), (8, 12)), c=3, seed=0):
@@ -131,6 +131,46 @@ def test_fine_grained_mask_independent_of_head_order():
     assert torch.equal(a, b) and a.sum() > 0
 
 
+def test_sigmoid_kl_is_the_bernoulli_kl_times_t_squared():
+    from torch.distributions import Bernoulli, kl_divergence
+    s, t, w = torch.randn(5, 7) * 4, torch.randn(5, 7) * 4, torch.rand(5, 1)
+    T = 2.0
+    ref = kl_divergence(Bernoulli(logits=t / T), Bernoulli(logits=s / T)) * w
+    assert torch.allclose(sigmoid_kl(s, t, T, w), ref.sum() * T * T, rtol=1e-5)
+    assert sigmoid_kl(t, t, T) == 0 and sigmoid_kl(s, t, T) > 0
+
+
+def test_sigmoid_kd_weights_classes_by_teacher_objectness():
+    s, t = _heads(seed=1), _heads(seed=2)
+    for p in t:
+        p[..., 4] = -30.0  # teacher sees no object anywhere: its class scores carry nothing
+    obj_only = sum(sigmoid_kl(a[..., 4], b[..., 4], 1.0) for a, b in zip(s, t)) / 2
+    assert torch.allclose(kd_sigmoid_loss(s, t, 1.0, confidence=True), obj_only, rtol=1e-6)
+    assert kd_sigmoid_loss(s, t, 1.0, confidence=False) > obj_only * 1.5
+
+
+def test_at_maps_are_unit_norm_scale_and_channel_count_free():
+    fs, ft = _features()[0]
+    a = at_map(fs)
+    assert torch.allclose(a.norm(dim=1), torch.ones(2))
+    assert torch.allclose(at_map(fs * 37.0), a, atol=1e-6)  # activation scale does not matter
+    dup = torch.cat((fs, fs), 1)  # same map from twice the channels
+    assert torch.allclose(kd_at_loss(dup, ft), kd_at_loss(fs, ft), atol=1e-6)
+    manual = ((fs ** 2).mean(1).flatten(1) / (fs ** 2).mean(1).flatten(1).norm(dim=1, keepdim=True)
+              - (ft ** 2).mean(1).flatten(1) / (ft ** 2).mean(1).flatten(1).norm(dim=1, keepdim=True))
+    assert torch.allclose(kd_at_loss(fs, ft), manual.pow(2).sum() / 2, rtol=1e-5)
+
+
+def test_normalised_attention_term_is_not_negligible_unlike_the_softmax_one():
+    """Issue 10: channel-mean maps at T=3 through a softmax gave 1e-6..1e-5; unit-norm maps give O(0.1)."""
+    g = torch.Generator().manual_seed(0)
+    fs = torch.relu(torch.randn(2, 16, 16, 16, generator=g)) * 0.1
+    ft = fs.clone()
+    ft[:, :, 4:8, 4:8] *= 3  # the teacher attends to a region the student does not
+    assert kd_attention_loss(fs, ft, 3.0) < 1e-3
+    assert kd_at_loss(fs, ft) > 0.1
+
+
 def test_registry_covers_strategies_1_to_5():
     assert sorted(STRATEGIES) == sorted(DEFAULT_WEIGHTS) == [1, 2, 3, 4, 5]
 
@@ -140,8 +180,9 @@ def test_every_strategy_is_zero_when_student_equals_teacher(k):
     heads = _heads()
     feats = [(f, f.clone()) for f, _ in _features()]
     x = KDInputs(heads, [p.clone() for p in heads], _positives(heads), feats, (32, 48))
-    parts = STRATEGIES[k](x, DistillConfig(strategy=k))
-    assert parts and all(v == 0 for name, v in parts.items()), parts
+    for config in (DistillConfig(strategy=k), DistillConfig.reference(k)):
+        parts = STRATEGIES[k](x, config)
+        assert parts and all(v == 0 for name, v in parts.items()), parts
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
@@ -151,8 +192,8 @@ def test_every_strategy_is_positive_and_differentiable_for_different_models(k):
     feats = [(fs.requires_grad_(), ft) for fs, ft in _features()]
     x = KDInputs(s_heads, t_heads, _positives(s_heads), feats, (32, 48))
     parts = STRATEGIES[k](x, DistillConfig(strategy=k, box_margin=0.5))
+    assert all(v > 0 for n, v in parts.items() if n != "kd_bounded_frac"), parts  # each term separately
     total = sum(v for n, v in parts.items() if n != "kd_bounded_frac")
-    assert total > 0
     total.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in s_heads)
     assert all(f.grad is not None for f, _ in feats) == (k >= 4)

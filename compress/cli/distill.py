@@ -7,14 +7,17 @@ from typing import Any
 import click
 
 from ..data import load_data_spec
-from ..distill import STRATEGIES, DistillConfig, DistillResult, distill, parse_pairs
+from ..distill import (DEFAULT_STRATEGY, STRATEGIES, TERMS, DistillConfig, DistillResult, distill, parse_pairs)
+from ..distill.config import FEATURE_MODES, LOGIT_MODES
 from ..persist import load
 from ..report import format_stage_table
 from . import cli
 from .common import (check_not_input, device_option, fit_config, fit_options, model_options, out_option,
                      report_option, write_report)
+from .train import dist_from_env
 
 ROWS = [("run", "run"), ("map50", "mAP@0.5"), ("map50_95", "mAP@0.5:0.95")]
+SHARE_ROWS = [("epoch", "epoch"), ("det", "detection"), *[(k, k) for k in TERMS]]
 
 
 @cli.command("distill")
@@ -25,29 +28,51 @@ ROWS = [("run", "run"), ("map50", "mAP@0.5"), ("map50_95", "mAP@0.5:0.95")]
               required=True, help="Teacher weights (.weights or .pt).")
 @click.option("--data", type=click.Path(exists=True), required=True, help="Darknet .data file or image folder.")
 @out_option()
-@click.option("--kd", "--KDstr", "kd", type=click.Choice([str(k) for k in sorted(STRATEGIES)]), default="3",
-              show_default=True, help="1 logits, 2 +teacher-bounded box, 3 +box mimic, 4 +attention, 5 +GT-masked.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True)
+@click.option("--kd", "--KDstr", "kd", type=click.Choice([str(k) for k in sorted(STRATEGIES)]),
+              default=str(DEFAULT_STRATEGY), show_default=True,
+              help="1 logits, 2 +teacher-bounded box, 3 +box mimic, 4 +attention, 5 +GT-masked attention.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True),
+              help="Temperature of the logit terms [default: 1; 3 with --reference].")
+@click.option("--ratio-soft", type=click.FloatRange(0), help="Logit term / detection loss at the start "
+              "(calibrated weight) [default: 0.5].")
+@click.option("--ratio-box", type=click.FloatRange(0), help="Box term / detection loss at the start [default: 0.25].")
+@click.option("--ratio-feat", type=click.FloatRange(0), help="Feature term / detection loss at the start "
+              "[default: 0.25].")
+@click.option("--logit-kd", type=click.Choice(LOGIT_MODES), help="sigmoid: per-element binary KL (default); "
+              "softmax: the reference's softmax over [obj, classes].")
+@click.option("--feature-kd", type=click.Choice(FEATURE_MODES), help="at: L2-normalised attention maps (default); "
+              "softmax: the reference's softmax attention KL.")
+@click.option("--reference", is_flag=True, help="The reference's formulation: softmax terms at T=3 and its "
+              "absolute weights (no calibration), for comparison.")
 @fit_options(epochs=30)
 @click.option("--baseline", is_flag=True, help="Also train without KD (same epochs and seed) and report both.")
 @click.option("--pairs", help="Feature pairs 'student:teacher,...' for --kd 4/5 (default: one per stride).")
-@click.option("--w-soft", type=click.FloatRange(0), help="Logit-KD weight (default: the strategy's reference).")
-@click.option("--w-box", type=click.FloatRange(0), help="Box-KD weight (default: the strategy's reference).")
-@click.option("--w-feat", type=click.FloatRange(0), help="Feature-KD weight (default: the strategy's reference).")
+@click.option("--w-soft", type=click.FloatRange(0), help="Fixed logit-KD weight (instead of calibration).")
+@click.option("--w-box", type=click.FloatRange(0), help="Fixed box-KD weight (instead of calibration).")
+@click.option("--w-feat", type=click.FloatRange(0), help="Fixed feature-KD weight (instead of calibration).")
 @click.option("--reference-kd1", is_flag=True, help="--kd 1 softmaxes box logits too, like the reference.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (OUT/kd/last.pt).")
 @device_option
 @report_option
 def distill_command(cfg: str, weights: str | None, t_cfg: str, t_weights: str, data: str, out: str, kd: str,
-                    temperature: float, baseline: bool, pairs: str | None, w_soft: float | None,
-                    w_box: float | None, w_feat: float | None, reference_kd1: bool, device: str,
+                    temperature: float | None, ratio_soft: float | None, ratio_box: float | None,
+                    ratio_feat: float | None, logit_kd: str | None, feature_kd: str | None, reference: bool,
+                    baseline: bool, pairs: str | None, w_soft: float | None, w_box: float | None,
+                    w_feat: float | None, reference_kd1: bool, resume: bool, device: str,
                     report_path: str | None, **fit: Any) -> None:
     """Fine-tune --cfg/--weights with a --t_cfg/--t_weights teacher; writes OUT/distilled.cfg/.weights."""
     check_not_input([Path(out) / "distilled.cfg", Path(out) / "distilled.weights"], [cfg, weights, t_cfg, t_weights])
-    config = DistillConfig(strategy=int(kd), temperature=temperature, w_soft=w_soft, w_box=w_box, w_feat=w_feat,
-                           pairs=parse_pairs(pairs), baseline=baseline, reference_kd1=reference_kd1)
+    given = dict(temperature=temperature, logits=logit_kd, feature=feature_kd)
+    options = dict(w_soft=w_soft, w_box=w_box, w_feat=w_feat, ratios=(ratio_soft, ratio_box, ratio_feat),
+                   pairs=parse_pairs(pairs), baseline=baseline, reference_kd1=reference_kd1,
+                   **{k: v for k, v in given.items() if v is not None})
+    config = (DistillConfig.reference(int(kd), **options) if reference else DistillConfig(strategy=int(kd), **options))
+    train = fit_config(cfg, fit, resume=resume)
+    dist, device = dist_from_env(device)
     student, teacher = load(cfg, weights, device=device), load(t_cfg, t_weights, device=device)
-    train = fit_config(cfg, fit)
-    result = distill(student, teacher, load_data_spec(data), config, train, device, out)
+    result = distill(student, teacher, load_data_spec(data), config, train, device, out, dist)
+    if dist is not None and not dist.is_main:
+        return
     _echo(result)
     figures = result.to_dict()
     write_report(Path(out) / "report.json", figures)
@@ -60,4 +85,10 @@ def _echo(result: DistillResult) -> None:
     if result.baseline is not None:
         rows.append({"run": "no KD (baseline)", "map50": d["map50_baseline"], "map50_95": d["map50_95_baseline"]})
     click.echo(format_stage_table(rows, ROWS))
+    click.echo("\nKD weights: " + ", ".join(f"{k}={v:.4g}" for k, v in d["kd_weights"].items()))
+    shares = [s for s in (d["kd_shares"]["first_epoch"], d["kd_shares"]["last_epoch"]) if s]
+    if shares:
+        click.echo("share of the training loss (first and last epoch):")
+        click.echo(format_stage_table([{k: (f"{v:.1%}" if k != "epoch" else v) for k, v in s.items()}
+                                       for s in shares], SHARE_ROWS))
     click.echo(f"\ndistilled student -> {d['cfg']}, {d['weights']}")

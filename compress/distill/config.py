@@ -1,4 +1,4 @@
-"""DistillConfig: which knowledge-distillation strategy, its temperature, weights and layer pairs."""
+"""DistillConfig: which knowledge-distillation strategy, how its terms are formed and how they are weighted."""
 from __future__ import annotations
 
 import math
@@ -7,9 +7,12 @@ from typing import Literal
 
 from ..errors import DistillError
 
-__all__ = ["DistillConfig", "DEFAULT_WEIGHTS", "FEATURE_MODES", "parse_pairs"]
+__all__ = ["DistillConfig", "DEFAULT_WEIGHTS", "DEFAULT_RATIOS", "TERMS", "LOGIT_MODES", "FEATURE_MODES",
+           "DEFAULT_STRATEGY", "parse_pairs"]
 
-# Reference weights per strategy (reference-algorithms.md §6): (soft logits, box, feature).
+TERMS = ("kd_soft", "kd_box", "kd_feat")  # loss names, in the order of the (soft, box, feat) weight triples
+# Reference weights per strategy (reference-algorithms.md §6): (soft logits, box, feature). They were tuned
+# against a detection loss ~50-100x larger than ours, so they are only used with `calibrate=False`.
 DEFAULT_WEIGHTS: dict[int, tuple[float, float, float]] = {
     1: (1e-3, 0.0, 0.0),
     2: (1e-4, 1e-3, 0.0),
@@ -17,7 +20,14 @@ DEFAULT_WEIGHTS: dict[int, tuple[float, float, float]] = {
     4: (1e-3, 1e-3, 1e-3),
     5: (1e-3, 1e-3, 1e-3),
 }
-FEATURE_MODES = ("attention",)
+# Calibrated mode: each term's size relative to the detection loss over the first `calib_batches` batches
+# (soft, box, feat). The weights that give these ratios are then fixed for the run (benchmarks/kd.py).
+DEFAULT_RATIOS: tuple[float, float, float] = (0.5, 0.25, 0.25)
+DEFAULT_STRATEGY = 3
+LOGIT_MODES = ("sigmoid", "softmax")
+FEATURE_MODES = ("at", "softmax")
+_USED = {1: (True, False, False), 2: (True, True, False), 3: (True, True, False), 4: (True, True, True),
+         5: (True, True, True)}
 
 
 @dataclass(frozen=True)
@@ -25,59 +35,98 @@ class DistillConfig:
     """How the student learns from the teacher.
 
     Args:
-        strategy: 1 logit KD (obj+class), 2 + teacher-bounded box L2, 3 + student-to-teacher box L2 (default),
+        strategy: 1 logit KD (obj+class), 2 + teacher-bounded box L2, 3 + student-to-teacher box L2,
             4 = 3 + attention-map feature KD, 5 = 4 with the attention maps masked to the ground-truth cells.
-        temperature: softmax temperature T of every KL term (scaled by T^2).
-        w_soft, w_box, w_feat: term weights; None takes the reference value of the strategy.
+        temperature: temperature T of the logit (and softmax-attention) terms, scaled by T^2.
+        calibrate: weigh each term so that, over the first `calib_batches` batches, it equals `ratios` times
+            the detection loss (weights then fixed). False: absolute weights (the reference's by default).
+        ratios: (soft, box, feat) target ratios to the detection loss; None entries take DEFAULT_RATIOS.
+        w_soft, w_box, w_feat: absolute weights; a given value fixes that term's weight (no calibration).
+            Unset with `calibrate=False`: the strategy's reference weight.
+        logits: "sigmoid" = per-element binary KL on objectness and each class (YOLO's outputs are independent
+            sigmoids); "softmax" = the reference's softmax over [obj, classes].
+        confidence: with "sigmoid", weigh each cell's class term by the teacher's objectness probability
+            (classes are only trained where objects are, so background class scores carry no knowledge).
+        feature: "at" = L2-normalised spatial attention maps (mean_c F^2), squared distance (Zagoruyko &
+            Komodakis); "softmax" = the reference's KL between softmax(mean_c |F| / T) maps.
         pairs: explicit (student layer, teacher layer) feature pairs; None pairs them by stride.
         baseline: also train the student without KD (same epochs, same seed) and report both.
         reference_kd1: strategy 1 softmaxes the whole 5+C vector (box logits included) like the reference.
         box_margin: margin m of the teacher-bounded regression (strategy 2).
-        feature: how paired features are compared; "attention" = channel-summed |F| maps (channel-count free).
+        calib_batches: batches whose mean loss values set the calibrated weights.
     """
 
-    strategy: int = 3
-    temperature: float = 3.0
+    strategy: int = DEFAULT_STRATEGY
+    temperature: float = 1.0
+    calibrate: bool = True
+    ratios: tuple[float | None, float | None, float | None] = (None, None, None)
     w_soft: float | None = None
     w_box: float | None = None
     w_feat: float | None = None
+    logits: Literal["sigmoid", "softmax"] = "sigmoid"
+    confidence: bool = True
+    feature: Literal["at", "softmax"] = "at"
     pairs: tuple[tuple[int, int], ...] | None = None
     baseline: bool = False
     reference_kd1: bool = False
     box_margin: float = 0.0
-    feature: Literal["attention"] = "attention"
-    _weights: tuple[float, float, float] = field(init=False, repr=False, compare=False)
+    calib_batches: int = 4
+    _weights: tuple[float | None, float | None, float | None] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.strategy not in DEFAULT_WEIGHTS:
             raise DistillError(f"--kd {self.strategy}: unknown strategy; choose one of 1, 2, 3, 4, 5")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise DistillError(f"--temperature {self.temperature}: must be a positive number, e.g. 3")
+            raise DistillError(f"--temperature {self.temperature}: must be a positive number, e.g. 1 or 3")
         for name in ("w_soft", "w_box", "w_feat"):
-            v = getattr(self, name)
-            if v is not None and not (math.isfinite(v) and v >= 0):
-                raise DistillError(f"{name}={v}: loss weights must be finite and >= 0")
+            _nonneg(name, getattr(self, name))
+        ratios = tuple(self.ratios)
+        if len(ratios) != 3:
+            raise DistillError(f"ratios={self.ratios}: give three values (soft, box, feat)")
+        for name, v in zip(("--ratio-soft", "--ratio-box", "--ratio-feat"), ratios):
+            _nonneg(name, v)
+        object.__setattr__(self, "ratios", tuple(d if v is None else float(v) for v, d in zip(ratios, DEFAULT_RATIOS)))
+        _choice("logits", self.logits, LOGIT_MODES)
+        _choice("feature", self.feature, FEATURE_MODES)
         if self.box_margin < 0 or not math.isfinite(self.box_margin):
             raise DistillError(f"box_margin={self.box_margin}: must be finite and >= 0")
-        if self.feature not in FEATURE_MODES:
-            raise DistillError(f"feature={self.feature!r}: choose one of {', '.join(FEATURE_MODES)}")
+        if self.calib_batches < 1:
+            raise DistillError(f"calib_batches={self.calib_batches}: must be >= 1")
         if self.pairs is not None:
             pairs = tuple((int(s), int(t)) for s, t in self.pairs)
             if not pairs or any(s < 0 or t < 0 for s, t in pairs):
                 raise DistillError(f"--pairs {self.pairs}: give non-empty 'student:teacher' layer indices >= 0")
             object.__setattr__(self, "pairs", pairs)
         ref = DEFAULT_WEIGHTS[self.strategy]
-        object.__setattr__(self, "_weights", tuple(
-            r if v is None else float(v) for v, r in zip((self.w_soft, self.w_box, self.w_feat), ref)))
+        explicit = (self.w_soft, self.w_box, self.w_feat)
+        fixed = tuple(float(v) if v is not None else (None if self.calibrate else r) for v, r in zip(explicit, ref))
+        object.__setattr__(self, "_weights", tuple(w if used else 0.0 for w, used in zip(fixed, _USED[self.strategy])))
+
+    @classmethod
+    def reference(cls, strategy: int = DEFAULT_STRATEGY, **kw) -> "DistillConfig":
+        """The reference project's formulation: softmax logits and attention at T=3, its absolute weights."""
+        return cls(strategy=strategy, **{"temperature": 3.0, "calibrate": False, "logits": "softmax",
+                                         "feature": "softmax", **kw})
 
     @property
-    def weights(self) -> tuple[float, float, float]:
-        """(soft, box, feature) weights in effect (explicit values or the strategy's reference values)."""
+    def fixed_weights(self) -> tuple[float | None, float | None, float | None]:
+        """(soft, box, feat): a number where the weight is fixed (explicit, reference or unused = 0), None where
+        it is calibrated at the start of training."""
         return self._weights
 
     @property
     def uses_features(self) -> bool:
         return self.strategy >= 4
+
+
+def _nonneg(name: str, v: float | None) -> None:
+    if v is not None and not (math.isfinite(v) and v >= 0):
+        raise DistillError(f"{name}={v}: loss weights and ratios must be finite and >= 0")
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise DistillError(f"{name}={value!r}: choose one of {', '.join(options)}")
 
 
 def parse_pairs(text: str | None) -> tuple[tuple[int, int], ...] | None:

@@ -1,28 +1,36 @@
 """DistillHook: the training hook that adds the knowledge-distillation loss to `fit()`."""
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import DistillError
-from ..losses import build_targets
+from ..fileio import write_text_atomic
+from ..losses import LossConfig, YoloLoss, build_targets
 from ..model import DarknetModel
 from ..train.hooks import Hook
-from .config import DistillConfig
+from .calibrate import Calibrator
+from .config import TERMS, DistillConfig
 from .features import FeatureTap, check_compatible, pair_by_stride, pair_heads, validate_pairs
 from .losses import STRATEGIES, HeadPositives, KDInputs
 
-__all__ = ["DistillHook", "METRIC_KEYS"]
+__all__ = ["DistillHook", "METRIC_KEYS", "STATE_FILE"]
 
 log = logging.getLogger(__name__)
 METRIC_KEYS = frozenset({"kd_bounded_frac"})  # reported by strategies but not loss terms
+STATE_FILE = "kd_state.json"  # calibration + share history in fit's out_dir, so --resume continues exactly
+
 
 class DistillHook(Hook):
-    """Adds `STRATEGIES[config.strategy]` to the student's loss. The teacher runs in eval mode under
-    `torch.no_grad()` with frozen parameters, so gradients reach only the student.
+    """Adds `STRATEGIES[config.strategy]`, weighted (fixed or calibrated weights, see `calibrate.py`), to the
+    student's loss. The teacher runs in eval mode under `torch.no_grad()` with frozen parameters, so gradients
+    reach only the student. `shares` holds, per epoch, each term's share of the total loss (detection + KD).
 
     Example:
         >>> fit(student, data, TrainConfig(epochs=30), hooks=[DistillHook(teacher, DistillConfig(strategy=3))])
@@ -31,13 +39,21 @@ class DistillHook(Hook):
     def __init__(self, teacher: DarknetModel, config: DistillConfig = DistillConfig()) -> None:
         self.teacher = teacher.eval().requires_grad_(False)
         self.config = config
+        self.calibrator = Calibrator(config)
         self.pairs: tuple[tuple[int, int], ...] = ()
         self.head_map: list[int] = []
         self.stats: dict[str, float] = {}
+        self.shares: list[dict[str, float]] = []
         self._taps: tuple[FeatureTap, FeatureTap] | None = None
         self._student: DarknetModel | None = None
         self._sums: dict[str, float] = {}
         self._n = 0
+        self._det_fn: YoloLoss | None = None
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The weights in effect (calibrated ones once the first batch was seen)."""
+        return self.calibrator.weights()
 
     def setup(self, student: DarknetModel, img_hw: tuple[int, int] | None = None) -> None:
         """Pair heads and features (at the student cfg's input size unless given) and attach the feature taps."""
@@ -61,27 +77,58 @@ class DistillHook(Hook):
     def on_fit_start(self, state: Any) -> None:
         self.teacher.to(state.device)
         self.setup(state.model)
+        config = getattr(state, "config", None)
+        if getattr(config, "resume", False) and state.out_dir is not None:
+            self._load_state(Path(state.out_dir) / STATE_FILE)
 
     def extra_loss(self, state: Any, imgs: Tensor, targets: Tensor, heads: list[Tensor]) -> dict[str, Tensor]:
         if self._student is not state.model:
             self.teardown()
             self.setup(state.model)
-        parts = self.loss(imgs, targets, heads)
-        self._accumulate(parts)
+        det = self._det_loss(state, imgs, targets, heads)
+        parts = self.loss(imgs, targets, heads, det, world_size=getattr(state, "world_size", 1))
+        self._accumulate(parts, det)
+        if self.calibrator.frozen is not None and self.calibrator.n == self.config.calib_batches:
+            self._save_state(state)  # once, right after calibration
         return {k: v for k, v in parts.items() if k not in METRIC_KEYS}
 
     def on_epoch_end(self, state: Any, metrics: dict) -> None:
-        self.stats = {k: v / max(self._n, 1) for k, v in self._sums.items()}
-        log.info("epoch %s distillation: %s", getattr(state, "epoch", "?"),
-                 ", ".join(f"{k}={v:.4g}" for k, v in self.stats.items()))
+        n = max(self._n, 1)
+        self.stats = {k: v / n for k, v in self._sums.items()}
+        total = sum(v for k, v in self.stats.items() if k == "det" or k in TERMS)
+        self.shares.append({"epoch": getattr(state, "epoch", len(self.shares)) + 1,
+                            **{k: self.stats[k] / total if total > 0 else 0.0
+                               for k in ("det", *TERMS) if k in self.stats}})
+        log.info("epoch %s distillation: %s; share of the loss: %s", getattr(state, "epoch", 0) + 1,
+                 ", ".join(f"{k}={v:.4g}" for k, v in self.stats.items()),
+                 ", ".join(f"{k} {v:.1%}" for k, v in self.shares[-1].items() if k != "epoch"))
         self._sums, self._n = {}, 0
+        self._save_state(state)
 
     def on_fit_end(self, state: Any) -> None:
         self.teardown()
 
     # ------------------------------------------------------------------ the loss itself
-    def loss(self, imgs: Tensor, targets: Tensor, heads: list[Tensor]) -> dict[str, Tensor]:
-        """KD terms for a batch whose student forward (raw `heads`) already ran with the taps attached."""
+    def loss(self, imgs: Tensor, targets: Tensor, heads: list[Tensor], det: Tensor | float | None = None,
+             world_size: int = 1) -> dict[str, Tensor]:
+        """Weighted KD terms for a batch whose student forward (raw `heads`) already ran with the taps attached.
+        `det` (per-image detection loss of the batch) feeds the calibration while it runs."""
+        raw = self.raw_terms(imgs, targets, heads)
+        if det is not None and self.calibrator.needed:
+            values = {k: v.detach() for k, v in raw.items() if k in TERMS}
+            values["det"] = torch.as_tensor(det, dtype=torch.float32).detach()
+            names = list(values)
+            stacked = torch.stack([values[k].to(torch.float32).reshape(()) for k in names])
+            if world_size > 1 and dist.is_initialized():  # every process must use the same weights
+                dist.all_reduce(stacked)
+                stacked /= world_size
+            values = dict(zip(names, stacked.tolist()))
+            self.calibrator.observe(values.pop("det"), values)
+        w = self.calibrator.weights()
+        return {k: (w[k] * v if k in TERMS else v) for k, v in raw.items()}
+
+    def raw_terms(self, imgs: Tensor, targets: Tensor, heads: list[Tensor]) -> dict[str, Tensor]:
+        """The strategy's unweighted terms."""
         if self._student is None:
             raise DistillError("DistillHook.loss called before setup(student); pass the hook to fit()")
         img_hw = (int(imgs.shape[-2]), int(imgs.shape[-1]))
@@ -96,6 +143,19 @@ class DistillHook(Hook):
         inputs = KDInputs(heads, t_heads, self._positives(heads, targets, img_hw), self._features(), img_hw,
                           self._scales())
         return STRATEGIES[self.config.strategy](inputs, self.config)
+
+    def _det_loss(self, state: Any, imgs: Tensor, targets: Tensor, heads: list[Tensor]) -> Tensor:
+        """fit() publishes the batch's per-image detection loss in state.extra; other loops get it recomputed."""
+        det = getattr(state, "extra", {}).get("det_loss")
+        if det is not None:
+            return det
+        if self._det_fn is None:
+            c = getattr(state, "config", None)
+            hyp = LossConfig(box=c.box, obj=c.obj, cls=c.cls) if c is not None else LossConfig()
+            self._det_fn = YoloLoss(state.model, hyp)
+        with torch.no_grad():
+            loss, _ = self._det_fn(heads, targets, (int(imgs.shape[-2]), int(imgs.shape[-1])))
+        return loss / imgs.shape[0]
 
     def _positives(self, heads: list[Tensor], targets: Tensor, img_hw: tuple[int, int]) -> list[HeadPositives] | None:
         if self.config.strategy < 2:
@@ -116,7 +176,26 @@ class DistillHook(Hook):
     def _scales(self) -> tuple[tuple[float, float], ...]:
         return tuple((s.scale_x_y, self.teacher.heads[k].scale_x_y) for s, k in zip(self._student.heads, self.head_map))
 
-    def _accumulate(self, parts: dict[str, Tensor]) -> None:
-        for k, v in parts.items():
+    def _accumulate(self, parts: dict[str, Tensor], det: Tensor | float) -> None:
+        for k, v in {**parts, "det": torch.as_tensor(det)}.items():
             self._sums[k] = self._sums.get(k, 0.0) + float(v.detach())
         self._n += 1
+
+    # ------------------------------------------------------------------ resumable state (rank 0 writes)
+    def state_dict(self) -> dict:
+        return {"calibration": self.calibrator.state_dict(), "shares": self.shares,
+                "config": {"strategy": self.config.strategy, "ratios": list(self.config.ratios)}}
+
+    def _save_state(self, state: Any) -> None:
+        if state.out_dir is None or getattr(state, "rank", 0) != 0:
+            return
+        Path(state.out_dir).mkdir(parents=True, exist_ok=True)
+        write_text_atomic(Path(state.out_dir) / STATE_FILE, json.dumps(self.state_dict(), indent=1) + "\n")
+
+    def _load_state(self, path: Path) -> None:
+        if not path.is_file():
+            log.warning("%s missing: the distillation weights are calibrated again on the resumed run", path)
+            return
+        saved = json.loads(path.read_text())
+        self.calibrator.load_state_dict(saved["calibration"])
+        self.shares = list(saved.get("shares", []))

@@ -5,6 +5,9 @@ student's `build_targets` as `HeadPositives`. Every KL term is `KL(p_t || p_s)` 
 (Hinton et al.), as in the reference; box terms are sums over positives / N too, so every term is per image
 (fit() multiplies the loss by the batch size, like its detection parts). Teacher tensors are expected to carry
 no graph (computed under no_grad).
+
+Strategies return their terms *unweighted* (`kd_soft`, `kd_box`, `kd_feat`); `DistillHook` weighs them (fixed
+weights, or weights calibrated against the detection loss at the start of training).
 """
 from __future__ import annotations
 
@@ -18,10 +21,9 @@ from torch import Tensor
 from ..losses import decode_cell_boxes
 from .config import DistillConfig
 
-__all__ = ["HeadPositives", "KDInputs", "STRATEGIES", "register_strategy", "soft_kl", "kd_logit_loss",
-           "decode_positive_boxes", "kd_box_teacher_bounded", "kd_box_mimic", "attention_map",
-           "kd_attention_loss", "fine_grained_mask"]
-
+__all__ = ["HeadPositives", "KDInputs", "STRATEGIES", "register_strategy", "soft_kl", "sigmoid_kl", "kd_logit_loss",
+           "kd_sigmoid_loss", "decode_positive_boxes", "kd_box_teacher_bounded", "kd_box_mimic", "attention_map",
+           "kd_attention_loss", "at_map", "kd_at_loss", "fine_grained_mask"]
 
 
 class HeadPositives(NamedTuple):
@@ -60,6 +62,35 @@ def kd_logit_loss(s_heads: list[Tensor], t_heads: list[Tensor], temperature: flo
     softmaxes the whole 5+C vector like the reference's KDstr 1."""
     first = 0 if reference else 4
     return sum(soft_kl(s[..., first:], t[..., first:], temperature, s.shape[0]) for s, t in zip(s_heads, t_heads))
+
+
+def sigmoid_kl(s_logits: Tensor, t_logits: Tensor, temperature: float, weight: Tensor | None = None) -> Tensor:
+    """Sum over elements of the binary KL(Bern(sigmoid(t/T)) || Bern(sigmoid(s/T))) times T^2, each element
+    optionally multiplied by `weight` (broadcast). Exactly 0 where s == t."""
+    s, t = s_logits / temperature, t_logits / temperature
+    pt = torch.sigmoid(t)
+    kl = pt * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - pt) * (F.logsigmoid(-t) - F.logsigmoid(-s))
+    if weight is not None:
+        kl = kl * weight
+    return kl.sum() * temperature ** 2
+
+
+def kd_sigmoid_loss(s_heads: list[Tensor], t_heads: list[Tensor], temperature: float,
+                    confidence: bool = True) -> Tensor:
+    """Per-element sigmoid KD, per image: objectness at every cell and anchor, plus each class; with
+    `confidence` a cell's class terms are weighted by the teacher's objectness probability sigmoid(t_obj)."""
+    total = s_heads[0].new_zeros(())
+    for s, t in zip(s_heads, t_heads):
+        w = torch.sigmoid(t[..., 4:5]) if confidence else None
+        total = total + sigmoid_kl(s[..., 4], t[..., 4], temperature) + sigmoid_kl(s[..., 5:], t[..., 5:],
+                                                                                   temperature, w)
+    return total / s_heads[0].shape[0]
+
+
+def _logit_term(x: "KDInputs", config: DistillConfig) -> Tensor:
+    if config.reference_kd1 or config.logits == "softmax":
+        return kd_logit_loss(x.s_heads, x.t_heads, config.temperature, config.reference_kd1)
+    return kd_sigmoid_loss(x.s_heads, x.t_heads, config.temperature, config.confidence)
 
 
 def decode_positive_boxes(p: Tensor, pos: HeadPositives, anchors: Tensor, scale_x_y: float = 1.0) -> Tensor:
@@ -102,6 +133,28 @@ def kd_attention_loss(f_s: Tensor, f_t: Tensor, temperature: float, mask: Tensor
         m = mask.flatten(1).to(att_s.dtype)
         att_s, att_t = att_s * m, att_t * m
     return soft_kl(att_s, att_t, temperature, f_s.shape[0])
+
+
+def at_map(f: Tensor, mask: Tensor | None = None) -> Tensor:
+    """(N, C, H, W) -> (N, H*W) spatial attention mean_c F^2 (optionally masked), L2-normalised per image, so the
+    map's scale is independent of channel count and activation size (Zagoruyko & Komodakis 2017)."""
+    att = f.pow(2).mean(1).flatten(1)
+    if mask is not None:
+        att = att * mask.flatten(1).to(att.dtype)
+    return F.normalize(att, dim=1, eps=1e-12)
+
+
+def kd_at_loss(f_s: Tensor, f_t: Tensor, mask: Tensor | None = None) -> Tensor:
+    """sum over images of ||at_s - at_t||^2 / N (each in [0, 2] for non-negative unit maps)."""
+    if f_s.shape[-2:] != f_t.shape[-2:]:
+        raise ValueError(f"paired features differ in size: student {tuple(f_s.shape)} vs teacher {tuple(f_t.shape)}")
+    return (at_map(f_s, mask) - at_map(f_t, mask)).pow(2).sum() / f_s.shape[0]
+
+
+def _feature_term(fs: Tensor, ft: Tensor, config: DistillConfig, mask: Tensor | None = None) -> Tensor:
+    if config.feature == "softmax":
+        return kd_attention_loss(fs, ft, config.temperature, mask)
+    return kd_at_loss(fs, ft, mask)
 
 
 def fine_grained_mask(positives: list[HeadPositives], head_hw: list[tuple[int, int]], feat_hw: tuple[int, int],
@@ -149,8 +202,7 @@ def register_strategy(k: int) -> Callable[[StrategyFn], StrategyFn]:
 
 @register_strategy(1)
 def strategy_logits(x: KDInputs, config: DistillConfig) -> dict[str, Tensor]:
-    w_soft = config.weights[0]
-    return {"kd_soft": w_soft * kd_logit_loss(x.s_heads, x.t_heads, config.temperature, config.reference_kd1)}
+    return {"kd_soft": _logit_term(x, config)}
 
 
 def _boxes(x: KDInputs) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -164,26 +216,22 @@ def _boxes(x: KDInputs) -> list[tuple[Tensor, Tensor, Tensor]]:
 
 @register_strategy(2)
 def strategy_teacher_bounded(x: KDInputs, config: DistillConfig) -> dict[str, Tensor]:
-    w_soft, w_box, _ = config.weights
-    soft = kd_logit_loss(x.s_heads, x.t_heads, config.temperature)
     parts = [kd_box_teacher_bounded(bs, bt, gt, config.box_margin) for bs, bt, gt in _boxes(x)]
     box = sum(p[0] for p in parts) / x.s_heads[0].shape[0]
     frac = torch.stack([p[1] for p in parts]).mean()
-    return {"kd_soft": w_soft * soft, "kd_box": w_box * box, "kd_bounded_frac": frac.detach()}
+    return {"kd_soft": _logit_term(x, config), "kd_box": box, "kd_bounded_frac": frac.detach()}
 
 
 @register_strategy(3)
 def strategy_mimic(x: KDInputs, config: DistillConfig) -> dict[str, Tensor]:
-    w_soft, w_box, _ = config.weights
-    soft = kd_logit_loss(x.s_heads, x.t_heads, config.temperature)
     box = sum(kd_box_mimic(bs, bt) for bs, bt, _ in _boxes(x)) / x.s_heads[0].shape[0]
-    return {"kd_soft": w_soft * soft, "kd_box": w_box * box}
+    return {"kd_soft": _logit_term(x, config), "kd_box": box}
 
 
 @register_strategy(4)
 def strategy_attention(x: KDInputs, config: DistillConfig) -> dict[str, Tensor]:
-    feat = sum(kd_attention_loss(fs, ft, config.temperature) for fs, ft in x.features)
-    return {**strategy_mimic(x, config), "kd_feat": config.weights[2] * feat}
+    feat = sum(_feature_term(fs, ft, config) for fs, ft in x.features)
+    return {**strategy_mimic(x, config), "kd_feat": feat}
 
 
 @register_strategy(5)
@@ -192,5 +240,5 @@ def strategy_masked_attention(x: KDInputs, config: DistillConfig) -> dict[str, T
     feat = x.s_heads[0].new_zeros(())
     for fs, ft in x.features:
         mask = fine_grained_mask(x.positives or [], head_hw, tuple(fs.shape[-2:]), fs.shape[0], fs.device)
-        feat = feat + kd_attention_loss(fs, ft, config.temperature, mask)
-    return {**strategy_mimic(x, config), "kd_feat": config.weights[2] * feat}
+        feat = feat + _feature_term(fs, ft, config, mask)
+    return {**strategy_mimic(x, config), "kd_feat": feat}

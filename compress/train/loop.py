@@ -195,6 +195,7 @@ class _Trainer:
         with torch.autocast(state.device.type, enabled=state.scaler.is_enabled()):
             heads = self.net(imgs)
             loss, parts = self.loss_fn(heads, targets, (imgs.shape[-2], imgs.shape[-1]))
+            state.extra["det_loss"] = loss.detach() / imgs.shape[0]  # per image; KD calibrates against it
             extra = self.hooks.extra_loss(state, imgs, targets, heads)
             if extra:
                 loss = loss + sum(extra.values()) * imgs.shape[0]
