@@ -12,10 +12,8 @@ only the batch axis can be dynamic); those are expected and logged at debug leve
 """
 from __future__ import annotations
 
-import io
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -26,13 +24,13 @@ import torch
 from .errors import ExportError
 from .fileio import write_bytes_atomic
 from .model import DarknetModel
+from .onnx_io import INPUT_NAME, OUTPUT_NAME, session, torch_to_onnx
 
 __all__ = ["ExportConfig", "ExportResult", "ParityResult", "export_onnx", "check_onnx", "onnx_session"]
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_OPSETS = range(11, 21)
-INPUT_NAME, OUTPUT_NAME = "images", "output"
 
 
 @dataclass(frozen=True)
@@ -121,32 +119,13 @@ def _input_hw(model: DarknetModel, img_size: int | None) -> tuple[int, int]:
 
 
 def _trace_to_bytes(model: DarknetModel, hw: tuple[int, int], config: ExportConfig) -> bytes:
-    dummy = torch.rand(1, 3, *hw)
     axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if config.dynamic_batch else None
-    buf = io.BytesIO()
-    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
-        warnings.simplefilter("always")
-        try:
-            torch.onnx.export(model, (dummy,), buf, dynamo=False, opset_version=config.opset,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
-                              do_constant_folding=True)
-        except Exception as exc:  # torch raises many types; name the cfg so the user knows which model failed
-            raise ExportError(f"{model.cfg.path}: ONNX export failed ({exc.__class__.__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}); try another --opset") from exc
-    for w in caught:
-        log.debug("torch.onnx: %s", str(w.message).splitlines()[0])
-    return buf.getvalue()
+    return torch_to_onnx(model, torch.rand(1, 3, *hw), config.opset, dynamic_axes=axes, what=str(model.cfg.path))
 
 
 def onnx_session(path: str | os.PathLike):
-    """A CPU onnxruntime session (single-threaded intra-op, like the torch side of the check)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ExportError("onnxruntime is not installed; pip install onnxruntime (or drop --check)") from None
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, torch.get_num_threads())
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    """A CPU onnxruntime session with as many intra-op threads as torch uses (the torch side of the check)."""
+    return session(path, threads=torch.get_num_threads())
 
 
 @torch.no_grad()
