@@ -144,3 +144,56 @@ def onnx_latency(path: str | os.PathLike, img_size: tuple[int, int], runs: int =
     sess = session(path, threads, optimization=optimization)
     x = {sess.get_inputs()[0].name: np.random.default_rng(0).random((1, 3, *img_size), dtype=np.float32)}
     return median_ms(lambda: sess.run(None, x), runs, warmup)
+
+
+def simplify(model: bytes, what: str = "model") -> bytes:
+    """onnxslim's graph simplification (constant folding, dead-node and redundant-reshape removal)."""
+    try:
+        import onnx
+        import onnxslim
+    except ImportError:
+        raise ExportError("--simplify needs onnxslim; pip install onnxslim") from None
+    try:
+        return onnxslim.slim(onnx.load_from_string(model)).SerializeToString()
+    except Exception as exc:  # onnxslim raises whatever its passes raise
+        raise ExportError(f"{what}: onnxslim failed ({exc.__class__.__name__}: {exc}); export without "
+                          f"--simplify") from exc
+
+
+def fp16_weights(model: bytes) -> bytes:
+    """Store every float32 initializer with more than 16 values as float16, followed by a Cast back to float32.
+
+    Halves the file; every runtime still computes in float32 (onnxruntime's CPU kernels have no fp16
+    convolution on x86), and GPU runtimes (TensorRT) fold the casts when they build fp16 engines.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = (m := onnx.load_from_string(model)).graph
+    casts, kept = [], []
+    for init in graph.initializer:
+        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) <= 16:
+            kept.append(init)
+            continue
+        half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), f"{init.name}_fp16")
+        kept.append(half)
+        casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT,
+                                      name=f"{init.name}_cast"))
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return m.SerializeToString()
+
+
+def set_metadata(model: bytes, values: Mapping[str, Any]) -> bytes:
+    """Add `values` (JSON-encoded) as ONNX metadata_props, e.g. the source cfg, classes and input size."""
+    import json
+
+    import onnx
+
+    m = onnx.load_from_string(model)
+    for key, value in values.items():
+        m.metadata_props.add(key=key, value=json.dumps(value))
+    return m.SerializeToString()
