@@ -1,114 +1,161 @@
-"""ONNX export of the decoded (eval-mode) model, and an onnxruntime parity check.
+"""Export the decoded (eval-mode) model to ONNX, OpenVINO IR or ncnn, and check it in its own runtime.
 
-The exported graph maps `images` (N, 3, H, W) float RGB in [0, 1] to `output` (N, boxes, 5 + C): cx, cy, w, h in
-input pixels, sigmoid objectness, sigmoid class scores -- exactly what `model.eval()(x)` returns, so the same NMS
-and `evaluate()` code runs on either.
+Every format starts from the same traced ONNX graph (`onnx_io.torch_to_onnx`): input `images` (N, 3, H, W) float
+RGB in [0, 1], output `output` (N, boxes, 5 + C): cx, cy, w, h in input pixels, sigmoid objectness, sigmoid class
+scores -- exactly what `model.eval()(x)` returns, so the same NMS and `evaluate()` run on any of them. With `nms`
+the ONNX graph ends in NonMaxSuppression instead (see `onnx_nms`). OpenVINO IR is converted from it with
+`openvino.convert_model`, ncnn with pnnx.
 
-torch 2.13 offers two exporters. The torch.export-based one (`dynamo=True`, the default) needs the `onnxscript`
-package, which is not a dependency; the TorchScript-based one (`dynamo=False`) works with plain torch and supports
-every Darknet layer here (replicate-padded maxpool, grouped route, SE/CBAM/ECA, yolo decode). It emits a
-deprecation notice and tracer notes about the decode's spatial constants (the input H, W are fixed at export;
-only the batch axis can be dynamic); those are expected and logged at debug level instead of shown.
+`half` stores fp16 weights in every format (ONNX: fp16 initializers + Cast; OpenVINO: compress_to_fp16; ncnn:
+pnnx fp16=1); the CPU runtimes still compute in fp32 on x86.
 """
 from __future__ import annotations
 
-import io
+import json
 import logging
 import os
-import warnings
-from dataclasses import dataclass
+import shutil
+import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from .boxes import box_iou, non_max_suppression
 from .errors import ExportError
-from .fileio import write_bytes_atomic
+from .fileio import write_bytes_atomic, write_text_atomic
 from .model import DarknetModel
+from .onnx_io import INPUT_NAME, OUTPUT_NAME, fp16_weights, session, set_metadata, simplify, torch_to_onnx
+from .onnx_nms import NMS_OUTPUTS, EndToEnd, NmsConfig
+from .runtimes import METADATA_NAME, load_predictor
 
-__all__ = ["ExportConfig", "ExportResult", "ParityResult", "export_onnx", "check_onnx", "onnx_session"]
+__all__ = ["FORMATS", "ExportConfig", "ExportResult", "ParityResult", "NmsConfig", "export", "export_onnx",
+           "check_export", "check_onnx", "onnx_session"]
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_OPSETS = range(11, 21)
-INPUT_NAME, OUTPUT_NAME = "images", "output"
+FORMATS = ("onnx", "openvino", "ncnn")
+_FILES = {"openvino": ("model.xml", "model.bin"), "ncnn": ("model.param", "model.bin")}
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """What to export. `img_size` None = the cfg's width/height; `check` runs `check_onnx` after writing.
+    """What to export. `img_size` None = the cfg's width/height. `dynamic`: batch, height and width axes free;
+    `dynamic_batch`: only the batch. `check` compares the written model, run in its runtime, with torch and
+    raises ExportError beyond `box_tol` pixels or `score_tol`."""
 
-    `tolerance`: largest accepted onnxruntime-vs-torch difference, relative (box columns are divided by the
-    input size, score columns are compared as they are). Exceeding it raises ExportError.
-    """
-
+    format: str = "onnx"
     img_size: int | None = None
+    dynamic: bool = False
     dynamic_batch: bool = False
     opset: int = 17
+    simplify: bool = False
+    half: bool = False
+    nms: NmsConfig | None = None
     check: bool = False
-    tolerance: float = 1e-4
+    box_tol: float | None = None     # None: 1 px (fp32) / 2 px (--half)
+    score_tol: float | None = None   # None: 0.01 (fp32) / 0.05 (--half)
 
     def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ExportError(f"--format {self.format}: use one of {', '.join(FORMATS)}")
         if self.opset not in SUPPORTED_OPSETS:
             raise ExportError(f"opset={self.opset} is not supported; use one of {SUPPORTED_OPSETS.start}.."
                               f"{SUPPORTED_OPSETS.stop - 1} (13 and 17 are tested)")
         if self.img_size is not None and self.img_size < 32:
             raise ExportError(f"img_size={self.img_size} is too small; use at least 32")
-        if self.tolerance <= 0:
-            raise ExportError(f"tolerance={self.tolerance} must be > 0")
+        if any(t is not None and t <= 0 for t in (self.box_tol, self.score_tol)):
+            raise ExportError(f"box_tol={self.box_tol} and score_tol={self.score_tol} must be > 0")
+        if self.format == "ncnn" and (self.dynamic or self.dynamic_batch or self.nms):
+            raise ExportError("--format ncnn takes one image of the exported size and has no NonMaxSuppression "
+                              "layer: drop --dynamic/--dynamic-batch/--nms (or use --format onnx/openvino)")
+
+    @property
+    def tolerances(self) -> tuple[float, float]:
+        """(box px, score): fp16 weights round every weight to 11 significant bits; measured on yolo-fastest-1.1
+        real images: up to 1.07 px / 0.032 (ncnn), 0.9 px / 0.019 (ONNX, OpenVINO) -- hence 2 px / 0.05."""
+        box, score = (2.0, 0.05) if self.half else (1.0, 0.01)
+        return self.box_tol or box, self.score_tol or score
+
+    @property
+    def batch_free(self) -> bool:
+        return self.dynamic or self.dynamic_batch
 
 
 @dataclass(frozen=True)
 class ParityResult:
-    """onnxruntime vs torch on the same inputs (worst case over all inputs)."""
+    """The exported model in its runtime vs torch on the same inputs (worst case over all inputs)."""
 
-    max_abs_diff: float      # over every output column, in the output's own units (box columns in pixels)
-    max_box_diff: float      # cx, cy, w, h columns, pixels
-    max_score_diff: float    # objectness and class scores
+    max_abs_diff: float      # over every compared value, in its own units (box columns in pixels)
+    max_box_diff: float      # box coordinates, pixels
+    max_score_diff: float    # objectness and class scores (with nms: detection scores)
     inputs: int
+    unmatched: int = 0       # with nms: detections found by only one side
 
     def to_dict(self) -> dict:
         return {"max_abs_diff": self.max_abs_diff, "max_box_diff": self.max_box_diff,
-                "max_score_diff": self.max_score_diff, "check_inputs": self.inputs}
+                "max_score_diff": self.max_score_diff, "check_inputs": self.inputs, "unmatched": self.unmatched}
 
 
 @dataclass(frozen=True)
 class ExportResult:
-    path: Path
+    path: Path                       # the .onnx / .xml / .param to load (load_predictor)
+    format: str
     opset: int
     img_size: tuple[int, int]
+    dynamic: bool
     dynamic_batch: bool
-    size_mb: float
-    parity: ParityResult | None = None
+    size_mb: float                   # every file the format needs (e.g. .xml + .bin)
+    files: tuple[Path, ...] = ()
+    half: bool = False
+    nms: NmsConfig | None = None
+    parity: ParityResult | None = field(default=None)
 
     def to_dict(self) -> dict:
-        out = {"onnx": str(self.path), "opset": self.opset, "img_size": list(self.img_size),
-               "dynamic_batch": self.dynamic_batch, "size_mb": round(self.size_mb, 4)}
+        out = {"format": self.format, "path": str(self.path), "files": [str(f) for f in self.files],
+               "opset": self.opset, "img_size": list(self.img_size), "dynamic": self.dynamic,
+               "dynamic_batch": self.dynamic_batch, "half": self.half, "size_mb": round(self.size_mb, 4),
+               "nms": None if self.nms is None else vars(self.nms)}
+        if self.format == "onnx":
+            out["onnx"] = str(self.path)
         return {**out, **(self.parity.to_dict() if self.parity else {})}
+
+
+def export(model: DarknetModel, out: str | os.PathLike, config: ExportConfig = ExportConfig(),
+           check_inputs: Sequence[torch.Tensor] = ()) -> ExportResult:
+    """Write `model` in `config.format` to `out` (the .onnx file, or the folder for openvino/ncnn), atomically.
+
+    Example:
+        >>> export(compress.load("yolo-fastest-1.1.cfg", "yolo-fastest-1.1.weights"), "fast-ov",
+        ...        ExportConfig(format="openvino", check=True))
+    Raises:
+        ExportError: the size is not a multiple of the model stride, tracing or conversion failed, a runtime
+            is missing, or (with `check`) the runtime's output differs from torch beyond the tolerances.
+    """
+    model = model.cpu().eval()
+    hw = _input_hw(model, config.img_size)
+    graph = _onnx_graph(model, hw, config)
+    meta = {"format": config.format, "cfg": str(model.cfg.path), "classes": model.num_classes,
+            "img_size": list(hw), "dynamic": config.dynamic, "dynamic_batch": config.dynamic_batch,
+            "half": config.half, "nms": None if config.nms is None else vars(config.nms)}
+    files = WRITERS[config.format](graph, Path(out), hw, config, meta)
+    log.info("%s (%dx%d) -> %s", config.format, hw[1], hw[0], files[0])
+    parity = None
+    if config.check:
+        parity = check_export(model, files[0], check_inputs, img_size=hw, nms=config.nms)
+        _enforce_tolerance(parity, config, files[0])
+    size = sum(f.stat().st_size for f in files) / 1e6
+    return ExportResult(files[0], config.format, config.opset, hw, config.dynamic, config.dynamic_batch, size,
+                        tuple(files), config.half, config.nms, parity)
 
 
 def export_onnx(model: DarknetModel, path: str | os.PathLike, config: ExportConfig = ExportConfig(),
                 check_inputs: Sequence[torch.Tensor] = ()) -> ExportResult:
-    """Write `model` (decoded eval-mode output) as ONNX to `path`, atomically.
-
-    Example:
-        >>> export_onnx(compress.load("yolov4-tiny.cfg", "yolov4-tiny.weights"), "v4t.onnx",
-        ...             ExportConfig(dynamic_batch=True, check=True))
-    Raises:
-        ExportError: the size is not a multiple of the model stride, tracing failed, or the check failed.
-    """
-    path = Path(path)
-    hw = _input_hw(model, config.img_size)
-    data = _trace_to_bytes(model.cpu().eval(), hw, config)
-    write_bytes_atomic(path, data)
-    log.info("ONNX (opset %d, %dx%d%s) -> %s", config.opset, hw[1], hw[0],
-             ", dynamic batch" if config.dynamic_batch else "", path)
-    parity = None
-    if config.check:
-        parity = check_onnx(model, path, check_inputs, img_size=hw)
-        _enforce_tolerance(parity, hw, config.tolerance, path)
-    return ExportResult(path, config.opset, hw, config.dynamic_batch, len(data) / 1e6, parity)
+    """`export` to one ONNX file (whatever `config.format` says)."""
+    return export(model, path, replace(config, format="onnx"), check_inputs)
 
 
 def _input_hw(model: DarknetModel, img_size: int | None) -> tuple[int, int]:
@@ -120,63 +167,131 @@ def _input_hw(model: DarknetModel, img_size: int | None) -> tuple[int, int]:
     return hw
 
 
-def _trace_to_bytes(model: DarknetModel, hw: tuple[int, int], config: ExportConfig) -> bytes:
-    dummy = torch.rand(1, 3, *hw)
-    axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if config.dynamic_batch else None
-    buf = io.BytesIO()
-    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
-        warnings.simplefilter("always")
-        try:
-            torch.onnx.export(model, (dummy,), buf, dynamo=False, opset_version=config.opset,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
-                              do_constant_folding=True)
-        except Exception as exc:  # torch raises many types; name the cfg so the user knows which model failed
-            raise ExportError(f"{model.cfg.path}: ONNX export failed ({exc.__class__.__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}); try another --opset") from exc
-    for w in caught:
-        log.debug("torch.onnx: %s", str(w.message).splitlines()[0])
-    return buf.getvalue()
+def _onnx_graph(model: DarknetModel, hw: tuple[int, int], config: ExportConfig) -> bytes:
+    module = EndToEnd(model, config.nms).eval() if config.nms else model  # export restores its train flag
+    outputs = NMS_OUTPUTS if config.nms else (OUTPUT_NAME,)
+    axes: dict[str, dict[int, str]] = {}
+    if config.batch_free:
+        axes = {name: {0: "batch"} for name in (INPUT_NAME, *outputs)}
+    if config.dynamic:
+        axes[INPUT_NAME].update({2: "height", 3: "width"})
+        if not config.nms:
+            axes[OUTPUT_NAME][1] = "boxes"
+    graph = torch_to_onnx(module, torch.rand(1, 3, *hw), config.opset, output_names=outputs, dynamic_axes=axes,
+                          what=str(model.cfg.path))
+    return simplify(graph, str(model.cfg.path)) if config.simplify else graph
 
 
-def onnx_session(path: str | os.PathLike):
-    """A CPU onnxruntime session (single-threaded intra-op, like the torch side of the check)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ExportError("onnxruntime is not installed; pip install onnxruntime (or drop --check)") from None
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, torch.get_num_threads())
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+def _write_onnx(graph: bytes, out: Path, hw, config: ExportConfig, meta: dict) -> list[Path]:
+    if out.suffix.lower() != ".onnx":
+        raise ExportError(f"--out {out}: an ONNX export is one file; name it *.onnx")
+    graph = fp16_weights(graph) if config.half else graph
+    write_bytes_atomic(out, set_metadata(graph, meta))
+    return [out]
+
+
+def _write_folder(convert: Callable[[Path], None], out: Path, names: tuple[str, ...], meta: dict) -> list[Path]:
+    """Convert into a temporary sibling folder, then move each file into `out` (each move is atomic)."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: --format {meta['format']} writes a folder, and this is a file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as tmp:
+        convert(Path(tmp) / names[0])
+        write_text_atomic(Path(tmp) / METADATA_NAME, json.dumps(meta, indent=2) + "\n")
+        out.mkdir(exist_ok=True)
+        for name in (*names, METADATA_NAME):
+            os.replace(Path(tmp) / name, out / name)
+    return [out / n for n in (*names, METADATA_NAME)]
+
+
+def _write_openvino(graph: bytes, out: Path, hw, config: ExportConfig, meta: dict) -> list[Path]:
+    from .runtimes.openvino import to_openvino
+
+    return _write_folder(lambda xml: to_openvino(graph, xml, config.half), out, _FILES["openvino"], meta)
+
+
+def _write_ncnn(graph: bytes, out: Path, hw, config: ExportConfig, meta: dict) -> list[Path]:
+    from .runtimes.ncnn import to_ncnn
+
+    return _write_folder(lambda param: to_ncnn(graph, param, hw, config.half), out, _FILES["ncnn"], meta)
+
+
+WRITERS: dict[str, Callable[..., list[Path]]] = {"onnx": _write_onnx, "openvino": _write_openvino,
+                                                 "ncnn": _write_ncnn}
+
+
+def onnx_session(path: str | os.PathLike):  # type: ignore[no-untyped-def]
+    """A CPU onnxruntime session with as many intra-op threads as torch uses (the torch side of the check)."""
+    return session(path, threads=torch.get_num_threads())
 
 
 @torch.no_grad()
-def check_onnx(model: DarknetModel, path: str | os.PathLike, inputs: Sequence[torch.Tensor] = (),
-               img_size: tuple[int, int] | None = None, seed: int = 0) -> ParityResult:
-    """Run the ONNX file in onnxruntime and the torch model on the same inputs; report the largest differences.
+def check_export(model: DarknetModel, path: str | os.PathLike, inputs: Sequence[torch.Tensor] = (),
+                 img_size: tuple[int, int] | None = None, nms: NmsConfig | None = None,
+                 seed: int = 0) -> ParityResult:
+    """Run the exported file in its runtime (`load_predictor`) and the torch model on the same inputs.
 
     `inputs` are extra (N, 3, H, W) tensors in [0, 1] (e.g. real letterboxed images); a seeded random image is
-    always checked too.
+    always checked too. With `nms`, the graph's detections are matched to `non_max_suppression` of torch's.
     """
     hw = img_size or (model.cfg.height, model.cfg.width)
     gen = torch.Generator().manual_seed(seed)
     batch = [torch.rand(1, 3, *hw, generator=gen), *inputs]
-    session = onnx_session(path)
+    predictor = load_predictor(path, threads=torch.get_num_threads())
     model = model.cpu().eval()
-    expected = session.get_inputs()[0].shape  # ints for fixed axes, names for dynamic ones
-    box, score = 0.0, 0.0
+    box, score, unmatched = 0.0, 0.0, 0
     for x in batch:
-        if any(isinstance(e, int) and e != d for e, d in zip(expected, x.shape)):
-            raise ExportError(f"{path}: expects input {expected}, got {tuple(x.shape)}; re-export with "
-                              f"--dynamic-batch or the matching --img-size")
-        ref = model(x.float()).numpy()
-        got = session.run([OUTPUT_NAME], {INPUT_NAME: x.float().numpy()})[0]
-        diff = np.abs(got.astype(np.float64) - ref)
-        box, score = max(box, float(diff[..., :4].max())), max(score, float(diff[..., 4:].max()))
-    return ParityResult(max(box, score), box, score, len(batch))
+        x = x.float()
+        fixed = getattr(predictor, "img_hw", None)
+        if fixed and tuple(x.shape[-2:]) != tuple(fixed):
+            raise ExportError(f"{path}: expects {fixed[1]}x{fixed[0]} inputs, got {x.shape[-1]}x{x.shape[-2]}; "
+                              f"re-export with --dynamic or the matching --img-size")
+        ref = model(x)
+        if nms is None:
+            got = predictor(x).double()
+            if got.shape != ref.shape:
+                raise ExportError(f"{path}: output shape {tuple(got.shape)} != torch's {tuple(ref.shape)}")
+            diff = (got - ref.double()).abs()
+            b, s, u = float(diff[..., :4].max()), float(diff[..., 4:].max()), 0
+        else:
+            b, s, u = _nms_diff(predictor.run(x), non_max_suppression(ref, nms.score_thres, nms.iou_thres,
+                                                                      nms.max_det))
+        box, score, unmatched = max(box, b), max(score, s), unmatched + u
+    return ParityResult(max(box, score), box, score, len(batch), unmatched)
 
 
-def _enforce_tolerance(parity: ParityResult, hw: tuple[int, int], tol: float, path: Path) -> None:
-    rel_box = parity.max_box_diff / max(hw)
-    if rel_box > tol or parity.max_score_diff > tol:
-        raise ExportError(f"{path}: onnxruntime differs from torch (boxes {parity.max_box_diff:.3g} px, scores "
-                          f"{parity.max_score_diff:.3g}) beyond tolerance {tol:g}; try another --opset")
+def check_onnx(model: DarknetModel, path: str | os.PathLike, inputs: Sequence[torch.Tensor] = (),
+               img_size: tuple[int, int] | None = None, seed: int = 0) -> ParityResult:
+    """`check_export` for a plain (no NMS) ONNX file."""
+    return check_export(model, path, inputs, img_size, None, seed)
+
+
+def _nms_diff(outputs: list[np.ndarray], ref: list[torch.Tensor]) -> tuple[float, float, int]:
+    """Worst box / score difference of matched detections (same class, best IoU) and the unmatched count."""
+    boxes, scores, classes, nums = outputs
+    box = score = 0.0
+    unmatched = 0
+    for k, want in enumerate(ref):
+        n = int(nums[k])
+        got = torch.cat((torch.from_numpy(boxes[k, :n]).double(), torch.from_numpy(scores[k, :n, None]).double(),
+                         torch.from_numpy(classes[k, :n, None]).double()), 1)
+        unmatched += abs(len(got) - len(want))
+        if not len(got) or not len(want):
+            continue
+        iou = box_iou(want[:, :4].double(), got[:, :4]) * (want[:, 5:6].double() == got[None, :, 5])
+        best = iou.argmax(1)
+        ok = iou.max(1).values > 0.5
+        unmatched += int((~ok).sum())
+        if ok.any():
+            box = max(box, float((want[ok, :4].double() - got[best[ok], :4]).abs().max()))
+            score = max(score, float((want[ok, 4].double() - got[best[ok], 4]).abs().max()))
+    return box, score, unmatched
+
+
+def _enforce_tolerance(parity: ParityResult, config: ExportConfig, path: Path) -> None:
+    box_tol, score_tol = config.tolerances
+    if parity.max_box_diff > box_tol or parity.max_score_diff > score_tol or parity.unmatched:
+        raise ExportError(f"{path}: the {config.format} runtime differs from torch (boxes {parity.max_box_diff:.3g}"
+                          f" px, scores {parity.max_score_diff:.3g}, unmatched detections {parity.unmatched}) "
+                          f"beyond {box_tol:g} px / {score_tol:g}; the files are "
+                          f"written but should not be deployed: try another --opset or without --half")

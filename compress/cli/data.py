@@ -9,6 +9,7 @@ from ..data import read_names
 from ..detect import DetectConfig, detect_to_dir
 from ..evaluate import EvalConfig, evaluate, save_detections
 from ..persist import load
+from ..runtimes import inference_size, load_for_inference
 from ..synth import synthesize
 from . import cli
 from .common import check_not_input, device_option, model_options, report_option, write_report
@@ -37,9 +38,9 @@ def eval_command(cfg, weights, data, img_size, batch_size, conf_thres, iou_thres
                  no_progress, report_path, device) -> None:
     """mAP@0.5, mAP@0.5:0.95 (pycocotools), P/R at conf 0.25 and per-class AP on a dataset."""
     check_not_input([p for p in (json_path, report_path) if p], [cfg, weights])
-    model = load(cfg, weights, device=device)
-    config = EvalConfig(img_size=img_size or model.cfg.width, batch_size=batch_size, conf_thres=conf_thres,
-                        iou_thres=iou_thres, progress=not no_progress,
+    model = load_for_inference(cfg, weights, device)  # Darknet/.pt, or .onnx/.xml/.param in their runtime
+    config = EvalConfig(img_size=inference_size(model, cfg, img_size), batch_size=batch_size,
+                        conf_thres=conf_thres, iou_thres=iou_thres, progress=not no_progress,
                         **({} if workers is None else {"workers": workers}))
     result = evaluate(model, data, config, device=device)
     click.echo(tabulate([[n, i, _fmt(a), _fmt(b)] for n, i, a, b in result.table()], tablefmt="github",

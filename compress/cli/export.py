@@ -1,10 +1,10 @@
-"""`yolo-compress export`: the decoded model as ONNX, optionally checked against torch with onnxruntime."""
+"""`yolo-compress export`: the decoded model as ONNX, OpenVINO IR or ncnn, checked in its runtime against torch."""
 from __future__ import annotations
 
 import click
 from tabulate import tabulate
 
-from ..export import SUPPORTED_OPSETS, ExportConfig, export_onnx
+from ..export import FORMATS, SUPPORTED_OPSETS, ExportConfig, NmsConfig, export
 from ..persist import load
 from . import cli
 from .common import check_not_input, model_options, report_option, write_report
@@ -12,20 +12,35 @@ from .common import check_not_input, model_options, report_option, write_report
 
 @cli.command("export")
 @model_options()
-@click.option("--out", type=click.Path(dir_okay=False), required=True, help="ONNX file to write (model.onnx).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="onnx", show_default=True,
+              help="onnx: one file; openvino (model.xml + .bin) and ncnn (model.param + .bin): a folder.")
+@click.option("--out", type=click.Path(), required=True, help="model.onnx, or the folder for openvino/ncnn.")
 @click.option("--img-size", type=click.IntRange(32, 4096), help="Input size (square); default: the cfg's.")
-@click.option("--dynamic-batch", is_flag=True, help="Make the batch axis dynamic (H, W stay fixed).")
+@click.option("--dynamic", is_flag=True, help="Batch, height and width free (onnx, openvino).")
+@click.option("--dynamic-batch", is_flag=True, help="Only the batch axis free (H, W fixed).")
+@click.option("--simplify", is_flag=True, help="Simplify the ONNX graph with onnxslim first.")
+@click.option("--half", is_flag=True, help="Store fp16 weights (file size halved; x86 CPUs still compute fp32).")
+@click.option("--nms", is_flag=True, help="End-to-end graph: NonMaxSuppression inside; outputs boxes (x1y1x2y2 "
+              "px), scores, classes, num_dets (onnx, openvino).")
+@click.option("--iou-thres", type=click.FloatRange(0, 1), default=0.45, show_default=True, help="--nms IoU.")
+@click.option("--score-thres", type=click.FloatRange(0, 1), default=0.25, show_default=True,
+              help="--nms: smallest objectness * class score kept.")
+@click.option("--max-det", type=click.IntRange(1), default=100, show_default=True, help="--nms: boxes per image.")
 @click.option("--opset", type=click.IntRange(SUPPORTED_OPSETS.start, SUPPORTED_OPSETS.stop - 1), default=17,
               show_default=True, help="ONNX opset (13 and 17 are tested).")
-@click.option("--check", is_flag=True, help="Compare onnxruntime with torch on a random input; fail if they differ.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Run the written model in its runtime and fail if it differs from torch "
+                   "(boxes > 1 px or scores > 0.01; with --half 2 px / 0.05).")
 @report_option
-def export_command(cfg: str, weights: str | None, out: str, img_size: int | None, dynamic_batch: bool, opset: int,
-                   check: bool, report_path: str | None) -> None:
-    """Export the eval-mode model (boxes in pixels, sigmoid scores) to ONNX: input `images`, output `output`."""
+def export_command(cfg, weights, fmt, out, img_size, dynamic, dynamic_batch, simplify, half, nms, iou_thres,
+                   score_thres, max_det, opset, check, report_path) -> None:
+    """Export the eval-mode model (boxes in pixels, sigmoid scores): input `images`, output `output`."""
     check_not_input([out], [cfg, weights])
-    config = ExportConfig(img_size=img_size, dynamic_batch=dynamic_batch, opset=opset, check=check)
-    result = export_onnx(load(cfg, weights), out, config)
+    nms_config = NmsConfig(iou_thres, score_thres, max_det) if nms else None
+    config = ExportConfig(format=fmt, img_size=img_size, dynamic=dynamic, dynamic_batch=dynamic_batch,
+                          opset=opset, simplify=simplify, half=half, nms=nms_config, check=check)
+    result = export(load(cfg, weights), out, config)
     figures = {"cfg": cfg, "weights": weights, **result.to_dict()}
-    click.echo(tabulate([(k, v) for k, v in figures.items() if v is not None], tablefmt="github",
-                        headers=["export", "value"]))
+    shown = {k: v for k, v in figures.items() if v is not None and k not in ("files", "onnx")}
+    click.echo(tabulate(list(shown.items()), tablefmt="github", headers=["export", "value"]))
     write_report(report_path, figures)

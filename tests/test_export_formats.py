@@ -1,0 +1,164 @@
+"""Every export format, run in its own runtime (onnxruntime, OpenVINO CPU, ncnn), against the torch model.
+
+The reference is always the torch eval-mode output (or `compress.boxes.non_max_suppression` of it for --nms
+graphs) on real images, compared here directly -- not through the exporter's own check.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from compress.boxes import box_iou, non_max_suppression
+from compress.errors import ExportError
+from compress.export import ExportConfig, NmsConfig, export
+from compress.persist import load
+from compress.runtimes import load_predictor
+
+from conftest import DATA, randomize_bn, require_assets
+
+import ncnn  # noqa: F401  (the runtimes under test must be installed: fail, don't skip)
+import openvino  # noqa: F401
+import pnnx  # noqa: F401
+
+BOX_PX, SCORE = 1.0, 0.01             # fp32 formats
+BOX_PX_HALF, SCORE_HALF = 2.0, 0.05   # fp16 weights (see ExportConfig.tolerances)
+SIZE = 320
+
+
+def _image(path: Path, hw: tuple[int, int]) -> torch.Tensor:
+    img = Image.open(path).convert("RGB").resize((hw[1], hw[0]))
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None].contiguous()
+
+
+@pytest.fixture(scope="module")
+def fastest():
+    """yolo-fastest-1.1 at 320 and two real images (batch of 2) on which it finds objects."""
+    w = require_assets() / "weights"
+    model = load(w / "yolo-fastest-1.1.cfg", w / "yolo-fastest-1.1.weights").eval()
+    samples = require_assets() / "data" / "samples"
+    x = torch.cat([_image(samples / n, (SIZE, SIZE)) for n in ("dog.jpg", "horses.jpg")])
+    with torch.no_grad():
+        ref = model(x)
+    assert (ref[..., 4].amax(1) > 0.5).all()  # confident detections on both: parity covers real boxes
+    return model, x, ref
+
+
+@pytest.fixture(scope="module")
+def exported(fastest, tmp_path_factory):
+    """Each (format, half) export of yolo-fastest-1.1, made once per module on first use."""
+    cache: dict = {}
+
+    def get(fmt: str, half: bool = False):
+        if (fmt, half) not in cache:
+            out = tmp_path_factory.mktemp(f"{fmt}{int(half)}") / ("m.onnx" if fmt == "onnx" else "m")
+            cache[fmt, half] = export(fastest[0], out, ExportConfig(format=fmt, half=half))
+        return cache[fmt, half]
+    return get
+
+
+def _diff(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    assert got.shape == ref.shape
+    d = (got.double() - ref.double()).abs()
+    return float(d[..., :4].max()), float(d[..., 4:].max())
+
+
+@pytest.mark.parametrize("fmt,half", [("onnx", False), ("openvino", False), ("ncnn", False), ("onnx", True),
+                                      ("openvino", True), ("ncnn", True)])
+def test_format_matches_torch_in_its_runtime(fastest, exported, fmt, half):
+    model, x, ref = fastest
+    result = exported(fmt, half)
+    assert result.path.suffix == {"onnx": ".onnx", "openvino": ".xml", "ncnn": ".param"}[fmt]
+    assert all(f.is_file() for f in result.files)
+    box, score = _diff(load_predictor(result.path)(x), ref)
+    limit = (BOX_PX_HALF, SCORE_HALF) if half else (BOX_PX, SCORE)
+    assert box <= limit[0] and score <= limit[1], (box, score)
+    if not half:
+        assert box < 0.01 and score < 1e-4  # fp32 conversions are exact up to float reassociation
+    weights = max(f.stat().st_size for f in result.files)
+    params = sum(p.numel() for p in model.parameters())
+    assert weights < params * (2.6 if half else 4.4)  # fp16 weights take 2 bytes each, fp32 take 4
+
+
+def test_nms_graph_matches_torch_nms(fastest, tmp_path):
+    model, x, ref = fastest
+    cfg = NmsConfig(iou_thres=0.45, score_thres=0.25, max_det=50)
+    for fmt, out in (("onnx", tmp_path / "e2e.onnx"), ("openvino", tmp_path / "e2e")):
+        result = export(model, out, ExportConfig(format=fmt, nms=cfg, dynamic_batch=True))
+        boxes, scores, classes, num = load_predictor(result.path).run(x)
+        assert boxes.shape == (2, 50, 4) and scores.shape == (2, 50) and classes.shape == (2, 50)
+        for k, want in enumerate(non_max_suppression(ref, cfg.score_thres, cfg.iou_thres, cfg.max_det)):
+            n = int(num[k])
+            assert n == len(want) > 0
+            assert np.all(scores[k, n:] == 0) and np.all(np.diff(scores[k, :n]) <= 0)
+            got = torch.from_numpy(boxes[k, :n]).double()
+            iou = box_iou(want[:, :4].double(), got)
+            best = iou.argmax(1)
+            assert (iou.max(1).values > 0.99).all()
+            assert (want[:, :4].double() - got[best]).abs().max() <= BOX_PX
+            assert np.abs(want[:, 4].numpy() - scores[k, best.numpy()]).max() <= SCORE
+            assert np.array_equal(want[:, 5].numpy().astype(int), classes[k, best.numpy()])
+
+
+def test_dynamic_axes_run_other_sizes_and_batches(tmp_path):
+    model = randomize_bn(load(DATA / "tiny-v4-groups.cfg")).eval()
+    x = torch.rand(3, 3, 2 * model.stride, 3 * model.stride)
+    with torch.no_grad():
+        ref = model(x)
+    for fmt, out in (("onnx", tmp_path / "dyn.onnx"), ("openvino", tmp_path / "dyn")):
+        result = export(model, out, ExportConfig(format=fmt, dynamic=True, simplify=True))
+        predictor = load_predictor(result.path)
+        assert predictor.img_hw is None
+        box, score = _diff(predictor(x), ref)
+        assert box <= 0.01 and score <= 1e-4
+
+
+def test_simplify_shrinks_the_graph_and_keeps_outputs(fastest, exported, tmp_path):
+    model, x, ref = fastest
+    plain = exported("onnx")
+    slim = export(model, tmp_path / "b.onnx", ExportConfig(simplify=True))
+    nodes = [len(onnx.load(str(r.path)).graph.node) for r in (plain, slim)]
+    assert nodes[1] < nodes[0]
+    box, score = _diff(load_predictor(slim.path)(x), ref)
+    assert box < 0.01 and score < 1e-4
+
+
+def test_metadata_describes_the_export(exported):
+    result = exported("ncnn", True)
+    meta = json.loads((result.path.parent / "metadata.json").read_text())
+    assert meta["img_size"] == [SIZE, SIZE] and meta["classes"] == 80 and meta["half"] is True
+    assert load_predictor(result.path).img_hw == (SIZE, SIZE)
+    onnx_result = exported("onnx")
+    props = {p.key: json.loads(p.value) for p in onnx.load(str(onnx_result.path)).metadata_props}
+    assert props["classes"] == 80 and props["format"] == "onnx"
+
+
+def test_check_fails_loudly_beyond_tolerance(tmp_path):
+    model = randomize_bn(load(DATA / "tiny-v4-groups.cfg"))
+    ok = export(model, tmp_path / "m", ExportConfig(format="openvino", check=True))
+    assert ok.parity.max_box_diff < 0.01 and ok.parity.inputs == 1
+    with pytest.raises(ExportError, match="differs from torch"):
+        export(model, tmp_path / "m.onnx", ExportConfig(check=True, half=True, box_tol=1e-9, score_tol=1e-9))
+
+
+def test_config_refusals(tmp_path):
+    with pytest.raises(ExportError, match="ncnn"):
+        ExportConfig(format="ncnn", nms=NmsConfig())
+    with pytest.raises(ExportError, match="ncnn"):
+        ExportConfig(format="ncnn", dynamic=True)
+    with pytest.raises(ExportError, match="--format"):
+        ExportConfig(format="tflite")
+    with pytest.raises(ExportError, match="--max-det"):
+        NmsConfig(max_det=0)
+    model = load(DATA / "tiny-shortcut.cfg")
+    with pytest.raises(ExportError, match=r"\*\.onnx"):
+        export(model, tmp_path / "model.bin", ExportConfig())
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ExportError, match="writes a folder"):
+        export(model, tmp_path / "file", ExportConfig(format="openvino"))
+    assert (tmp_path / "file").read_text() == "x"
