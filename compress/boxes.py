@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import numpy as np
 import torch
 
 __all__ = ["xywh2xyxy", "xyxy2xywh", "box_area", "box_iou", "bbox_iou", "nms", "batched_nms", "non_max_suppression"]
@@ -73,35 +72,58 @@ def bbox_iou(a: torch.Tensor, b: torch.Tensor, kind: IoUKind = "ciou", eps: floa
     return iou - (rho2 / c2 + v * alpha)
 
 
-def nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float, chunk: int = 1024) -> torch.Tensor:
-    """Greedy NMS of xyxy boxes. Returns kept indices by decreasing score (like torchvision.ops.nms).
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float, classes: torch.Tensor | None = None,
+        chunk: int = 512) -> torch.Tensor:
+    """Greedy NMS of xyxy boxes (per class when `classes` is given). Returns kept indices by decreasing score.
 
-    The pairwise overlap matrix is built in row chunks (N*N bytes); the greedy pass runs on it in numpy.
+    Vectorised and exact: the pairs (i, j) with i before j in score order and IoU > `iou` (same class) are found
+    with a few tensor ops (row chunks bound the memory to chunk x N), then "kept = not suppressed by a kept
+    earlier box" is iterated to its fixed point (Cluster-NMS, Zheng et al. 2021). The recurrence has one
+    solution, the greedy one, and the iteration reaches it in (longest suppression chain + 1) rounds.
+    Classes are separated by masking pairs, not by offsetting coordinates: offsets would change the IoU's
+    rounding and with it borderline decisions.
     """
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    order = scores.argsort(descending=True)
+    order = scores.argsort(descending=True, stable=True)
     b = boxes[order].float()
-    over = torch.cat([box_iou(b[k:k + chunk], b) > iou for k in range(0, len(b), chunk)]).cpu().numpy()
-    alive = np.ones(len(b), dtype=bool)
-    for i in range(len(b)):
-        if alive[i]:
-            alive[i + 1:] &= ~over[i, i + 1:]
-    return order[torch.from_numpy(alive).to(boxes.device)]
+    c = classes[order] if classes is not None else None
+    first, second = _overlapping_pairs(b, c, iou, chunk)
+    return order[_greedy_fixed_point(first, second, len(b))]
+
+
+def _overlapping_pairs(b: torch.Tensor, c: torch.Tensor | None, iou: float, chunk: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs (i < j) of score-sorted boxes that overlap by more than `iou` (within a class)."""
+    firsts, seconds = [], []
+    for k in range(0, len(b), chunk):
+        over = (box_iou(b[k:k + chunk], b) > iou).triu_(diagonal=k + 1)  # only later (lower-score) boxes
+        if c is not None:
+            over &= c[k:k + chunk, None] == c[None, :]
+        i, j = over.nonzero(as_tuple=True)
+        firsts.append(i + k)
+        seconds.append(j)
+    return torch.cat(firsts), torch.cat(seconds)
+
+
+def _greedy_fixed_point(first: torch.Tensor, second: torch.Tensor, n: int) -> torch.Tensor:
+    """Boolean keep mask solving keep[j] = not any(keep[i] for pairs (i, j))."""
+    keep = torch.ones(n, dtype=torch.bool, device=first.device)
+    while True:
+        suppressed = torch.zeros_like(keep)
+        suppressed[second[keep[first]]] = True
+        new = ~suppressed
+        if torch.equal(new, keep):
+            return keep
+        keep = new
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou: float) -> torch.Tensor:
-    """NMS within each class (boxes of different classes never suppress each other).
+    """NMS within each class (boxes of different classes never suppress each other), all classes at once.
 
-    Equivalent to offsetting each class's boxes far apart and running `nms` once, but runs one small
-    overlap matrix per class instead of one large one. Returns kept indices by decreasing score.
+    Returns kept indices by decreasing score.
     """
-    if boxes.numel() == 0:
-        return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    keep = [idx[nms(boxes[idx], scores[idx], iou)] for c in classes.unique()
-            for idx in [(classes == c).nonzero(as_tuple=True)[0]]]
-    keep = torch.cat(keep)
-    return keep[scores[keep].argsort(descending=True)]
+    return nms(boxes, scores, iou, classes)
 
 
 def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres: float = 0.45,
