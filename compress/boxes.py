@@ -73,36 +73,58 @@ def bbox_iou(a: torch.Tensor, b: torch.Tensor, kind: IoUKind = "ciou", eps: floa
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float, classes: torch.Tensor | None = None,
-        chunk: int = 512) -> torch.Tensor:
+        budget: int = 1 << 22) -> torch.Tensor:
     """Greedy NMS of xyxy boxes (per class when `classes` is given). Returns kept indices by decreasing score.
 
-    Vectorised and exact: the pairs (i, j) with i before j in score order and IoU > `iou` (same class) are found
-    with a few tensor ops (row chunks bound the memory to chunk x N), then "kept = not suppressed by a kept
-    earlier box" is iterated to its fixed point (Cluster-NMS, Zheng et al. 2021). The recurrence has one
-    solution, the greedy one, and the iteration reaches it in (longest suppression chain + 1) rounds.
-    Classes are separated by masking pairs, not by offsetting coordinates: offsets would change the IoU's
-    rounding and with it borderline decisions.
+    Vectorised and exact. Boxes are sorted by class, then score; the pairs (i, j) of one class with i before j
+    are enumerated with tensor ops (at most `budget` pairs at a time) and those with IoU > `iou` kept; then
+    "kept = not suppressed by a kept earlier box" is iterated to its fixed point (Cluster-NMS, Zheng et al.
+    2021): the recurrence has one solution, the greedy one, reached in (longest suppression chain + 1) rounds.
+    Classes are separated by the sort (the class-offset trick without offsets: adding offsets to coordinates
+    would change the IoU's rounding, and with it borderline decisions); only same-class pairs are computed.
     """
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
     order = scores.argsort(descending=True, stable=True)
+    if classes is not None:
+        order = order[classes[order].argsort(stable=True)]  # class blocks, by score within a block
     b = boxes[order].float()
-    c = classes[order] if classes is not None else None
-    first, second = _overlapping_pairs(b, c, iou, chunk)
-    return order[_greedy_fixed_point(first, second, len(b))]
+    first, second = _overlapping_pairs(b, None if classes is None else classes[order], iou, budget)
+    kept = order[_greedy_fixed_point(first, second, len(b))]
+    return kept if classes is None else kept[scores[kept].argsort(descending=True, stable=True)]
 
 
-def _overlapping_pairs(b: torch.Tensor, c: torch.Tensor | None, iou: float, chunk: int
+def _pair_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
+    """IoU of aligned (P, 4) xyxy pairs: the arithmetic of box_iou, so borderline decisions agree."""
+    lt = torch.maximum(a[:, :2], b[:, :2])
+    rb = torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    return inter / (box_area(a) + box_area(b) - inter + eps)
+
+
+def _overlapping_pairs(b: torch.Tensor, c: torch.Tensor | None, iou: float, budget: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index pairs (i < j) of score-sorted boxes that overlap by more than `iou` (within a class)."""
-    firsts, seconds = [], []
-    for k in range(0, len(b), chunk):
-        over = (box_iou(b[k:k + chunk], b) > iou).triu_(diagonal=k + 1)  # only later (lower-score) boxes
-        if c is not None:
-            over &= c[k:k + chunk, None] == c[None, :]
-        i, j = over.nonzero(as_tuple=True)
-        firsts.append(i + k)
-        seconds.append(j)
+    """Index pairs (i < j, same class block) of sorted boxes whose IoU exceeds `iou`."""
+    n, device = len(b), b.device
+    if c is None:
+        block_end = torch.full((n,), n, device=device)
+    else:
+        counts = torch.unique_consecutive(c, return_counts=True)[1]
+        block_end = counts.cumsum(0).repeat_interleave(counts)
+    later = block_end - torch.arange(n, device=device) - 1  # same-class boxes after each box
+    total = later.cumsum(0)
+    firsts, seconds, start = [], [], 0
+    while start < n:  # rows start..stop-1 hold at most `budget` pairs (at least one row)
+        before = int(total[start] - later[start])
+        stop = max(int(torch.searchsorted(total, before + budget, right=True)), start + 1)
+        per_row = later[start:stop]
+        first = torch.arange(start, stop, device=device).repeat_interleave(per_row)
+        offset = (per_row.cumsum(0) - per_row).repeat_interleave(per_row)
+        second = first + 1 + torch.arange(len(first), device=device) - offset
+        hit = _pair_iou(b[first], b[second]) > iou
+        firsts.append(first[hit])
+        seconds.append(second[hit])
+        start = stop
     return torch.cat(firsts), torch.cat(seconds)
 
 

@@ -56,9 +56,10 @@ def check_job_paths(job: JobPaths) -> None:
             inputs += data_file_inputs(p)
     files = [_real(p) for p in inputs if p.is_file()]
     dirs = [_real(p) for p in inputs if p.is_dir()]
+    _check_distinct(job.outputs)
     for out in job.outputs:
+        _check_limits(out)  # first: stat() of an over-long name fails
         _check_shape(out)
-        _check_limits(out)
         _check_not_input(out, files, dirs, job.resume)
         _check_writable(out)
         if out.kind == "dir" and job.check_existing:
@@ -126,9 +127,23 @@ def _check_shape(out: Output) -> None:
 def _existing_ancestor(p: Path) -> Path | None:
     p = Path(os.path.abspath(p))
     for candidate in (p, *p.parents):
-        if candidate.exists():
+        try:
+            os.stat(candidate)
             return candidate
+        except OSError:  # missing, or a name the filesystem cannot even look up (too long)
+            continue
     return None
+
+
+def _check_distinct(outputs: tuple[Output, ...]) -> None:
+    """A file output must not be (or contain) another output folder."""
+    folders = [(o, _real(o.path)) for o in outputs if o.kind == "dir"]
+    for out in outputs:
+        if out.kind == "file":
+            for folder, real in folders:
+                if _real(out.path) == real:
+                    raise GuardError(f"{out.option} {out.path}: is the {folder.option} folder; name a file, e.g. "
+                                     f"{out.path / 'report.json'}")
 
 
 def _limit(folder: Path | None, name: str, fallback: int) -> int:

@@ -109,7 +109,9 @@ def test_batched_nms_matches_per_class_brute_force():
         boxes = _random_boxes(150, seed, size=50)
         scores, classes = torch.rand(150, generator=g), torch.randint(0, 4, (150,), generator=g)
         for thr in (0.3, 0.6):
-            assert batched_nms(boxes, scores, classes, thr).tolist() == _batched_ref(boxes, scores, classes, thr)
+            ref = _batched_ref(boxes, scores, classes, thr)
+            assert batched_nms(boxes, scores, classes, thr).tolist() == ref
+            assert nms(boxes, scores, thr, classes, budget=50).tolist() == ref  # pair chunks across class blocks
 
 
 def test_nms_suppression_chain_is_greedy():
@@ -117,7 +119,7 @@ def test_nms_suppression_chain_is_greedy():
     boxes = torch.tensor([[i * 3.0, 0, i * 3.0 + 10, 10] for i in range(9)])
     scores = torch.linspace(1, 0.1, 9)
     assert nms(boxes, scores, 0.5).tolist() == _nms_ref(boxes, scores, 0.5) == [0, 2, 4, 6, 8]
-    assert nms(boxes, scores, 0.5, chunk=2).tolist() == [0, 2, 4, 6, 8]  # pairs found across row chunks
+    assert nms(boxes, scores, 0.5, budget=3).tolist() == [0, 2, 4, 6, 8]  # pairs found across row chunks
 
 
 def test_non_max_suppression_exact_on_real_yolov4_tiny_outputs(assets):
