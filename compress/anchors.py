@@ -67,6 +67,9 @@ def _init(wh: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
 def kmeans_anchors(wh: np.ndarray, n: int, iters: int = 300, seed: int = 0) -> np.ndarray:
     """Cluster (N, 2) widths/heights into n anchors (sorted by area); deterministic for a seed."""
     wh = np.asarray(wh, dtype=np.float64)
+    if len(wh) == 0:
+        raise DataError("anchors: no label boxes to cluster; check that the images have label files "
+                        "(labels/<image>.txt with `class x y w h` lines)")
     if len(wh) < n:
         raise DataError(f"anchors: {len(wh)} boxes cannot make {n} anchors; use a smaller --n or more data")
     rng = np.random.default_rng(seed)
@@ -105,8 +108,20 @@ def compute_anchors(data: DataSpec | str | os.PathLike | Sequence, config: Ancho
     images, nc = (getattr(data, config.split), data.nc) if isinstance(data, DataSpec) else (list(data), None)
     ds = DetectionDataset(images, config.img_size, num_classes=nc, source="anchors")
     wh = label_wh(ds, config.img_size)
+    total = len(wh)
     wh = wh[(wh >= config.min_px).all(1)]
+    if len(wh) == 0:
+        raise _no_boxes(data, len(images), total, config)
     anchors = kmeans_anchors(wh, config.n, config.iters, config.seed)
     mean_iou = float(wh_iou(wh, anchors).max(1).mean())
     log.info("anchors from %d boxes: mean best IoU %.4f", len(wh), mean_iou)
     return AnchorResult(anchors=anchors, mean_iou=mean_iou, boxes=len(wh))
+
+
+def _no_boxes(data: object, images: int, total: int, config: AnchorConfig) -> DataError:
+    """Say why there is nothing to cluster: no labels at all, or every box under min_px."""
+    where = f"the {images} {config.split} images" + (f" of {data.source}" if getattr(data, "source", "") else "")
+    why = (f"all {total} boxes are under {config.min_px:g} px at --img-size {config.img_size}; use a larger "
+           "--img-size" if total else "no image has a label file (labels/<image>.txt with `class x y w h` lines "
+           "beside images/) or every label file is empty; check the dataset")
+    return DataError(f"anchors: {where} have no boxes to cluster: {why}")

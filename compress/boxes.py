@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import numpy as np
 import torch
 
 __all__ = ["xywh2xyxy", "xyxy2xywh", "box_area", "box_iou", "bbox_iou", "nms", "batched_nms", "non_max_suppression"]
@@ -73,35 +72,80 @@ def bbox_iou(a: torch.Tensor, b: torch.Tensor, kind: IoUKind = "ciou", eps: floa
     return iou - (rho2 / c2 + v * alpha)
 
 
-def nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float, chunk: int = 1024) -> torch.Tensor:
-    """Greedy NMS of xyxy boxes. Returns kept indices by decreasing score (like torchvision.ops.nms).
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float, classes: torch.Tensor | None = None,
+        budget: int = 1 << 22) -> torch.Tensor:
+    """Greedy NMS of xyxy boxes (per class when `classes` is given). Returns kept indices by decreasing score.
 
-    The pairwise overlap matrix is built in row chunks (N*N bytes); the greedy pass runs on it in numpy.
+    Vectorised and exact. Boxes are sorted by class, then score; the pairs (i, j) of one class with i before j
+    are enumerated with tensor ops (at most `budget` pairs at a time) and those with IoU > `iou` kept; then
+    "kept = not suppressed by a kept earlier box" is iterated to its fixed point (Cluster-NMS, Zheng et al.
+    2021): the recurrence has one solution, the greedy one, reached in (longest suppression chain + 1) rounds.
+    Classes are separated by the sort (the class-offset trick without offsets: adding offsets to coordinates
+    would change the IoU's rounding, and with it borderline decisions); only same-class pairs are computed.
     """
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    order = scores.argsort(descending=True)
+    order = scores.argsort(descending=True, stable=True)
+    if classes is not None:
+        order = order[classes[order].argsort(stable=True)]  # class blocks, by score within a block
     b = boxes[order].float()
-    over = torch.cat([box_iou(b[k:k + chunk], b) > iou for k in range(0, len(b), chunk)]).cpu().numpy()
-    alive = np.ones(len(b), dtype=bool)
-    for i in range(len(b)):
-        if alive[i]:
-            alive[i + 1:] &= ~over[i, i + 1:]
-    return order[torch.from_numpy(alive).to(boxes.device)]
+    first, second = _overlapping_pairs(b, None if classes is None else classes[order], iou, budget)
+    kept = order[_greedy_fixed_point(first, second, len(b))]
+    return kept if classes is None else kept[scores[kept].argsort(descending=True, stable=True)]
+
+
+def _pair_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
+    """IoU of aligned (P, 4) xyxy pairs: the arithmetic of box_iou, so borderline decisions agree."""
+    lt = torch.maximum(a[:, :2], b[:, :2])
+    rb = torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    return inter / (box_area(a) + box_area(b) - inter + eps)
+
+
+def _overlapping_pairs(b: torch.Tensor, c: torch.Tensor | None, iou: float, budget: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index pairs (i < j, same class block) of sorted boxes whose IoU exceeds `iou`."""
+    n, device = len(b), b.device
+    if c is None:
+        block_end = torch.full((n,), n, device=device)
+    else:
+        counts = torch.unique_consecutive(c, return_counts=True)[1]
+        block_end = counts.cumsum(0).repeat_interleave(counts)
+    later = block_end - torch.arange(n, device=device) - 1  # same-class boxes after each box
+    total = later.cumsum(0)
+    firsts, seconds, start = [], [], 0
+    while start < n:  # rows start..stop-1 hold at most `budget` pairs (at least one row)
+        before = int(total[start] - later[start])
+        stop = max(int(torch.searchsorted(total, before + budget, right=True)), start + 1)
+        per_row = later[start:stop]
+        first = torch.arange(start, stop, device=device).repeat_interleave(per_row)
+        offset = (per_row.cumsum(0) - per_row).repeat_interleave(per_row)
+        second = first + 1 + torch.arange(len(first), device=device) - offset
+        hit = _pair_iou(b[first], b[second]) > iou
+        firsts.append(first[hit])
+        seconds.append(second[hit])
+        start = stop
+    return torch.cat(firsts), torch.cat(seconds)
+
+
+def _greedy_fixed_point(first: torch.Tensor, second: torch.Tensor, n: int) -> torch.Tensor:
+    """Boolean keep mask solving keep[j] = not any(keep[i] for pairs (i, j))."""
+    keep = torch.ones(n, dtype=torch.bool, device=first.device)
+    while True:
+        suppressed = torch.zeros_like(keep)
+        suppressed[second[keep[first]]] = True
+        new = ~suppressed
+        if torch.equal(new, keep):
+            return keep
+        keep = new
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou: float) -> torch.Tensor:
-    """NMS within each class (boxes of different classes never suppress each other).
+    """NMS within each class (boxes of different classes never suppress each other), all classes at once.
 
-    Equivalent to offsetting each class's boxes far apart and running `nms` once, but runs one small
-    overlap matrix per class instead of one large one. Returns kept indices by decreasing score.
+    Returns kept indices by decreasing score.
     """
-    if boxes.numel() == 0:
-        return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    keep = [idx[nms(boxes[idx], scores[idx], iou)] for c in classes.unique()
-            for idx in [(classes == c).nonzero(as_tuple=True)[0]]]
-    keep = torch.cat(keep)
-    return keep[scores[keep].argsort(descending=True)]
+    return nms(boxes, scores, iou, classes)
 
 
 def non_max_suppression(pred: torch.Tensor, conf_thres: float = 0.25, iou_thres: float = 0.45,

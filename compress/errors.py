@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 __all__ = ["CompressError", "CfgError", "WeightsError", "DataError", "PruneError", "QuantError",
-           "DistillError", "RecipeError", "ExportError"]
+           "DistillError", "RecipeError", "ExportError", "GuardError", "DeviceError"]
 
 
 class CompressError(Exception):
@@ -39,3 +39,11 @@ class RecipeError(CompressError):
 
 class ExportError(CompressError):
     pass
+
+
+class GuardError(CompressError):
+    """An output path that would destroy an input, cannot be written, or replaces an earlier run."""
+
+
+class DeviceError(CompressError):
+    """A --device that is malformed or absent on this machine."""

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
+import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .cfg import Cfg, format_cfg, parse_cfg, read_cfg, write_cfg
@@ -17,16 +20,56 @@ __all__ = ["load", "save", "save_checkpoint", "read_checkpoint"]
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
+    """A yolo-compress `.pt`, unpickled with weights_only=True: a pickle that names any code (not tensors and
+    plain containers) is refused without running it."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: checkpoint not found; pass an existing --weights")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found is None:
+            raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+        raise WeightsError(f"{path}: refused: the file holds Python objects other than tensors and plain data "
+                           f"({found.group(1)}), which loading could run; only checkpoints written by yolo-compress "
+                           "(or plain state dicts) are loaded; convert it with a trusted script") from None
     except Exception as exc:  # torch raises many types for corrupt files
-        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({exc.__class__.__name__})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise WeightsError(f"{path}: checkpoint has no 'model' entry; it was not written by yolo-compress")
+        raise WeightsError(f"{path}: not a readable PyTorch checkpoint ({exc.__class__.__name__}: "
+                           f"{_first_line(exc)})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) \
+            or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["model"].items()):
+        raise WeightsError(f"{path}: not a yolo-compress checkpoint (expected a dict whose 'model' is a state "
+                           f"dict of tensors, found {_describe(ckpt)}); pass a .pt written by yolo-compress or a "
+                           "Darknet .weights")
     return ckpt
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else exc.__class__.__name__
+
+
+def _describe(ckpt: object) -> str:
+    if isinstance(ckpt, dict):
+        return "a dict with " + (", ".join(f"{k!r}: {type(v).__name__}" for k, v in list(ckpt.items())[:4]) or
+                                 "no entries")
+    return f"a {type(ckpt).__name__}"
+
+
+def _plain(value: object) -> object:
+    """numpy arrays/scalars (e.g. RNG states) -> tensors/Python numbers, so weights_only loading accepts them."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.astype(np.int64) if value.dtype == np.uint32 else value.copy())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def load(cfg: str | os.PathLike | Cfg | None, weights: str | os.PathLike | None = None,
@@ -69,7 +112,8 @@ def _load_state(model: DarknetModel, state: dict, path) -> None:
 
 def save_checkpoint(model: DarknetModel, path: str | os.PathLike, **extra: object) -> None:
     """A `.pt` that embeds the cfg text, so it is self-describing."""
-    payload = {"cfg": format_cfg(model.cfg), "model": model.state_dict(), "header": model.header, **extra}
+    payload = {"cfg": format_cfg(model.cfg), "model": model.state_dict(), "header": model.header,
+               **_plain(extra)}
     buf = io.BytesIO()
     torch.save(payload, buf)
     with atomic_write(path, "wb") as fh:

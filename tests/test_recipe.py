@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from compress.cli.run import lookup_command
-from compress.errors import PruneError, RecipeError
+from compress.errors import CompressError, PruneError, RecipeError
 from compress.persist import load, save
 from compress.recipe import Plan, RunConfig, prepare, render_commands, run_recipe
 from compress.recipe.runner import sha256_file
@@ -289,3 +289,44 @@ def test_commands_sh_reproduces_the_run(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run(["bash", str(out / "commands.sh")], check=True, env=env, capture_output=True)
     assert onnx.read_bytes() == first
+
+
+def test_truncated_output_reruns_the_step_instead_of_reusing_it(tmp_path):
+    CALLS.clear()
+    recipe, out = _recipe(tmp_path, "model: {cfg: net.cfg}\ndata: {synth: {}}\nsteps:\n  - train: {}\n"
+                                    "  - prune: {}\n"), tmp_path / "out"
+    run_recipe(RunConfig(recipe, out), fake_lookup)
+    weights = Path(json.loads((out / "01-train" / "report.json").read_text())["weights"])
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])  # e.g. a disk that filled up, or an interrupted copy
+    CALLS.clear()
+    run_recipe(RunConfig(recipe, out), fake_lookup)
+    assert [c for c, _ in CALLS][0] == "train"
+    steps = json.loads((out / "manifest.json").read_text())["steps"]
+    assert [s["status"] for s in steps][:2] == ["reused", "done"]
+    assert len(weights.read_bytes()) == len(whole) and steps[1]["output_sha256"][str(weights)] == sha256_file(weights)
+
+
+def test_run_refuses_a_foreign_non_empty_folder(tmp_path):
+    recipe, out = _recipe(tmp_path, "model: {cfg: net.cfg}\ndata: {synth: {}}\nsteps:\n  - train: {}\n"), \
+        tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(CompressError, match="already holds an earlier run"):
+        run_recipe(RunConfig(recipe, out), fake_lookup)
+    run_recipe(RunConfig(recipe, out, exist_ok=True), fake_lookup)
+    run_recipe(RunConfig(recipe, out), fake_lookup)  # now a recipe run (manifest.json): resumed
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_recipe_device_reaches_every_step_with_device(tmp_path):
+    recipe = _recipe(tmp_path, "model: {cfg: net.cfg}\ndata: {synth: {}}\ndevice: cpu\nsteps:\n  - eval: {}\n"
+                               "  - export: {}\n  - eval: {device: auto}\n")
+    lines = render_commands(run_recipe(RunConfig(recipe, tmp_path / "o", dry_run=True), lookup_command))
+    evals = [ln for ln in lines.splitlines() if ln.startswith("yolo-compress eval")]
+    export = next(ln for ln in lines.splitlines() if ln.startswith("yolo-compress export"))
+    assert "--device cpu" in evals[0] and "--device auto" in evals[1] and "--device cpu" not in evals[1]
+    assert "--device" not in export
+    bad = _recipe(tmp_path, "model: {cfg: net.cfg}\ndevice: banana\nsteps:\n  - export: {}\n")
+    with pytest.raises(RecipeError, match=rf"^{bad}:2: --device banana: not a device"):
+        run_recipe(RunConfig(bad, tmp_path / "o", dry_run=True), lookup_command)

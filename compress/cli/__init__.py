@@ -7,7 +7,7 @@ import sys
 import click
 
 from ..errors import CompressError
-from .common import AppContext
+from .common import AppContext, install_guards
 
 __all__ = ["cli", "main"]
 
@@ -29,6 +29,7 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
 def _register() -> None:
     # Importing a command module attaches its commands to `cli`.
     from . import info, train, prune, quantize, distill, export, run, data  # noqa: F401
+    install_guards(cli)  # one output guard for every command, before any work
 
 
 _register()

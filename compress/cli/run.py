@@ -5,7 +5,8 @@ import click
 
 from ..recipe import Plan, RunConfig, render_commands, run_recipe, stage_rows, stage_table
 from . import cli
-from .common import write_report
+from ..recipe.runner import MANIFEST
+from .common import resume_marker, write_report
 
 
 def lookup_command(path: str) -> click.Command | None:
@@ -27,11 +28,14 @@ def lookup_command(path: str) -> click.Command | None:
               help="Override a recipe value: model.cfg=x.cfg, data=my.data, steps.3.prune.percent=0.7 (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Validate every step against its command and print the commands.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the stage table as JSON.")
+@click.option("--exist-ok", is_flag=True, help="Run into a non-empty --out that is not an earlier run of a recipe "
+              "(a folder holding manifest.json is resumed without it).")
 @click.pass_obj
+@resume_marker(MANIFEST)
 def run_command(obj: object, recipe: str, out: str | None, overrides: tuple[str, ...], dry_run: bool,
-                report_path: str | None) -> None:
+                report_path: str | None, exist_ok: bool) -> None:
     """Run RECIPE.yaml: each step is a yolo-compress command; models thread through the steps' report.json."""
-    result = run_recipe(RunConfig(recipe, out, overrides, dry_run), lookup_command, context_obj=obj)
+    result = run_recipe(RunConfig(recipe, out, overrides, dry_run, exist_ok), lookup_command, context_obj=obj)
     if isinstance(result, Plan):
         click.echo(render_commands(result))
         return

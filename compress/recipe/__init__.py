@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import RecipeError
+from ..guard import JobPaths, Output, check_job_paths
 from .plan import CommandLookup, Plan, PlannedStep, plan_recipe
-from .runner import RunResult, StepRecord, execute_plan, render_commands
+from .runner import MANIFEST, RunResult, StepRecord, execute_plan, render_commands
 from .spec import Recipe, load_recipe, parse_recipe
 from .steps import MODEL_REFS, STEPS, StepKind, register_step
 from .summary import STAGE_KEYS, stage_rows, stage_table, write_summary
@@ -34,6 +35,7 @@ class RunConfig:
     out: str | os.PathLike | None = None
     overrides: tuple[str, ...] = field(default_factory=tuple)
     dry_run: bool = False
+    exist_ok: bool = False          # run into a non-empty folder that is not an earlier run of a recipe
 
     def __post_init__(self) -> None:
         if isinstance(self.overrides, (str, bytes)):
@@ -62,6 +64,8 @@ def run_recipe(config: RunConfig, commands: CommandLookup, context_obj: object =
     plan = prepare(config, commands)
     if config.dry_run:
         return plan
+    check_job_paths(JobPaths(inputs=(Path(config.recipe),), outputs=(Output(plan.out, "dir", "--out"),),
+                             exist_ok=config.exist_ok, resume_marker=MANIFEST))
     result = execute_plan(plan, context_obj)
     write_summary(result, stage_rows(result))
     return result

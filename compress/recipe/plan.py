@@ -7,13 +7,14 @@ step's `DIR/report.json` (`cfg`, `weights`) becomes the current model afterwards
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Union
 
 import click
 
-from ..errors import RecipeError
+from ..device import parse_device
+from ..errors import DeviceError, RecipeError
 from .spec import Recipe, StepSpec, Tracked, to_plain
 from .steps import STEPS, ConvertedStep, StepKind, convert_options, find_param, required_missing
 
@@ -36,6 +37,7 @@ class PlannedStep:
     refs: dict[str, tuple[ModelSource, str, str | None]]  # teacher -> (source, --t_cfg, --t_weights)
     data: bool                      # the runner passes --data
     where: str
+    device: str | None = None       # the recipe-wide device, passed as --device (None: the step's own/default)
 
     @property
     def label(self) -> str:
@@ -58,6 +60,10 @@ class PlannedStep:
             args += ["--out", str(self.dir / self.kind.out_name if self.kind.out == "file" else self.dir)]
         if _has(self, "report_path") and not self.kind.produces_model:
             args += ["--report", str(self.report)]
+        if self.device is not None:
+            args += ["--device", self.device]
+        if _has(self, "exist_ok"):  # a re-run replaces the step's own earlier outputs
+            args += ["--exist-ok"]
         return args + list(self.user.args)
 
     def shell(self, model_paths: Callable[[ModelSource], tuple[str, str | None]], data: str | None) -> str:
@@ -81,11 +87,13 @@ class Plan:
     steps: tuple[PlannedStep, ...]  # including the data-synth pre-step when `data: {synth: ...}`
     input_model: tuple[str, str | None]
     data: str | None                # the data file, or None when it is synthesised (see steps[0])
+    device: str | None = None       # the recipe-wide device
 
     def resolved(self) -> dict:
         """The recipe with every path absolute and every option converted: itself a runnable recipe."""
         return {"out": str(self.out),
                 "model": {"cfg": self.input_model[0], "weights": self.input_model[1]},
+                **({"device": self.device} if self.device is not None else {}),
                 "data": self.data or (to_plain(self.recipe.data) if self.recipe.data else None),
                 "steps": [{s.name: {**s.user.values, **{k: _describe(src) for k, (src, _, _) in s.refs.items()}}}
                           for s in self.steps if s.index > 0]}
@@ -119,13 +127,27 @@ def plan_recipe(recipe: Recipe, commands: CommandLookup, out: Path) -> Plan:
             raise RecipeError(f"{recipe.data.where}: data {data} does not exist; fix `data:` or use --set data=...")
     producers: set[int] = set()
     current: ModelSource = 0
+    device = _device(recipe.device)
     for spec in recipe.steps:
         step = _plan_step(spec, commands, out, current, producers, has_data=recipe.data is not None)
+        if device is not None and find_param(step.command, "device") is not None and "device" not in step.user.names:
+            step = replace(step, device=device)
         steps.append(step)
         if step.kind.produces_model:
             producers.add(spec.index)
             current = spec.index
-    return Plan(recipe, out, tuple(steps), model, data)
+    return Plan(recipe, out, tuple(steps), model, data, device)
+
+
+def _device(t: Tracked | None) -> str | None:
+    """The recipe's `device:` (syntax checked now; whether it exists is checked when a step runs)."""
+    if t is None:
+        return None
+    try:
+        parse_device(str(t.value))
+    except DeviceError as exc:
+        raise RecipeError(f"{t.where}: {exc}") from None
+    return str(t.value)
 
 
 def _command(name: str, where: str, commands: CommandLookup) -> tuple[StepKind, click.Command]:

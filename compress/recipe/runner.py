@@ -5,7 +5,8 @@ equivalent `yolo-compress ...` lines, one per step), `manifest.json` (per step: 
 files, outputs, figures, status), `NN-<step>/` (each step's own outputs), `summary.json` + `summary.png`.
 
 Resume: a step is reused when its argv and the sha256 of its input files equal the manifest's record of a
-finished run and its outputs still exist. Changing an option, or an upstream step producing different weights,
+finished run and its output files still have the sha256 the manifest recorded (a truncated or edited output
+re-runs the step). Changing an option, or an upstream step producing different weights,
 re-runs that step and (through the changed hashes) everything downstream.
 """
 from __future__ import annotations
@@ -25,7 +26,9 @@ from ..errors import CompressError, RecipeError
 from ..fileio import write_text_atomic
 from .plan import Plan, PlannedStep, ModelSource
 
-__all__ = ["StepRecord", "RunResult", "execute_plan", "render_commands", "sha256_file"]
+__all__ = ["StepRecord", "RunResult", "execute_plan", "render_commands", "sha256_file", "MANIFEST"]
+
+MANIFEST = "manifest.json"
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ class StepRecord:
     inputs: dict[str, str | None]
     sha256: dict[str, str]
     outputs: dict[str, str | None] = field(default_factory=dict)
+    output_sha256: dict[str, str] = field(default_factory=dict)
     figures: dict[str, Any] = field(default_factory=dict)
     status: str = "pending"         # done | reused | failed
     seconds: float = 0.0
@@ -107,15 +111,16 @@ def execute_plan(plan: Plan, context_obj: object = None) -> RunResult:
     write_text_atomic(plan.out / "resolved.yaml", f"# {plan.recipe.path.resolve()} as run by `yolo-compress run` "
                       f"(paths absolute, options converted); runnable as a recipe\n"
                       + yaml.safe_dump(plan.resolved(), sort_keys=False))
-    previous = _load_manifest(plan.out / "manifest.json")
+    previous = _load_manifest(plan.out / MANIFEST)
     state, records = _State(plan), []
     for step in plan.steps:
         write_text_atomic(plan.out / "commands.sh", render_commands(plan, state))
         record = _record(step, state)
         old = previous.get((step.index, step.name))
         if old and old.get("status") in ("done", "reused") and old.get("key") == record.key() \
-                and _outputs_exist(old.get("outputs", {})):
+                and _outputs_intact(old, step.label):
             record.outputs, record.figures, record.status = old["outputs"], old.get("figures", {}), "reused"
+            record.output_sha256 = old["output_sha256"]
             log.info("[%s] unchanged since the last run; reusing %s", step.label, step.dir)
         else:
             _run_step(step, record, context_obj, plan, records)
@@ -149,6 +154,7 @@ def _run_step(step: PlannedStep, record: StepRecord, context_obj: object, plan: 
         step.command.main(args=record.argv[1 + len(step.name.split()):], prog_name=f"yolo-compress {step.name}",
                           standalone_mode=False, obj=context_obj)
         record.outputs, record.figures = _collect(step)
+        record.output_sha256 = {p: sha256_file(p) for p in record.outputs.values() if p and Path(p).is_file()}
     except (CompressError, click.ClickException) as exc:
         record.status, record.error = "failed", _message(exc)
         record.seconds = round(time.perf_counter() - t0, 2)
@@ -197,8 +203,16 @@ def _advance(state: _State, step: PlannedStep, record: StepRecord) -> None:
         state.data = record.outputs["data"]
 
 
-def _outputs_exist(outputs: dict) -> bool:
-    return bool(outputs) and all(Path(p).exists() for p in outputs.values() if p)
+def _outputs_intact(old: dict, label: str) -> bool:
+    """Every recorded output file still exists with the recorded sha256."""
+    hashes = old.get("output_sha256") or {}
+    files = [p for p in (old.get("outputs") or {}).values() if p]
+    for path in files:
+        if path not in hashes or not Path(path).is_file() or sha256_file(path) != hashes[path]:
+            log.warning("[%s] output %s is missing or changed since the last run; running the step again",
+                        label, path)
+            return False
+    return bool(files)
 
 
 def _load_manifest(path: Path) -> dict[tuple[int, str], dict]:
@@ -215,4 +229,4 @@ def _load_manifest(path: Path) -> dict[tuple[int, str], dict]:
 def _write_manifest(plan: Plan, records: list[StepRecord]) -> None:
     body = {"recipe": str(plan.recipe.path.resolve()), "out": str(plan.out),
             "steps": [{**r.__dict__, "key": r.key()} for r in records]}
-    write_text_atomic(plan.out / "manifest.json", json.dumps(body, indent=2, default=str) + "\n")
+    write_text_atomic(plan.out / MANIFEST, json.dumps(body, indent=2, default=str) + "\n")

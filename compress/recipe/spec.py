@@ -5,6 +5,7 @@ Format (every path is relative to the recipe file; `--set` values are relative t
     model: {cfg: demo.cfg, weights: demo.weights}   # weights optional (random init)
     data: my.data                                   # or {synth: {n_train: 256}}: `data synth` runs first
     out: ../runs/demo                               # optional; `run --out` wins; default runs/<recipe name>
+    device: auto                                    # optional; every step with --device gets it unless it sets one
     steps:                                          # each step: one CLI command path -> its options
       - train: {epochs: 30}
       - prune: {method: slim, percent: 0.5}
@@ -27,7 +28,7 @@ from ..errors import RecipeError
 
 __all__ = ["Tracked", "StepSpec", "Recipe", "load_recipe", "parse_recipe", "apply_overrides", "to_plain"]
 
-TOP_KEYS = ("model", "data", "out", "steps")
+TOP_KEYS = ("model", "data", "out", "device", "steps")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class Recipe:
     out: Tracked | None
     steps: tuple[StepSpec, ...]
     tree: Tracked                   # the whole (overridden) document
+    device: Tracked | None = None   # recipe-wide --device
 
 
 def _track(node: yaml.Node, loader: yaml.SafeLoader, source: str, base: Path) -> Tracked:
@@ -164,8 +166,10 @@ def parse_recipe(path: str | os.PathLike, overrides: tuple[str, ...] = (), cwd: 
         if key not in ("cfg", "weights"):
             raise RecipeError(f"{val.where}: unknown key `model.{key}`; use cfg and weights")
     weights = model.value.get("weights")
+    device = tree.value.get("device")
     return Recipe(path, model.value["cfg"], weights if weights and weights.value else None,
-                  tree.value.get("data"), tree.value.get("out"), _steps(tree), tree)
+                  tree.value.get("data"), tree.value.get("out"), _steps(tree), tree,
+                  device if device is not None and device.value is not None else None)
 
 
 def load_recipe(path: str | os.PathLike, overrides: tuple[str, ...] = ()) -> Recipe:
