@@ -37,13 +37,14 @@ def dataset(tmp_path_factory) -> Path:
 
 
 class GTPredictor:
-    """Returns each image's letterboxed ground truth as eval-mode model output (obj 1, one-hot class)."""
+    """Returns each image's ground truth, in the dataset's input geometry, as eval-mode model output (obj 1,
+    one-hot class); declares that geometry through its `letterbox` attribute, as exported-model wrappers do."""
 
     def __init__(self, ds: DetectionDataset, nc: int = 3, jitter: float = 0.0, boxes: int = 8) -> None:
-        self.outputs = []
+        self.outputs, self.letterbox = [], ds.letterbox
         for i in range(len(ds)):
             out = torch.zeros(boxes, 5 + nc)
-            lab = ds.letterboxed(i)[1]
+            lab = ds.fitted(i)[1]
             for k, (c, cx, cy, w, h) in enumerate(lab.tolist()):
                 out[k, :4] = torch.tensor([cx + jitter * w, cy, w, h]) * ds.img_size
                 out[k, 4], out[k, 5 + int(c)] = 1.0, 1.0
@@ -60,8 +61,9 @@ def _config(**kw) -> EvalConfig:
     return EvalConfig(img_size=SIZE, batch_size=3, workers=0, progress=False, **kw)
 
 
-def test_perfect_predictions_score_one(dataset, tmp_path):
-    ds = DetectionDataset(sorted(dataset.glob("*.png")), SIZE, num_classes=3)
+@pytest.mark.parametrize("letterbox", [True, False])
+def test_perfect_predictions_score_one(dataset, tmp_path, letterbox):
+    ds = DetectionDataset(sorted(dataset.glob("*.png")), SIZE, num_classes=3, letterbox=letterbox)
     result = evaluate(GTPredictor(ds), dataset, _config())
     assert result.map50 == pytest.approx(1.0) and result.map50_95 == pytest.approx(1.0, abs=0.02)
     assert result.precision == 1.0 and result.recall == 1.0
@@ -75,6 +77,8 @@ def test_perfect_predictions_score_one(dataset, tmp_path):
     save_detections(result, tmp_path / "d.json")
     assert json.loads((tmp_path / "d.json").read_text()) == result.detections
     assert "detections" not in result.to_dict() and json.dumps(result.to_dict())
+    # the predictor's declared geometry wins over the default; an explicit config value wins over both
+    assert evaluate(GTPredictor(ds), dataset, _config(letterbox=not letterbox)).map50 < 0.9
 
 
 def test_shifted_predictions_score_lower(dataset):

@@ -48,9 +48,16 @@ class TrainConfig:
     cls: float = 0.5
     anchor_t: float = 4.0
     iou_kind: str = "ciou"
+    aug: Any = None                 # compress.augment.AugmentConfig (None: its defaults)
+    letterbox: bool | None = None   # input geometry; None: the model cfg's [net] letter_box
+    cache: str | None = None        # 'ram' | 'disk' decoded training images
+    cache_dir: str | None = None    # disk cache folder (None: OUT/cache)
 
     def __post_init__(self) -> None:
         from .optim import OPTIMIZERS, SCHEDULERS
+        if isinstance(self.aug, dict):  # from_dict of a saved config
+            from ..augment import AugmentConfig
+            object.__setattr__(self, "aug", AugmentConfig(**self.aug))
 
         positive = ("epochs", "batch_size", "img_size", "accumulate", "eval_every", "lr0", "lrf")
         for name in positive:

@@ -47,8 +47,10 @@ def make_train_loader(dataset: Dataset, batch_size: int, workers: int, seed: int
         raise TrainError(f"train option batch_size {batch_size} must be a multiple of the process count "
                          f"{cfg.world_size}")
     sampler = DistributedSampler(dataset, num_replicas=cfg.world_size, rank=cfg.rank, shuffle=True, seed=seed)
-    loader = DataLoader(dataset, batch_size=batch_size // cfg.world_size, sampler=sampler, num_workers=workers,
-                        collate_fn=collate_fn, pin_memory=False, drop_last=False)
+    from ..data import EpochSampler  # (epoch, index) items: persistent workers follow the epoch
+    loader = DataLoader(dataset, batch_size=batch_size // cfg.world_size, sampler=EpochSampler(sampler),
+                        num_workers=workers, collate_fn=collate_fn, pin_memory=False, drop_last=False,
+                        persistent_workers=workers > 0)
     return loader, sampler
 
 
