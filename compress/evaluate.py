@@ -77,6 +77,7 @@ class EvalResult:
     timing_ms: dict[str, float]
     pr: dict[str, float]
     detections: list[dict] = field(default_factory=list, repr=False)
+    letterbox: bool = False     # the input geometry used (False: plain resize)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -253,7 +254,8 @@ def evaluate(model_or_predictor: Predictor, data: DataSpec | str | os.PathLike |
     Example:
         >>> evaluate(compress.load("yolov4-tiny.cfg", "yolov4-tiny.weights"), "coco128/images/train2017")
     """
-    ds, names, strict = _dataset(data, config.img_size, input_letterbox(model_or_predictor, config.letterbox))
+    letterbox = input_letterbox(model_or_predictor, config.letterbox)
+    ds, names, strict = _dataset(data, config.img_size, letterbox)
     nc = len(names)
     loader = make_loader(ds, config.img_size, config.batch_size, workers=config.workers)
     module = model_or_predictor if isinstance(model_or_predictor, torch.nn.Module) else None
@@ -276,7 +278,7 @@ def evaluate(model_or_predictor: Predictor, data: DataSpec | str | os.PathLike |
     log.info("eval: %d images, mAP@0.5 %.4f, mAP@0.5:0.95 %.4f", len(ds), map50, map5095)
     return EvalResult(map50=map50, map50_95=map5095, precision=pr["precision"], recall=pr["recall"],
                       images=len(ds), instances=int(counts.sum()), per_class=per_class, timing_ms=timing,
-                      pr=pr, detections=dets)
+                      pr=pr, detections=dets, letterbox=letterbox)
 
 
 def save_detections(result: EvalResult, path: str | os.PathLike) -> Path:

@@ -81,10 +81,12 @@ class ExportResult:
     dynamic_batch: bool
     size_mb: float
     parity: ParityResult | None = None
+    letterbox: bool = False    # input geometry the model expects (cfg [net] letter_box; False: plain resize)
 
     def to_dict(self) -> dict:
         out = {"onnx": str(self.path), "opset": self.opset, "img_size": list(self.img_size),
-               "dynamic_batch": self.dynamic_batch, "size_mb": round(self.size_mb, 4)}
+               "dynamic_batch": self.dynamic_batch, "size_mb": round(self.size_mb, 4),
+               "letterbox": self.letterbox}
         return {**out, **(self.parity.to_dict() if self.parity else {})}
 
 
@@ -108,7 +110,9 @@ def export_onnx(model: DarknetModel, path: str | os.PathLike, config: ExportConf
     if config.check:
         parity = check_onnx(model, path, check_inputs, img_size=hw)
         _enforce_tolerance(parity, hw, config.tolerance, path)
-    return ExportResult(path, config.opset, hw, config.dynamic_batch, len(data) / 1e6, parity)
+    from .imageio import cfg_letterbox
+    return ExportResult(path, config.opset, hw, config.dynamic_batch, len(data) / 1e6, parity,
+                        letterbox=bool(cfg_letterbox(model)))
 
 
 def _input_hw(model: DarknetModel, img_size: int | None) -> tuple[int, int]:

@@ -6,11 +6,11 @@ from typing import Any
 
 import click
 
-from ..data import load_data_spec
 from ..distill import STRATEGIES, DistillConfig, DistillResult, distill, parse_pairs
 from ..persist import load
 from ..report import format_stage_table
 from . import cli
+from .common import training_data, val_option
 from .common import (check_not_input, device_option, fit_config, fit_options, model_options, out_option,
                      report_option, write_report)
 
@@ -24,6 +24,7 @@ ROWS = [("run", "run"), ("map50", "mAP@0.5"), ("map50_95", "mAP@0.5:0.95")]
 @click.option("--t_weights", "--t-weights", "t_weights", type=click.Path(exists=True, dir_okay=False),
               required=True, help="Teacher weights (.weights or .pt).")
 @click.option("--data", type=click.Path(exists=True), required=True, help="Darknet .data file or image folder.")
+@val_option
 @out_option()
 @click.option("--kd", "--KDstr", "kd", type=click.Choice([str(k) for k in sorted(STRATEGIES)]), default="3",
               show_default=True, help="1 logits, 2 +teacher-bounded box, 3 +box mimic, 4 +attention, 5 +GT-masked.")
@@ -37,7 +38,8 @@ ROWS = [("run", "run"), ("map50", "mAP@0.5"), ("map50_95", "mAP@0.5:0.95")]
 @click.option("--reference-kd1", is_flag=True, help="--kd 1 softmaxes box logits too, like the reference.")
 @device_option
 @report_option
-def distill_command(cfg: str, weights: str | None, t_cfg: str, t_weights: str, data: str, out: str, kd: str,
+def distill_command(cfg: str, weights: str | None, t_cfg: str, t_weights: str, data: str, val: str | None,
+                    out: str, kd: str,
                     temperature: float, baseline: bool, pairs: str | None, w_soft: float | None,
                     w_box: float | None, w_feat: float | None, reference_kd1: bool, device: str,
                     report_path: str | None, **fit: Any) -> None:
@@ -47,7 +49,7 @@ def distill_command(cfg: str, weights: str | None, t_cfg: str, t_weights: str, d
                            pairs=parse_pairs(pairs), baseline=baseline, reference_kd1=reference_kd1)
     student, teacher = load(cfg, weights, device=device), load(t_cfg, t_weights, device=device)
     train = fit_config(cfg, fit)
-    result = distill(student, teacher, load_data_spec(data), config, train, device, out)
+    result = distill(student, teacher, training_data(data, val), config, train, device, out)
     _echo(result)
     figures = result.to_dict()
     write_report(Path(out) / "report.json", figures)

@@ -11,6 +11,7 @@ from ..report import format_stage_table
 from ..train import DistConfig, train_model
 from ..train.optim import SCHEDULERS
 from . import cli
+from .common import training_data, val_option
 from .common import (check_not_input, device_option, fit_config, fit_options, model_options, out_option,
                      report_option, write_report)
 
@@ -33,6 +34,7 @@ def dist_from_env(device: str) -> tuple[DistConfig | None, str]:
 @cli.command("train")
 @model_options()
 @click.option("--data", required=True, type=click.Path(exists=True), help="Darknet .data file or image folder.")
+@val_option
 @out_option(help="Output directory: best/last .cfg+.weights, last.pt, results.csv/png, report.json.")
 @fit_options()
 @click.option("--scheduler", default="cosine", show_default=True, type=click.Choice(sorted(SCHEDULERS)))
@@ -41,11 +43,11 @@ def dist_from_env(device: str) -> tuple[DistConfig | None, str]:
 @click.option("--no-ema", is_flag=True, help="Save/evaluate the raw weights instead of their moving average.")
 @click.option("--amp", is_flag=True, help="Mixed precision (CUDA only; ignored on CPU).")
 @click.option("--accumulate", default=1, show_default=True, type=click.IntRange(1), help="Batches per step.")
-@click.option("--no-augment", is_flag=True, help="Train on letterboxed images only.")
+@click.option("--no-augment", is_flag=True, help="Train on un-augmented images (input geometry only).")
 @click.option("--eval-every", default=1, show_default=True, type=click.IntRange(1), help="Epochs between evals.")
 @click.option("--cutoff", type=click.IntRange(1), help="Load weights of the first N layers only (transfer).")
 @report_option
-def train_command(cfg: str, weights: str | None, data: str, out: str, scheduler: str, device: str, resume: bool,
+def train_command(cfg: str, weights: str | None, data: str, val: str | None, out: str, scheduler: str, device: str, resume: bool,
                   no_ema: bool, amp: bool, accumulate: int, no_augment: bool, eval_every: int, cutoff: int | None,
                   report_path: str | None, **fit: Any) -> None:
     """Train or fine-tune a Darknet model; the best model (by mAP@0.5) is OUT/best.cfg + best.weights."""
@@ -53,7 +55,7 @@ def train_command(cfg: str, weights: str | None, data: str, out: str, scheduler:
     config = fit_config(cfg, fit, scheduler=scheduler, resume=resume, ema=not no_ema, amp=amp,
                         accumulate=accumulate, augment=not no_augment, eval_every=eval_every)
     dist, device = dist_from_env(device)
-    result, report = train_model(cfg, weights, data, config, out, device, cutoff, dist)
+    result, report = train_model(cfg, weights, training_data(data, val), config, out, device, cutoff, dist)
     if report:
         click.echo(format_stage_table([report], TABLE_KEYS))
         write_report(report_path, report)
