@@ -55,7 +55,7 @@ def index_images(paths: Sequence[Path], cache_dir: Path | None = None) -> list[t
     with ThreadPoolExecutor(_THREADS) as pool:
         for (p, k), info in zip(todo, pool.map(lambda item: image_info(item[0]), todo)):
             _INDEX_MEMO[k] = info
-    if cache_dir is not None and todo:
+    if cache_dir is not None and any(k and "|".join(map(str, k)) not in stored for k in keys):
         _write_index(cache_dir, {**stored, **{"|".join(map(str, k)): _INDEX_MEMO[k] for k in keys if k}})
     return ["missing" if k is None else _INDEX_MEMO[k] for k in keys]
 
