@@ -115,7 +115,7 @@ def _yaml_spec(path: Path) -> DataSpec:
         raise DataError(f"{path}: expected a mapping with train/val/names (Ultralytics data.yaml)")
     root = Path(str(doc.get("path") or ".")).expanduser()
     bases = [root] if root.is_absolute() else [path.parent / root, path.parent.parent / root, Path.cwd() / root]
-    base = next((b for b in bases if b.is_dir()), bases[0])
+    base = next((b for b in bases if b.is_dir()), bases[0]).resolve()
     splits = {}
     for key in ("train", "val"):
         values = doc.get(key) or []

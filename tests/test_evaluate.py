@@ -155,8 +155,9 @@ def _reference_map(cfg: Path, weights: Path, images: list[Path], size: int, tmp:
         img = cv2.imread(str(path))
         h, w = img.shape[:2]
         gt_images.append({"id": i, "width": w, "height": h})
-        for c, cx, cy, bw, bh in np.loadtxt(path.parent.parent.parent / "labels" / path.parent.name
-                                            / f"{path.stem}.txt", ndmin=2).tolist():
+        label_file = path.parent.parent.parent / "labels" / path.parent.name / f"{path.stem}.txt"
+        for c, cx, cy, bw, bh in (map(float, line.split()) for line in label_file.read_text().splitlines()
+                                  if line.strip()):
             box = [(cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h]
             anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(c), "bbox": box,
                          "area": box[2] * box[3], "iscrowd": 0})
