@@ -1,27 +1,33 @@
-"""Training augmentation: mosaic, random affine (scale/translate), HSV jitter, horizontal flip.
+"""Training augmentation (OpenCV): mosaic, random scale/translate, horizontal flip, HSV jitter.
 
-Every function takes an explicit `numpy.random.Generator`, so a (seed, epoch, index) triple fixes the
-result. Boxes travel as pixel xyxy arrays `(n, 5)` = cls, x1, y1, x2, y2 between the steps.
+Each source image reaches the S x S output through ONE affine warp: its geometry (letterbox or plain
+resize; or its mosaic tile placement), the random scale/translate and the flip are composed into a single
+matrix, so a pixel is resampled once. Boxes go through the same matrix (no rotation or shear, so
+axis-aligned boxes stay exact). HSV jitter uses lookup tables. Every function takes an explicit
+`numpy.random.Generator`, so a (seed, epoch, index) triple fixes the result. Images are BGR uint8;
+boxes travel as pixel `(n, 5)` = cls, x1, y1, x2, y2.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
 
+import cv2
 import numpy as np
-from PIL import Image
 
 from .errors import DataError
+from .imageio import PAD_VALUE, geometry
 
 if TYPE_CHECKING:
     from .data import DetectionDataset
 
-__all__ = ["AugmentConfig", "augment_item", "hsv_jitter", "flip_lr", "random_affine", "mosaic4",
-           "to_pixel_xyxy", "to_norm_xywh"]
+__all__ = ["AugmentConfig", "augment_item", "hsv_jitter", "flip_lr", "to_pixel_xyxy", "to_norm_xywh",
+           "warp", "transform_boxes"]
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
+    """Augmentation hyper-parameters (the names of Ultralytics' hyp files where they exist)."""
     hsv_h: float = 0.015     # hue gain range (fraction)
     hsv_s: float = 0.7       # saturation gain range
     hsv_v: float = 0.4       # value gain range
@@ -29,29 +35,42 @@ class AugmentConfig:
     translate: float = 0.1   # +- fraction of the image size
     scale: float = 0.5       # scale gain in [1 - scale, 1 + scale]
     mosaic: float = 0.0      # probability of a 4-image mosaic
-    min_box_px: float = 2.0  # boxes narrower/shorter than this after the affine are dropped
+    min_box_px: float = 2.0  # boxes narrower/shorter than this after the warp are dropped
+    min_box_area: float = 0.2  # ... and boxes keeping less than this share of their area in the image
 
     def __post_init__(self) -> None:
-        for name in ("hsv_h", "hsv_s", "hsv_v", "fliplr", "translate", "mosaic"):
+        for name in ("hsv_h", "hsv_s", "hsv_v", "fliplr", "translate", "mosaic", "min_box_area"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise DataError(f"AugmentConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+                raise DataError(f"augmentation {name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.scale < 1.0:
-            raise DataError(f"AugmentConfig.scale must be in [0, 1), got {self.scale}")
+            raise DataError(f"augmentation scale must be in [0, 1), got {self.scale}")
+        if self.min_box_px < 0:
+            raise DataError(f"augmentation min_box_px must be >= 0, got {self.min_box_px}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "hyp") -> "AugmentConfig":
+        """The augmentation keys of a hyp mapping (others are ignored: they belong to the loss/optimizer)."""
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: float(v) for k, v in values.items() if k in known})
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{source}: augmentation values must be numbers ({exc})") from None
 
 
-def to_pixel_xyxy(labels: np.ndarray, w: float, h: float, ratio: float = 1.0,
+def to_pixel_xyxy(labels: np.ndarray, w: float, h: float, ratio: float | tuple[float, float] = 1.0,
                   pad: tuple[float, float] = (0, 0)) -> np.ndarray:
     """Normalised (n,5) cls,cx,cy,w,h of a w x h image -> pixel cls,x1,y1,x2,y2 after scaling by ratio + pad."""
-    out = labels.copy()
-    out[:, 1] = (labels[:, 1] - labels[:, 3] / 2) * w * ratio + pad[0]
-    out[:, 2] = (labels[:, 2] - labels[:, 4] / 2) * h * ratio + pad[1]
-    out[:, 3] = (labels[:, 1] + labels[:, 3] / 2) * w * ratio + pad[0]
-    out[:, 4] = (labels[:, 2] + labels[:, 4] / 2) * h * ratio + pad[1]
+    rw, rh = ratio if isinstance(ratio, tuple) else (ratio, ratio)
+    out = labels.astype(np.float64)
+    out[:, 1] = (labels[:, 1] - labels[:, 3] / 2) * w * rw + pad[0]
+    out[:, 2] = (labels[:, 2] - labels[:, 4] / 2) * h * rh + pad[1]
+    out[:, 3] = (labels[:, 1] + labels[:, 3] / 2) * w * rw + pad[0]
+    out[:, 4] = (labels[:, 2] + labels[:, 4] / 2) * h * rh + pad[1]
     return out
 
 
 def to_norm_xywh(boxes: np.ndarray, size: int) -> np.ndarray:
-    out = boxes.copy()
+    out = boxes.astype(np.float64)
     out[:, 1] = (boxes[:, 1] + boxes[:, 3]) / 2 / size
     out[:, 2] = (boxes[:, 2] + boxes[:, 4]) / 2 / size
     out[:, 3] = (boxes[:, 3] - boxes[:, 1]) / size
@@ -60,14 +79,15 @@ def to_norm_xywh(boxes: np.ndarray, size: int) -> np.ndarray:
 
 
 def hsv_jitter(img: np.ndarray, rng: np.random.Generator, h: float, s: float, v: float) -> np.ndarray:
-    """Random hue/saturation/value gains, applied with lookup tables in PIL's HSV space."""
+    """Random hue/saturation/value gains, applied with lookup tables in OpenCV's HSV (hue 0..179)."""
     gains = rng.uniform(-1, 1, 3) * np.array([h, s, v]) + 1
-    hsv = np.asarray(Image.fromarray(img).convert("HSV"))
+    hue, sat, val = cv2.split(cv2.cvtColor(img, cv2.COLOR_BGR2HSV))
     x = np.arange(256, dtype=np.float32)
-    luts = [((x * gains[0]) % 256).astype(np.uint8), np.clip(x * gains[1], 0, 255).astype(np.uint8),
-            np.clip(x * gains[2], 0, 255).astype(np.uint8)]
-    out = np.stack([luts[c][hsv[..., c]] for c in range(3)], -1)
-    return np.asarray(Image.fromarray(out, "HSV").convert("RGB"))
+    lut_h = ((x * gains[0]) % 180).astype(np.uint8)
+    lut_s = np.clip(x * gains[1], 0, 255).astype(np.uint8)
+    lut_v = np.clip(x * gains[2], 0, 255).astype(np.uint8)
+    hsv = cv2.merge((cv2.LUT(hue, lut_h), cv2.LUT(sat, lut_s), cv2.LUT(val, lut_v)))
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
 
 
 def flip_lr(img: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -77,79 +97,99 @@ def flip_lr(img: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return np.ascontiguousarray(img[:, ::-1]), boxes
 
 
-def random_affine(img: np.ndarray, boxes: np.ndarray, rng: np.random.Generator, size: int,
-                  translate: float, scale: float, min_box_px: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
-    """Scale about the input's centre, move that centre near the output's centre, crop/pad to size x size.
-
-    A 2S mosaic canvas thus yields its middle S x S region at scale 1."""
-    h, w = img.shape[:2]
-    s = rng.uniform(1 - scale, 1 + scale)
-    tx = rng.uniform(0.5 - translate, 0.5 + translate) * size
-    ty = rng.uniform(0.5 - translate, 0.5 + translate) * size
-    # output = s * (input - centre) + t
-    cx, cy = w / 2, h / 2
-    ox, oy = tx - s * cx, ty - s * cy
-    inv = (1 / s, 0, -ox / s, 0, 1 / s, -oy / s)  # PIL maps output -> input
-    from .data import PAD_VALUE
-    out = Image.fromarray(img).transform((size, size), Image.AFFINE, inv, Image.BILINEAR,
-                                         fillcolor=(PAD_VALUE,) * 3)
-    b = boxes.copy()
-    b[:, [1, 3]] = b[:, [1, 3]] * s + ox
-    b[:, [2, 4]] = b[:, [2, 4]] * s + oy
-    area0 = (b[:, 3] - b[:, 1]) * (b[:, 4] - b[:, 2])
-    b[:, 1:] = b[:, 1:].clip(0, size)
-    bw, bh = b[:, 3] - b[:, 1], b[:, 4] - b[:, 2]
-    keep = (bw > min_box_px) & (bh > min_box_px) & (bw * bh > 0.2 * area0)
-    return np.asarray(out), b[keep]
+def _affine(sx: float, sy: float, tx: float, ty: float) -> np.ndarray:
+    """3x3 matrix of x' = sx * x + tx, y' = sy * y + ty (continuous coordinates: pixel i spans [i, i+1])."""
+    return np.array([[sx, 0.0, tx], [0.0, sy, ty], [0.0, 0.0, 1.0]])
 
 
-def _paste(canvas: np.ndarray, img: np.ndarray, x1: int, y1: int) -> None:
-    """Copy img onto canvas with its top-left at (x1, y1), clipped to the canvas."""
-    h, w = img.shape[:2]
-    ch, cw = canvas.shape[:2]
-    a, b = max(0, x1), max(0, y1)
-    c, d = min(cw, x1 + w), min(ch, y1 + h)
-    if c > a and d > b:
-        canvas[b:d, a:c] = img[b - y1:d - y1, a - x1:c - x1]
+def transform_boxes(boxes: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Pixel cls,x1,y1,x2,y2 boxes through a scale/translate/flip matrix (corners re-ordered after a flip)."""
+    out = boxes.astype(np.float64)
+    xs = boxes[:, [1, 3]] * m[0, 0] + m[0, 2]
+    ys = boxes[:, [2, 4]] * m[1, 1] + m[1, 2]
+    out[:, 1], out[:, 3] = xs.min(1), xs.max(1)
+    out[:, 2], out[:, 4] = ys.min(1), ys.max(1)
+    return out
 
 
-def mosaic4(ds: "DetectionDataset", index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Four images (index + 3 random) tiled around a random centre of a 2S x 2S canvas."""
-    from .data import PAD_VALUE
+def warp(src: np.ndarray, m: np.ndarray, size: int, dst: np.ndarray | None = None) -> np.ndarray:
+    """Resample `src` into a size x size image through the continuous-coordinate matrix `m` (one pass).
+
+    With `dst`, only the pixels that `src` covers are written (mosaic tiles)."""
+    shift = np.array([[1.0, 0, 0.5], [0, 1.0, 0.5], [0, 0, 1.0]])   # pixel index -> continuous
+    m_idx = (np.linalg.inv(shift) @ m @ shift)[:2]
+    if dst is None:
+        return cv2.warpAffine(src, m_idx, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                              borderValue=(PAD_VALUE,) * 3)
+    cv2.warpAffine(src, m_idx, (size, size), dst=dst, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_TRANSPARENT)
+    return dst
+
+
+def _random_affine(rng: np.random.Generator, size: int, centre: float, cfg: AugmentConfig) -> np.ndarray:
+    """Scale about (centre, centre) of the input by U(1-scale, 1+scale), move it near the output's centre,
+    and flip with probability fliplr."""
+    s = rng.uniform(1 - cfg.scale, 1 + cfg.scale)
+    tx, ty = rng.uniform(0.5 - cfg.translate, 0.5 + cfg.translate, 2) * size
+    m = _affine(s, s, tx - s * centre, ty - s * centre)
+    if rng.random() < cfg.fliplr:
+        m = _affine(-1.0, 1.0, size, 0.0) @ m
+    return m
+
+
+def _source(ds: "DetectionDataset", i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image as loaded, loaded -> original-pixel matrix, original-pixel boxes) of dataset item i."""
+    img = ds.load_bgr(i)
+    h0, w0 = ds.shapes[i]
+    to_orig = _affine(w0 / img.shape[1], h0 / img.shape[0], 0.0, 0.0)
+    return img, to_orig, to_pixel_xyxy(ds.labels[i], w0, h0)
+
+
+def _single(ds: "DetectionDataset", index: int, rng: np.random.Generator
+            ) -> tuple[np.ndarray, np.ndarray]:
+    s = ds.img_size
+    img, to_orig, boxes = _source(ds, index)
+    (rw, rh), (pw, ph), _ = geometry(*ds.shapes[index], s, ds.letterbox)
+    m = _random_affine(rng, s, s / 2, ds.aug) @ _affine(rw, rh, pw, ph)
+    return warp(img, m @ to_orig, s), transform_boxes(boxes, m)
+
+
+def _mosaic(ds: "DetectionDataset", index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Four images (index + 3 random) tiled around a random centre of a virtual 2S x 2S canvas (long side
+    S each, aspect kept), then the random affine of that canvas; each tile is warped once, straight into
+    the output."""
     s = ds.img_size
     xc, yc = (int(v) for v in rng.uniform(0.5 * s, 1.5 * s, 2))
-    canvas = np.full((2 * s, 2 * s, 3), PAD_VALUE, np.uint8)
     picks = [index, *rng.integers(0, len(ds), 3)]
+    aff = _random_affine(rng, s, s, ds.aug)
+    out = np.full((s, s, 3), PAD_VALUE, np.uint8)
     all_boxes = []
     for k, i in enumerate(picks):
-        img0 = ds.load(int(i))
-        h0, w0 = img0.shape[:2]
+        img, to_orig, boxes = _source(ds, int(i))
+        h0, w0 = ds.shapes[int(i)]
         r = s / max(h0, w0)
-        img = np.asarray(Image.fromarray(img0).resize((max(1, round(w0 * r)), max(1, round(h0 * r))),
-                                                      Image.BILINEAR))
-        h, w = img.shape[:2]
+        w, h = max(1, round(w0 * r)), max(1, round(h0 * r))
         x1 = xc - w if k in (0, 2) else xc
         y1 = yc - h if k in (0, 1) else yc
-        _paste(canvas, img, x1, y1)
-        all_boxes.append(to_pixel_xyxy(ds.labels[int(i)], w0, h0, r, (x1, y1)))
-    boxes = np.concatenate(all_boxes, 0)
-    boxes[:, 1:] = boxes[:, 1:].clip(0, 2 * s)
-    return canvas, boxes
+        m = aff @ _affine(w / w0, h / h0, x1, y1)
+        warp(img, m @ to_orig, s, dst=out)
+        all_boxes.append(transform_boxes(boxes, m))
+    return out, np.concatenate(all_boxes, 0)
+
+
+def _filter_boxes(boxes: np.ndarray, size: int, cfg: AugmentConfig) -> np.ndarray:
+    """Clip to the image; drop boxes that became tiny or lost most of their area outside it."""
+    area0 = (boxes[:, 3] - boxes[:, 1]) * (boxes[:, 4] - boxes[:, 2])
+    b = boxes.copy()
+    b[:, 1:] = b[:, 1:].clip(0, size)
+    bw, bh = b[:, 3] - b[:, 1], b[:, 4] - b[:, 2]
+    keep = (bw > cfg.min_box_px) & (bh > cfg.min_box_px) & (bw * bh > cfg.min_box_area * area0)
+    return b[keep]
 
 
 def augment_item(ds: "DetectionDataset", index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One training sample: (uint8 image S x S x 3, labels (n,5) cls,cx,cy,w,h normalised)."""
-    from .data import letterbox
+    """One training sample: (BGR uint8 image S x S x 3, labels (n,5) cls,cx,cy,w,h normalised)."""
     cfg, s = ds.aug, ds.img_size
-    if rng.random() < cfg.mosaic:
-        img, boxes = mosaic4(ds, index, rng)
-    else:
-        img, r, pad = letterbox(ds.load(index), s)
-        h0, w0 = ds.shapes[index]
-        boxes = to_pixel_xyxy(ds.labels[index], w0, h0, r, pad)
-    img, boxes = random_affine(img, boxes, rng, s, cfg.translate, cfg.scale, min_box_px=cfg.min_box_px)
+    img, boxes = _mosaic(ds, index, rng) if rng.random() < cfg.mosaic else _single(ds, index, rng)
     if cfg.hsv_h or cfg.hsv_s or cfg.hsv_v:
         img = hsv_jitter(img, rng, cfg.hsv_h, cfg.hsv_s, cfg.hsv_v)
-    if rng.random() < cfg.fliplr:
-        img, boxes = flip_lr(img, boxes)
-    return img, to_norm_xywh(boxes, s)
+    return img, to_norm_xywh(_filter_boxes(boxes, s, cfg), s)

@@ -16,10 +16,10 @@ from PIL import Image, ImageDraw
 
 from .data import IMG_EXTS, DetectionDataset, list_images, make_loader
 from .errors import DataError
-from .evaluate import EvalConfig, Predictor, predict
+from .evaluate import EvalConfig, Predictor, input_letterbox, predict
 from .fileio import write_bytes_atomic, write_text_atomic
 
-__all__ = ["DetectConfig", "detect", "draw_detections", "detect_to_dir", "source_images"]
+__all__ = ["DetectConfig", "detect", "draw_detections", "detect_to_dir", "source_images", "check_names"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ class DetectConfig:
     batch_size: int = 4
     workers: int = 0
     progress: bool = True
+    letterbox: bool | None = None   # input geometry; None: the model's (cfg letter_box), else plain resize
 
     def __post_init__(self) -> None:
         # EvalConfig validates the shared fields with the same rules and messages.
@@ -41,7 +42,7 @@ class DetectConfig:
     def as_eval(self) -> EvalConfig:
         return EvalConfig(img_size=self.img_size, batch_size=self.batch_size, conf_thres=self.conf_thres,
                           iou_thres=self.iou_thres, max_det=self.max_det, workers=self.workers,
-                          progress=self.progress)
+                          progress=self.progress, letterbox=self.letterbox)
 
 
 def source_images(source: str | os.PathLike) -> list[Path]:
@@ -61,7 +62,8 @@ def source_images(source: str | os.PathLike) -> list[Path]:
 def detect(model: Predictor, images: Sequence[str | os.PathLike], config: DetectConfig = DetectConfig(),
            device: str | torch.device = "cpu") -> list[tuple[Path, np.ndarray]]:
     """[(image path, (n, 6) x1,y1,x2,y2,conf,cls in original pixels)]."""
-    ds = DetectionDataset(list(images), config.img_size, source="detect")
+    ds = DetectionDataset(list(images), config.img_size, source="detect",
+                          letterbox=input_letterbox(model, config.letterbox))
     loader = make_loader(ds, config.img_size, config.batch_size, workers=config.workers)
     module = model if isinstance(model, torch.nn.Module) else None
     was_training = bool(module is not None and module.training)
@@ -73,6 +75,14 @@ def detect(model: Predictor, images: Sequence[str | os.PathLike], config: Detect
         if module is not None:
             module.train(was_training)
     return list(zip(ds.images, preds))
+
+
+def check_names(names: Sequence[str], num_classes: int | None, source: str = "--names") -> None:
+    """Refuse a names list shorter than the model's classes (boxes would be labelled with bare numbers)."""
+    if num_classes is not None and len(names) < num_classes:
+        raise DataError(f"{source} has {len(names)} names but the model predicts {num_classes} classes; "
+                        f"pass a names file with {num_classes} lines (one per class), or omit --names to "
+                        "label boxes with class ids")
 
 
 def _colour(cls: int) -> tuple[int, int, int]:
@@ -102,6 +112,7 @@ def detect_to_dir(model: Predictor, source: str | os.PathLike, out_dir: str | os
                   device: str | torch.device = "cpu") -> list[dict]:
     """Detect on `source`, write annotated images and `detections.json` to `out_dir`; returns the records."""
     out = Path(out_dir)
+    check_names(names, getattr(model, "num_classes", None))
     results = detect(model, source_images(source), config, device)
     records = []
     for path, dets in results:

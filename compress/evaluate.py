@@ -1,4 +1,9 @@
-"""Detection accuracy: letterboxed inference, NMS, boxes mapped back to the original images, COCO mAP.
+"""Detection accuracy: inference in the model's input geometry, NMS, boxes mapped back to the original
+images, COCO mAP.
+
+The geometry (plain resize, Darknet's default, or letterbox) is `EvalConfig.letterbox` when set, else what
+the model declares (`imageio.cfg_letterbox`: a `letterbox` attribute, or `letter_box` in its cfg's [net]),
+else plain resize.
 
 `evaluate` takes a `DarknetModel` or any callable mapping a float (N,3,S,S) tensor in [0,1] to eval-mode
 output (N, boxes, 5+C) (e.g. an onnxruntime session wrapper). mAP@0.5 and mAP@0.5:0.95 come from
@@ -7,6 +12,7 @@ pycocotools, with the ground truth built in memory from the YOLO labels in origi
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -27,8 +33,9 @@ from .data import (DataSpec, DetectionDataset, default_workers, find_names, load
                    read_names)
 from .errors import DataError
 from .fileio import write_text_atomic
+from .imageio import cfg_letterbox
 
-__all__ = ["EvalConfig", "EvalResult", "evaluate", "predict", "coco_ground_truth", "coco_map",
+__all__ = ["EvalConfig", "EvalResult", "evaluate", "predict", "input_letterbox", "coco_ground_truth", "coco_map",
            "precision_recall", "save_detections"]
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,7 @@ class EvalConfig:
     progress: bool = True
     pr_conf: float = 0.25       # precision/recall are counted on detections with conf >= this
     pr_iou: float = 0.5         # ... matched to same-class GT at IoU >= this
+    letterbox: bool | None = None  # input geometry; None: the model's (cfg letter_box), else plain resize
 
     def __post_init__(self) -> None:
         if self.img_size < 32 or self.img_size % 32:
@@ -69,6 +77,7 @@ class EvalResult:
     timing_ms: dict[str, float]
     pr: dict[str, float]
     detections: list[dict] = field(default_factory=list, repr=False)
+    letterbox: bool = False     # the input geometry used (False: plain resize)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -81,21 +90,34 @@ class EvalResult:
         return rows + [["all", self.instances, self.map50, self.map50_95]]
 
 
-def _dataset(data: DataSpec | str | os.PathLike | Sequence | DetectionDataset, img_size: int
+def input_letterbox(model: Any, config_value: bool | None = None) -> bool:
+    """The input geometry to feed `model`: the explicit choice, else the model's, else plain resize."""
+    if config_value is not None:
+        return bool(config_value)
+    declared = cfg_letterbox(model)
+    return bool(declared) if declared is not None else False
+
+
+def _dataset(data: DataSpec | str | os.PathLike | Sequence | DetectionDataset, img_size: int, letterbox: bool
              ) -> tuple[DetectionDataset, list[str], bool]:
     """(dataset, class names, whether the names are authoritative, i.e. from a .data/.names file)."""
     if isinstance(data, (str, os.PathLike)):
         data = load_data_spec(data)
     if isinstance(data, DataSpec):
         source = f"{data.source} [valid]"
-        return DetectionDataset(data.valid, img_size, num_classes=data.nc, source=source), data.names, True
+        ds = DetectionDataset(data.valid, img_size, num_classes=data.nc, source=source, letterbox=letterbox)
+        return ds, data.names, True
     if not isinstance(data, DetectionDataset):
         images = [Path(p) for p in data]
         names_file = find_names(images[0].parent) if images else None
         names = read_names(names_file) if names_file else None
-        data = DetectionDataset(images, img_size, num_classes=len(names) if names else None, source="images")
+        data = DetectionDataset(images, img_size, num_classes=len(names) if names else None, source="images",
+                                letterbox=letterbox)
         if names:
             return data, names, True
+    elif data.letterbox != letterbox or data.augment or data.img_size != img_size:
+        data = copy.copy(data)  # a ready dataset (e.g. the trainer's): same images, the model's geometry
+        data.letterbox, data.augment, data.img_size, data.cache = letterbox, False, img_size, None
     nc = data.num_classes or 1 + max((int(c) for lab in data.labels for c in lab[:, 0]), default=0)
     return data, [str(i) for i in range(nc)], data.num_classes is not None
 
@@ -140,9 +162,10 @@ def _check_output(pred: torch.Tensor, imgs: torch.Tensor, nc: int | None) -> Non
 
 def _to_original(d: np.ndarray, shape) -> np.ndarray:
     (h0, w0), (ratio, (pw, ph)) = shape
+    rw, rh = ratio if isinstance(ratio, (tuple, list)) else (ratio, ratio)
     d = d.copy()
-    d[:, [0, 2]] = ((d[:, [0, 2]] - pw) / ratio).clip(0, w0)
-    d[:, [1, 3]] = ((d[:, [1, 3]] - ph) / ratio).clip(0, h0)
+    d[:, [0, 2]] = ((d[:, [0, 2]] - pw) / rw).clip(0, w0)
+    d[:, [1, 3]] = ((d[:, [1, 3]] - ph) / rh).clip(0, h0)
     return d
 
 
@@ -231,7 +254,8 @@ def evaluate(model_or_predictor: Predictor, data: DataSpec | str | os.PathLike |
     Example:
         >>> evaluate(compress.load("yolov4-tiny.cfg", "yolov4-tiny.weights"), "coco128/images/train2017")
     """
-    ds, names, strict = _dataset(data, config.img_size)
+    letterbox = input_letterbox(model_or_predictor, config.letterbox)
+    ds, names, strict = _dataset(data, config.img_size, letterbox)
     nc = len(names)
     loader = make_loader(ds, config.img_size, config.batch_size, workers=config.workers)
     module = model_or_predictor if isinstance(model_or_predictor, torch.nn.Module) else None
@@ -254,7 +278,7 @@ def evaluate(model_or_predictor: Predictor, data: DataSpec | str | os.PathLike |
     log.info("eval: %d images, mAP@0.5 %.4f, mAP@0.5:0.95 %.4f", len(ds), map50, map5095)
     return EvalResult(map50=map50, map50_95=map5095, precision=pr["precision"], recall=pr["recall"],
                       images=len(ds), instances=int(counts.sum()), per_class=per_class, timing_ms=timing,
-                      pr=pr, detections=dets)
+                      pr=pr, detections=dets, letterbox=letterbox)
 
 
 def save_detections(result: EvalResult, path: str | os.PathLike) -> Path:

@@ -113,12 +113,13 @@ class ExportResult:
     half: bool = False
     nms: NmsConfig | None = None
     parity: ParityResult | None = field(default=None)
+    letterbox: bool = False    # input geometry the model expects (cfg [net] letter_box; False: plain resize)
 
     def to_dict(self) -> dict:
         out = {"format": self.format, "path": str(self.path), "files": [str(f) for f in self.files],
                "opset": self.opset, "img_size": list(self.img_size), "dynamic": self.dynamic,
                "dynamic_batch": self.dynamic_batch, "half": self.half, "size_mb": round(self.size_mb, 4),
-               "nms": None if self.nms is None else vars(self.nms)}
+               "nms": None if self.nms is None else vars(self.nms), "letterbox": self.letterbox}
         if self.format == "onnx":
             out["onnx"] = str(self.path)
         return {**out, **(self.parity.to_dict() if self.parity else {})}
@@ -138,7 +139,9 @@ def export(model: DarknetModel, out: str | os.PathLike, config: ExportConfig = E
     model = model.cpu().eval()
     hw = _input_hw(model, config.img_size)
     graph = _onnx_graph(model, hw, config)
-    meta = {"format": config.format, "cfg": str(model.cfg.path), "classes": model.num_classes,
+    from .imageio import cfg_letterbox
+    letterbox = bool(cfg_letterbox(model))
+    meta = {"format": config.format, "cfg": str(model.cfg.path), "classes": model.num_classes, "letterbox": letterbox,
             "img_size": list(hw), "dynamic": config.dynamic, "dynamic_batch": config.dynamic_batch,
             "half": config.half, "nms": None if config.nms is None else vars(config.nms)}
     files = WRITERS[config.format](graph, Path(out), hw, config, meta)
@@ -149,7 +152,7 @@ def export(model: DarknetModel, out: str | os.PathLike, config: ExportConfig = E
         _enforce_tolerance(parity, config, files[0])
     size = sum(f.stat().st_size for f in files) / 1e6
     return ExportResult(files[0], config.format, config.opset, hw, config.dynamic, config.dynamic_batch, size,
-                        tuple(files), config.half, config.nms, parity)
+                        tuple(files), config.half, config.nms, parity, letterbox)
 
 
 def export_onnx(model: DarknetModel, path: str | os.PathLike, config: ExportConfig = ExportConfig(),

@@ -120,7 +120,7 @@ def test_item_labels_follow_the_letterbox(tmp_path):
     _label(tmp_path / "labels" / "x.txt", "0 0.5 0.5 1.0 1.0\n1 0.25 0.25 0.5 0.5\n")
     tensor, labels, path, (h0, w0), (r, (pw, ph)) = DetectionDataset([img], 64)[0]
     assert tensor.shape == (3, 64, 64) and tensor.dtype == torch.float32 and 0 <= tensor.min() <= tensor.max() <= 1
-    assert (h0, w0, r, pw, ph) == (50, 100, 0.64, 0, 16)
+    assert (h0, w0, r, pw, ph) == (50, 100, (0.64, 0.64), 0, 16)
     # the whole-image box spans the resized content exactly
     assert torch.allclose(labels[0], torch.tensor([0, 0.5, 0.5, 1.0, 0.5]), atol=1e-6)
     assert torch.allclose(labels[1], torch.tensor([1, 0.25, 0.375, 0.5, 0.25]), atol=1e-6)
@@ -136,7 +136,7 @@ def test_collate_and_loader(synth):
     assert targets.shape[1] == 6 and set(targets[:, 0].tolist()) <= {0.0, 1.0, 2.0}
     ds = loader.dataset
     assert len(targets) == sum(len(lab) for lab in ds.labels)
-    assert shapes[0] == ((64, 64), (1.0, (0, 0)))
+    assert shapes[0] == ((64, 64), ((1.0, 1.0), (0, 0)))
     batch = collate([ds[0], ds[1]])
     assert torch.equal(batch[1][:, 1:], torch.cat([ds[0][1], ds[1][1]]))
 

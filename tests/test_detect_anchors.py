@@ -55,7 +55,8 @@ def test_compute_anchors_scales_to_img_size(tmp_path):
 
 
 class Fixed:
-    """A predictor with one confident class-1 box at the letterboxed image centre."""
+    """A predictor with one confident class-1 box of side S/4 at the input's centre."""
+    num_classes = 2
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         s = x.shape[-1]
@@ -64,14 +65,16 @@ class Fixed:
         return out
 
 
-def test_detect_to_dir_writes_images_and_json(tmp_path):
+@pytest.mark.parametrize("letterbox,box", [(True, [37.5, 12.5, 62.5, 37.5]), (None, [37.5, 18.75, 62.5, 31.25])])
+def test_detect_to_dir_writes_images_and_json(tmp_path, letterbox, box):
     src = _folder(tmp_path)
-    records = detect_to_dir(Fixed(), src, tmp_path / "out", ["a", "b"], DetectConfig(img_size=64, progress=False))
+    config = DetectConfig(img_size=64, progress=False, letterbox=letterbox)  # None: plain resize (Darknet)
+    records = detect_to_dir(Fixed(), src, tmp_path / "out", ["a", "b"], config)
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"0.png", "1.png", "2.png", "detections.json"}
     assert json.loads((tmp_path / "out" / "detections.json").read_text()) == records
-    det = records[0]["detections"][0]  # image 0 is 100x50: centre box of side 64/4 -> 25 px original
+    det = records[0]["detections"][0]  # image 0 is 100x50: centre box of side 64/4 -> 25 px wide
     assert det["name"] == "b" and det["conf"] == pytest.approx(0.9)
-    assert np.allclose(det["box_xyxy"], [37.5, 12.5, 62.5, 37.5], atol=0.5)
+    assert np.allclose(det["box_xyxy"], box, atol=0.5)
     drawn = np.asarray(Image.open(tmp_path / "out" / "0.png"))
     assert drawn.shape == (50, 100, 3) and not (drawn == 0).all()
 
@@ -91,3 +94,10 @@ def test_cli_synth_anchors_detect(tmp_path):
                               "--out", str(tmp_path / "det"), "--conf-thres", "0.0"])
     assert res.exit_code == 0, res.output
     assert len(json.loads((tmp_path / "det" / "detections.json").read_text())) == 2
+
+
+def test_detect_names_shorter_than_classes_is_an_error(tmp_path):
+    from compress.errors import DataError
+    with pytest.raises(DataError, match="has 1 names but the model predicts 2 classes"):
+        detect_to_dir(Fixed(), _folder(tmp_path), tmp_path / "out", ["a"], DetectConfig(img_size=64, progress=False))
+    assert not (tmp_path / "out").exists()

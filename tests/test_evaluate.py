@@ -37,13 +37,14 @@ def dataset(tmp_path_factory) -> Path:
 
 
 class GTPredictor:
-    """Returns each image's letterboxed ground truth as eval-mode model output (obj 1, one-hot class)."""
+    """Returns each image's ground truth, in the dataset's input geometry, as eval-mode model output (obj 1,
+    one-hot class); declares that geometry through its `letterbox` attribute, as exported-model wrappers do."""
 
     def __init__(self, ds: DetectionDataset, nc: int = 3, jitter: float = 0.0, boxes: int = 8) -> None:
-        self.outputs = []
+        self.outputs, self.letterbox = [], ds.letterbox
         for i in range(len(ds)):
             out = torch.zeros(boxes, 5 + nc)
-            lab = ds.letterboxed(i)[1]
+            lab = ds.fitted(i)[1]
             for k, (c, cx, cy, w, h) in enumerate(lab.tolist()):
                 out[k, :4] = torch.tensor([cx + jitter * w, cy, w, h]) * ds.img_size
                 out[k, 4], out[k, 5 + int(c)] = 1.0, 1.0
@@ -60,8 +61,9 @@ def _config(**kw) -> EvalConfig:
     return EvalConfig(img_size=SIZE, batch_size=3, workers=0, progress=False, **kw)
 
 
-def test_perfect_predictions_score_one(dataset, tmp_path):
-    ds = DetectionDataset(sorted(dataset.glob("*.png")), SIZE, num_classes=3)
+@pytest.mark.parametrize("letterbox", [True, False])
+def test_perfect_predictions_score_one(dataset, tmp_path, letterbox):
+    ds = DetectionDataset(sorted(dataset.glob("*.png")), SIZE, num_classes=3, letterbox=letterbox)
     result = evaluate(GTPredictor(ds), dataset, _config())
     assert result.map50 == pytest.approx(1.0) and result.map50_95 == pytest.approx(1.0, abs=0.02)
     assert result.precision == 1.0 and result.recall == 1.0
@@ -75,6 +77,8 @@ def test_perfect_predictions_score_one(dataset, tmp_path):
     save_detections(result, tmp_path / "d.json")
     assert json.loads((tmp_path / "d.json").read_text()) == result.detections
     assert "detections" not in result.to_dict() and json.dumps(result.to_dict())
+    # the predictor's declared geometry wins over the default; an explicit config value wins over both
+    assert evaluate(GTPredictor(ds), dataset, _config(letterbox=not letterbox)).map50 < 0.9
 
 
 def test_shifted_predictions_score_lower(dataset):
@@ -128,3 +132,93 @@ def test_yolov4_tiny_on_coco128_subset(assets):
 
 
 FLOOR_V4_TINY_16 = 0.65  # measured 0.785 mAP@0.5 on these 16 images (README), minus a margin
+
+
+# ----------------------------------------------------------------------------- Darknet-faithful geometry
+# Reference pipeline, independent of our code: OpenCV's Darknet reader on a plain resize (Darknet's default
+# geometry for cfgs without letter_box=1), per-class NMS by OpenCV, mAP by pycocotools on a ground truth built
+# here from the YOLO label files.
+
+def _reference_map(cfg: Path, weights: Path, images: list[Path], size: int, tmp: Path) -> tuple[float, float]:
+    import contextlib
+    import io
+
+    import cv2
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    text = cfg.read_text().replace("[yolo]", "[yolo]\nthresh=0.001")  # OpenCV zeroes class scores below it
+    (tmp / "ref.cfg").write_text(text)
+    net = cv2.dnn.readNetFromDarknet(str(tmp / "ref.cfg"), str(weights))
+    gt_images, anns, dets = [], [], []
+    for i, path in enumerate(images):
+        img = cv2.imread(str(path))
+        h, w = img.shape[:2]
+        gt_images.append({"id": i, "width": w, "height": h})
+        label_file = path.parent.parent.parent / "labels" / path.parent.name / f"{path.stem}.txt"
+        for c, cx, cy, bw, bh in (map(float, line.split()) for line in label_file.read_text().splitlines()
+                                  if line.strip()):
+            box = [(cx - bw / 2) * w, (cy - bh / 2) * h, bw * w, bh * h]
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(c), "bbox": box,
+                         "area": box[2] * box[3], "iscrowd": 0})
+        net.setInput(cv2.dnn.blobFromImage(img, 1 / 255.0, (size, size), swapRB=True, crop=False))
+        out = np.concatenate(net.forward(net.getUnconnectedOutLayersNames()))
+        rows, cls = np.nonzero(out[:, 5:] > 0.001)
+        scores = out[rows, 5 + cls]
+        cxcywh = out[rows, :4] * [w, h, w, h]
+        x1y1 = (cxcywh[:, :2] - cxcywh[:, 2:] / 2).clip(0, [w, h])  # clipped to the image, as Darknet's
+        x2y2 = (cxcywh[:, :2] + cxcywh[:, 2:] / 2).clip(0, [w, h])  # COCO writer (print_cocos) does
+        xywh = np.concatenate([x1y1, x2y2 - x1y1], 1)
+        keep = sorted(_greedy_nms(xywh, scores, cls, 0.6), key=lambda k: -scores[k])[:300]
+        dets += [{"image_id": i, "category_id": int(cls[k]), "bbox": xywh[k].tolist(), "score": float(scores[k])}
+                 for k in keep]
+    gt = COCO()
+    gt.dataset = {"images": gt_images, "annotations": anns, "categories": [{"id": k} for k in range(80)]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(dets), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return float(ev.stats[1]), float(ev.stats[0])
+
+
+def _greedy_nms(xywh: np.ndarray, scores: np.ndarray, cls: np.ndarray, iou: float) -> list[int]:
+    """Textbook per-class greedy NMS on float boxes (OpenCV's NMSBoxes rounds boxes to integer pixels)."""
+    keep = []
+    for c in np.unique(cls):
+        idx = np.nonzero(cls == c)[0]
+        idx = idx[np.argsort(-scores[idx], kind="stable")]
+        x1, y1 = xywh[idx, 0], xywh[idx, 1]
+        x2, y2 = x1 + xywh[idx, 2], y1 + xywh[idx, 3]
+        area = xywh[idx, 2] * xywh[idx, 3]
+        alive = np.ones(len(idx), bool)
+        for a in range(len(idx)):
+            if not alive[a]:
+                continue
+            keep.append(int(idx[a]))
+            iw = (np.minimum(x2[a], x2) - np.maximum(x1[a], x1)).clip(0)
+            ih = (np.minimum(y2[a], y2) - np.maximum(y1[a], y1)).clip(0)
+            inter = iw * ih
+            alive &= ~(inter / (area[a] + area - inter + 1e-12) > iou)
+    return keep
+
+
+REFERENCE_IMAGES = 24  # a subset keeps the test to seconds; README/notes give the full-128 figures
+
+
+@pytest.mark.parametrize("name,size", [("yolov4-tiny", 416), ("yolo-fastest-1.1", 320)])
+def test_eval_matches_opencv_darknet_reference(assets, tmp_path, name, size):
+    images = sorted((assets / "data" / "coco128" / "images" / "train2017").glob("*.jpg"))[:REFERENCE_IMAGES]
+    cfg, weights = assets / "weights" / f"{name}.cfg", assets / "weights" / f"{name}.weights"
+    ref50, ref5095 = _reference_map(cfg, weights, images, size, tmp_path)
+    model = load(cfg, weights)
+    assert model.cfg.net.get_int("letter_box", 0) == 0  # so the cfg asks for a plain resize
+    config = EvalConfig(img_size=size, batch_size=8, workers=0, progress=False)
+    result = evaluate(model, images, config)
+    assert result.letterbox is False
+    assert abs(result.map50 - ref50) <= 0.01, (result.map50, ref50)
+    assert abs(result.map50_95 - ref5095) <= 0.01, (result.map50_95, ref5095)
+    boxed = evaluate(model, images, EvalConfig(img_size=size, batch_size=8, workers=0, progress=False,
+                                               letterbox=True))
+    assert boxed.letterbox is True and boxed.map50 != result.map50  # the override reaches the pipeline

@@ -15,7 +15,8 @@ from ..fileio import write_text_atomic
 from ..guard import JobPaths, Output, check_job_paths
 
 __all__ = ["AppContext", "model_options", "report_option", "device_option", "out_option", "write_report",
-           "check_not_input", "echo_table", "install_guards", "guard_command", "resume_marker", "job_paths"]
+           "check_not_input", "echo_table", "install_guards", "guard_command", "resume_marker", "job_paths",
+           "letterbox_option", "val_option", "training_data"]
 
 
 @dataclass
@@ -48,6 +49,24 @@ def _device_callback(ctx: click.Context, param: click.Parameter, value: str | No
 def device_option(f: Callable) -> Callable:
     return click.option("--device", default="auto", show_default=True, callback=_device_callback,
                         help=f"Device: {DEVICE_HELP}.")(f)
+
+
+def letterbox_option(f: Callable) -> Callable:
+    """--letterbox/--no-letterbox (default: the cfg's [net] letter_box; plain resize as Darknet)."""
+    return click.option("--letterbox/--no-letterbox", "letterbox", default=None,
+                        help="Input geometry: letterbox (aspect kept, grey padding) or plain resize. "
+                             "Default: the cfg's [net] letter_box (0 or absent = plain resize, as Darknet).")(f)
+
+
+def val_option(f: Callable) -> Callable:
+    return click.option("--val", type=click.Path(exists=True),
+                        help="Validation images (folder or list file), replacing the --data valid split.")(f)
+
+
+def training_data(data: str, val: str | None):
+    """The --data spec of a training command with --val applied (warns when train = valid)."""
+    from ..data import load_data_spec
+    return load_data_spec(data, val, training=True)
 
 
 def out_option(required: bool = True, help: str = "Output directory.") -> Callable:
@@ -160,7 +179,8 @@ def echo_table(text: str) -> None:
     click.echo(text)
 
 
-FIT_OPTION_NAMES = ("epochs", "batch_size", "img_size", "lr0", "optimizer", "warmup_epochs", "workers", "seed")
+FIT_OPTION_NAMES = ("epochs", "batch_size", "img_size", "lr0", "optimizer", "warmup_epochs", "workers", "seed",
+                    "letterbox", "cache", "cache_dir")
 
 
 def fit_options(epochs: int = 100, lr0: float = 0.01, optimizer: str = "sgd", warmup_epochs: float = 3.0) -> Callable:
@@ -180,6 +200,14 @@ def fit_options(epochs: int = 100, lr0: float = 0.01, optimizer: str = "sgd", wa
         click.option("--workers", default=2, show_default=True, type=click.IntRange(0),
                      help="Data-loading processes."),
         click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--letterbox/--no-letterbox", "letterbox", default=None,
+                     help="Input geometry (training and validation); default: the cfg's [net] letter_box."),
+        click.option("--cache", type=click.Choice(["ram", "disk"]), help="Keep decoded training images in RAM "
+                     "(bounded: half the available memory) or as .npy files (--cache-dir)."),
+        click.option("--cache-dir", type=click.Path(file_okay=False), help="Folder of the disk cache "
+                     "(default: OUT/cache)."),
+        click.option("--mosaic", type=click.FloatRange(0, 1), help="Probability of a 4-image mosaic per "
+                     "training image (default 0; also `mosaic:` in --hyp)."),
     ]
 
     def deco(f: Callable) -> Callable:
@@ -196,4 +224,7 @@ def fit_config(cfg_path: str, opts: dict, **extra: Any):
 
     values = {k: opts.pop(k) for k in FIT_OPTION_NAMES}
     values["img_size"] = values["img_size"] or read_cfg(cfg_path).width
+    mosaic = opts.pop("mosaic")
+    if mosaic is not None:
+        extra["mosaic"] = mosaic
     return TrainConfig(**values, **extra)

@@ -1,21 +1,23 @@
-"""`yolo-compress eval | detect | anchors | data synth`: accuracy, inference, anchors, demo data."""
+"""`yolo-compress eval | detect | anchors | data synth | data convert`: accuracy, inference, anchors, data."""
 from __future__ import annotations
 
 import click
 from tabulate import tabulate
 
 from ..anchors import AnchorConfig, compute_anchors
+from ..convert import CONVERTERS, ConvertConfig, convert
 from ..data import read_names
-from ..detect import DetectConfig, detect_to_dir
+from ..detect import DetectConfig, check_names, detect_to_dir
 from ..evaluate import EvalConfig, evaluate, save_detections
 from ..persist import load
 from ..runtimes import inference_size, load_for_inference
 from ..synth import synthesize
 from . import cli
-from .common import check_not_input, device_option, model_options, report_option, write_report
+from .common import check_not_input, device_option, letterbox_option, model_options, report_option, write_report
 
 _DATA = click.option("--data", required=True, type=click.Path(exists=True),
-                     help="Darknet .data file (its 'valid' list is used) or a folder of images + labels.")
+                     help="Darknet .data, Ultralytics data.yaml (its valid split is used) or a folder of images "
+                          "+ labels.")
 
 
 def _fmt(v: float | None) -> str:
@@ -32,15 +34,16 @@ def _fmt(v: float | None) -> str:
 @click.option("--workers", type=click.IntRange(0), help="Data-loading processes (default: min(2, CPUs)).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write COCO-format detections here.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@letterbox_option
 @report_option
 @device_option
 def eval_command(cfg, weights, data, img_size, batch_size, conf_thres, iou_thres, workers, json_path,
-                 no_progress, report_path, device) -> None:
+                 no_progress, letterbox, report_path, device) -> None:
     """mAP@0.5, mAP@0.5:0.95 (pycocotools), P/R at conf 0.25 and per-class AP on a dataset."""
     check_not_input([p for p in (json_path, report_path) if p], [cfg, weights])
     model = load_for_inference(cfg, weights, device)  # Darknet/.pt, or .onnx/.xml/.param in their runtime
     config = EvalConfig(img_size=inference_size(model, cfg, img_size), batch_size=batch_size,
-                        conf_thres=conf_thres, iou_thres=iou_thres, progress=not no_progress,
+                        conf_thres=conf_thres, iou_thres=iou_thres, progress=not no_progress, letterbox=letterbox,
                         **({} if workers is None else {"workers": workers}))
     result = evaluate(model, data, config, device=device)
     click.echo(tabulate([[n, i, _fmt(a), _fmt(b)] for n, i, a, b in result.table()], tablefmt="github",
@@ -62,14 +65,19 @@ def eval_command(cfg, weights, data, img_size, batch_size, conf_thres, iou_thres
 @click.option("--img-size", type=click.IntRange(32, 4096), help="Square input size; default: the cfg's width.")
 @click.option("--conf-thres", type=click.FloatRange(0, 1), default=0.25, show_default=True)
 @click.option("--iou-thres", type=click.FloatRange(0, 1), default=0.45, show_default=True, help="NMS IoU.")
-@click.option("--names", type=click.Path(exists=True, dir_okay=False), help="Class names file (default: ids).")
+@click.option("--names", type=click.Path(exists=True, dir_okay=False),
+              help="Class names file, one line per class of the model (default: class ids).")
+@letterbox_option
 @report_option
 @device_option
-def detect_command(cfg, weights, source, out, img_size, conf_thres, iou_thres, names, report_path, device) -> None:
+def detect_command(cfg, weights, source, out, img_size, conf_thres, iou_thres, names, letterbox, report_path,
+                   device) -> None:
     """Draw labelled boxes on images; writes the images and detections.json to --out."""
     model = load(cfg, weights, device=device)
-    config = DetectConfig(img_size=img_size or model.cfg.width, conf_thres=conf_thres, iou_thres=iou_thres)
+    config = DetectConfig(img_size=img_size or model.cfg.width, conf_thres=conf_thres, iou_thres=iou_thres,
+                          letterbox=letterbox)
     class_names = read_names(names) if names else [str(i) for i in range(model.num_classes)]
+    check_names(class_names, model.num_classes, f"--names {names}")
     records = detect_to_dir(model, source, out, class_names, config, device=device)
     click.echo(tabulate([[r["image"], len(r["detections"]),
                           ", ".join(sorted({d["name"] for d in r["detections"]}))] for r in records],
@@ -114,3 +122,29 @@ def synth_command(out, n_train, n_valid, img_size, seed, report_path) -> None:
                         tablefmt="github", headers=["synth", "value"]))
     write_report(report_path, {"data": str(data), "n_train": n_train, "n_valid": n_valid, "img_size": img_size,
                                "seed": seed, "names": ["circle", "square", "triangle"]})
+
+
+@data_group.command("convert")
+@click.option("--from", "source", type=click.Choice(sorted(CONVERTERS)), required=True, help="Input format.")
+@click.option("--src", type=click.Path(exists=True), required=True,
+              help="COCO: the instances json; VOC: the year folder (Annotations/, JPEGImages/, ImageSets/).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output dataset folder.")
+@click.option("--split", type=click.Choice(["train", "valid"]), default="train", show_default=True,
+              help="Which split this source is (run again with the other one to add it).")
+@click.option("--images", type=click.Path(exists=True, file_okay=False),
+              help="COCO: the image folder (default: images/ beside the json, or the json's folder).")
+@click.option("--names", type=click.Path(exists=True, dir_okay=False),
+              help="Class order (one name a line); default: COCO categories by id, VOC names sorted.")
+@click.option("--copy", is_flag=True, help="Copy the images instead of symlinking them.")
+@report_option
+def convert_command(source, src, out, split, images, names, copy, report_path) -> None:
+    """Convert a COCO json or Pascal VOC xml dataset into images/ + labels/ + a .data file."""
+    from pathlib import Path
+    config = ConvertConfig(source, Path(src), Path(out), split, Path(images) if images else None,
+                           Path(names) if names else None, copy)
+    result = convert(config)
+    click.echo(tabulate([["images", result.images], ["boxes", result.boxes], ["classes", len(result.names)]]
+                        + [[f"skipped {k}", v] for k, v in sorted(result.skipped.items())],
+                        tablefmt="github", headers=[split, "count"]))
+    click.echo(f"\n-> {result.data}")
+    write_report(report_path, result.to_dict())

@@ -6,12 +6,12 @@ from typing import Any
 
 import click
 
-from ..data import load_data_spec
 from ..distill import (DEFAULT_STRATEGY, STRATEGIES, TERMS, DistillConfig, DistillResult, distill, parse_pairs)
 from ..distill.config import FEATURE_MODES, LOGIT_MODES
 from ..persist import load
 from ..report import format_stage_table
 from . import cli
+from .common import training_data, val_option
 from .common import (check_not_input, device_option, fit_config, fit_options, model_options, out_option,
                      report_option, write_report)
 from .train import dist_from_env
@@ -27,6 +27,7 @@ SHARE_ROWS = [("epoch", "epoch"), ("det", "detection"), *[(k, k) for k in TERMS]
 @click.option("--t_weights", "--t-weights", "t_weights", type=click.Path(exists=True, dir_okay=False),
               required=True, help="Teacher weights (.weights or .pt).")
 @click.option("--data", type=click.Path(exists=True), required=True, help="Darknet .data file or image folder.")
+@val_option
 @out_option()
 @click.option("--kd", "--KDstr", "kd", type=click.Choice([str(k) for k in sorted(STRATEGIES)]),
               default=str(DEFAULT_STRATEGY), show_default=True,
@@ -54,7 +55,8 @@ SHARE_ROWS = [("epoch", "epoch"), ("det", "detection"), *[(k, k) for k in TERMS]
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (OUT/kd/last.pt).")
 @device_option
 @report_option
-def distill_command(cfg: str, weights: str | None, t_cfg: str, t_weights: str, data: str, out: str, kd: str,
+def distill_command(cfg: str, weights: str | None, t_cfg: str, t_weights: str, data: str, val: str | None,
+                    out: str, kd: str,
                     temperature: float | None, ratio_soft: float | None, ratio_box: float | None,
                     ratio_feat: float | None, logit_kd: str | None, feature_kd: str | None, reference: bool,
                     baseline: bool, pairs: str | None, w_soft: float | None, w_box: float | None,
@@ -70,7 +72,7 @@ def distill_command(cfg: str, weights: str | None, t_cfg: str, t_weights: str, d
     train = fit_config(cfg, fit, resume=resume)
     dist, device = dist_from_env(device)
     student, teacher = load(cfg, weights, device=device), load(t_cfg, t_weights, device=device)
-    result = distill(student, teacher, load_data_spec(data), config, train, device, out, dist)
+    result = distill(student, teacher, training_data(data, val), config, train, device, out, dist)
     if dist is not None and not dist.is_main:
         return
     _echo(result)

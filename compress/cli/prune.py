@@ -12,6 +12,7 @@ from ..prune import METHODS, PruneConfig
 from ..report import format_stage_table
 from ..sparsity import SCHEDULES, UPDATES
 from . import cli
+from .common import letterbox_option, training_data, val_option
 from .common import device_option, fit_config, fit_options, model_options, out_option, report_option, write_report
 
 _ROWS = [("params", "params"), ("gflops", "GFLOPs"), ("size_mb", "weights MB"), ("latency_ms", "CPU latency ms"),
@@ -43,20 +44,21 @@ def _before_after(report: dict) -> str:
 @click.option("--no-compensate", is_flag=True, help="Do not fold removed channels' act(beta) into consumers.")
 @click.option("--data", type=click.Path(exists=True), help="Evaluate mAP before/after on this .data / image folder.")
 @click.option("--img-size", type=click.IntRange(32, 4096), help="Size for figures/eval (default: the cfg's).")
+@letterbox_option
 @click.option("--dry-run", is_flag=True, help="Print the per-layer channel table; write nothing.")
 @click.option("--latency", is_flag=True, help="Also measure CPU latency before/after (median of 5 runs each).")
 @device_option
 @report_option
 def prune_command(cfg: str, weights: str | None, out: str, method: str, percent: float, shortcuts: int,
                   round_to: int | None, min_keep: float, layer_keep: float, no_compensate: bool, data: str | None,
-                  img_size: int | None, dry_run: bool, latency: bool, device: str,
+                  img_size: int | None, letterbox: bool | None, dry_run: bool, latency: bool, device: str,
                   report_path: str | None) -> None:
     """Channel or layer pruning of a Darknet model -> DIR/<cfg>-<method>.cfg/.weights + report.json."""
     from ..prune.pipeline import PruneJob, run_prune
     config = PruneConfig(method=method, percent=percent, shortcuts=shortcuts, round_to=round_to, min_keep=min_keep,
                          layer_keep=layer_keep, compensate=not no_compensate)
     report, result, model = run_prune(PruneJob(cfg, weights, out, config, data, img_size, dry_run, device,
-                                                   5 if latency else 0))
+                                                   5 if latency else 0, letterbox=letterbox))
     if dry_run:
         click.echo(tabulate(result.channel_rows(model), headers=["#", "type", "before", "after"], tablefmt="github"))
     click.echo(_before_after(report))
@@ -69,6 +71,7 @@ def prune_command(cfg: str, weights: str | None, out: str, method: str, percent:
 @cli.command("sparse-train")
 @model_options()
 @click.option("--data", type=click.Path(exists=True), required=True, help="Darknet .data file or image folder.")
+@val_option
 @out_option()
 @click.option("--s", "--sr", "s", type=click.FloatRange(0), default=1e-3, show_default=True,
               help="L1 strength on BN gammas (reference --s).")
@@ -86,17 +89,17 @@ def prune_command(cfg: str, weights: str | None, out: str, method: str, percent:
 @fit_options()
 @device_option
 @report_option
-def sparse_train_command(cfg: str, weights: str | None, data: str, out: str, s: float, sr_flag: bool, mode: int,
-                         s_schedule: str, l1_update: str, target_sparsity: float | None, s_growth: float,
-                         resume: bool, device: str, report_path: str | None, **fit: Any) -> None:
+def sparse_train_command(cfg: str, weights: str | None, data: str, val: str | None, out: str, s: float,
+                         sr_flag: bool, mode: int, s_schedule: str, l1_update: str, target_sparsity: float | None,
+                         s_growth: float, resume: bool, device: str, report_path: str | None, **fit: Any) -> None:
     """Train with an L1 penalty on BN gammas (network slimming) so that `prune` can cut channels."""
     from ..sparsity import SparseTrainJob, SparsityConfig, run_sparse_train
     from .train import dist_from_env
     dist, device = dist_from_env(device)
     sparsity = SparsityConfig(s=s, mode=mode, schedule=s_schedule, update=l1_update, target=target_sparsity,
                               growth=s_growth)
-    job = SparseTrainJob(cfg, weights, data, out, sparsity, fit_config(cfg, fit, progress=False, resume=resume),
-                         device=device, distributed=dist)
+    job = SparseTrainJob(cfg, weights, training_data(data, val), out, sparsity,
+                         fit_config(cfg, fit, progress=False, resume=resume), device=device, distributed=dist)
     report = run_sparse_train(job)
     if not report:
         return

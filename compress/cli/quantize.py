@@ -9,6 +9,7 @@ from ..quant.config import ACT_SCHEMES, METHOD_CONFIGS, make_config
 from ..quant.weights import W_CLIPS
 from ..report import format_stage_table
 from . import cli
+from .common import letterbox_option, training_data, val_option
 from .common import check_not_input, device_option, model_options, out_option, report_option, write_report
 
 _ROWS = [("fp32", "fp32 (input)"), ("fakequant", "fake-quant (torch)"), ("int8_onnx", "int8 QDQ ONNX"),
@@ -26,6 +27,8 @@ def _table(r: dict) -> str:
 @cli.command("quantize")
 @model_options(weights_required=True)
 @click.option("--data", type=click.Path(exists=True), required=True, help="Darknet .data file or image folder.")
+@val_option
+@letterbox_option
 @out_option()
 @click.option("--method", type=click.Choice(sorted(METHOD_CONFIGS)), help="Default: dorefa below 8 bits, google at 8.")
 @click.option("--bits", type=click.IntRange(2, 8), default=8, show_default=True, help="Weight bits.")
@@ -52,7 +55,8 @@ def _table(r: dict) -> str:
 @click.option("--no-eval", is_flag=True, help="Skip the three mAP evaluations.")
 @device_option
 @report_option
-def quantize_command(cfg: str, weights: str, data: str, out: str, method: str | None, bits: int, a_bits: int | None,
+def quantize_command(cfg: str, weights: str, data: str, val: str | None, letterbox: bool | None, out: str,
+                     method: str | None, bits: int, a_bits: int | None,
                      bn_fold: bool, pow2: bool, per_tensor: bool, first_last_bits: int, act_scheme: str,
                      reduce_range: bool, weight_clip: str, epochs: int,
                      calib_batches: int, batch_size: int, lr0: float, img_size: int | None, no_eval: bool,
@@ -63,8 +67,8 @@ def quantize_command(cfg: str, weights: str, data: str, out: str, method: str | 
     config = make_config(method, bits, a_bits, bn_fold=bn_fold, pow2=pow2, per_channel=not per_tensor,
                          first_last_bits=first_last_bits, act_scheme=act_scheme, reduce_range=reduce_range,
                          w_clip=weight_clip)
-    job = QuantizeJob(cfg, weights, data, out, config, epochs, calib_batches, batch_size, img_size, lr0,
-                      evaluate=not no_eval)
+    job = QuantizeJob(cfg, weights, training_data(data, val), out, config, epochs, calib_batches, batch_size,
+                      img_size, lr0, evaluate=not no_eval, letterbox=letterbox)
     check_not_input(list(output_paths(job).values()), [cfg, weights])
     report = quantize(job, device)
     click.echo(_table(report))

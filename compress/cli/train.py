@@ -15,6 +15,7 @@ from ..losses import LOSSES
 from ..train.hyp import resolve_train_config
 from ..train.optim import SCHEDULERS
 from . import cli
+from .common import training_data, val_option
 from .common import (FIT_OPTION_NAMES, check_not_input, device_option, fit_options, model_options, out_option,
                      report_option, write_report)
 
@@ -37,6 +38,7 @@ def dist_from_env(device: str) -> tuple[DistConfig | None, str]:
 @cli.command("train")
 @model_options()
 @click.option("--data", required=True, type=click.Path(exists=True), help="Darknet .data file or image folder.")
+@val_option
 @out_option(help="Output directory: best/last .cfg+.weights, last.pt, results.csv/png, report.json.")
 @fit_options()
 @click.option("--scheduler", default="cosine", show_default=True, type=click.Choice(sorted(SCHEDULERS)))
@@ -45,7 +47,7 @@ def dist_from_env(device: str) -> tuple[DistConfig | None, str]:
 @click.option("--no-ema", is_flag=True, help="Save/evaluate the raw weights instead of their moving average.")
 @click.option("--amp", is_flag=True, help="Mixed precision (CUDA only; ignored on CPU).")
 @click.option("--accumulate", default=1, show_default=True, type=click.IntRange(1), help="Batches per step.")
-@click.option("--no-augment", is_flag=True, help="Train on letterboxed images only.")
+@click.option("--no-augment", is_flag=True, help="Train on un-augmented images (input geometry only).")
 @click.option("--eval-every", default=1, show_default=True, type=click.IntRange(1), help="Epochs between evals.")
 @click.option("--cutoff", type=click.IntRange(1), help="Load weights of the first N layers only (transfer).")
 @click.option("--loss", type=click.Choice(sorted(LOSSES)), help="Detection loss: darknet (the cfg's [yolo] keys, as "
@@ -54,7 +56,7 @@ def dist_from_env(device: str) -> tuple[DistConfig | None, str]:
               help="YAML of hyper-parameters (Ultralytics keys: lr0, lrf, momentum, weight_decay, warmup_epochs, "
                    "box, obj, cls, hsv_h, scale, mosaic, ...; also freeze_bn_stats, bn_momentum).")
 @report_option
-def train_command(cfg: str, weights: str | None, data: str, out: str, scheduler: str, device: str, resume: bool,
+def train_command(cfg: str, weights: str | None, data: str, val: str | None, out: str, scheduler: str, device: str, resume: bool,
                   no_ema: bool, amp: bool, accumulate: int, no_augment: bool, eval_every: int, cutoff: int | None,
                   loss: str | None, hyp_path: str | None, report_path: str | None, **fit: Any) -> None:
     """Train or fine-tune a Darknet model; the best model (by mAP@0.5) is OUT/best.cfg + best.weights.
@@ -64,6 +66,9 @@ def train_command(cfg: str, weights: str | None, data: str, out: str, scheduler:
     check_not_input([Path(out) / f"{n}.{e}" for n in ("best", "last") for e in ("cfg", "weights")], [cfg, weights])
     values = {k: fit.pop(k) for k in FIT_OPTION_NAMES}
     values["img_size"] = values["img_size"] or read_cfg(cfg).width
+    mosaic = fit.pop("mosaic")
+    if mosaic is not None:
+        values["mosaic"] = mosaic
     values.update(scheduler=scheduler, resume=resume, ema=not no_ema, amp=amp, accumulate=accumulate,
                   augment=not no_augment, eval_every=eval_every)
     if loss:
@@ -72,7 +77,7 @@ def train_command(cfg: str, weights: str | None, data: str, out: str, scheduler:
     explicit = {k for k in ctx.params if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
     config = resolve_train_config(values, explicit, hyp_path, pretrained=weights is not None and cutoff is None)
     dist, device = dist_from_env(device)
-    result, report = train_model(cfg, weights, data, config, out, device, cutoff, dist)
+    result, report = train_model(cfg, weights, training_data(data, val), config, out, device, cutoff, dist)
     if report:
         click.echo(format_stage_table([report], TABLE_KEYS))
         write_report(report_path, report)

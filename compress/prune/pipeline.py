@@ -30,6 +30,7 @@ class PruneJob:
     dry_run: bool = False
     device: str = "cpu"
     latency_runs: int = 0   # CPU latency repetitions before and after; 0 = not measured (`--latency` sets 5)
+    letterbox: bool | None = None   # eval input geometry; None: the cfg's [net] letter_box
 
     def __post_init__(self) -> None:
         if self.latency_runs < 0:
@@ -47,7 +48,8 @@ def _evaluate(model: DarknetModel, job: PruneJob, size: int) -> dict:
     if not job.data:
         return {}
     from ..evaluate import EvalConfig, evaluate
-    result = evaluate(model, job.data, EvalConfig(img_size=size, progress=False), job.device)
+    result = evaluate(model, job.data, EvalConfig(img_size=size, progress=False, letterbox=job.letterbox),
+                      job.device)
     return {"map50": result.map50, "map50_95": result.map50_95}
 
 

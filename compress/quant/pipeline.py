@@ -46,6 +46,7 @@ class QuantizeJob:
     evaluate: bool = True
     latency_runs: int = 20
     threads: int = 1
+    letterbox: bool | None = None   # eval input geometry; None: the cfg's [net] letter_box
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -102,7 +103,8 @@ def _qat(qmodel: torch.nn.Module, spec: Any, img: int, job: QuantizeJob, device:
 def _evaluate(model_or_fn: Any, spec: Any, img: int, job: QuantizeJob, device: str) -> dict:
     from ..evaluate import EvalConfig, evaluate
 
-    r = evaluate(model_or_fn, spec, EvalConfig(img_size=img, batch_size=job.batch_size, progress=False, workers=0),
+    r = evaluate(model_or_fn, spec, EvalConfig(img_size=img, batch_size=job.batch_size, progress=False, workers=0,
+                                                   letterbox=job.letterbox),
                  device)
     return {"map50": r.map50, "map50_95": r.map50_95}
 

@@ -62,6 +62,9 @@ class TrainConfig:
     translate: float = 0.1
     scale: float = 0.5
     mosaic: float = 0.0
+    letterbox: bool | None = None   # input geometry; None: the model cfg's [net] letter_box
+    cache: str | None = None        # 'ram' | 'disk' decoded training images
+    cache_dir: str | None = None    # disk cache folder (None: OUT/cache)
 
     def __post_init__(self) -> None:
         from ..losses import LOSSES

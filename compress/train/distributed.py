@@ -40,7 +40,7 @@ def wrap(model: nn.Module, cfg: DistConfig, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None)
 
 
-class EpochSampler(DistributedSampler):
+class SkipSampler(DistributedSampler):
     """DistributedSampler that can leave out the first `skip` samples of the epoch's order (resuming an
     interrupted epoch without loading the batches already trained)."""
     skip = 0
@@ -53,15 +53,17 @@ class EpochSampler(DistributedSampler):
 
 
 def make_train_loader(dataset: Dataset, batch_size: int, workers: int, seed: int, cfg: DistConfig,
-                      collate_fn: Any) -> tuple[DataLoader, EpochSampler]:
+                      collate_fn: Any) -> tuple[DataLoader, SkipSampler]:
     """Loader whose order depends only on (seed, epoch): call `sampler.set_epoch(e)` before each epoch.
     Each of the world_size processes gets batch_size // world_size images per batch."""
     if batch_size % cfg.world_size:
         raise TrainError(f"train option batch_size {batch_size} must be a multiple of the process count "
                          f"{cfg.world_size}")
-    sampler = EpochSampler(dataset, num_replicas=cfg.world_size, rank=cfg.rank, shuffle=True, seed=seed)
-    loader = DataLoader(dataset, batch_size=batch_size // cfg.world_size, sampler=sampler, num_workers=workers,
-                        collate_fn=collate_fn, pin_memory=False, drop_last=False)
+    sampler = SkipSampler(dataset, num_replicas=cfg.world_size, rank=cfg.rank, shuffle=True, seed=seed)
+    from ..data import EpochSampler  # (epoch, index) items: persistent workers follow the epoch
+    loader = DataLoader(dataset, batch_size=batch_size // cfg.world_size, sampler=EpochSampler(sampler),
+                        num_workers=workers, collate_fn=collate_fn, pin_memory=False, drop_last=False,
+                        persistent_workers=workers > 0)
     return loader, sampler
 
 

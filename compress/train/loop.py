@@ -109,9 +109,12 @@ class _Trainer:
         self.state = TrainState(model, optimizer, config.epochs, device, self.out, rank=dist_cfg.rank,
                                 world_size=dist_cfg.world_size, config=config, ema=ema, scaler=scaler)
         self.hooks = HookList(hooks)
+        from ..evaluate import input_letterbox
         self.dataset = DetectionDataset(spec.train, config.img_size, config.augment, spec.nc,
                                         aug=config.augment_config() if config.augment else None, seed=config.seed,
-                                        source=f"{spec.source or 'data'} [train]")
+                                        source=f"{spec.source or 'data'} [train]",
+                                        letterbox=input_letterbox(model, config.letterbox), cache=config.cache,
+                                        cache_dir=config.cache_dir or (self.out / "cache" if self.out else None))
         self.loader, self.sampler = D.make_train_loader(self.dataset, config.batch_size, config.workers,
                                                         config.seed, dist_cfg, collate)
         self.net = D.wrap(model, dist_cfg, device)
@@ -248,7 +251,8 @@ class _Trainer:
         if self._valid is None:
             self._valid = DetectionDataset(self.spec.valid, self.cfg.img_size, num_classes=self.spec.nc,
                                            source=f"{self.spec.source or 'data'} [valid]")
-        config = EvalConfig(img_size=self.cfg.img_size, workers=self.cfg.workers, progress=False)
+        config = EvalConfig(img_size=self.cfg.img_size, workers=self.cfg.workers, progress=False,
+                            letterbox=self.cfg.letterbox)
         result = evaluate(self.eval_model, self._valid, config, self.state.device)
         return {"map50": float(result.map50), "map50_95": float(result.map50_95)}
 

@@ -1,0 +1,110 @@
+"""Data pipeline speed per CPU core: decode, decode + resize, full augmentation (with and without mosaic),
+with and without the RAM cache, at 416; and the DataLoader workers needed to feed a given GPU step rate.
+
+One process, one thread (torch and OpenCV), COCO128 images, items exactly as the trainer gets them
+(float CHW tensors). `--compare-to DIR` also runs the rows the package at DIR supports (e.g. an older
+checkout's `compress/`) in a subprocess, for a before/after ratio measured under the same load.
+
+    PYTHONPATH=. python benchmarks/data_speed.py [--n 64] [--size 416] [--gpu-rates 200,500,1000]
+        [--compare-to /tmp/base] [--json runs/data_speed.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", ROOT.parent / "shared" / "assets"))
+IMAGES = ASSETS / "data" / "coco128" / "images" / "train2017"
+
+
+def _rate(fn, n: int) -> float:
+    fn(0)  # warm-up (imports, first allocation)
+    t = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    return n / (time.perf_counter() - t)
+
+
+def measure(n: int, size: int) -> dict[str, float]:
+    """img/s per core of each stage the installed `compress` supports (rows it lacks are left out)."""
+    import torch
+    torch.set_num_threads(1)
+    from compress.augment import AugmentConfig
+    from compress.data import DetectionDataset, list_images
+
+    images = list_images(IMAGES)[:n]
+    rows: dict[str, float] = {}
+    try:
+        import cv2
+        cv2.setNumThreads(1)
+        from compress.imageio import decode_bgr, fit_image
+        rows["decode (OpenCV)"] = _rate(lambda i: decode_bgr(images[i % n]), n)
+        rows["decode + resize"] = _rate(lambda i: fit_image(decode_bgr(images[i % n]), size, False), n)
+    except ImportError:  # an older package: PIL decode
+        from compress.data import letterbox, load_image
+        rows["decode (PIL)"] = _rate(lambda i: load_image(images[i % n]), n)
+        rows["decode + resize"] = _rate(lambda i: letterbox(load_image(images[i % n]), size), n)
+    for label, kw in [("eval item (no augmentation)", {}),
+                      ("full augmentation", {"augment": True, "aug": AugmentConfig()}),
+                      ("full augmentation + mosaic", {"augment": True, "aug": AugmentConfig(mosaic=1.0)})]:
+        ds = DetectionDataset(images, size, **kw)
+        rows[label] = _rate(lambda i: ds[i % n], n)
+        try:
+            cached = DetectionDataset(images, size, cache="ram", **kw)
+        except TypeError:
+            continue  # no cache in this version
+        rows[f"{label}, RAM cache"] = _rate(lambda i: cached[i % n], n)
+    return rows
+
+
+def _compare(path: str, n: int, size: int) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": path}
+    out = subprocess.run([sys.executable, __file__, "--child", "--n", str(n), "--size", str(size)], env=env,
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=64, help="COCO128 images per row")
+    ap.add_argument("--size", type=int, default=416)
+    ap.add_argument("--gpu-rates", default="200,500,1000", help="GPU img/s to feed (comma separated)")
+    ap.add_argument("--compare-to", help="PYTHONPATH of another compress package (before/after)")
+    ap.add_argument("--json", default="runs/data_speed.json")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.n, args.size)))
+        return
+    from tabulate import tabulate
+
+    before = _compare(args.compare_to, args.n, args.size) if args.compare_to else {}
+    after = measure(args.n, args.size)
+    headers = ["stage (one core, img/s)", "this version", *(["--compare-to", "ratio"] if before else [])]
+    table = [[k, f"{v:.1f}", *([f"{before[k]:.1f}", f"{v / before[k]:.1f}x"] if before else [])]
+             for k, v in after.items() if not before or k in before]
+    table += [[k, f"{v:.1f}", *(["-", "-"] if before else [])] for k, v in after.items() if before and k not in before]
+    print(tabulate(table, headers=headers, tablefmt="github"))
+    rates = [float(r) for r in args.gpu_rates.split(",") if r]
+    need = [[f"{r:.0f}", *[math.ceil(r / after[k]) for k in ("full augmentation", "full augmentation + mosaic",
+                                                              "full augmentation + mosaic, RAM cache")]]
+            for r in rates]
+    print()
+    print(tabulate(need, headers=["GPU img/s", "workers: full aug", "full aug + mosaic", "mosaic + RAM cache"],
+                   tablefmt="github"))
+    print("\n(workers = GPU rate / per-core rate, assuming one core per worker; the machine's load at the time "
+          "of measurement changes these figures, the ratios less)")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"size": args.size, "images": args.n, "img_per_s_per_core": after,
+                                           "compare_to": before, "workers_needed": need}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

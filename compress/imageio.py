@@ -1,0 +1,129 @@
+"""Image decoding (OpenCV, EXIF orientation applied), the decode check, and the input geometry.
+
+Two input geometries exist, as in Darknet: a plain resize to S x S (Darknet's default) and a letterbox
+(aspect kept, grey padding; Darknet with `letter_box=1` in `[net]`). Both are described by the same
+`(ratio_w, ratio_h), (pad_w, pad_h)` pair: an original point (x, y) lands at
+(x * ratio_w + pad_w, y * ratio_h + pad_h) in the network input.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+__all__ = ["PAD_VALUE", "decode_bgr", "load_image", "image_info", "letterbox", "fit_image", "geometry",
+           "cfg_letterbox"]
+
+PAD_VALUE = 114          # grey padding (114/255), as in Darknet-trained YOLO letterboxing
+_ORIENT_SWAPS = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees (width and height swap)
+cv2.setNumThreads(1)     # one DataLoader worker = one core; OpenCV's own threads would oversubscribe
+
+
+def decode_bgr(path: str | os.PathLike) -> np.ndarray | None:
+    """BGR uint8 (H, W, 3) with the EXIF orientation applied (OpenCV's imread does it), or None."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:  # formats OpenCV lacks (or odd paths): fall back to Pillow
+        try:
+            with Image.open(path) as im:
+                from PIL import ImageOps
+                img = np.ascontiguousarray(np.asarray(ImageOps.exif_transpose(im).convert("RGB"))[..., ::-1])
+        except Exception:  # noqa: BLE001 - any decoder failure means "undecodable"
+            return None
+    return img
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """RGB uint8 (H, W, 3), EXIF orientation applied."""
+    img = decode_bgr(path)
+    if img is None:
+        from .errors import DataError
+        raise DataError(f"{path}: cannot decode image; remove it from the list")
+    return np.ascontiguousarray(img[..., ::-1])
+
+
+def image_info(path: Path) -> tuple[int, int] | str:
+    """(h, w) as decoded (EXIF orientation applied), or the reason the image is unusable.
+
+    Cheap: reads the header and, for JPEG, checks the end-of-image marker; only a JPEG without one
+    (truncated, or trailing bytes) is decoded in full to tell the two apart.
+    """
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            fmt = im.format
+            orient = im.getexif().get(0x0112, 1) if fmt in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+        if fmt == "PNG":
+            with Image.open(path) as im:
+                im.verify()  # chunk CRCs: catches truncated or damaged files without decoding
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt files
+        return f"unreadable ({exc.__class__.__name__})"
+    if w < 1 or h < 1:
+        return "empty"
+    if fmt == "JPEG" and not _jpeg_complete(path):
+        return "truncated"
+    return (w, h) if orient in _ORIENT_SWAPS else (h, w)
+
+
+def _jpeg_complete(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 64))
+        if f.read().rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+            return True
+    try:  # no end marker at the end: decode in full (Pillow raises on truncated data)
+        with Image.open(path) as im:
+            im.load()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def geometry(h0: int, w0: int, size: int, letterbox: bool
+             ) -> tuple[tuple[float, float], tuple[int, int], tuple[int, int]]:
+    """((ratio_w, ratio_h), (pad_w, pad_h), (new_w, new_h)) of an h0 x w0 image in a size x size input."""
+    if not letterbox:
+        return (size / w0, size / h0), (0, 0), (size, size)
+    r = min(size / h0, size / w0)
+    nw, nh = max(1, round(w0 * r)), max(1, round(h0 * r))
+    return (r, r), ((size - nw) // 2, (size - nh) // 2), (nw, nh)
+
+
+def fit_image(img: np.ndarray, size: int, letterbox: bool, orig_hw: tuple[int, int] | None = None,
+              color: int = PAD_VALUE) -> tuple[np.ndarray, tuple[float, float], tuple[int, int]]:
+    """The network input of `img` (any channel order) and its geometry relative to `orig_hw` (default: img's).
+
+    `img` may be a downscaled copy (the image cache); the geometry still refers to the original size.
+    """
+    h0, w0 = orig_hw or img.shape[:2]
+    ratio, (pw, ph), (nw, nh) = geometry(h0, w0, size, letterbox)
+    if img.shape[1] != nw or img.shape[0] != nh:
+        img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    if (nw, nh) == (size, size):
+        return img, ratio, (pw, ph)
+    out = np.full((size, size, 3), color, np.uint8)
+    out[ph:ph + nh, pw:pw + nw] = img
+    return out, ratio, (pw, ph)
+
+
+def letterbox(img: np.ndarray, size: int, color: int = PAD_VALUE) -> tuple[np.ndarray, float, tuple[int, int]]:
+    """Resize keeping the aspect ratio and pad to size x size: (image, ratio, (pad_w, pad_h)).
+
+    A point (x, y) of the original maps to (x * ratio + pad_w, y * ratio + pad_h).
+    """
+    out, (r, _), pad = fit_image(img, size, True, color=color)
+    return out, r, pad
+
+
+def cfg_letterbox(model: object) -> bool | None:
+    """The input geometry a model declares: its own `letterbox` attribute (e.g. an exported-model wrapper),
+    else `letter_box` of its cfg's [net] (Darknet: 0 = plain resize); None when it declares nothing."""
+    value = getattr(model, "letterbox", None)
+    if isinstance(value, bool):
+        return value
+    cfg = getattr(model, "cfg", None)
+    net = getattr(cfg, "net", None)
+    if net is None or not hasattr(net, "get_int"):
+        return None
+    return net.get_int("letter_box", 0) > 0
