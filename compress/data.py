@@ -148,12 +148,13 @@ class DetectionDataset(Dataset):
             self.letterbox = saved
         return np.ascontiguousarray(img[..., ::-1]), labels, r, pad
 
-    def load_bgr(self, index: int) -> np.ndarray:
-        """Decoded BGR image (possibly a downscaled cached copy; `shapes[index]` is the original size).
+    def load_bgr(self, index: int, reduce: int = 1) -> np.ndarray:
+        """Decoded BGR image (possibly a downscaled cached copy, or decoded at 1/`reduce` of the size;
+        `shapes[index]` is the original size).
 
         An image that passed the index check but fails to decode now (changed on disk) becomes grey and
         is logged, rather than killing a DataLoader worker."""
-        img = self.cache.get(index) if self.cache is not None else decode_bgr(self.images[index])
+        img = self.cache.get(index) if self.cache is not None else decode_bgr(self.images[index], reduce)
         if img is None:
             log.warning("%s: cannot decode image (changed since indexing?); using a blank image",
                         self.images[index])
