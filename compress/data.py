@@ -122,8 +122,10 @@ class DetectionDataset(Dataset):
         else:
             img, labels, ratio, pad = self.fitted(index)
             geom = (ratio, pad)
-        # BGR HWC -> RGB CHW: OpenCV's split is the fastest copy (35% less than a numpy transpose)
-        tensor = torch.from_numpy(np.stack(cv2.split(img)[::-1])).float().div_(255)
+        # BGR HWC -> RGB CHW float in [0, 1]: OpenCV's split + numpy's in-place scale are the fastest copies
+        chw = np.stack(cv2.split(img)[::-1]).astype(np.float32)
+        chw *= np.float32(1 / 255)
+        tensor = torch.from_numpy(chw)
         return tensor, torch.from_numpy(labels), str(path), (h0, w0), geom
 
     def fitted(self, index: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float], tuple[int, int]]:
