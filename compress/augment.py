@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from .errors import DataError
-from .imageio import PAD_VALUE, geometry
+from .imageio import PAD_VALUE, geometry, reduce_factor
 
 if TYPE_CHECKING:
     from .data import DetectionDataset
@@ -136,9 +136,10 @@ def _random_affine(rng: np.random.Generator, size: int, centre: float, cfg: Augm
     return m
 
 
-def _source(ds: "DetectionDataset", i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image as loaded, loaded -> original-pixel matrix, original-pixel boxes) of dataset item i."""
-    img = ds.load_bgr(i)
+def _source(ds: "DetectionDataset", i: int, m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image as loaded, loaded -> original-pixel matrix, original-pixel boxes) of dataset item i, which `m`
+    draws into the output: a strong shrink decodes a JPEG at 1/2..1/8 of its size (much faster)."""
+    img = ds.load_bgr(i, reduce_factor(min(abs(m[0, 0]), abs(m[1, 1]))))
     h0, w0 = ds.shapes[i]
     to_orig = _affine(w0 / img.shape[1], h0 / img.shape[0], 0.0, 0.0)
     return img, to_orig, to_pixel_xyxy(ds.labels[i], w0, h0)
@@ -147,9 +148,9 @@ def _source(ds: "DetectionDataset", i: int) -> tuple[np.ndarray, np.ndarray, np.
 def _single(ds: "DetectionDataset", index: int, rng: np.random.Generator
             ) -> tuple[np.ndarray, np.ndarray]:
     s = ds.img_size
-    img, to_orig, boxes = _source(ds, index)
     (rw, rh), (pw, ph), _ = geometry(*ds.shapes[index], s, ds.letterbox)
     m = _random_affine(rng, s, s / 2, ds.aug) @ _affine(rw, rh, pw, ph)
+    img, to_orig, boxes = _source(ds, index, m)
     return warp(img, m @ to_orig, s), transform_boxes(boxes, m)
 
 
@@ -164,13 +165,13 @@ def _mosaic(ds: "DetectionDataset", index: int, rng: np.random.Generator) -> tup
     out = np.full((s, s, 3), PAD_VALUE, np.uint8)
     all_boxes = []
     for k, i in enumerate(picks):
-        img, to_orig, boxes = _source(ds, int(i))
         h0, w0 = ds.shapes[int(i)]
         r = s / max(h0, w0)
         w, h = max(1, round(w0 * r)), max(1, round(h0 * r))
         x1 = xc - w if k in (0, 2) else xc
         y1 = yc - h if k in (0, 1) else yc
         m = aff @ _affine(w / w0, h / h0, x1, y1)
+        img, to_orig, boxes = _source(ds, int(i), m)
         warp(img, m @ to_orig, s, dst=out)
         all_boxes.append(transform_boxes(boxes, m))
     return out, np.concatenate(all_boxes, 0)

@@ -120,12 +120,20 @@ def _yaml_spec(path: Path) -> DataSpec:
     for key in ("train", "val"):
         values = doc.get(key) or []
         values = values if isinstance(values, list) else [values]
-        splits[key] = [p for v in values for p in _image_list(str(v), [base], path, key)]
+        splits[key] = [p for v in values for p in _image_list(_yaml_rel(str(v), base), [base], path, key)]
     names = _yaml_names(doc, path)
     train, valid = splits["train"], splits["val"] or splits["train"]
     if not train and not valid:
         raise DataError(f"{path}: neither 'train' nor 'val' lists any image (root {base}); fix the paths")
     return DataSpec(train=train, valid=valid, names=names, source=str(path))
+
+
+def _yaml_rel(value: str, base: Path) -> str:
+    """Exports that write `../train/images` beside a yaml at the dataset root (as Ultralytics accepts) mean
+    `train/images` under the root."""
+    if value.startswith("../") and not (base / value).exists() and (base / value[3:]).exists():
+        return value[3:]
+    return value
 
 
 def _yaml_names(doc: dict, path: Path) -> list[str]:

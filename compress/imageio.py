@@ -14,22 +14,38 @@ import cv2
 import numpy as np
 from PIL import Image
 
-__all__ = ["PAD_VALUE", "decode_bgr", "load_image", "image_info", "letterbox", "fit_image", "geometry",
+__all__ = ["PAD_VALUE", "decode_bgr", "reduce_factor", "load_image", "image_info", "letterbox", "fit_image", "geometry",
            "cfg_letterbox"]
 
 PAD_VALUE = 114          # grey padding (114/255), as in Darknet-trained YOLO letterboxing
 _ORIENT_SWAPS = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees (width and height swap)
+_JPEG = (".jpg", ".jpeg")     # EXIF orientation is honoured for JPEG files (what cameras write)
 cv2.setNumThreads(1)     # one DataLoader worker = one core; OpenCV's own threads would oversubscribe
 
 
-def decode_bgr(path: str | os.PathLike) -> np.ndarray | None:
-    """BGR uint8 (H, W, 3) with the EXIF orientation applied (OpenCV's imread does it), or None."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+            8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def reduce_factor(scale: float) -> int:
+    """The largest decode reduction (1, 2, 4, 8) that still leaves at least one source pixel per output pixel
+    when the image is drawn at `scale` (output px per original px)."""
+    return next((k for k in (8, 4, 2) if scale * k <= 1.0), 1)
+
+
+def decode_bgr(path: str | os.PathLike, reduce: int = 1) -> np.ndarray | None:
+    """BGR uint8 (H, W, 3) with the EXIF orientation applied (OpenCV's imread does it), or None.
+
+    `reduce` (2, 4, 8) decodes at 1/reduce of the size: JPEG's DCT scaling makes that several times faster."""
+    jpeg = Path(path).suffix.lower() in _JPEG
+    flags = _REDUCED[reduce] | (0 if jpeg else cv2.IMREAD_IGNORE_ORIENTATION)  # EXIF orientation: JPEG only
+    img = cv2.imread(str(path), flags)
     if img is None:  # formats OpenCV lacks (or odd paths): fall back to Pillow
         try:
             with Image.open(path) as im:
                 from PIL import ImageOps
-                img = np.ascontiguousarray(np.asarray(ImageOps.exif_transpose(im).convert("RGB"))[..., ::-1])
+                im = ImageOps.exif_transpose(im) if jpeg else im
+                img = np.ascontiguousarray(np.asarray(im.convert("RGB"))[..., ::-1])
         except Exception:  # noqa: BLE001 - any decoder failure means "undecodable"
             return None
     return img
@@ -54,7 +70,7 @@ def image_info(path: Path) -> tuple[int, int] | str:
         with Image.open(path) as im:
             w, h = im.size
             fmt = im.format
-            orient = im.getexif().get(0x0112, 1) if fmt in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+            orient = im.getexif().get(0x0112, 1) if fmt == "JPEG" and path.suffix.lower() in _JPEG else 1
         if fmt == "PNG":
             with Image.open(path) as im:
                 im.verify()  # chunk CRCs: catches truncated or damaged files without decoding

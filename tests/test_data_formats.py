@@ -36,6 +36,8 @@ def test_ultralytics_data_yaml(tmp_path):
     spec = load_data_spec(yml)
     assert spec.names == ["cat", "dog"] and spec.train == [a] and spec.valid == [b]
     assert DetectionDataset(spec.train, 64, num_classes=spec.nc).labels[0].tolist()[0][0] == 1
+    (root / "data.yaml").write_text("train: ../images/train\nval: ../images/val\nnames: [cat, dog]\n")
+    assert load_data_spec(root / "data.yaml").train == [a]  # exporters' '../' beside a root-level yaml
     yml.write_text("path: ../ds\ntrain: images/train\nnames: [cat, dog]\nnc: 3\n")
     with pytest.raises(DataError, match="nc: 3 but 2 names"):
         load_data_spec(yml)
