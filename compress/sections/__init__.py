@@ -44,8 +44,9 @@ def detect_dialect(blocks: Iterable, net=None) -> str:
 
 def supported_sections_markdown() -> str:
     """The README's table of supported sections, generated from the table itself."""
-    rows = ["| section | what it does | weights | from |", "|---|---|---|---|"]
+    rows = ["| section | what it does | stored weights | pruning | from |", "|---|---|---|---|---|"]
     for s in SECTIONS.values():
         name = f"`[{s.header or s.name}]`" + "".join(f", `[{a}]`" for a in s.aliases)
-        rows.append(f"| {name} | {s.summary} | {s.weights or '-'} | {', '.join(s.dialects)} |")
+        cells = (name, s.summary, s.weights or "-", s.pruning, ", ".join(s.dialects))
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows) + "\n"

@@ -111,6 +111,7 @@ class Section:
     dialects: tuple[str, ...] = ("darknet",)   # where it comes from: darknet, reference, yolo-compress
     aliases: tuple[str, ...] = ()
     header: str = ""                  # spelling written back when it is not the name ([Gaussian_yolo])
+    pruning: str = "passes channels through"   # the channel rule in words (README)
     weights: str = ""                 # what it stores in .weights (README)
 
 

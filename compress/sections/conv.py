@@ -96,10 +96,11 @@ register(Section(
     "convolutional", "conv -> batch norm (batch_normalize=1) -> activation; groups=, dilation=, pad/padding",
     _build, keys=_CONV_KEYS, channels=_channels, shape=_shape, flow=_flow, macs=_macs, params=_params,
     resize=_resize, conv=True, quant="conv", aliases=("conv",),
+    pruning="BN convs are cut; a depthwise conv with its producer; other grouped convs and convs without BN stay whole",
     weights="BN beta, gamma, mean, var (or bias), then the kernel"))
 
 register(Section(
     "depthwise", "reference dialect: depthwise conv (groups = input channels), BN and activation as [convolutional]",
     _build, keys=_CONV_KEYS, channels=_channels, shape=_shape, flow=_flow, macs=_macs, params=_params,
-    resize=_resize, conv=True, quant="conv", dialects=("reference",),
+    resize=_resize, conv=True, quant="conv", dialects=("reference",), pruning="cut together with its producer",
     weights="as [convolutional]"))

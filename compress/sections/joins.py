@@ -60,7 +60,8 @@ def _build_route(block: "Block", ins: list[int], ctx: Ctx) -> Any:
 register(Section(
     "route", "concatenate layers (layers=), optionally one of `groups` channel slices (group_id=)",
     _build_route, keys=(Key("groups", min=1), Key("group_id", min=0)), refs=("layers",), reads_previous=False,
-    channels=_route_channels, shape=_route_shape, flow=_route_flow, quant="join"))
+    channels=_route_channels, shape=_route_shape, flow=_route_flow, quant="join",
+    pruning="concatenates its inputs' channels; with groups= its inputs stay whole"))
 
 
 # --- [shortcut] -------------------------------------------------------------------------------------------------
@@ -101,6 +102,7 @@ register(Section(
     _build_shortcut, keys=(Key("weights_type", "str", choices=WEIGHTS_TYPES),
                            Key("weights_normalization", "str", choices=WEIGHTS_NORMS)),
     refs=("from",), shape=_shortcut_shape, flow=_shortcut_flow, params=_shortcut_params, quant="join",
+    pruning="ties its inputs channel by channel where they overlap; weighted: inputs stay whole",
     weights="weights_type: one weight per input (per_feature) or per input and channel (per_channel)"))
 
 
@@ -135,8 +137,8 @@ def _build_sam(block: "Block", ins: list[int], ctx: Ctx) -> Any:
 register(Section(
     "scale_channels", "multiply layer from= by the previous layer's (N,C,1,1) attention vector",
     _build_scale, refs=("from",), inputs=_one_from, channels=lambda b, ins, ctx: ins[1], shape=lambda b, ins, c, ctx: ins[1],
-    flow=_attention_flow))
+    flow=_attention_flow, pruning="inputs stay whole"))
 
 register(Section(
     "sam", "spatial attention: layer from= times the previous layer",
-    _build_sam, refs=("from",), inputs=_one_from, flow=_attention_flow))
+    _build_sam, refs=("from",), inputs=_one_from, flow=_attention_flow, pruning="inputs stay whole"))

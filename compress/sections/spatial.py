@@ -57,7 +57,8 @@ register(Section(
     "maxpool", "max pooling with Darknet's padding (size-1, split top-left first); maxpool_depth=1 pools channels",
     _build_maxpool, keys=_POOL_KEYS + (Key("out_channels", min=1), Key("maxpool_depth", min=0, max=1)),
     channels=lambda b, ins, ctx: b.get_int("out_channels", 1) if _depth(b) else ins[0],
-    shape=_pool_shape, flow=_pool_flow, quant="keep", aliases=("max",)))
+    shape=_pool_shape, flow=_pool_flow, quant="keep", aliases=("max",),
+    pruning="passes channels through; maxpool_depth: input stays whole"))
 
 register(Section(
     "local_avgpool", "average pooling over a window, Darknet padding, out-of-image taps not counted",
@@ -140,7 +141,8 @@ def _reorg_flow(block: "Block", i: int, ins: list, ops: FlowOps) -> Any:
 _REORG_KEYS = (Key("stride", min=1), Key("reverse", min=0, max=1))
 register(Section(
     "reorg", "YOLOv2 passthrough: Darknet's reorg_old (stride^2 x channels, size / stride)", _build_reorg,
-    keys=_REORG_KEYS, channels=_reorg_channels, shape=_reorg_shape, flow=_reorg_flow))
+    keys=_REORG_KEYS, channels=_reorg_channels, shape=_reorg_shape, flow=_reorg_flow, pruning="input stays whole"))
 register(Section(
     "reorg3d", "space-to-depth (stride^2 x channels, size / stride); the reference dialect passes it through",
-    _build_reorg, keys=_REORG_KEYS, channels=_reorg_channels, shape=_reorg_shape, flow=_reorg_flow))
+    _build_reorg, keys=_REORG_KEYS, channels=_reorg_channels, shape=_reorg_shape, flow=_reorg_flow,
+    pruning="input stays whole"))
