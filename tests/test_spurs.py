@@ -60,7 +60,7 @@ def test_reference_reorg3d_passes_through_so_its_route_cannot_join(assets: Path)
     """The reference builds [reorg3d] as an empty module: its count matches, but the route after it joins maps
     of different sizes; read as Darknet ([reorg3d] = space-to-depth) the cfg runs."""
     model = build_model(read_cfg(SPURS / "yolov3-spp-pan-scale.cfg", dialect="reference"))
-    with pytest.raises(CfgError, match=r"yolov3-spp-pan-scale\.cfg:776: \[route\] joins input 0 \(136x136\) with input 1 \(272x272\)"):
+    with pytest.raises(CfgError, match=r"scale\.cfg:776: \[route\] joins input 0 \(136x136\) with input 1 \(272x272\)"):
         summarize(model)
     darknet = build_graph(read_cfg(SPURS / "yolov3-spp-pan-scale.cfg"))
     assert darknet.cfg.dialect == "darknet" and darknet.shapes(64, 64)

@@ -136,8 +136,8 @@ def _build_sam(block: "Block", ins: list[int], ctx: Ctx) -> Any:
 
 register(Section(
     "scale_channels", "multiply layer from= by the previous layer's (N,C,1,1) attention vector",
-    _build_scale, refs=("from",), inputs=_one_from, channels=lambda b, ins, ctx: ins[1], shape=lambda b, ins, c, ctx: ins[1],
-    flow=_attention_flow, pruning="inputs stay whole"))
+    _build_scale, refs=("from",), inputs=_one_from, channels=lambda b, ins, ctx: ins[1],
+    shape=lambda b, ins, c, ctx: ins[1], flow=_attention_flow, pruning="inputs stay whole"))
 
 register(Section(
     "sam", "spatial attention: layer from= times the previous layer",
