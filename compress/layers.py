@@ -13,7 +13,7 @@ from torch import nn
 
 from .cfg import Block
 from .errors import CfgError
-from .sections import conv_geometry, maxpool_geometry
+from .sections import conv_geometry, maxpool_geometry, strides
 from .sections.heads import yolo_anchors, yolo_mask
 
 __all__ = ["ACTIVATIONS", "register_activation", "make_activation", "ConvBNAct", "Route", "Shortcut", "Upsample",
@@ -62,7 +62,7 @@ class ConvBNAct(nn.Module):
         filters = block.get_int("filters", 1)
         self.batch_normalize = bool(block.get_int("batch_normalize", 0))
         dilation = block.get_int("dilation", 1)  # Darknet pads `pad * dilation` (im2col_cpu_ext)
-        self.conv = nn.Conv2d(in_channels, filters, k, s, p * dilation, dilation=dilation,
+        self.conv = nn.Conv2d(in_channels, filters, k, strides(block), p * dilation, dilation=dilation,
                               groups=groups or block.get_int("groups", 1), bias=not self.batch_normalize)
         self.bn = nn.BatchNorm2d(filters, eps=BN_EPS, momentum=BN_MOMENTUM) if self.batch_normalize else None
         self.act = make_activation(block, "logistic")
@@ -145,7 +145,8 @@ class MaxPool(nn.Module):
 
     def __init__(self, block: Block) -> None:
         super().__init__()
-        self.size, self.stride, padding = maxpool_geometry(block)
+        self.size, _, padding = maxpool_geometry(block)
+        self.stride = strides(block)
         self.pad_lo, self.pad_hi = padding // 2, padding - padding // 2
         self.depth_out = block.get_int("out_channels", 1) if block.get_int("maxpool_depth", 0) else 0
 

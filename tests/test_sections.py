@@ -60,6 +60,17 @@ def test_matches_opencv(tmp_path: Path, name: str) -> None:
     assert box_err < TOL and cls_err < TOL and nonzero > 0
 
 
+def test_stride_x_and_stride_y_like_darknet() -> None:
+    """parse_convolutional/parse_maxpool: stride_x=/stride_y= override stride= (OpenCV ignores them)."""
+    text = (NET + conv(8).replace("stride=1", "stride_x=2\nstride_y=1") + "[maxpool]\nsize=2\nstride=2\nstride_y=1\n"
+            + conv(8).replace("stride=1", "stride_x=1\nstride_y=2") + HEAD)
+    model = build_model(parse_cfg(text)).eval()
+    shapes = model.graph.shapes()
+    assert shapes[:3] == [(8, 64, 32), (8, 64, 16), (8, 32, 16)]
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 64)).shape == (1, 2 * 32 * 16, 7)
+
+
 # --- Darknet's C, restated as plain loops ------------------------------------------------------------------------
 
 def _reorg_cpu(x: np.ndarray, w: int, h: int, c: int, stride: int, forward: bool) -> np.ndarray:

@@ -8,14 +8,14 @@ from __future__ import annotations
 from typing import Iterable
 
 from .base import (DIALECTS, SECTIONS, Ctx, FlowOps, Key, Section, Shape, block_inputs, canonical, check_keys,
-                   lookup, register, resolve_refs)
+                   lookup, register, resolve_refs, strides)
 from . import conv, joins, spatial, attention, heads  # noqa: F401,E402 - each registers its entries
 from .conv import conv_geometry, conv_groups, is_depthwise
 from .spatial import maxpool_geometry
 
 __all__ = ["DIALECTS", "SECTIONS", "Ctx", "FlowOps", "Key", "Section", "Shape", "block_inputs", "canonical",
            "check_keys", "lookup", "register", "resolve_refs", "conv_geometry", "conv_groups", "is_depthwise",
-           "maxpool_geometry", "supported_sections", "detect_dialect", "header_of", "supported_sections_markdown"]
+           "maxpool_geometry", "strides", "supported_sections", "detect_dialect", "header_of", "supported_sections_markdown"]
 
 
 def supported_sections() -> tuple[str, ...]:

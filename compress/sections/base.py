@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # cfg.py imports this package; Block is only needed for annot
     from ..cfg import Block
 
 __all__ = ["Key", "Ctx", "Section", "FlowOps", "Shape", "SECTIONS", "register", "lookup", "check_keys",
-           "DIALECTS", "resolve_refs", "block_inputs", "canonical"]
+           "DIALECTS", "resolve_refs", "block_inputs", "canonical", "strides"]
 
 Shape = tuple[int, int, int]
 V = TypeVar("V")
@@ -55,6 +55,12 @@ class FlowOps(Protocol[V]):
     def tie(self, a: V, b: V) -> None: ...               # channel j of a is channel j of b (depthwise)
     def keep_whole(self, v: V) -> None: ...              # these channels must not be cut
     def fresh(self, i: int) -> V: ...                    # block i's channels, new and never cut
+
+
+def strides(block: "Block") -> tuple[int, int]:
+    """(stride_y, stride_x): Darknet's stride_x=/stride_y= override stride= for convs and pools."""
+    stride = block.get_int("stride", 1)
+    return block.get_int("stride_y", stride), block.get_int("stride_x", stride)
 
 
 def _same_channels(block: "Block", ins: list[int], ctx: Ctx) -> int:

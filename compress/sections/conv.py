@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CfgError
-from .base import Ctx, FlowOps, Key, Section, Shape, register
+from .base import Ctx, FlowOps, Key, Section, Shape, register, strides
 
 if TYPE_CHECKING:
     from ..cfg import Block
@@ -48,8 +48,8 @@ def _channels(block: "Block", ins: list[int], ctx: Ctx) -> int:
 
 def _shape(block: "Block", ins: list[Shape], c: int, ctx: Ctx) -> Shape:
     k, s, p = conv_geometry(block)
-    _, h, w = ins[0]
-    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    (sy, sx), (_, h, w) = strides(block), ins[0]
+    oh, ow = (h + 2 * p - k) // sy + 1, (w + 2 * p - k) // sx + 1
     if oh < 1 or ow < 1:
         raise CfgError(f"{block.where('size')}: [{block.type}] size={k} stride={s} pad={p} leaves nothing of its "
                        f"{h}x{w} input; use a smaller size or a larger input")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CfgError
-from .base import Ctx, FlowOps, Key, Section, Shape, _flow_fixed, register
+from .base import Ctx, FlowOps, Key, Section, Shape, _flow_fixed, register, strides
 
 if TYPE_CHECKING:
     from ..cfg import Block
@@ -32,7 +32,8 @@ def _pool_shape(block: "Block", ins: list[Shape], c: int, ctx: Ctx) -> Shape:
     if _depth(block):
         return c, h, w
     size, s, p = maxpool_geometry(block)
-    oh, ow = (h + p - size) // s + 1, (w + p - size) // s + 1
+    sy, sx = strides(block)
+    oh, ow = (h + p - size) // sy + 1, (w + p - size) // sx + 1
     if oh < 1 or ow < 1:
         raise CfgError(f"{block.where('size')}: [{block.type}] size={size} stride={s} leaves nothing of its "
                        f"{h}x{w} input; use a smaller size or a larger input")
