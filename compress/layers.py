@@ -73,7 +73,15 @@ class ConvBNAct(nn.Module):
             x = self.bn(x)
         return self.act(x)
 
+    shared = False
+
+    def share(self, other: "ConvBNAct") -> None:
+        """Use `other`'s conv and BN (Darknet's share_index); this layer then stores no weights."""
+        self.conv, self.bn, self.shared = other.conv, other.bn, True
+
     def darknet_tensors(self) -> list[torch.Tensor]:
+        if self.shared:
+            return []
         if self.bn is not None:
             return [self.bn.bias, self.bn.weight, self.bn.running_mean, self.bn.running_var, self.conv.weight]
         return [self.conv.bias, self.conv.weight]

@@ -259,3 +259,26 @@ def test_readme_table_lists_every_section() -> None:
     text = supported_sections_markdown()
     for name, section in SECTIONS.items():
         assert f"`[{section.header or name}]`" in text
+
+
+def test_share_index_reuses_an_earlier_convs_weights(tmp_path: Path) -> None:
+    """Darknet's share_index: the conv computes with layer N's weights and stores none (load_weights skips it)."""
+    text = NET + conv(8) + conv(8) + conv(8).replace("batch_normalize=1", "batch_normalize=1\nshare_index=-1") + HEAD
+    model = randomize_bn(build_model(parse_cfg(text))).eval()
+    alone = build_model(parse_cfg(NET + conv(8) + conv(8) + HEAD))
+    assert model.layers[2].conv is model.layers[1].conv and model.layers[2].darknet_tensors() == []
+    from compress.model import estimate_weights
+    from compress.weights import count_darknet_floats, read_weights
+    assert count_darknet_floats(model) == count_darknet_floats(alone) == sum(estimate_weights(model.graph))
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        a = model.layers[1](model.layers[0](x))
+        assert torch.equal(model.layers[2](a), model.layers[1](a))
+    write_weights(tmp_path / "s.weights", model)
+    again = build_model(parse_cfg(text))
+    read_weights(tmp_path / "s.weights", again)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), model(x))
+    with pytest.raises(CfgError, match=r"share_index names layer 0, which is not a conv of the same shape"):
+        build_model(parse_cfg(NET + conv(8) + conv(8).replace("batch_normalize=1", "share_index=0\nbatch_normalize=1")
+                              + HEAD))

@@ -95,7 +95,8 @@ class Section:
     * flow(block, i, in_vectors, ops) -> output vector (channel flow for coupling and surgery);
     * macs(block, module, in_shapes, out_shape) -> multiply-adds of one image;
     * params(block, in_channels, out_channels, ctx) -> floats in `.weights` (estimated before allocating);
-    * resize(block, kept_out) -> the block rewritten for `kept_out` output channels after pruning.
+    * resize(block, kept_out) -> the block rewritten for `kept_out` output channels after pruning;
+    * bind(block, i, graph, layers) -> None: link modules once all exist (a conv sharing another's weights).
     """
 
     name: str
@@ -111,6 +112,7 @@ class Section:
     macs: Callable = _zero
     params: Callable = _zero
     resize: Callable | None = None
+    bind: Callable | None = None      # (block, i, graph, layers) after all modules exist (share_index)
     head: bool = False                # a detection head (YOLOLayer-like)
     conv: bool = False                # a ConvBNAct: its output channels can be masked by pruning
     quant: str | None = None          # output quantization: "keep" the input grid, "new" observer, None
