@@ -282,3 +282,21 @@ def test_share_index_reuses_an_earlier_convs_weights(tmp_path: Path) -> None:
     with pytest.raises(CfgError, match=r"share_index names layer 0, which is not a conv of the same shape"):
         build_model(parse_cfg(NET + conv(8) + conv(8).replace("batch_normalize=1", "share_index=0\nbatch_normalize=1")
                               + HEAD))
+
+
+def test_table_quant_rule_agrees_with_the_quant_package() -> None:
+    """The table's output-quantization rule is the one compress/quant applies to the built modules."""
+    from compress.quant import _output_rule
+    from compress.sections import output_quant_rule
+    from conftest import TINY_CFGS
+    from compress.cfg import read_cfg
+    checked = 0
+    for path in TINY_CFGS:
+        model = build_model(read_cfg(path))
+        for i, (layer, section) in enumerate(zip(model.layers, model.graph.sections)):
+            if section.conv or section.head:
+                continue
+            n = len(model.graph.inputs[i])
+            assert output_quant_rule(section, n) == _output_rule(layer, n), (path.name, i, section.name)
+            checked += 1
+    assert checked > 10

@@ -15,11 +15,19 @@ from .spatial import maxpool_geometry
 
 __all__ = ["DIALECTS", "SECTIONS", "Ctx", "FlowOps", "Key", "Section", "Shape", "block_inputs", "canonical",
            "check_keys", "lookup", "register", "resolve_refs", "conv_geometry", "conv_groups", "is_depthwise",
-           "maxpool_geometry", "strides", "supported_sections", "detect_dialect", "header_of", "supported_sections_markdown"]
+           "maxpool_geometry", "strides", "output_quant_rule", "supported_sections", "detect_dialect", "header_of", "supported_sections_markdown"]
 
 
 def supported_sections() -> tuple[str, ...]:
     return tuple(SECTIONS)
+
+
+def output_quant_rule(section: Section, n_inputs: int) -> str | None:
+    """How a non-conv block's output is quantized: "keep" its input's grid (pooling, upsample, a one-input
+    route), "new" observer for joins of differently scaled tensors (concat, residual add), None otherwise."""
+    if section.quant == "keep" or (section.quant == "join" and n_inputs == 1):
+        return "keep"
+    return "new" if section.quant == "join" else None
 
 
 def header_of(name: str) -> str:
