@@ -91,3 +91,14 @@ def test_estimate_equals_allocated_count(path: Path) -> None:
     model = build_model(read_cfg(path))
     assert estimate_weights(model.graph) == [sum(t.numel() for t in getattr(m, "darknet_tensors", list)())
                                              for m in model.layers]
+
+
+def test_every_reference_cfg_is_written_back_in_its_dialect(assets: Path) -> None:
+    from compress.cfg import format_cfg
+    for path in sorted(SPURS.glob("*.cfg")):
+        for dialect in (None, "reference"):
+            cfg = read_cfg(path, dialect=dialect)
+            text = format_cfg(cfg)
+            again = parse_cfg(text, "<written>")
+            assert again.dialect == cfg.dialect and format_cfg(again) == text, path.name
+            assert [(b.type, b.options) for b in again.blocks] == [(b.type, b.options) for b in cfg.blocks]
