@@ -300,3 +300,12 @@ def test_table_quant_rule_agrees_with_the_quant_package() -> None:
             assert output_quant_rule(section, n) == _output_rule(layer, n), (path.name, i, section.name)
             checked += 1
     assert checked > 10
+
+
+def test_attention_operands_must_agree() -> None:
+    text = NET + conv(8) + "[avgpool]\n" + "[convolutional]\nfilters=4\nsize=1\nactivation=logistic\n"
+    with pytest.raises(CfgError, match=r"bad\.cfg:17: \[scale_channels\] multiplies the previous layer \(4 channels\) "
+                                       r"with layer from= \(8 channels\)"):
+        build_graph(parse_cfg(text + "[scale_channels]\nfrom=-3\n", "bad.cfg"))
+    with pytest.raises(CfgError, match=r"\[sam\] joins the previous layer \(1x1\) with layer from= \(64x64\)"):
+        build_graph(parse_cfg(text.replace("filters=4", "filters=8") + "[sam]\nfrom=-3\n")).shapes()
