@@ -149,10 +149,12 @@ class Upsample(nn.Module):
 
 
 class MaxPool(nn.Module):
-    """Darknet maxpool: total padding `size-1` split left/top-first (out-of-image taps ignored)."""
+    """Darknet maxpool: total padding `size-1` split left/top-first (out-of-image taps ignored).
+    `zero_pad`: the reference project's size=2 stride=1 pool (ZeroPad2d right/bottom, so border taps see 0)."""
 
-    def __init__(self, block: Block) -> None:
+    def __init__(self, block: Block, zero_pad: bool = False) -> None:
         super().__init__()
+        self.zero_pad = zero_pad and maxpool_geometry(block)[:2] == (2, 1)
         self.size, _, padding = maxpool_geometry(block)
         self.stride = strides(block)
         self.pad_lo, self.pad_hi = padding // 2, padding - padding // 2
@@ -164,6 +166,8 @@ class MaxPool(nn.Module):
             reps = -(-c // self.depth_out)
             x = F.pad(x, (0, 0, 0, 0, 0, reps * self.depth_out - c), value=float("-inf"))
             return x.view(n, reps, self.depth_out, h, w).amax(1)
+        if self.zero_pad:
+            return F.max_pool2d(F.pad(x, (0, 1, 0, 1)), 2, 1)
         if self.pad_lo == self.pad_hi:
             return F.max_pool2d(x, self.size, self.stride, self.pad_lo)
         x = F.pad(x, (self.pad_lo, self.pad_hi, self.pad_lo, self.pad_hi), mode="replicate")

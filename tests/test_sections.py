@@ -309,3 +309,14 @@ def test_attention_operands_must_agree() -> None:
         build_graph(parse_cfg(text + "[scale_channels]\nfrom=-3\n", "bad.cfg"))
     with pytest.raises(CfgError, match=r"\[sam\] joins the previous layer \(1x1\) with layer from= \(64x64\)"):
         build_graph(parse_cfg(text.replace("filters=4", "filters=8") + "[sam]\nfrom=-3\n")).shapes()
+
+
+def test_reference_dialect_tiny_maxpool_zero_pads() -> None:
+    """The reference builds [maxpool] size=2 stride=1 as ZeroPad2d((0,1,0,1)) + MaxPool2d(2, 1): its last row
+    and column see a 0; Darknet ignores the taps outside the image."""
+    text = NET + "[maxpool]\nsize=2\nstride=1\n"
+    x = -torch.rand(1, 1, 3, 3) - 1
+    darknet = build_model(parse_cfg(text)).layers[0](x)
+    reference = build_model(parse_cfg(text, dialect="reference")).layers[0](x)
+    assert torch.equal(darknet[..., :2, :2], reference[..., :2, :2])
+    assert torch.equal(reference[..., 2, :], torch.zeros(1, 1, 3)) and torch.equal(darknet[0, 0, 2, 2], x[0, 0, 2, 2])

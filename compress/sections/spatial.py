@@ -46,7 +46,7 @@ def _pool_flow(block: "Block", i: int, ins: list, ops: FlowOps) -> Any:
 
 def _build_maxpool(block: "Block", ins: list[int], ctx: Ctx) -> Any:
     from ..layers import MaxPool
-    return MaxPool(block)
+    return MaxPool(block, zero_pad=ctx.dialect == "reference")
 
 
 def _build_local_avg(block: "Block", ins: list[int], ctx: Ctx) -> Any:
@@ -55,7 +55,8 @@ def _build_local_avg(block: "Block", ins: list[int], ctx: Ctx) -> Any:
 
 
 register(Section(
-    "maxpool", "max pooling with Darknet's padding (size-1, split top-left first); maxpool_depth=1 pools channels",
+    "maxpool", "max pooling with Darknet's padding (size-1, split top-left first; the reference dialect zero-pads "
+    "size=2 stride=1); maxpool_depth=1 pools channels",
     _build_maxpool, keys=_POOL_KEYS + (Key("out_channels", min=1), Key("maxpool_depth", min=0, max=1)),
     channels=lambda b, ins, ctx: b.get_int("out_channels", 1) if _depth(b) else ins[0],
     shape=_pool_shape, flow=_pool_flow, quant="keep", aliases=("max",),
