@@ -8,7 +8,7 @@ from torch import nn
 
 from .cfg import Block
 from .layers import YOLOLayer, _grid_and_stride
-from .sections import maxpool_geometry
+from .sections import maxpool_geometry, strides
 
 __all__ = ["LocalAvgPool", "Reorg", "GaussianYOLOLayer", "ASFFYOLOLayer"]
 
@@ -19,7 +19,8 @@ class LocalAvgPool(nn.Module):
 
     def __init__(self, block: Block) -> None:
         super().__init__()
-        self.size, self.stride, padding = maxpool_geometry(block)
+        self.size, _, padding = maxpool_geometry(block)
+        self.stride = strides(block)
         self.pad = (padding // 2, padding - padding // 2) * 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

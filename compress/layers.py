@@ -13,7 +13,7 @@ from torch import nn
 
 from .cfg import Block
 from .errors import CfgError
-from .sections import conv_geometry, maxpool_geometry
+from .sections import conv_geometry, maxpool_geometry, strides
 from .sections.heads import yolo_anchors, yolo_mask
 
 __all__ = ["ACTIVATIONS", "register_activation", "make_activation", "ConvBNAct", "Route", "Shortcut", "Upsample",
@@ -62,7 +62,7 @@ class ConvBNAct(nn.Module):
         filters = block.get_int("filters", 1)
         self.batch_normalize = bool(block.get_int("batch_normalize", 0))
         dilation = block.get_int("dilation", 1)  # Darknet pads `pad * dilation` (im2col_cpu_ext)
-        self.conv = nn.Conv2d(in_channels, filters, k, s, p * dilation, dilation=dilation,
+        self.conv = nn.Conv2d(in_channels, filters, k, strides(block), p * dilation, dilation=dilation,
                               groups=groups or block.get_int("groups", 1), bias=not self.batch_normalize)
         self.bn = nn.BatchNorm2d(filters, eps=BN_EPS, momentum=BN_MOMENTUM) if self.batch_normalize else None
         self.act = make_activation(block, "logistic")
@@ -73,7 +73,15 @@ class ConvBNAct(nn.Module):
             x = self.bn(x)
         return self.act(x)
 
+    shared = False
+
+    def share(self, other: "ConvBNAct") -> None:
+        """Use `other`'s conv and BN (Darknet's share_index); this layer then stores no weights."""
+        self.conv, self.bn, self.shared = other.conv, other.bn, True
+
     def darknet_tensors(self) -> list[torch.Tensor]:
+        if self.shared:
+            return []
         if self.bn is not None:
             return [self.bn.bias, self.bn.weight, self.bn.running_mean, self.bn.running_var, self.conv.weight]
         return [self.conv.bias, self.conv.weight]
@@ -141,11 +149,14 @@ class Upsample(nn.Module):
 
 
 class MaxPool(nn.Module):
-    """Darknet maxpool: total padding `size-1` split left/top-first (out-of-image taps ignored)."""
+    """Darknet maxpool: total padding `size-1` split left/top-first (out-of-image taps ignored).
+    `zero_pad`: the reference project's size=2 stride=1 pool (ZeroPad2d right/bottom, so border taps see 0)."""
 
-    def __init__(self, block: Block) -> None:
+    def __init__(self, block: Block, zero_pad: bool = False) -> None:
         super().__init__()
-        self.size, self.stride, padding = maxpool_geometry(block)
+        self.zero_pad = zero_pad and maxpool_geometry(block)[:2] == (2, 1)
+        self.size, _, padding = maxpool_geometry(block)
+        self.stride = strides(block)
         self.pad_lo, self.pad_hi = padding // 2, padding - padding // 2
         self.depth_out = block.get_int("out_channels", 1) if block.get_int("maxpool_depth", 0) else 0
 
@@ -155,6 +166,8 @@ class MaxPool(nn.Module):
             reps = -(-c // self.depth_out)
             x = F.pad(x, (0, 0, 0, 0, 0, reps * self.depth_out - c), value=float("-inf"))
             return x.view(n, reps, self.depth_out, h, w).amax(1)
+        if self.zero_pad:
+            return F.max_pool2d(F.pad(x, (0, 1, 0, 1)), 2, 1)
         if self.pad_lo == self.pad_hi:
             return F.max_pool2d(x, self.size, self.stride, self.pad_lo)
         x = F.pad(x, (self.pad_lo, self.pad_hi, self.pad_lo, self.pad_hi), mode="replicate")

@@ -50,6 +50,9 @@ class DarknetModel(nn.Module):
         g = self.graph
         self.layers = nn.ModuleList(s.build(b, g.input_channels(i), g.ctx(i))
                                     for i, (b, s) in enumerate(zip(cfg.blocks, g.sections)))
+        for i, (b, s) in enumerate(zip(cfg.blocks, g.sections)):
+            if s.bind is not None:
+                s.bind(b, i, g, self.layers)
         self._saved = self.graph.kept_outputs
         self._is_head = tuple(s.head for s in g.sections)
         self.header: tuple[int, int, int, int] = (0, 2, 5, 0)  # major, minor, revision, seen

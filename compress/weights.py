@@ -1,7 +1,9 @@
 """Darknet `.weights` I/O: header (major, minor, revision, seen) then float32 tensors in layer order.
 
 `seen` is int64 when major*10+minor >= 2 (and both < 1000), else int32, as Darknet decides. The float
-count is checked against the cfg so a wrong cfg fails loudly instead of loading garbage.
+count is checked against the cfg so a wrong cfg fails loudly instead of loading garbage. What each layer
+stores is its module's `darknet_tensors()` (see each section's `weights` in `compress.sections`): convs
+(unless `share_index`), weighted shortcuts, [se]/[cbam]/[eca].
 """
 from __future__ import annotations
 

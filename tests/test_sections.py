@@ -60,6 +60,17 @@ def test_matches_opencv(tmp_path: Path, name: str) -> None:
     assert box_err < TOL and cls_err < TOL and nonzero > 0
 
 
+def test_stride_x_and_stride_y_like_darknet() -> None:
+    """parse_convolutional/parse_maxpool: stride_x=/stride_y= override stride= (OpenCV ignores them)."""
+    text = (NET + conv(8).replace("stride=1", "stride_x=2\nstride_y=1") + "[maxpool]\nsize=2\nstride=2\nstride_y=1\n"
+            + conv(8).replace("stride=1", "stride_x=1\nstride_y=2") + HEAD)
+    model = build_model(parse_cfg(text)).eval()
+    shapes = model.graph.shapes()
+    assert shapes[:3] == [(8, 64, 32), (8, 64, 16), (8, 32, 16)]
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 64)).shape == (1, 2 * 32 * 16, 7)
+
+
 # --- Darknet's C, restated as plain loops ------------------------------------------------------------------------
 
 def _reorg_cpu(x: np.ndarray, w: int, h: int, c: int, stride: int, forward: bool) -> np.ndarray:
@@ -248,3 +259,64 @@ def test_readme_table_lists_every_section() -> None:
     text = supported_sections_markdown()
     for name, section in SECTIONS.items():
         assert f"`[{section.header or name}]`" in text
+
+
+def test_share_index_reuses_an_earlier_convs_weights(tmp_path: Path) -> None:
+    """Darknet's share_index: the conv computes with layer N's weights and stores none (load_weights skips it)."""
+    text = NET + conv(8) + conv(8) + conv(8).replace("batch_normalize=1", "batch_normalize=1\nshare_index=-1") + HEAD
+    model = randomize_bn(build_model(parse_cfg(text))).eval()
+    alone = build_model(parse_cfg(NET + conv(8) + conv(8) + HEAD))
+    assert model.layers[2].conv is model.layers[1].conv and model.layers[2].darknet_tensors() == []
+    from compress.model import estimate_weights
+    from compress.weights import count_darknet_floats, read_weights
+    assert count_darknet_floats(model) == count_darknet_floats(alone) == sum(estimate_weights(model.graph))
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        a = model.layers[1](model.layers[0](x))
+        assert torch.equal(model.layers[2](a), model.layers[1](a))
+    write_weights(tmp_path / "s.weights", model)
+    again = build_model(parse_cfg(text))
+    read_weights(tmp_path / "s.weights", again)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), model(x))
+    with pytest.raises(CfgError, match=r"share_index names layer 0, which is not a conv of the same shape"):
+        build_model(parse_cfg(NET + conv(8) + conv(8).replace("batch_normalize=1", "share_index=0\nbatch_normalize=1")
+                              + HEAD))
+
+
+def test_table_quant_rule_agrees_with_the_quant_package() -> None:
+    """The table's output-quantization rule is the one compress/quant applies to the built modules."""
+    from compress.quant import _output_rule
+    from compress.sections import output_quant_rule
+    from conftest import TINY_CFGS
+    from compress.cfg import read_cfg
+    checked = 0
+    for path in TINY_CFGS:
+        model = build_model(read_cfg(path))
+        for i, (layer, section) in enumerate(zip(model.layers, model.graph.sections)):
+            if section.conv or section.head:
+                continue
+            n = len(model.graph.inputs[i])
+            assert output_quant_rule(section, n) == _output_rule(layer, n), (path.name, i, section.name)
+            checked += 1
+    assert checked > 10
+
+
+def test_attention_operands_must_agree() -> None:
+    text = NET + conv(8) + "[avgpool]\n" + "[convolutional]\nfilters=4\nsize=1\nactivation=logistic\n"
+    with pytest.raises(CfgError, match=r"bad\.cfg:17: \[scale_channels\] multiplies the previous layer \(4 channels\) "
+                                       r"with layer from= \(8 channels\)"):
+        build_graph(parse_cfg(text + "[scale_channels]\nfrom=-3\n", "bad.cfg"))
+    with pytest.raises(CfgError, match=r"\[sam\] joins the previous layer \(1x1\) with layer from= \(64x64\)"):
+        build_graph(parse_cfg(text.replace("filters=4", "filters=8") + "[sam]\nfrom=-3\n")).shapes()
+
+
+def test_reference_dialect_tiny_maxpool_zero_pads() -> None:
+    """The reference builds [maxpool] size=2 stride=1 as ZeroPad2d((0,1,0,1)) + MaxPool2d(2, 1): its last row
+    and column see a 0; Darknet ignores the taps outside the image."""
+    text = NET + "[maxpool]\nsize=2\nstride=1\n"
+    x = -torch.rand(1, 1, 3, 3) - 1
+    darknet = build_model(parse_cfg(text)).layers[0](x)
+    reference = build_model(parse_cfg(text, dialect="reference")).layers[0](x)
+    assert torch.equal(darknet[..., :2, :2], reference[..., :2, :2])
+    assert torch.equal(reference[..., 2, :], torch.zeros(1, 1, 3)) and torch.equal(darknet[0, 0, 2, 2], x[0, 0, 2, 2])

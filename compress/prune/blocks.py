@@ -83,11 +83,12 @@ def remove_blocks(model: DarknetModel, drop: set[int], keep: dict[int, torch.Ten
 
 
 def remove_units(model: DarknetModel, shortcuts: set[int], compensate: bool = True) -> tuple[DarknetModel, set[int]]:
-    """Remove residual blocks [conv][conv][shortcut] named by their shortcut index. Returns (model, dropped)."""
+    """Remove residual blocks (`coupling.residual_units`) named by their shortcut index. Returns (model, dropped)."""
     units = residual_units(model.graph)
     bad = sorted(s for s in shortcuts if s not in units)
     if bad:
-        raise PruneError(f"layer {bad[0]} does not close a removable residual block [conv][conv][shortcut from=-3]")
+        raise PruneError(f"layer {bad[0]} does not close a removable residual block ([conv][conv][shortcut from=-3] "
+                         "or a bottleneck of single-reader convs)")
     drop = {b for s in shortcuts for b in units[s]}
-    keep = {units[s][1]: torch.zeros(model.graph.channels[units[s][1]], dtype=torch.bool) for s in shortcuts}
+    keep = {units[s][-2]: torch.zeros(model.graph.channels[units[s][-2]], dtype=torch.bool) for s in shortcuts}
     return remove_blocks(model, drop, keep, compensate), drop

@@ -142,19 +142,29 @@ def build_coupling(graph: LayerGraph) -> Coupling:
     return Coupling(graph, tuple(groups), frozenset(fixed))
 
 
-def residual_units(graph: LayerGraph) -> dict[int, tuple[int, int, int]]:
-    """Shortcuts that close a removable ResBlock `[conv][conv][shortcut from=-3]` -> (conv1, conv2, shortcut).
-    The two convs must feed only their own unit, so removing the three blocks leaves the identity path."""
+def residual_units(graph: LayerGraph) -> dict[int, tuple[int, ...]]:
+    """Shortcuts that close a removable residual block -> (its blocks..., shortcut): Darknet's
+    `[conv][conv][shortcut from=-3]`, or a MobileNet bottleneck `[conv][depthwise][se][conv][shortcut from=-5]`.
+    The chain from the shortcut's source to it must be single-reader blocks ending in a BN conv that keeps the
+    source's width, so removing the unit leaves the identity path."""
     out = {}
-    blocks = graph.cfg.blocks
-    for s, b in enumerate(blocks):
-        if b.type != "shortcut" or s < 3 or graph.inputs[s] != (s - 1, s - 3):
+    for s, (b, section) in enumerate(zip(graph.cfg.blocks, graph.sections)):
+        if b.type != "shortcut" or len(graph.inputs[s]) != 2 or b.get("weights_type", "none") != "none":
             continue
-        c1, c2 = s - 2, s - 1
-        if all(blocks[c].type == "convolutional" for c in (c1, c2)) and graph.consumers[c1] == (c2,) \
-                and graph.consumers[c2] == (s,) and graph.inputs[c1] == (s - 3,):
-            out[s] = (c1, c2, s)
+        prev, src = graph.inputs[s]
+        chain = tuple(range(src + 1, s))
+        if prev != s - 1 or len(chain) < 2 or graph.channels[s - 1] != graph.channels[src]:
+            continue
+        last = graph.cfg.blocks[s - 1]
+        if not graph.sections[s - 1].conv or not last.get_int("batch_normalize", 0):
+            continue
+        if all(graph.inputs[j] == (j - 1,) and graph.consumers[j] == (j + 1,)
+               and (graph.sections[j].conv or graph.sections[j].name in _UNIT_PASSENGERS) for j in chain):
+            out[s] = chain + (s,)
     return out
+
+
+_UNIT_PASSENGERS = ("se", "eca", "cbam", "dropout")
 
 
 def _reference_excluded(graph: LayerGraph) -> set[int]:
@@ -174,8 +184,7 @@ def prunable_layers(coupling: Coupling, mode: int) -> list[int]:
     residual convs included), 2 (layer pruning: the BN conv right before each removable shortcut)."""
     graph = coupling.graph
     if mode == 2:
-        return sorted(u[1] for u in residual_units(graph).values() if u[1] not in coupling.fixed
-                      and graph.cfg.blocks[u[1]].get_int("batch_normalize", 0))
+        return sorted(u[-2] for u in residual_units(graph).values() if u[-2] not in coupling.fixed)
     excluded = _reference_excluded(graph) | coupling.fixed
     out = []
     for group in coupling.groups:

@@ -23,7 +23,7 @@ def select(model: DarknetModel, coupling: Coupling, config: PruneConfig) -> tupl
                          "of this cfg; lower it")
     score = {i: float(g.mean()) for i, g in bn_gammas(model, candidates).items()}
     chosen = sorted(candidates, key=lambda i: (score[i], i))[:config.shortcuts]
-    shortcut_of = {u[1]: s for s, u in units.items()}
+    shortcut_of = {u[-2]: s for s, u in units.items()}
     info = {"candidates": len(candidates), "removed_units": sorted(shortcut_of[i] for i in chosen),
             "scores": {shortcut_of[i]: round(score[i], 6) for i in chosen}}
     return {shortcut_of[i] for i in chosen}, info

@@ -115,8 +115,8 @@ def validate_mask(coupling: Coupling, mask: ChannelMask) -> ChannelMask:
     graph = coupling.graph
     out = {}
     for i, m in mask.items():
-        if not 0 <= i < len(graph.channels) or graph.cfg.blocks[i].type != "convolutional":
-            raise PruneError(f"mask names layer {i}, which is not a [convolutional] block")
+        if not 0 <= i < len(graph.channels) or not graph.sections[i].conv:
+            raise PruneError(f"mask names layer {i}, which is not a conv block ([convolutional], [depthwise])")
         if m.dtype != torch.bool or m.shape != (graph.channels[i],):
             raise PruneError(f"mask of layer {i} must be a bool vector of {graph.channels[i]} channels")
         if not bool(m.any()):

@@ -9,6 +9,7 @@ from torch import nn
 from ..cfg import Cfg
 from ..layers import ConvBNAct
 from ..model import DarknetModel, build_model
+from ..sections import lookup
 
 __all__ = ["fold_bn", "fold_model", "folded_cfg"]
 
@@ -28,7 +29,7 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
 
 def folded_cfg(cfg: Cfg) -> Cfg:
     """The same network with every `batch_normalize=1` conv rewritten as `batch_normalize=0`."""
-    blocks = [b.replace(batch_normalize=0) if b.type == "convolutional" and b.get_int("batch_normalize", 0) else b
+    blocks = [b.replace(batch_normalize=0) if lookup(b).conv and b.get_int("batch_normalize", 0) else b
               for b in cfg.blocks]
     return cfg.with_blocks(blocks)
 

@@ -8,18 +8,26 @@ from __future__ import annotations
 from typing import Iterable
 
 from .base import (DIALECTS, SECTIONS, Ctx, FlowOps, Key, Section, Shape, block_inputs, canonical, check_keys,
-                   lookup, register, resolve_refs)
+                   lookup, register, resolve_refs, strides)
 from . import conv, joins, spatial, attention, heads  # noqa: F401,E402 - each registers its entries
 from .conv import conv_geometry, conv_groups, is_depthwise
 from .spatial import maxpool_geometry
 
 __all__ = ["DIALECTS", "SECTIONS", "Ctx", "FlowOps", "Key", "Section", "Shape", "block_inputs", "canonical",
            "check_keys", "lookup", "register", "resolve_refs", "conv_geometry", "conv_groups", "is_depthwise",
-           "maxpool_geometry", "supported_sections", "detect_dialect", "header_of", "supported_sections_markdown"]
+           "maxpool_geometry", "strides", "output_quant_rule", "supported_sections", "detect_dialect", "header_of", "supported_sections_markdown"]
 
 
 def supported_sections() -> tuple[str, ...]:
     return tuple(SECTIONS)
+
+
+def output_quant_rule(section: Section, n_inputs: int) -> str | None:
+    """How a non-conv block's output is quantized: "keep" its input's grid (pooling, upsample, a one-input
+    route), "new" observer for joins of differently scaled tensors (concat, residual add), None otherwise."""
+    if section.quant == "keep" or (section.quant == "join" and n_inputs == 1):
+        return "keep"
+    return "new" if section.quant == "join" else None
 
 
 def header_of(name: str) -> str:
@@ -44,8 +52,9 @@ def detect_dialect(blocks: Iterable, net=None) -> str:
 
 def supported_sections_markdown() -> str:
     """The README's table of supported sections, generated from the table itself."""
-    rows = ["| section | what it does | weights | from |", "|---|---|---|---|"]
+    rows = ["| section | what it does | stored weights | pruning | from |", "|---|---|---|---|---|"]
     for s in SECTIONS.values():
         name = f"`[{s.header or s.name}]`" + "".join(f", `[{a}]`" for a in s.aliases)
-        rows.append(f"| {name} | {s.summary} | {s.weights or '-'} | {', '.join(s.dialects)} |")
+        cells = (name, s.summary, s.weights or "-", s.pruning, ", ".join(s.dialects))
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows) + "\n"

@@ -63,16 +63,16 @@ register(Section(
     channels=_se_channels, flow=_keep_inputs, macs=_weights_macs,
     params=lambda b, ins, c, ctx: 2 * c * se_hidden(b, c, ctx), resize=_RESIZE_SE,
     dialects=("yolo-compress", "reference"),
-    weights="fc1, fc2 (no bias)"))
+    weights="fc1, fc2 (no bias)", pruning="input stays whole (the MLP mixes channels)"))
 
 register(Section(
     "cbam", "channel then spatial attention: reduction=16, kernel=7", _build_cbam,
     keys=(Key("reduction", min=1), Key("kernel", min=1)), channels=_se_channels, flow=_keep_inputs,
     macs=_weights_macs, dialects=("yolo-compress",),
     params=lambda b, ins, c, ctx: 2 * c * se_hidden(b, c, ctx) + 2 * b.get_int("kernel", 7) ** 2,
-    weights="fc1, fc2, spatial conv (no bias)"))
+    weights="fc1, fc2, spatial conv (no bias)", pruning="input stays whole"))
 
 register(Section(
     "eca", "efficient channel attention: a 1-D conv of size= across channels", _build_eca,
     keys=(Key("size", min=1),), flow=_keep_inputs, macs=_weights_macs, dialects=("yolo-compress",),
-    params=lambda b, ins, c, ctx: b.get_int("size", 3), weights="the 1-D kernel"))
+    params=lambda b, ins, c, ctx: b.get_int("size", 3), weights="the 1-D kernel", pruning="input stays whole"))

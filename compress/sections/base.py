@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # cfg.py imports this package; Block is only needed for annot
     from ..cfg import Block
 
 __all__ = ["Key", "Ctx", "Section", "FlowOps", "Shape", "SECTIONS", "register", "lookup", "check_keys",
-           "DIALECTS", "resolve_refs", "block_inputs", "canonical"]
+           "DIALECTS", "resolve_refs", "block_inputs", "canonical", "strides"]
 
 Shape = tuple[int, int, int]
 V = TypeVar("V")
@@ -57,6 +57,12 @@ class FlowOps(Protocol[V]):
     def fresh(self, i: int) -> V: ...                    # block i's channels, new and never cut
 
 
+def strides(block: "Block") -> tuple[int, int]:
+    """(stride_y, stride_x): Darknet's stride_x=/stride_y= override stride= for convs and pools."""
+    stride = block.get_int("stride", 1)
+    return block.get_int("stride_y", stride), block.get_int("stride_x", stride)
+
+
 def _same_channels(block: "Block", ins: list[int], ctx: Ctx) -> int:
     return ins[0]
 
@@ -89,7 +95,8 @@ class Section:
     * flow(block, i, in_vectors, ops) -> output vector (channel flow for coupling and surgery);
     * macs(block, module, in_shapes, out_shape) -> multiply-adds of one image;
     * params(block, in_channels, out_channels, ctx) -> floats in `.weights` (estimated before allocating);
-    * resize(block, kept_out) -> the block rewritten for `kept_out` output channels after pruning.
+    * resize(block, kept_out) -> the block rewritten for `kept_out` output channels after pruning;
+    * bind(block, i, graph, layers) -> None: link modules once all exist (a conv sharing another's weights).
     """
 
     name: str
@@ -105,12 +112,14 @@ class Section:
     macs: Callable = _zero
     params: Callable = _zero
     resize: Callable | None = None
+    bind: Callable | None = None      # (block, i, graph, layers) after all modules exist (share_index)
     head: bool = False                # a detection head (YOLOLayer-like)
     conv: bool = False                # a ConvBNAct: its output channels can be masked by pruning
     quant: str | None = None          # output quantization: "keep" the input grid, "new" observer, None
     dialects: tuple[str, ...] = ("darknet",)   # where it comes from: darknet, reference, yolo-compress
     aliases: tuple[str, ...] = ()
     header: str = ""                  # spelling written back when it is not the name ([Gaussian_yolo])
+    pruning: str = "passes channels through"   # the channel rule in words (README)
     weights: str = ""                 # what it stores in .weights (README)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CfgError
-from .base import Ctx, FlowOps, Key, Section, Shape, register
+from .base import Ctx, FlowOps, Key, Section, Shape, register, strides
 
 if TYPE_CHECKING:
     from ..cfg import Block
@@ -48,8 +48,8 @@ def _channels(block: "Block", ins: list[int], ctx: Ctx) -> int:
 
 def _shape(block: "Block", ins: list[Shape], c: int, ctx: Ctx) -> Shape:
     k, s, p = conv_geometry(block)
-    _, h, w = ins[0]
-    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    (sy, sx), (_, h, w) = strides(block), ins[0]
+    oh, ow = (h + 2 * p - k) // sy + 1, (w + 2 * p - k) // sx + 1
     if oh < 1 or ow < 1:
         raise CfgError(f"{block.where('size')}: [{block.type}] size={k} stride={s} pad={p} leaves nothing of its "
                        f"{h}x{w} input; use a smaller size or a larger input")
@@ -61,10 +61,37 @@ def _build(block: "Block", ins: list[int], ctx: Ctx) -> Any:
     return ConvBNAct(block, ins[0], groups=conv_groups(block, ins[0]))
 
 
+def _shared(block: "Block", i: int) -> int | None:
+    """Darknet's share_index: the layer whose weights this conv uses (it stores none of its own)."""
+    if not block.has("share_index"):
+        return None
+    ref = block.get_int("share_index")
+    j = i + ref if ref < 0 else ref
+    if not 0 <= j < i:
+        raise CfgError(f"{block.where('share_index')}: [{block.type}] share_index={ref} points to layer {j}; "
+                       f"it must name an earlier conv (0..{i - 1})")
+    return j
+
+
+def _bind(block: "Block", i: int, graph: Any, layers: Any) -> None:
+    j = _shared(block, i)
+    if j is None:
+        return
+    src = layers[j]
+    if not graph.sections[j].conv or src.conv.weight.shape != layers[i].conv.weight.shape:
+        raise CfgError(f"{block.where('share_index')}: [{block.type}] share_index names layer {j}, which is not "
+                       "a conv of the same shape; share weights only between identical convs")
+    layers[i].share(src)
+
+
 def _flow(block: "Block", i: int, ins: list, ops: FlowOps) -> Any:
     own = ops.own(i)
     bn = block.get_int("batch_normalize", 0)
-    if is_depthwise(block, len(ins[0])) and bn:
+    shared = _shared(block, i)
+    if shared is not None:
+        for v in (ins[0], own, ops.own(shared)):   # one set of weights serves two places: keep them whole
+            ops.keep_whole(v)
+    elif is_depthwise(block, len(ins[0])) and bn:
         ops.tie(own, ins[0])            # pruned together with its producer
     elif conv_groups(block, len(ins[0])) > 1:
         ops.keep_whole(ins[0])          # other grouped convs: inputs and outputs stay whole
@@ -81,6 +108,8 @@ def _macs(block: "Block", module: Any, ins: list[Shape], out: Shape) -> int:
 
 
 def _params(block: "Block", ins: list[int], c: int, ctx: Ctx) -> int:
+    if block.has("share_index"):
+        return 0
     k = block.get_int("size", 1)
     extra = 4 * c if block.get_int("batch_normalize", 0) else c
     return extra + c * (ins[0] // max(1, conv_groups(block, ins[0]))) * k * k
@@ -93,13 +122,15 @@ def _resize(block: "Block", kept_out: int) -> "Block":
 
 
 register(Section(
-    "convolutional", "conv -> batch norm (batch_normalize=1) -> activation; groups=, dilation=, pad/padding",
+    "convolutional", "conv -> batch norm (batch_normalize=1) -> activation; groups=, dilation=, pad/padding, "
+    "stride_x/stride_y, share_index= (reuse an earlier conv's weights)",
     _build, keys=_CONV_KEYS, channels=_channels, shape=_shape, flow=_flow, macs=_macs, params=_params,
-    resize=_resize, conv=True, quant="conv", aliases=("conv",),
+    resize=_resize, bind=_bind, conv=True, quant="conv", aliases=("conv",),
+    pruning="BN convs are cut; a depthwise conv with its producer; other grouped convs and convs without BN stay whole",
     weights="BN beta, gamma, mean, var (or bias), then the kernel"))
 
 register(Section(
     "depthwise", "reference dialect: depthwise conv (groups = input channels), BN and activation as [convolutional]",
     _build, keys=_CONV_KEYS, channels=_channels, shape=_shape, flow=_flow, macs=_macs, params=_params,
-    resize=_resize, conv=True, quant="conv", dialects=("reference",),
+    resize=_resize, conv=True, quant="conv", dialects=("reference",), pruning="cut together with its producer",
     weights="as [convolutional]"))

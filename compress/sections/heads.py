@@ -139,12 +139,12 @@ _HEAD_KEYS = (Key("classes", min=1), Key("num", min=1), Key("mask", "ints", min=
 register(Section(
     "yolo", "YOLOv3/v4 head (mask=, anchors=, num=, scale_x_y=, new_coords=); reference dialect: from= (ASFF)",
     _build_head, keys=_HEAD_KEYS, refs=("from",), inputs=_head_inputs, channels=_head_channels,
-    shape=_head_shape, flow=_head_flow, head=True, dialects=("darknet", "reference")))
+    shape=_head_shape, flow=_head_flow, head=True, dialects=("darknet", "reference"), pruning="input stays whole"))
 register(Section(
     "gaussian_yolo", "Gaussian YOLOv3 head: box means and uncertainties; confidence x (1 - mean uncertainty)",
     _build_head, keys=_HEAD_KEYS, inputs=_head_inputs, channels=_head_channels, shape=_head_shape,
-    flow=_head_flow, head=True, header="Gaussian_yolo"))
+    flow=_head_flow, head=True, header="Gaussian_yolo", pruning="input stays whole"))
 register(Section(
     "region", "YOLOv2 head (inference): anchors in grid cells, softmax classes", _build_head,
     keys=(Key("classes", min=1), Key("num", min=1), Key("coords", min=4, max=4)), inputs=_head_inputs,
-    channels=_head_channels, shape=_head_shape, flow=_head_flow, head=True))
+    channels=_head_channels, shape=_head_shape, flow=_head_flow, head=True, pruning="input stays whole"))

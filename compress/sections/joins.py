@@ -60,7 +60,8 @@ def _build_route(block: "Block", ins: list[int], ctx: Ctx) -> Any:
 register(Section(
     "route", "concatenate layers (layers=), optionally one of `groups` channel slices (group_id=)",
     _build_route, keys=(Key("groups", min=1), Key("group_id", min=0)), refs=("layers",), reads_previous=False,
-    channels=_route_channels, shape=_route_shape, flow=_route_flow, quant="join"))
+    channels=_route_channels, shape=_route_shape, flow=_route_flow, quant="join",
+    pruning="concatenates its inputs' channels; with groups= its inputs stay whole"))
 
 
 # --- [shortcut] -------------------------------------------------------------------------------------------------
@@ -101,6 +102,7 @@ register(Section(
     _build_shortcut, keys=(Key("weights_type", "str", choices=WEIGHTS_TYPES),
                            Key("weights_normalization", "str", choices=WEIGHTS_NORMS)),
     refs=("from",), shape=_shortcut_shape, flow=_shortcut_flow, params=_shortcut_params, quant="join",
+    pruning="ties its inputs channel by channel where they overlap; weighted: inputs stay whole",
     weights="weights_type: one weight per input (per_feature) or per input and channel (per_channel)"))
 
 
@@ -114,6 +116,19 @@ def _one_from(block: "Block", i: int) -> tuple[int, ...]:
     if i == 0:
         raise CfgError(f"{block.where()}: [{block.type}] cannot be the first layer")
     return i - 1, refs[0]
+
+
+def _attention_channels(block: "Block", ins: list[int], ctx: Ctx) -> int:
+    """[scale_channels]/[sam] multiply two tensors channel by channel: their channel counts must agree."""
+    if ins[0] != ins[1]:
+        raise CfgError(f"{block.where()}: [{block.type}] multiplies the previous layer ({ins[0]} channels) with "
+                       f"layer from= ({ins[1]} channels); they must have the same channels")
+    return ins[1] if block.type == "scale_channels" else ins[0]
+
+
+def _sam_shape(block: "Block", ins: list[Shape], c: int, ctx: Ctx) -> Shape:
+    _same_hw(block, ins, ["the previous layer", "layer from="])
+    return c, ins[0][1], ins[0][2]
 
 
 def _attention_flow(block: "Block", i: int, ins: list, ops: FlowOps) -> Any:
@@ -134,9 +149,10 @@ def _build_sam(block: "Block", ins: list[int], ctx: Ctx) -> Any:
 
 register(Section(
     "scale_channels", "multiply layer from= by the previous layer's (N,C,1,1) attention vector",
-    _build_scale, refs=("from",), inputs=_one_from, channels=lambda b, ins, ctx: ins[1], shape=lambda b, ins, c, ctx: ins[1],
-    flow=_attention_flow))
+    _build_scale, refs=("from",), inputs=_one_from, channels=_attention_channels,
+    shape=lambda b, ins, c, ctx: ins[1], flow=_attention_flow, pruning="inputs stay whole"))
 
 register(Section(
     "sam", "spatial attention: layer from= times the previous layer",
-    _build_sam, refs=("from",), inputs=_one_from, flow=_attention_flow))
+    _build_sam, refs=("from",), inputs=_one_from, channels=_attention_channels, shape=_sam_shape,
+    flow=_attention_flow, pruning="inputs stay whole"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CfgError
-from .base import Ctx, FlowOps, Key, Section, Shape, _flow_fixed, register
+from .base import Ctx, FlowOps, Key, Section, Shape, _flow_fixed, register, strides
 
 if TYPE_CHECKING:
     from ..cfg import Block
@@ -32,7 +32,8 @@ def _pool_shape(block: "Block", ins: list[Shape], c: int, ctx: Ctx) -> Shape:
     if _depth(block):
         return c, h, w
     size, s, p = maxpool_geometry(block)
-    oh, ow = (h + p - size) // s + 1, (w + p - size) // s + 1
+    sy, sx = strides(block)
+    oh, ow = (h + p - size) // sy + 1, (w + p - size) // sx + 1
     if oh < 1 or ow < 1:
         raise CfgError(f"{block.where('size')}: [{block.type}] size={size} stride={s} leaves nothing of its "
                        f"{h}x{w} input; use a smaller size or a larger input")
@@ -45,7 +46,7 @@ def _pool_flow(block: "Block", i: int, ins: list, ops: FlowOps) -> Any:
 
 def _build_maxpool(block: "Block", ins: list[int], ctx: Ctx) -> Any:
     from ..layers import MaxPool
-    return MaxPool(block)
+    return MaxPool(block, zero_pad=ctx.dialect == "reference")
 
 
 def _build_local_avg(block: "Block", ins: list[int], ctx: Ctx) -> Any:
@@ -54,10 +55,12 @@ def _build_local_avg(block: "Block", ins: list[int], ctx: Ctx) -> Any:
 
 
 register(Section(
-    "maxpool", "max pooling with Darknet's padding (size-1, split top-left first); maxpool_depth=1 pools channels",
+    "maxpool", "max pooling with Darknet's padding (size-1, split top-left first; the reference dialect zero-pads "
+    "size=2 stride=1); maxpool_depth=1 pools channels",
     _build_maxpool, keys=_POOL_KEYS + (Key("out_channels", min=1), Key("maxpool_depth", min=0, max=1)),
     channels=lambda b, ins, ctx: b.get_int("out_channels", 1) if _depth(b) else ins[0],
-    shape=_pool_shape, flow=_pool_flow, quant="keep", aliases=("max",)))
+    shape=_pool_shape, flow=_pool_flow, quant="keep", aliases=("max",),
+    pruning="passes channels through; maxpool_depth: input stays whole"))
 
 register(Section(
     "local_avgpool", "average pooling over a window, Darknet padding, out-of-image taps not counted",
@@ -140,7 +143,8 @@ def _reorg_flow(block: "Block", i: int, ins: list, ops: FlowOps) -> Any:
 _REORG_KEYS = (Key("stride", min=1), Key("reverse", min=0, max=1))
 register(Section(
     "reorg", "YOLOv2 passthrough: Darknet's reorg_old (stride^2 x channels, size / stride)", _build_reorg,
-    keys=_REORG_KEYS, channels=_reorg_channels, shape=_reorg_shape, flow=_reorg_flow))
+    keys=_REORG_KEYS, channels=_reorg_channels, shape=_reorg_shape, flow=_reorg_flow, pruning="input stays whole"))
 register(Section(
     "reorg3d", "space-to-depth (stride^2 x channels, size / stride); the reference dialect passes it through",
-    _build_reorg, keys=_REORG_KEYS, channels=_reorg_channels, shape=_reorg_shape, flow=_reorg_flow))
+    _build_reorg, keys=_REORG_KEYS, channels=_reorg_channels, shape=_reorg_shape, flow=_reorg_flow,
+    pruning="input stays whole"))
