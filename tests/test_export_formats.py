@@ -222,3 +222,5 @@ def test_int8_qdq_onnx_runs_in_openvino_like_onnxruntime(tmp_path):
     box, score = _diff(ov, ort)
     assert score < 0.05 and box < 0.05 * max(hw)  # a few int8 steps apart at most
     assert _diff(ov, ref)[1] < 0.1
+    direct = load_predictor(tmp_path / "int8.onnx", runtime="openvino")  # OpenVINO reads the ONNX itself
+    assert type(direct).__name__ == "OpenVinoPredictor" and _diff(direct(x), ov) == (0.0, 0.0)
