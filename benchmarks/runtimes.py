@@ -8,8 +8,8 @@ $YOLO_COMPRESS_ASSETS); "slim 0.5" is `yolo-compress prune --method slim --perce
 weights WITHOUT sparse training or fine-tuning (so its accuracy is not meaningful; only its speed is).
 Runtimes: torch eager, onnxruntime fp32 / int8 (QDQ from `quantize`'s exporter, calibrated on random images:
 latency does not depend on the scales), OpenVINO CPU fp32 / int8 (the same QDQ file), ncnn fp32 / fp16
-(fp16 weights; x86 computes fp32). Batch 1, median of --runs after warm-up, `threads` intra-op threads
-everywhere. The 1-minute load average is recorded: figures taken on a busy machine are noisy.
+(fp16 weights; x86 computes fp32). Batch 1, median of --runs after warm-up, the runtimes timed round-robin,
+`threads` intra-op threads everywhere. The 1-minute load average is recorded: figures taken on a busy machine are noisy.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from tabulate import tabulate
 
@@ -69,6 +70,19 @@ def _timers(model: torch.nn.Module, paths: dict[str, Path], threads: int) -> dic
     return timers
 
 
+def interleaved_medians(timers: dict[str, Callable[[], object]], runs: int, warmup: int = 3) -> dict[str, float]:
+    """Median ms per runtime, timing them round-robin (one run of each per round) so that load changes on a
+    shared machine hit every runtime alike instead of whichever happened to run then."""
+    for fn in timers.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in RUNTIMES}
+    for _ in range(runs):
+        for k in RUNTIMES:
+            times[k].append(median_ms(timers[k], 1, 0))
+    return {k: round(float(np.median(v)), 2) for k, v in times.items()}
+
+
 def model_hw(paths: dict[str, Path]) -> tuple[int, int]:
     return tuple(load_predictor(paths["ort_fp32"]).img_hw)  # type: ignore[return-value]
 
@@ -86,7 +100,7 @@ def bench(name: str, size: int, threads: list[int], runs: int, percent: float) -
             for t in threads:
                 torch.set_num_threads(t)
                 timers = _timers(model, paths, t)
-                ms = {k: round(median_ms(timers[k], runs, warmup=3), 2) for k in RUNTIMES}
+                ms = interleaved_medians(timers, runs)
                 rows.append({"model": name, "img_size": size, "variant": label, "threads": t,
                              "gflops": round(s.gflops, 3), "flops_ratio": round(s.gflops / base_flops, 3),
                              "params_m": round(s.params / 1e6, 3), "latency_ms": ms})
