@@ -162,3 +162,65 @@ def test_config_refusals(tmp_path):
     with pytest.raises(ExportError, match="writes a folder"):
         export(model, tmp_path / "file", ExportConfig(format="openvino"))
     assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.fixture(scope="module")
+def coco8(tmp_path_factory):
+    """8 COCO128 images + labels in a fresh images/ labels/ tree, with coco.names beside them."""
+    src = require_assets() / "data" / "coco128"
+    root = tmp_path_factory.mktemp("coco8")
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
+    for img in sorted((src / "images" / "train2017").glob("*.jpg"))[:8]:
+        (root / "images" / img.name).write_bytes(img.read_bytes())
+        label = src / "labels" / "train2017" / f"{img.stem}.txt"
+        (root / "labels" / label.name).write_text(label.read_text() if label.is_file() else "")
+    (root / "images" / "coco.names").write_text((src / "coco.names").read_text())
+    return root / "images"
+
+
+def test_cli_eval_scores_every_exported_format_like_the_darknet_pair(exported, coco8, tmp_path):
+    from click.testing import CliRunner
+
+    from compress.cli import cli
+    w = require_assets() / "weights"
+    cfg = str(w / "yolo-fastest-1.1.cfg")
+    scores = {}
+    for name, weights in [("darknet", w / "yolo-fastest-1.1.weights"), ("onnx", exported("onnx").path),
+                          ("openvino", exported("openvino").path), ("ncnn", exported("ncnn").path),
+                          ("ncnn-fp16", exported("ncnn", True).path)]:
+        report = tmp_path / f"{name}.json"
+        res = CliRunner().invoke(cli, ["eval", "--cfg", cfg, "--weights", str(weights), "--data", str(coco8),
+                                       "--workers", "0", "--no-progress", "--report", str(report)])
+        assert res.exit_code == 0, res.output
+        figures = json.loads(report.read_text())
+        assert figures["img_size"] == SIZE  # taken from the exported model / the cfg
+        scores[name] = figures["map50"]
+    assert scores["darknet"] > 0.2, scores
+    assert all(abs(v - scores["darknet"]) <= 0.01 for v in scores.values()), scores
+    res = CliRunner().invoke(cli, ["eval", "--cfg", cfg, "--weights", str(exported("onnx").path), "--data",
+                                   str(coco8), "--img-size", "416"])
+    assert res.exit_code == 1 and "320x320 inputs only" in str(res.exception)
+
+
+def test_int8_qdq_onnx_runs_in_openvino_like_onnxruntime(tmp_path):
+    """The QDQ ONNX `quantize` writes also runs in OpenVINO (int8 kernels); both runtimes agree."""
+    from compress.quant import GoogleConfig, calibrate, prepare_qat
+    from compress.quant.onnx_qdq import export_qdq_onnx
+    from compress.runtimes.openvino import to_openvino
+
+    model = randomize_bn(load(DATA / "tiny-v4-groups.cfg")).eval()
+    hw = (model.cfg.height, model.cfg.width)
+    q = prepare_qat(model, GoogleConfig())
+    calibrate(q, [torch.rand(4, 3, *hw) for _ in range(2)])
+    export_qdq_onnx(q, tmp_path / "int8.onnx", hw)
+    xml = to_openvino(tmp_path / "int8.onnx", tmp_path / "int8.xml")
+    x = torch.rand(2, 3, *hw)
+    ort, ov = load_predictor(tmp_path / "int8.onnx")(x), load_predictor(xml)(x)
+    with torch.no_grad():
+        ref = model(x)
+    box, score = _diff(ov, ort)
+    assert score < 0.05 and box < 0.05 * max(hw)  # a few int8 steps apart at most
+    assert _diff(ov, ref)[1] < 0.1
+    direct = load_predictor(tmp_path / "int8.onnx", runtime="openvino")  # OpenVINO reads the ONNX itself
+    assert type(direct).__name__ == "OpenVinoPredictor" and _diff(direct(x), ov) == (0.0, 0.0)

@@ -46,14 +46,21 @@ def is_exported(path: str | os.PathLike | None) -> bool:
     return path is not None and Path(path).suffix.lower() in RUNTIMES
 
 
-def load_predictor(path: str | os.PathLike, threads: int = 1, **options) -> Predictor:
+def load_predictor(path: str | os.PathLike, threads: int = 1, runtime: str | None = None, **options) -> Predictor:
     """The runtime wrapper for `path`, chosen by its extension (see RUNTIMES); `threads` CPU threads.
+
+    `runtime="openvino"` runs an .onnx file (e.g. the int8 QDQ model from `quantize`) in OpenVINO instead of
+    onnxruntime (OpenVINO reads ONNX directly).
 
     Raises:
         ExportError: unknown extension, missing file or missing runtime package (named with its pip command).
     """
     path = Path(path)
     entry = RUNTIMES.get(path.suffix.lower())
+    if runtime is not None:
+        entry = next((e for e in RUNTIMES.values() if e[2] == runtime or e[0] == runtime), None)
+        if entry is None:
+            raise ExportError(f"runtime={runtime!r}: use one of {', '.join(e[2] for e in RUNTIMES.values())}")
     if entry is None:
         raise ExportError(f"{path}: unknown model format {path.suffix!r}; use one of {', '.join(RUNTIMES)}")
     if not path.is_file():

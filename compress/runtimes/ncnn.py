@@ -66,6 +66,7 @@ class NcnnPredictor:
         self.net = ncnn.Net()
         self.net.opt.num_threads = max(1, int(threads))
         self.net.opt.use_vulkan_compute = False
+        self.net.opt.openmp_blocktime = 0  # no spin-waiting: on a shared/oversubscribed CPU spinning costs 2-3x
         if self.net.load_param(str(path)) or self.net.load_model(str(path.with_suffix(".bin"))):
             raise ExportError(f"{path}: ncnn cannot load it; re-export with `yolo-compress export --format ncnn`")
         self.input, self.output = _blob_names(path)
