@@ -87,7 +87,7 @@ for nproc in 1 2; do
     device=$([[ "$nproc" -eq 1 ]] && echo "$DEV1" || echo "$DEV2")
     run "train-amp-$nproc" "$nproc" "$device" train --cfg "$CFG" "${COMMON[@]}" --amp
     teacher=$OUT/train-amp-$nproc
-    run "sparse-train-$nproc" "$nproc" "$device" sparse-train --cfg "$CFG" "${COMMON[@]}" --s 0.001
+    run "sparse-train-$nproc" "$nproc" "$device" sparse-train --cfg "$CFG" "${COMMON[@]}" --sr 0.001  # not --s: torchrun would take it for its own --s...
     run "distill-$nproc" "$nproc" "$device" distill --cfg "$CFG" --t-cfg "$teacher/best.cfg" \
         --t-weights "$teacher/best.weights" "${COMMON[@]}"
     run "qat-$nproc" "$nproc" "$device" quantize --cfg "$teacher/best.cfg" --weights "$teacher/best.weights" \
