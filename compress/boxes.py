@@ -106,6 +106,11 @@ def _overlapping_pairs(b: torch.Tensor, c: torch.Tensor | None, iou: float, budg
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Index pairs (i < j, same class block) of sorted boxes whose IoU exceeds `iou`."""
     n, device = len(b), b.device
+    if n * n <= budget:  # the usual case: one dense overlap matrix, fewer and larger tensor ops
+        over = (box_iou(b, b) > iou).triu_(diagonal=1)
+        if c is not None:
+            over &= c[:, None] == c[None, :]
+        return over.nonzero(as_tuple=True)
     if c is None:
         block_end = torch.full((n,), n, device=device)
     else:

@@ -209,3 +209,25 @@ def test_anchors_without_label_boxes_says_so(capsys, synth, tmp_path):
         shutil.copy(png, images)
     line = refused(capsys, "anchors", "--data", images, "--n", "2", says="no boxes to cluster")
     assert "label file" in line and "smaller --n" not in line
+
+
+def test_training_checkpoint_state_loads_with_weights_only(tmp_path):
+    """What train/checkpoint.py stores (RNG states with numpy arrays, numpy scalars) survives weights_only=True."""
+    import random
+
+    import numpy as np
+
+    from compress.persist import read_checkpoint
+    from compress.train.checkpoint import rng_state, set_rng_state
+
+    np.random.seed(7)
+    random.seed(7)
+    save_checkpoint(build_model(read_cfg(DEMO_CFG)), tmp_path / "last.pt", rng=rng_state(),
+                    progress={"best": np.float64(0.5), "history": [{"loss": np.float32(1.25)}]})
+    expected = (np.random.rand(3), random.random())
+    np.random.seed(0)
+    random.seed(0)
+    ckpt = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["progress"] == {"best": 0.5, "history": [{"loss": 1.25}]}
+    set_rng_state(read_checkpoint(tmp_path / "last.pt")["rng"])
+    assert np.array_equal(np.random.rand(3), expected[0]) and random.random() == expected[1]

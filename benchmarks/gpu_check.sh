@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# GPU check: every training command on 1 GPU and (when there are 2+) on 2 GPUs under torchrun, with img/s.
+#
+#   benchmarks/gpu_check.sh                 # demo cfg + a synthetic dataset, 2 epochs per command
+#   CFG=my.cfg DATA=my.data EPOCHS=3 IMG=416 BATCH=32 benchmarks/gpu_check.sh
+#   OUT=/tmp/gpu-check PYTHON=.venv/bin/python benchmarks/gpu_check.sh
+#
+# Runs: train --amp, sparse-train, distill (teacher = the trained model) and quantize --epochs (QAT), each
+# first with --device 0, then with `torchrun --standalone --nproc_per_node 2 ... --device 0,1`.
+# img/s = training images x epochs / wall seconds of the whole command (start-up, evaluation and saving
+# included, so it understates the loop's own speed; the same for every row). world_size is the one the
+# command wrote in its report.json ("-" where the command does not report it).
+# Fails with exit 1 and a one-line reason on a machine without CUDA. Logs: $OUT/logs/<row>.log.
+# SCRIPT_CHECK=1 runs the same commands on the CPU (2 gloo processes) to test this script itself; its img/s
+# mean nothing.
+set -euo pipefail
+
+PYTHON=${PYTHON:-python3}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$ROOT/runs/gpu-check}
+CFG=${CFG:-$ROOT/recipes/demo.cfg}
+EPOCHS=${EPOCHS:-2}
+IMG=${IMG:-256}
+BATCH=${BATCH:-16}
+NTRAIN=${NTRAIN:-512}
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+gpus=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')
+DEV1=0 DEV2=0,1
+if [[ "${SCRIPT_CHECK:-0}" == 1 ]]; then
+    gpus=2 DEV1=cpu DEV2=cpu
+elif [[ "$gpus" -lt 1 ]]; then
+    echo "gpu_check: no CUDA device here ($("$PYTHON" -c 'import torch; print("torch", torch.__version__,
+          "built with CUDA" if torch.backends.cuda.is_built() else "built without CUDA")')); run it on a CUDA machine" >&2
+    exit 1
+fi
+if [[ -e "$OUT" ]]; then
+    echo "gpu_check: $OUT exists; remove it or set OUT=another folder" >&2
+    exit 1
+fi
+mkdir -p "$OUT/logs"
+"$PYTHON" -c 'import torch; print(f"torch {torch.__version__}, CUDA {torch.version.cuda}: " +
+              (", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"))'
+
+if [[ -z "${DATA:-}" ]]; then
+    "$PYTHON" -m compress data synth --out "$OUT/data" --n-train "$NTRAIN" --n-valid 64 --img-size "$IMG" \
+        > "$OUT/logs/data.log"
+    DATA=$OUT/data/synth.data
+fi
+train_images=$("$PYTHON" -c 'import sys; from compress.data import load_data_spec
+print(len(load_data_spec(sys.argv[1]).train))' "$DATA")
+
+ROWS=()
+# run ROW NPROC DEVICE ARGS...: one command, timed; appends "row | gpus | img/s | world_size | wall s" to ROWS.
+run() {
+    local row=$1 nproc=$2 device=$3; shift 3
+    local launch=("$PYTHON" -m compress)
+    [[ "$nproc" -gt 1 ]] && launch=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$nproc"
+                                    -m compress)
+    local out="$OUT/$row" start end
+    start=$(date +%s%N)
+    if ! "${launch[@]}" "$@" --out "$out" --device "$device" > "$OUT/logs/$row.log" 2>&1; then
+        echo "gpu_check: $row failed; the end of $OUT/logs/$row.log:" >&2
+        tail -n 20 "$OUT/logs/$row.log" >&2
+        exit 1
+    fi
+    end=$(date +%s%N)
+    ROWS+=("$("$PYTHON" - "$row" "$nproc" "$train_images" "$EPOCHS" "$start" "$end" "$out/report.json" <<'PY'
+import json, sys
+row, nproc, images, epochs, start, end, report = sys.argv[1:]
+wall = (int(end) - int(start)) / 1e9
+try:
+    world = json.load(open(report)).get("world_size", "-")
+except (OSError, ValueError):
+    world = "-"
+print(f"{row:<22} {nproc:>5} {int(images) * int(epochs) / wall:10.1f} {world!s:>11} {wall:8.1f}")
+PY
+)")
+}
+
+COMMON=(--data "$DATA" --epochs "$EPOCHS" --img-size "$IMG" --batch-size "$BATCH")
+for nproc in 1 2; do
+    if [[ "$nproc" -gt "$gpus" ]]; then
+        ROWS+=("$(printf '%-22s %5s %10s' "(all commands)" "$nproc" "skipped: only $gpus GPU")")
+        continue
+    fi
+    device=$([[ "$nproc" -eq 1 ]] && echo "$DEV1" || echo "$DEV2")
+    run "train-amp-$nproc" "$nproc" "$device" train --cfg "$CFG" "${COMMON[@]}" --amp
+    teacher=$OUT/train-amp-$nproc
+    run "sparse-train-$nproc" "$nproc" "$device" sparse-train --cfg "$CFG" "${COMMON[@]}" --sr 0.001  # not --s: torchrun would take it for its own --s...
+    run "distill-$nproc" "$nproc" "$device" distill --cfg "$CFG" --t-cfg "$teacher/best.cfg" \
+        --t-weights "$teacher/best.weights" "${COMMON[@]}"
+    run "qat-$nproc" "$nproc" "$device" quantize --cfg "$teacher/best.cfg" --weights "$teacher/best.weights" \
+        --data "$DATA" --epochs "$EPOCHS" --img-size "$IMG" --batch-size "$BATCH" --no-eval
+done
+
+printf '\n%-22s %5s %10s %11s %8s\n' "command" "gpus" "img/s" "world_size" "wall s"
+printf '%s\n' "${ROWS[@]}"
+echo "($train_images training images x $EPOCHS epochs at $IMG px, batch $BATCH; logs in $OUT/logs)"
