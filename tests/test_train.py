@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -262,3 +263,17 @@ def test_ctrl_c_mid_epoch_resumes_exactly(data, tmp_path, accumulate, batch):
     a, b = load(None, tmp_path / "a" / "last.pt"), load(None, tmp_path / "b" / "last.pt")
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(pa.float(), pb.float(), atol=1e-6), name
+
+
+@pytest.mark.parametrize("loss", ["darknet", "v5"])
+def test_new_coords_model_trains(data, loss):
+    """scaled-YOLOv4 style heads (logistic conv + new_coords=1) train and the loss goes down."""
+    text = CFG_TEXT.replace("filters=24\nactivation=linear", "filters=24\nactivation=logistic")
+    text = text.replace("classes=3", "classes=3\nnew_coords=1\nscale_x_y=2.0")
+    torch.manual_seed(0)
+    model = build_model(parse_cfg(text, "tiny-newcoords.cfg"))
+    assert all(h.new_coords for h in model.heads)
+    result = fit(model, load_data_spec(data), quick(epochs=3, augment=False, ema=False, loss=loss, lr0=0.01,
+                                                    optimizer="adam"))
+    totals = [r["total"] for r in result.history]
+    assert all(math.isfinite(t) for t in totals) and totals[-1] < totals[0], totals
