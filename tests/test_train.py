@@ -153,9 +153,10 @@ def test_hyp_file_keys_are_validated_with_file_and_key(tmp_path):
     good = tmp_path / "hyp.yaml"
     good.write_text("lr0: 0.002\nmomentum: 0.9\nfreeze_bn_stats: true\nmosaic: 0.0\ndegrees: 0.0\niou_t: 0.2\n")
     assert load_hyp(good) == {"lr0": 0.002, "momentum": 0.9, "freeze_bn_stats": True, "mosaic": 0.0}
-    for text, match in [("lr_zero: 0.1\n", "unknown hyp key 'lr_zero'"), ("lr0: fast\n", "hyp key lr0 must be a number"),
-                        ("degrees: 10\n", "degrees=10 is not supported"), ("- 1\n", "mapping"),
-                        ("freeze_bn_stats: 1\n", "true or false")]:
+    cases = [("lr_zero: 0.1\n", "unknown hyp key 'lr_zero'"), ("lr0: fast\n", "hyp key lr0 must be a number"),
+             ("degrees: 10\n", "degrees=10 is not supported"), ("- 1\n", "mapping"),
+             ("freeze_bn_stats: 1\n", "true or false")]
+    for text, match in cases:
         bad = tmp_path / "bad.yaml"
         bad.write_text(text)
         with pytest.raises(CompressError, match=match) as err:
@@ -170,7 +171,8 @@ def test_finetune_defaults_hyp_and_typed_options_in_that_order(tmp_path):
     scratch = resolve_train_config(values, set(), None, pretrained=False)
     assert (scratch.lr0, scratch.warmup_epochs, scratch.freeze_bn_stats, scratch.loss) == (0.01, 3.0, False, "v5")
     tuned = resolve_train_config(values, set(), None, pretrained=True)
-    assert tuned.loss == "darknet" and tuned.lr0 == FINETUNE["darknet"]["lr0"] and tuned.freeze_bn_stats == FINETUNE["darknet"]["freeze_bn_stats"]
+    assert tuned.loss == "darknet" and tuned.lr0 == FINETUNE["darknet"]["lr0"]
+    assert tuned.freeze_bn_stats == FINETUNE["darknet"]["freeze_bn_stats"]
     hyp = tmp_path / "h.yaml"
     hyp.write_text("lr0: 0.003\nwarmup_epochs: 1.5\n")
     from_hyp = resolve_train_config(values, set(), hyp, pretrained=True)
