@@ -246,7 +246,7 @@ class CountSteps(Hook):
         self.steps += 1
 
 
-@pytest.mark.parametrize("accumulate,batch", [(1, 2), (2, 3)])
+@pytest.mark.parametrize("accumulate,batch", [(2, 3)])  # Ctrl-C inside an accumulation window
 def test_ctrl_c_mid_epoch_resumes_exactly(data, tmp_path, accumulate, batch):
     """Same optimizer steps, same epoch losses and weights as an uninterrupted run (16 images, batches of 4)."""
     config = dict(epochs=2, batch_size=4, warmup_epochs=1, accumulate=accumulate, ema=True)
