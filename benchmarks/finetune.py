@@ -6,6 +6,8 @@ and compares the mAP@.5 / mAP@.5:.95 of the trained model (the last epoch's and 
 pretrained model's, both measured by `compress.evaluate` on COCO128 (the training images) at the same size.
 
     python benchmarks/finetune.py --out finetune.json [--models yolov4-tiny yolov3-tiny] [--loss darknet v5]
+    # a shorter check: the first 64 images, 320 px, evaluated once after training
+    python benchmarks/finetune.py --limit 64 --img-size 320 --out ft.json --extra --eval-every 2
 """
 from __future__ import annotations
 
@@ -55,7 +57,8 @@ def run_one(name: str, loss: str | None, data: Path, img_size: int, epochs: int,
     final = report["history"][-1]  # the last epoch, evaluated by train itself (= out/last.weights)
     last = round(final["map50"], 4), round(final["map50_95"], 4)
     tc = report["train_config"]
-    return {"model": name, "loss": tc["loss"], "img_size": img_size, "epochs": epochs, "lr0": tc["lr0"],
+    return {"model": name, "data": str(data), "loss": tc["loss"], "img_size": img_size, "epochs": epochs,
+            "lr0": tc["lr0"],
             "freeze_bn_stats": tc["freeze_bn_stats"], "map50_before": before[0], "map50_95_before": before[1],
             "map50_last": last[0], "map50_95_last": last[1], "map50_best": report["map50"],
             "map50_95_best": report["map50_95"], "d_map50": round(last[0] - before[0], 4),
@@ -63,11 +66,23 @@ def run_one(name: str, loss: str | None, data: Path, img_size: int, epochs: int,
             "geometry": geometry()}
 
 
+def subset(data: Path, limit: int, work: Path) -> Path:
+    """A .data file whose train and valid lists are the first `limit` images of the folder `data`."""
+    images = sorted(load_data_spec(data).train)[:limit]
+    names = data.parents[1] / "coco.names"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "subset.txt").write_text("".join(f"{p}\n" for p in images))
+    (work / "subset.data").write_text(f"classes = 80\ntrain = {work / 'subset.txt'}\nvalid = {work / 'subset.txt'}\n"
+                                      f"names = {names}\n")
+    return work / "subset.data"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--loss", nargs="+", default=[None], help="Losses to compare (default: train's default).")
     ap.add_argument("--data", type=Path, default=ASSETS / "data" / "coco128" / "images" / "train2017")
+    ap.add_argument("--limit", type=int, help="Use only the first N images (train = valid).")
     ap.add_argument("--img-size", type=int, default=416)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -75,10 +90,11 @@ def main() -> None:
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="More train options (after the rest).")
     ap.add_argument("--out", type=Path, help="Write the rows as JSON here.")
     args = ap.parse_args()
+    data = subset(args.data, args.limit, args.work) if args.limit else args.data
     rows = []
     for name in args.models:
         for loss in args.loss:
-            rows.append(run_one(name, loss, args.data, args.img_size, args.epochs, args.batch_size, args.work,
+            rows.append(run_one(name, loss, data, args.img_size, args.epochs, args.batch_size, args.work,
                                 args.extra))
             print(tabulate([rows[-1].values()], headers=list(rows[-1].keys()), tablefmt="github"), flush=True)
             if args.out:

@@ -83,6 +83,9 @@ def head_options(model: nn.Module) -> list[DarknetHeadOptions]:
     out = []
     for i, layer in zip(model.graph.heads, model.heads):
         block = model.cfg.blocks[i]
+        if block.type != "yolo":
+            raise CompressError(f"{block.where()}: [{block.type}] heads (YOLOv2) cannot be trained with the "
+                                "darknet loss; use a cfg with [yolo] heads")
         flat = block.get_floats("anchors")
         kw = {k: block.get_float(k, getattr(DarknetHeadOptions, k)) for k in
               ("ignore_thresh", "truth_thresh", "iou_thresh", "iou_normalizer", "cls_normalizer", "obj_normalizer",

@@ -186,3 +186,14 @@ def test_registry_and_cfg_errors():
         build_loss("focal", model_with())
     with pytest.raises(CompressError, match="iou_loss=smooth"):
         DarknetLoss(model_with(KEYS + "\niou_loss=smooth"))
+
+
+def test_region_heads_are_refused_and_real_cfg_keys_are_read(assets):
+    from compress import read_cfg
+
+    with pytest.raises(CompressError, match=r"\[region\] heads"):
+        DarknetLoss(build_model(read_cfg(assets / "cfg" / "yolov2-tiny.cfg")))
+    opts = head_options(build_model(read_cfg(assets / "weights" / "yolov4-tiny.cfg")))
+    assert [(o.iou_loss, o.iou_normalizer, o.scale_x_y, o.ignore_thresh, o.mask) for o in opts] == [
+        ("ciou", 0.07, 1.05, 0.7, (3, 4, 5)), ("ciou", 0.07, 1.05, 0.7, (1, 2, 3))]
+    assert len(opts[0].anchors) == 6
