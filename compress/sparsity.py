@@ -49,6 +49,9 @@ STATE_FILE = "sparsity_state.json"
 
 @dataclass(frozen=True)
 class SparsityConfig:
+    """s: L1 strength (start value with `target`). mode: prune set 0/1/2. schedule: a SCHEDULES key (decay_at,
+    keep_top, relief tune step/relax). update: auto | an UPDATES key. target: share of |gamma| < 1e-2 to reach
+    (None: s as given). growth: factor on s per epoch while below the target."""
     s: float = 1e-3
     mode: int = 0
     schedule: str = "constant"
