@@ -57,7 +57,7 @@ def _wall(argv: list[str], threads: int) -> float:
 
 
 def bench_process(cfg: Path, methods: list[str], percent: float, shortcuts: int, threads: int,
-                  tmp: Path) -> list[dict]:
+                  tmp: Path, with_latency: bool = True) -> list[dict]:
     """Whole-process wall times (python start, imports, load, prune, save, report) vs `info`."""
     pair = (tmp / "in.cfg", tmp / "in.weights")
     save(_random_bn(build_model(read_cfg(cfg))), *pair)
@@ -67,11 +67,13 @@ def bench_process(cfg: Path, methods: list[str], percent: float, shortcuts: int,
     for method in methods:
         argv = ["prune", *model_args, "--out", str(tmp / method), *_method_args(method, percent, shortcuts)]
         plain = _wall(argv, threads)
-        timed = _wall(argv + ["--out", str(tmp / f"{method}-latency"), "--latency"], threads)
-        rows.append({"method": method, "info_s": round(info_s, 2), "prune_s": round(plain, 2),
-                     "prune/info": round(plain / info_s, 2), "prune_latency_s": round(timed, 2),
-                     "with --latency / info": round(timed / info_s, 2)})
-        logging.info("%s: %.2f s (--latency %.2f s), info %.2f s", method, plain, timed, info_s)
+        row = {"method": method, "info_s": round(info_s, 2), "prune_s": round(plain, 2),
+               "prune/info": round(plain / info_s, 2)}
+        if with_latency:
+            timed = _wall(argv + ["--out", str(tmp / f"{method}-latency"), "--latency"], threads)
+            row.update({"prune_latency_s": round(timed, 2), "with --latency / info": round(timed / info_s, 2)})
+        rows.append(row)
+        logging.info("%s", row)
     return rows
 
 
@@ -105,6 +107,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="latency repetitions (median)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip", choices=["process", "inprocess"], help="run only the other table")
+    ap.add_argument("--no-latency-runs", action="store_true", help="process table: skip the `--latency` runs")
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -115,7 +118,7 @@ def main() -> None:
     if args.skip != "process":
         with tempfile.TemporaryDirectory() as tmp:
             result["process"] = bench_process(args.cfg, methods, args.percent, args.shortcuts, args.threads,
-                                              Path(tmp))
+                                              Path(tmp), not args.no_latency_runs)
         print("whole process (wall s), random-BN pair written from the cfg:")
         print(tabulate(result["process"], headers="keys", tablefmt="github"))
     if args.skip != "inprocess":
