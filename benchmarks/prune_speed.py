@@ -1,5 +1,8 @@
-"""Prune wall time per method on a cfg (default yolov3.cfg at 416, random BN statistics; evaluation excluded),
-plus CPU latency ratio pruned/original next to the FLOPs ratio.
+"""Prune speed on a cfg (default yolov3.cfg at 416, random BN gammas), two tables:
+
+1. whole process: `yolo-compress prune` per method (default, i.e. without `--latency`, and with it) against
+   `yolo-compress info` on the same pair; goal: prune <= 2x info by default;
+2. in process: `prune()` wall time per method, with the CPU latency ratio pruned/original next to the FLOPs ratio.
 
     .venv/bin/python benchmarks/prune_speed.py --cfg ../shared/assets/cfg/yolov3.cfg --out prune_speed.json
 """
@@ -8,6 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +23,7 @@ from tabulate import tabulate
 
 from compress.cfg import read_cfg
 from compress.model import build_model
+from compress.persist import save
 from compress.prune import METHODS, PruneConfig, prune
 from compress.report import measure_latency, summarize
 
@@ -31,7 +39,46 @@ def _random_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def bench(cfg: Path, size: int, methods: list[str], percent: float, shortcuts: int, runs: int) -> list[dict]:
+def _method_args(method: str, percent: float, shortcuts: int) -> list[str]:
+    kind = METHODS[method].kind
+    args = ["--method", method, "--min-keep", "0.01"]
+    if kind in ("channel", "model"):
+        args += ["--percent", str(percent)]
+    if kind in ("layer", "model"):
+        args += ["--shortcuts", str(shortcuts)]
+    return args
+
+
+def _wall(argv: list[str], threads: int) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "compress", *argv], check=True, env=env, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def bench_process(cfg: Path, methods: list[str], percent: float, shortcuts: int, threads: int,
+                  tmp: Path, with_latency: bool = True) -> list[dict]:
+    """Whole-process wall times (python start, imports, load, prune, save, report) vs `info`."""
+    pair = (tmp / "in.cfg", tmp / "in.weights")
+    save(_random_bn(build_model(read_cfg(cfg))), *pair)
+    model_args = ["--cfg", str(pair[0]), "--weights", str(pair[1])]
+    info_s = _wall(["info", *model_args], threads)
+    rows = []
+    for method in methods:
+        argv = ["prune", *model_args, "--out", str(tmp / method), *_method_args(method, percent, shortcuts)]
+        plain = _wall(argv, threads)
+        row = {"method": method, "info_s": round(info_s, 2), "prune_s": round(plain, 2),
+               "prune/info": round(plain / info_s, 2)}
+        if with_latency:
+            timed = _wall(argv + ["--out", str(tmp / f"{method}-latency"), "--latency"], threads)
+            row.update({"prune_latency_s": round(timed, 2), "with --latency / info": round(timed / info_s, 2)})
+        rows.append(row)
+        logging.info("%s", row)
+    return rows
+
+
+def bench_inprocess(cfg: Path, size: int, methods: list[str], percent: float, shortcuts: int,
+                    runs: int) -> list[dict]:
     model = _random_bn(build_model(read_cfg(cfg))).eval()
     base = summarize(model, (size, size))
     base_ms = measure_latency(model, (size, size), runs=runs, warmup=1)
@@ -59,15 +106,26 @@ def main() -> None:
     ap.add_argument("--shortcuts", type=int, default=8)
     ap.add_argument("--runs", type=int, default=3, help="latency repetitions (median)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip", choices=["process", "inprocess"], help="run only the other table")
+    ap.add_argument("--no-latency-runs", action="store_true", help="process table: skip the `--latency` runs")
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    rows = bench(args.cfg, args.img_size, args.methods.split(","), args.percent, args.shortcuts, args.runs)
-    print(tabulate(rows, headers="keys", tablefmt="github"))
+    methods = args.methods.split(",")
+    result: dict = {"cfg": str(args.cfg), "img_size": args.img_size, "percent": args.percent,
+                    "shortcuts": args.shortcuts, "threads": args.threads}
+    if args.skip != "process":
+        with tempfile.TemporaryDirectory() as tmp:
+            result["process"] = bench_process(args.cfg, methods, args.percent, args.shortcuts, args.threads,
+                                              Path(tmp), not args.no_latency_runs)
+        print("whole process (wall s), random-BN pair written from the cfg:")
+        print(tabulate(result["process"], headers="keys", tablefmt="github"))
+    if args.skip != "inprocess":
+        result["rows"] = bench_inprocess(args.cfg, args.img_size, methods, args.percent, args.shortcuts, args.runs)
+        print(tabulate(result["rows"], headers="keys", tablefmt="github"))
     if args.out:
-        args.out.write_text(json.dumps({"cfg": str(args.cfg), "img_size": args.img_size, "percent": args.percent,
-                                        "shortcuts": args.shortcuts, "threads": args.threads, "rows": rows}, indent=2))
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

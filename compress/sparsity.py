@@ -49,6 +49,9 @@ STATE_FILE = "sparsity_state.json"
 
 @dataclass(frozen=True)
 class SparsityConfig:
+    """s: L1 strength (start value with `target`). mode: prune set 0/1/2. schedule: a SCHEDULES key (decay_at,
+    keep_top, relief tune step/relax). update: auto | an UPDATES key. target: share of |gamma| < 1e-2 to reach
+    (None: s as given). growth: factor on s per epoch while below the target."""
     s: float = 1e-3
     mode: int = 0
     schedule: str = "constant"
@@ -218,10 +221,14 @@ class BNL1Hook(Hook):
 
     @staticmethod
     def _figures(gammas: dict[int, torch.Tensor]) -> dict:
+        """gamma statistics; `layer_safe_percent`: the largest --percent that empties no layer; `safe_percent`:
+        the largest that also cuts only |gamma| < 1e-2 (what a prune without fine-tuning can afford)."""
         from .prune.mask import safe_percent
         out = gamma_stats(gammas)
         if gammas:
-            out["safe_percent"], out["limiting_layer"] = safe_percent(gammas)
+            out["layer_safe_percent"], out["limiting_layer"] = safe_percent(gammas)
+            near_zero = math.floor(out["share_below_1e-2"] * 1e4) / 1e4
+            out["safe_percent"] = min(out["layer_safe_percent"], near_zero)
         return out
 
     def _check_reached(self, epoch: int, row: dict) -> None:
@@ -231,7 +238,8 @@ class BNL1Hook(Hook):
         for key, value in (("target", row.get("share_below_1e-2")), ("safe_percent", row.get("safe_percent"))):
             if self.reached[key] is None and value is not None and value >= target:
                 self.reached[key] = epoch
-                what = "share of |gamma| < 1e-2" if key == "target" else "safe prune --percent"
+                what = "share of |gamma| < 1e-2" if key == "target" else \
+                    "safe prune --percent (cuts only |gamma| < 1e-2, empties no layer)"
                 log.info("epoch %d: %s %.4g reached --target-sparsity %.4g (s = %.4g)", epoch, what, value,
                          target, self.s)
 
@@ -265,11 +273,13 @@ class BNL1Hook(Hook):
         """Final statistics of `model` (pass the saved model), the largest --percent that empties no layer
         (suggestion), the final s and when the target was reached."""
         figures = self._figures(bn_gammas(model, self.layers))
-        out = {"gamma": {k: v for k, v in figures.items() if k not in ("safe_percent", "limiting_layer")},
+        extra = ("safe_percent", "layer_safe_percent", "limiting_layer")
+        out = {"gamma": {k: v for k, v in figures.items() if k not in extra},
                "sparsity_layers": len(self.layers), "history": self.history, "l1_update": self.update,
                "s_final": self.s}
         if "safe_percent" in figures:
-            out["suggested_max_percent"], out["limiting_layer"] = figures["safe_percent"], figures["limiting_layer"]
+            out.update({"suggested_max_percent": figures["layer_safe_percent"], "safe_percent": figures["safe_percent"],
+                        "limiting_layer": figures["limiting_layer"]})
         if self.config.target is not None:
             out.update({"target_sparsity": self.config.target, "target_reached_epoch": self.reached["target"],
                         "safe_percent_reached_epoch": self.reached["safe_percent"]})

@@ -88,7 +88,8 @@ def test_relax_gives_top_gammas_99_percent_less_penalty() -> None:
         gamma = state.model.layers[i].bn.weight.detach()
         s = torch.full_like(gamma, 1e-2)
         s[gamma.abs() > thr] *= 1.0 - 0.99
-        assert torch.equal(state.model.layers[i].bn.weight.grad, before[f"layers.{i}.bn.weight"] + s * torch.sign(gamma))
+        expected = before[f"layers.{i}.bn.weight"] + s * torch.sign(gamma)
+        assert torch.equal(state.model.layers[i].bn.weight.grad, expected)
         relaxed += int((gamma.abs() > thr).sum())
     assert relaxed == int((flat > thr).sum()) and 0 < relaxed <= 0.15 * len(flat) + 1
 
