@@ -111,6 +111,33 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, paths: dict) -> 
     return {**row, "variant": name, "seed": seed, "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def term_ratios(paths: dict, n_images: int = 16) -> list[dict]:
+    """KD term / detection loss on one training batch, per strategy: the reference's absolute weights vs the
+    calibrated ones (issue 10: reference KD1 ~48x the detection loss, attention 1e-6..1e-5)."""
+    from compress.data import DetectionDataset, collate
+    from compress.distill import DistillHook
+    from compress.losses import YoloLoss
+
+    spec = load_data_spec(paths["data"])
+    imgs, targets, _, _ = collate([DetectionDataset(spec.train[:n_images], 128, num_classes=spec.nc)[i]
+                                   for i in range(n_images)])
+    s, t = load(paths["s_cfg"], paths["s_weights"]).train(), load(paths["t_cfg"], paths["t_weights"])
+    rows = []
+    for k in range(1, 6):
+        for name, config in (("reference", DistillConfig.reference(k, reference_kd1=k == 1)),
+                             ("calibrated", DistillConfig(strategy=k))):
+            hook = DistillHook(t, config)
+            hook.setup(s, (128, 128))
+            with torch.no_grad():
+                heads = s(imgs)
+                det = float(YoloLoss(s)(heads, targets, (128, 128))[0]) / n_images
+                parts = hook.loss(imgs, targets, heads, det=det)
+            hook.teardown()
+            rows.append({"strategy": k, "weights": name, "det": det,
+                         **{f"{n}/det": float(parts[n]) / det for n in ("kd_soft", "kd_box", "kd_feat") if n in parts}})
+    return rows
+
+
 def summarize(results: list[dict], variants: list[str]) -> list[dict]:
     rows = []
     for name in variants:
@@ -136,6 +163,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=["none", "1", "2", "3", "4", "5"],
                    help=f"{', '.join(VARIANTS)} or 'K:key=value,...' (DistillConfig overrides; a/b/c = a tuple)")
+    p.add_argument("--ratios-only", action="store_true", help="only print KD term / detection loss on one batch")
     p.add_argument("--teacher", nargs=2, type=Path, metavar=("CFG", "WEIGHTS"), help="use this teacher")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr0", type=float, default=0.001)
@@ -156,6 +184,12 @@ def main() -> None:
     t_cfg, t_weights = args.teacher or teacher(work, data, args.teacher_epochs)
     s_cfg, s_weights = student(work, t_cfg, t_weights, args.prune_method, args.percent)
     paths = dict(data=data, t_cfg=t_cfg, t_weights=t_weights, s_cfg=s_cfg, s_weights=s_weights)
+    if args.ratios_only:
+        rows = term_ratios(paths)
+        print(tabulate(rows, headers="keys", tablefmt="github", floatfmt=".3g"))
+        if args.out:
+            write_text_atomic(args.out, json.dumps({"term_ratios": rows}, indent=1) + "\n")
+        return
     cache = work / "results.json"
     results = json.loads(cache.read_text()) if cache.is_file() else []
     setup = {"epochs": args.epochs, "lr0": args.lr0, "prune": f"{args.prune_method} {args.percent}",
