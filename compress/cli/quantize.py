@@ -49,25 +49,29 @@ def _table(r: dict) -> str:
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--lr0", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True, help="QAT lr (Adam).")
 @click.option("--img-size", type=click.IntRange(32, 4096), help="Input size (default: the cfg's).")
-@click.option("--no-eval", is_flag=True, help="Skip the three mAP evaluations.")
+@click.option("--no-eval", is_flag=True, help="Skip the mAP evaluations (and so the verification).")
+@click.option("--no-verify", is_flag=True,
+              help="Do not fail (exit 1) when the int8 ONNX or the Darknet pair scores > 1 point mAP@.5 below "
+                   "the fake-quant model.")
 @device_option
 @report_option
 def quantize_command(cfg: str, weights: str, data: str, out: str, method: str | None, bits: int, a_bits: int | None,
                      bn_fold: bool, pow2: bool, per_tensor: bool, first_last_bits: int, act_scheme: str,
-                     reduce_range: bool, weight_clip: str, epochs: int,
-                     calib_batches: int, batch_size: int, lr0: float, img_size: int | None, no_eval: bool,
-                     device: str, report_path: str | None) -> None:
+                     reduce_range: bool, weight_clip: str, epochs: int, calib_batches: int, batch_size: int,
+                     lr0: float, img_size: int | None, no_eval: bool, no_verify: bool, device: str,
+                     report_path: str | None) -> None:
     """Quantize -> DIR/<cfg>-q<bits>.cfg/.weights (folded, on the grid), quant.json, weights_int.npz,
     model-int8.onnx (QDQ), model-fp32.onnx and report.json."""
-    from ..quant.pipeline import QuantizeJob, output_paths, quantize
+    from ..quant.pipeline import QuantizeJob, check_verified, output_paths, quantize
     config = make_config(method, bits, a_bits, bn_fold=bn_fold, pow2=pow2, per_channel=not per_tensor,
                          first_last_bits=first_last_bits, act_scheme=act_scheme, reduce_range=reduce_range,
                          w_clip=weight_clip)
     job = QuantizeJob(cfg, weights, data, out, config, epochs, calib_batches, batch_size, img_size, lr0,
-                      evaluate=not no_eval)
+                      evaluate=not no_eval, verify=not no_verify)
     check_not_input(list(output_paths(job).values()), [cfg, weights])
     report = quantize(job, device)
     click.echo(_table(report))
     write_report(Path(out) / "report.json", report)
     click.echo(f"-> {report['cfg']}, {report['weights']}, {report['onnx']}")
     write_report(report_path, report)
+    check_verified(report, Path(out) / "report.json")

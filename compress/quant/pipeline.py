@@ -2,7 +2,8 @@
 
 load -> prepare_qat -> calibrate on a few batches -> (QAT through `compress.train.fit` when epochs > 0) ->
 write the folded Darknet pair (weights on the grid), quant.json, weights_int.npz, model-int8.onnx (QDQ)
-and model-fp32.onnx -> evaluate fp32 / fake-quant / int8 ONNX -> figures for the report.
+and model-fp32.onnx -> evaluate fp32 / fake-quant / int8 ONNX / Darknet pair -> verify the two written
+artifacts against the fake-quant model (`figures["verify"]`; `check_verified` raises when one fell short).
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ from ..report import file_size_mb, stage_figures
 from ..train import Hook
 from . import calibrate, config_to_dict, freeze_bn, prepare_qat
 from .config import QuantConfig
+from .cpuinfo import cpu_flags
 from .export import write_int_weights, write_quant_json
 from .onnx_qdq import OnnxPredictor, export_qdq_onnx, onnx_latency
 
-__all__ = ["QuantizeJob", "quantize", "QATHook", "output_paths"]
+__all__ = ["QuantizeJob", "quantize", "QATHook", "output_paths", "check_verified", "QuantVerifyError"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ class QuantizeJob:
     evaluate: bool = True
     latency_runs: int = 20
     threads: int = 1
+    verify: bool = True
+    verify_tolerance: float = 0.01
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -54,6 +58,8 @@ class QuantizeJob:
             raise QuantError("--calib-batches and the batch size must be >= 1")
         if self.img_size is not None and (self.img_size < 32 or self.img_size % 32):
             raise QuantError(f"--img-size {self.img_size} must be a positive multiple of 32, e.g. 416")
+        if not 0.0 <= self.verify_tolerance <= 1.0:
+            raise QuantError(f"verify_tolerance={self.verify_tolerance} is a mAP@.5 difference in [0, 1], e.g. 0.01")
         if not 0.0 <= self.freeze_bn_at <= 1.0:
             raise QuantError(f"freeze_bn_at={self.freeze_bn_at} must be a fraction of the epochs in [0, 1]")
 
@@ -119,7 +125,8 @@ def quantize(job: QuantizeJob, device: str = "cpu") -> dict:
     qmodel = prepare_qat(model, job.config)
     seen = calibrate(qmodel, _calibration_batches(spec, img, job), device)
     figures: dict[str, Any] = {"method": job.config.method, "quant_config": config_to_dict(job.config),
-                               "calib_images": seen, "img_size": img}
+                               "calib_images": seen, "img_size": img, "cpu": cpu_flags(),
+                               "onnxruntime": _ort_version()}
     if job.epochs:
         figures.update(_qat(qmodel, spec, img, job, device))
         qmodel.eval()
@@ -139,6 +146,7 @@ def quantize(job: QuantizeJob, device: str = "cpu") -> dict:
                                                            threads=job.threads), 3))
     out_model = load(paths["cfg"], paths["weights"], device=device)
     figures.update(_accuracy(model, qmodel, out_model, paths["onnx"], spec, img, job, device))
+    figures["verify"] = _verify(figures, job)
     stage = stage_figures(out_model, paths["cfg"], paths["weights"], None, (img, img))
     figures.update({k: v for k, v in stage.items() if k not in ("map50", "map50_95")})
     return figures
@@ -159,3 +167,51 @@ def _accuracy(model: torch.nn.Module, qmodel: torch.nn.Module, out_model: torch.
         log.info("%s: mAP@0.5 %.4f, mAP@0.5:0.95 %.4f", tag, r["map50"], r["map50_95"])
     out["map50"], out["map50_95"] = out["map50_darknet"], out["map50_95_darknet"]
     return out
+
+
+class QuantVerifyError(QuantError):
+    """A written artifact scores more than the tolerance below the fake-quant model it was built from."""
+
+
+_ARTIFACTS = {"int8_onnx": ("int8 QDQ ONNX", "onnx"), "darknet": ("Darknet pair", "weights")}
+
+
+def _ort_version() -> str | None:
+    try:
+        import onnxruntime
+    except ImportError:  # the fp32/int8 ONNX steps will say so
+        return None
+    return onnxruntime.__version__
+
+
+def _verify(figures: dict, job: QuantizeJob) -> dict:
+    """Each written artifact's mAP@.5 against the fake-quant model's (what QAT/calibration promised)."""
+    if not job.evaluate:
+        return {"skipped": "evaluation off (--no-eval)"}
+    ref = figures["map50_fakequant"]
+    checks = {}
+    for tag in _ARTIFACTS:
+        drop = ref - figures[f"map50_{tag}"]
+        checks[tag] = {"map50": figures[f"map50_{tag}"], "drop": round(drop, 4), "ok": drop <= job.verify_tolerance}
+    passed = all(c["ok"] for c in checks.values())
+    if not passed and not job.verify:
+        log.warning("verification failed but --no-verify was given: %s", checks)
+    return {"reference": "fakequant", "map50_reference": ref, "tolerance": job.verify_tolerance, "checks": checks,
+            "passed": passed, "enforced": job.verify}
+
+
+def check_verified(figures: dict, report_path: str | os.PathLike | None = None) -> None:
+    """Raise `QuantVerifyError` when `figures["verify"]` (from `quantize`) failed and was enforced."""
+    v = figures.get("verify") or {}
+    if v.get("passed", True) or not v.get("enforced", True):
+        return
+    bad = [f"{_ARTIFACTS[t][0]} {figures[_ARTIFACTS[t][1]]} scores mAP@.5 {c['map50']:.4f}, {100 * c['drop']:.1f} "
+           f"points below the fake-quant model ({v['map50_reference']:.4f})"
+           for t, c in v["checks"].items() if not c["ok"]]
+    cpu = figures.get("cpu") or {}
+    hint = (" This CPU has AVX2 without VNNI: full-range int8 weights saturate onnxruntime's kernels here; "
+            "drop --full-range." if cpu.get("int8_saturation_risk") and not figures["quant_config"].get(
+                "reduce_range", True) else "")
+    where = f"; figures in {report_path}" if report_path else ""
+    raise QuantVerifyError("; ".join(bad) + f" (allowed {100 * v['tolerance']:.1f}). The artifacts are kept"
+                           f"{where}.{hint} Pass --no-verify to accept them anyway.")
