@@ -45,9 +45,13 @@ def _table(r: dict) -> str:
               help="Symmetric weight range per channel: max|w| or the MSE-optimal clip (4-bit PTQ).")
 @click.option("--epochs", type=click.IntRange(0), default=0, show_default=True,
               help="0 = post-training calibration; >0 = QAT epochs through the trainer.")
+@click.option("--freeze-observers-after", type=click.IntRange(0),
+              help="QAT: activation ranges stop moving after this many epochs (default: half, rounded up).")
+@click.option("--freeze-bn-after", type=click.IntRange(0),
+              help="QAT: BN folds with running statistics after this many epochs (default: 80%, rounded up).")
 @click.option("--calib-batches", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
-@click.option("--lr0", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True, help="QAT lr (Adam).")
+@click.option("--lr0", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True, help="QAT lr (Adam, from the pretrained weights).")
 @click.option("--img-size", type=click.IntRange(32, 4096), help="Input size (default: the cfg's).")
 @click.option("--no-eval", is_flag=True, help="Skip the mAP evaluations (and so the verification).")
 @click.option("--no-verify", is_flag=True,
@@ -57,7 +61,8 @@ def _table(r: dict) -> str:
 @report_option
 def quantize_command(cfg: str, weights: str, data: str, out: str, method: str | None, bits: int, a_bits: int | None,
                      bn_fold: bool, pow2: bool, per_tensor: bool, first_last_bits: int, act_scheme: str,
-                     reduce_range: bool, weight_clip: str, epochs: int, calib_batches: int, batch_size: int,
+                     reduce_range: bool, weight_clip: str, epochs: int, freeze_observers_after: int | None,
+                     freeze_bn_after: int | None, calib_batches: int, batch_size: int,
                      lr0: float, img_size: int | None, no_eval: bool, no_verify: bool, device: str,
                      report_path: str | None) -> None:
     """Quantize -> DIR/<cfg>-q<bits>.cfg/.weights (folded, on the grid), quant.json, weights_int.npz,
@@ -67,6 +72,7 @@ def quantize_command(cfg: str, weights: str, data: str, out: str, method: str | 
                          first_last_bits=first_last_bits, act_scheme=act_scheme, reduce_range=reduce_range,
                          w_clip=weight_clip)
     job = QuantizeJob(cfg, weights, data, out, config, epochs, calib_batches, batch_size, img_size, lr0,
+                      freeze_observers_after=freeze_observers_after, freeze_bn_after=freeze_bn_after,
                       evaluate=not no_eval, verify=not no_verify)
     check_not_input(list(output_paths(job).values()), [cfg, weights])
     report = quantize(job, device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from ..errors import QuantError
 from ..persist import load, save
 from ..report import file_size_mb, stage_figures
 from ..train import Hook
-from . import calibrate, config_to_dict, freeze_bn, prepare_qat
+from . import calibrate, config_to_dict, freeze_bn, freeze_observers, prepare_qat
 from .config import QuantConfig
 from .cpuinfo import cpu_flags
 from .export import write_int_weights, write_quant_json
@@ -44,7 +45,8 @@ class QuantizeJob:
     batch_size: int = 8
     img_size: int | None = None
     lr0: float = 1e-4
-    freeze_bn_at: float = 0.8
+    freeze_observers_after: int | None = None  # epochs; None: half of them (rounded up)
+    freeze_bn_after: int | None = None  # epochs; None: 80% of them (rounded up)
     evaluate: bool = True
     latency_runs: int = 20
     threads: int = 1
@@ -60,8 +62,16 @@ class QuantizeJob:
             raise QuantError(f"--img-size {self.img_size} must be a positive multiple of 32, e.g. 416")
         if not 0.0 <= self.verify_tolerance <= 1.0:
             raise QuantError(f"verify_tolerance={self.verify_tolerance} is a mAP@.5 difference in [0, 1], e.g. 0.01")
-        if not 0.0 <= self.freeze_bn_at <= 1.0:
-            raise QuantError(f"freeze_bn_at={self.freeze_bn_at} must be a fraction of the epochs in [0, 1]")
+        for name in ("freeze_observers_after", "freeze_bn_after"):
+            if (getattr(self, name) or 0) < 0:
+                raise QuantError(f"{name}={getattr(self, name)} must be a number of epochs >= 0 "
+                                 f"(--{name.replace('_', '-')})")
+
+    def freeze_epochs(self) -> tuple[int, int]:
+        """(observers, BN) freeze points in completed epochs."""
+        obs = self.freeze_observers_after if self.freeze_observers_after is not None else math.ceil(self.epochs / 2)
+        bn = self.freeze_bn_after if self.freeze_bn_after is not None else math.ceil(0.8 * self.epochs)
+        return obs, bn
 
 
 def output_paths(job: QuantizeJob) -> dict[str, Path]:
@@ -77,13 +87,24 @@ def _bits(config: QuantConfig) -> int:
 
 
 class QATHook(Hook):
-    """Freezes BN statistics (fold with running stats) after `freeze_at` of the epochs (Jacob et al.)."""
+    """Jacob et al. (2018): after `freeze_observers_after` epochs the activation ranges stop moving; after
+    `freeze_bn_after` epochs BN folds with its running statistics (no batch statistics any more)."""
 
-    def __init__(self, freeze_at: float) -> None:
-        self.freeze_at = freeze_at
+    def __init__(self, freeze_bn_after: int, freeze_observers_after: int | None = None) -> None:
+        self.freeze_bn_after = freeze_bn_after
+        self.freeze_observers_after = freeze_observers_after
+
+    def on_fit_start(self, state: Any) -> None:
+        self._apply(state, state.epoch, {})  # resumed or 0-epoch freeze points
 
     def on_epoch_end(self, state: Any, metrics: dict) -> None:
-        if state.epoch + 1 >= self.freeze_at * state.epochs:
+        self._apply(state, state.epoch + 1, metrics)
+
+    def _apply(self, state: Any, done: int, metrics: dict) -> None:
+        if self.freeze_observers_after is not None and done >= self.freeze_observers_after:
+            freeze_observers(state.model)
+            metrics["observers_frozen"] = 1
+        if done >= self.freeze_bn_after:
             freeze_bn(state.model)
             metrics["bn_frozen"] = 1
 
@@ -100,9 +121,10 @@ def _qat(qmodel: torch.nn.Module, spec: Any, img: int, job: QuantizeJob, device:
 
     tc = TrainConfig(epochs=job.epochs, batch_size=job.batch_size, img_size=img, lr0=job.lr0, optimizer="adam",
                      warmup_epochs=0.0, ema=False, workers=0, progress=False, eval_every=max(job.epochs, 1))
-    result = fit(qmodel, spec, tc, hooks=[QATHook(job.freeze_bn_at)], device=device,
-                 out_dir=Path(job.out) / "qat")
-    return {"qat_epochs": result.epochs, "qat_final_loss": result.final_loss}
+    obs, bn = job.freeze_epochs()
+    result = fit(qmodel, spec, tc, hooks=[QATHook(bn, obs)], device=device, out_dir=Path(job.out) / "qat")
+    return {"qat_epochs": result.epochs, "qat_final_loss": result.final_loss, "qat_lr0": job.lr0,
+            "qat_freeze_observers_after": obs, "qat_freeze_bn_after": bn}
 
 
 def _evaluate(model_or_fn: Any, spec: Any, img: int, job: QuantizeJob, device: str) -> dict:
