@@ -34,14 +34,15 @@ def _run(args: list[str]) -> dict:
     return res
 
 
-def test_quantize_bits4_alone_runs_dorefa_and_writes_every_output(demo, tmp_path):
+def test_quantize_bits4_alone_runs_google_mse_and_writes_every_output(demo, tmp_path):
     cfg, weights, data = demo
     out = tmp_path / "q4"
     res = _run(["quantize", "--cfg", str(cfg), "--weights", str(weights), "--data", str(data), "--out", str(out),
                 "--bits", "4", "--img-size", "64", "--calib-batches", "1", "--report", str(tmp_path / "r.json")])
     report = json.loads((out / "report.json").read_text())
     assert report == json.loads((tmp_path / "r.json").read_text())
-    assert report["method"] == "dorefa" and report["quant_config"]["w_bits"] == 4
+    assert report["method"] == "google" and report["quant_config"]["bits"] == 4
+    assert report["quant_config"]["w_clip"] == "mse"
     for key in ("map50_fp32", "map50_fakequant", "map50_int8_onnx", "map50_95_fp32", "map50_95_fakequant",
                 "map50_95_int8_onnx", "size_mb_fp32", "size_mb_int8", "latency_ms_fp32_onnx", "latency_ms_int8_onnx",
                 "cfg", "weights", "onnx", "params", "gflops", "size_mb", "latency_ms", "map50", "map50_95"):
@@ -51,16 +52,16 @@ def test_quantize_bits4_alone_runs_dorefa_and_writes_every_output(demo, tmp_path
         assert (out / name).is_file()
     assert report["size_mb_int8"] < 0.5 * report["size_mb_fp32"]
     assert "int8 QDQ ONNX" in res.output
-    # the Darknet pair is folded and its inner conv weights sit on a 4-bit DoReFa grid (16 levels per channel)
+    # the Darknet pair is folded and its inner conv weights sit on a signed 4-bit grid ([-7, 7], 15 levels)
     model = compress.load(report["cfg"], report["weights"])
     npz = np.load(out / "weights_int.npz")
     doc = json.loads((out / "quant.json").read_text())
-    inner = [r["layer"] for r in doc["layers"] if r["type"] == "convolutional" and r["weight"]["scheme"] == "dorefa"]
+    inner = [r["layer"] for r in doc["layers"] if r["type"] == "convolutional" and r["weight"]["bits"] == 4]
     assert inner
     for i in inner:
-        assert len(np.unique(npz[f"layer{i}.codes"])) <= 16
+        assert np.abs(npz[f"layer{i}.codes"]).max() <= 7
         w = model.layers[i].conv.weight.detach().numpy()
-        assert all(len(np.unique(w[c])) <= 16 for c in range(w.shape[0]))
+        assert all(len(np.unique(w[c])) <= 15 for c in range(w.shape[0]))
 
 
 def test_quantize_rejects_bad_options_with_one_line(demo, tmp_path):

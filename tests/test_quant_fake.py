@@ -167,8 +167,9 @@ def test_observer_updates_only_in_training_with_ema():
 
 
 def test_configs_validate_and_method_defaults_from_bits():
-    assert make_config(None, 4).method == "dorefa"
-    assert make_config(None, 8).method == "google"
+    assert make_config(None, 4).method == "google" and make_config(None, 4).w_clip == "mse"
+    assert make_config(None, 8).method == "google" and make_config(None, 8).w_clip == "max"
+    assert make_config("dorefa", 4).method == "dorefa"
     assert make_config("google", 6).bits == 6
     for bad in (lambda: DorefaConfig(w_bits=1), lambda: GoogleConfig(bits=9), lambda: DorefaConfig(a_bits=16),
                 lambda: GoogleConfig(pow2=True, bn_fold=False), lambda: make_config("int4", 4),

@@ -27,7 +27,8 @@ def _table(r: dict) -> str:
 @model_options(weights_required=True)
 @click.option("--data", type=click.Path(exists=True), required=True, help="Darknet .data file or image folder.")
 @out_option()
-@click.option("--method", type=click.Choice(sorted(METHOD_CONFIGS)), help="Default: dorefa below 8 bits, google at 8.")
+@click.option("--method", type=click.Choice(sorted(METHOD_CONFIGS)), default="google", show_default=True,
+              help="google: symmetric int-k weights (any --bits); dorefa: tanh-normalised 2^k levels.")
 @click.option("--bits", type=click.IntRange(2, 8), default=8, show_default=True, help="Weight bits.")
 @click.option("--a-bits", type=click.IntRange(2, 8), help="Activation bits (default 8).")
 @click.option("--bn-fold/--no-bn-fold", default=True, show_default=True, help="Train with BN folded (Jacob et al.).")
@@ -41,8 +42,8 @@ def _table(r: dict) -> str:
 @click.option("--reduce-range/--full-range", default=True, show_default=True,
               help="8-bit weight codes in [-63, 63]: exact in onnxruntime on x86 CPUs without VNNI. "
                    "--full-range only where every target has VNNI (or a GPU).")
-@click.option("--weight-clip", type=click.Choice(W_CLIPS), default="max", show_default=True,
-              help="Symmetric weight range per channel: max|w| or the MSE-optimal clip (4-bit PTQ).")
+@click.option("--weight-clip", type=click.Choice(W_CLIPS),
+              help="Google weight range per channel: max|w| or the MSE-optimal clip (default: mse below 8 bits).")
 @click.option("--epochs", type=click.IntRange(0), default=0, show_default=True,
               help="0 = post-training calibration; >0 = QAT epochs through the trainer.")
 @click.option("--freeze-observers-after", type=click.IntRange(0),
@@ -61,7 +62,7 @@ def _table(r: dict) -> str:
 @report_option
 def quantize_command(cfg: str, weights: str, data: str, out: str, method: str | None, bits: int, a_bits: int | None,
                      bn_fold: bool, pow2: bool, per_tensor: bool, first_last_bits: int, act_scheme: str,
-                     reduce_range: bool, weight_clip: str, epochs: int, freeze_observers_after: int | None,
+                     reduce_range: bool, weight_clip: str | None, epochs: int, freeze_observers_after: int | None,
                      freeze_bn_after: int | None, calib_batches: int, batch_size: int,
                      lr0: float, img_size: int | None, no_eval: bool, no_verify: bool, device: str,
                      report_path: str | None) -> None:
