@@ -5,7 +5,8 @@
 
 Calibrates on random images unless --data is given (latency does not depend on the scales), exports both
 models, times batch-1 runs, and counts the op types in onnxruntime's optimized graph (QLinearConv present?
-per-channel? LeakyRelu fused as QLinearLeakyRelu? leftover Q/DQ pairs?).
+per-channel? LeakyRelu fused as QLinearLeakyRelu? leftover Q/DQ pairs?). `--schemes` compares activation
+schemes x weight ranges, e.g. `asymmetric:reduced symmetric:reduced asymmetric:full` (default: the first).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import compress
 from compress.export import ExportConfig, export_onnx
 from compress.fileio import write_text_atomic
 from compress.quant import GoogleConfig, calibrate, prepare_qat
+from compress.quant.cpuinfo import cpu_flags
 from compress.quant.onnx_qdq import export_qdq_onnx, onnx_latency, optimized_op_counts
 
 ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
@@ -55,32 +57,38 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=416)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--threads", type=int, nargs="+", default=[1])
+    ap.add_argument("--schemes", nargs="+", default=["asymmetric:reduced"],
+                    help="ACT_SCHEME:reduced|full pairs (activations x weight range)")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     img = args.img_size
     model = compress.load(args.cfg, args.weights)
-    q = prepare_qat(model, GoogleConfig())
-    calibrate(q, _batches(args.data, img, 2))
     tmp = Path(tempfile.mkdtemp(prefix="int8bench-"))
-    fp32, int8 = tmp / "fp32.onnx", tmp / "int8.onnx"
+    fp32 = tmp / "fp32.onnx"
     export_onnx(compress.load(args.cfg, args.weights), fp32, ExportConfig(img_size=img, opset=13))
-    export_qdq_onnx(q, int8, (img, img))
-    rows, figures = [], {"cfg": args.cfg, "img_size": img, "runs": args.runs, "results": []}
-    for t in args.threads:
-        f = onnx_latency(fp32, (img, img), args.runs, threads=t)
-        i = onnx_latency(int8, (img, img), args.runs, threads=t)
-        rows.append([t, f"{f:.2f}", f"{i:.2f}", f"{i / f:.2f}"])
-        figures["results"].append({"threads": t, "latency_ms_fp32_onnx": f, "latency_ms_int8_onnx": i, "ratio": i / f})
-    ops = optimized_op_counts(int8, tmp / "int8-optimized.onnx")
+    batches = _batches(args.data, img, 2)
+    rows, figures = [], {"cfg": args.cfg, "img_size": img, "runs": args.runs, "cpu": cpu_flags(), "results": []}
     n_conv = sum(1 for b in model.cfg.blocks if b.type == "convolutional")
-    figures.update(optimized_ops=ops, convs=n_conv, per_channel_weights=_per_channel(int8),
-                   size_mb_fp32_onnx=fp32.stat().st_size / 1e6, size_mb_int8_onnx=int8.stat().st_size / 1e6)
-    print(tabulate(rows, headers=["threads", "fp32 ONNX ms", "int8 QDQ ONNX ms", "int8 / fp32"], tablefmt="github"))
-    print(f"\noptimized int8 graph: {ops.get('QLinearConv', 0)}/{n_conv} convs as QLinearConv, "
-          f"{ops.get('QLinearLeakyRelu', 0)} QLinearLeakyRelu, {ops.get('QLinearConcat', 0)} QLinearConcat, "
-          f"{ops.get('QuantizeLinear', 0)} Q / {ops.get('DequantizeLinear', 0)} DQ left, "
-          f"per-channel weights: {figures['per_channel_weights']}")
+    for scheme in args.schemes:
+        act, _, wrange = scheme.partition(":")
+        q = prepare_qat(model, GoogleConfig(act_scheme=act, reduce_range=wrange != "full"))
+        calibrate(q, batches)
+        int8 = tmp / f"int8-{act}-{wrange}.onnx"
+        export_qdq_onnx(q, int8, (img, img))
+        ops = optimized_op_counts(int8, tmp / "int8-optimized.onnx")
+        for t in args.threads:
+            f = onnx_latency(fp32, (img, img), args.runs, threads=t)
+            i = onnx_latency(int8, (img, img), args.runs, threads=t)
+            rows.append([scheme, t, f"{f:.2f}", f"{i:.2f}", f"{i / f:.2f}", f"{ops.get('QLinearConv', 0)}/{n_conv}"])
+            figures["results"].append({"scheme": scheme, "threads": t, "latency_ms_fp32_onnx": f,
+                                       "latency_ms_int8_onnx": i, "ratio": i / f, "optimized_ops": ops,
+                                       "per_channel_weights": _per_channel(int8),
+                                       "size_mb_int8_onnx": int8.stat().st_size / 1e6})
+    figures.update(convs=n_conv, size_mb_fp32_onnx=fp32.stat().st_size / 1e6)
+    print(tabulate(rows, headers=["scheme", "threads", "fp32 ONNX ms", "int8 QDQ ONNX ms", "int8 / fp32",
+                                  "QLinearConv"], tablefmt="github"))
+    print(f"\nCPU: {figures['cpu']} (timings are noisy on a shared machine)")
     if args.out:
         write_text_atomic(args.out, json.dumps(figures, indent=2) + "\n")
 

@@ -167,8 +167,9 @@ def test_observer_updates_only_in_training_with_ema():
 
 
 def test_configs_validate_and_method_defaults_from_bits():
-    assert make_config(None, 4).method == "dorefa"
-    assert make_config(None, 8).method == "google"
+    assert make_config(None, 4).method == "google" and make_config(None, 4).w_clip == "mse"
+    assert make_config(None, 8).method == "google" and make_config(None, 8).w_clip == "max"
+    assert make_config("dorefa", 4).method == "dorefa"
     assert make_config("google", 6).bits == 6
     for bad in (lambda: DorefaConfig(w_bits=1), lambda: GoogleConfig(bits=9), lambda: DorefaConfig(a_bits=16),
                 lambda: GoogleConfig(pow2=True, bn_fold=False), lambda: make_config("int4", 4),
@@ -202,3 +203,14 @@ def test_symmetric_activation_params_zero_point_zero():
     # the fixed [0, 1] image range in pow2 mode: 2^-7 signed, 2^-8 unsigned (rounded down, not up)
     assert symmetric_qparams(torch.tensor(0.0), torch.tensor(1.0), 8, True, "ceil", fixed=True).scale.item() == 2 ** -7
     assert affine_qparams(torch.tensor(0.0), torch.tensor(1.0), 8, True, "ceil", fixed=True).scale.item() == 2 ** -8
+
+
+def test_stopped_observer_keeps_its_range_in_training_and_passes_gradients():
+    aq = ActQuant(8).train()
+    aq(torch.tensor([-1.0, 2.0]))
+    aq.stop_observing()
+    x = torch.tensor([-5.0, 0.3, 9.0], requires_grad=True)
+    y = aq(x)
+    assert (aq.min_val.item(), aq.max_val.item()) == (-1.0, 2.0)
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 0.0]  # STE inside the fixed range, zero where it clips

@@ -23,7 +23,7 @@ def test_one_qat_epoch_updates_weights_observers_and_freezes_bn(tmp_path):
     before = {k: v.clone() for k, v in q.state_dict().items()}
     cfg = train.TrainConfig(epochs=1, batch_size=4, img_size=64, lr0=1e-3, optimizer="adam", warmup_epochs=0.0,
                             ema=False, workers=0, progress=False, augment=False)
-    result = train.fit(q, load_data_spec(data), cfg, hooks=[QATHook(0.5)])
+    result = train.fit(q, load_data_spec(data), cfg, hooks=[QATHook(freeze_bn_after=1, freeze_observers_after=1)])
     assert result.final_loss is not None and result.final_loss == result.final_loss  # finite, not NaN
     after = q.state_dict()
     conv = next(i for i, m in enumerate(q.layers) if isinstance(m, QConvBNAct) and m.spec.w_scheme == "dorefa")
@@ -31,6 +31,7 @@ def test_one_qat_epoch_updates_weights_observers_and_freezes_bn(tmp_path):
     observers = [m for m in q.modules() if isinstance(m, ActQuant) and not m.fixed]
     assert all(bool(m.initialized) for m in observers)  # every observer saw training batches
     assert all(bool(m.bn_frozen) for m in q.modules() if isinstance(m, QConvBNAct))  # the hook froze BN
+    assert not any(bool(m.observing) for m in observers)  # ... and the observers
     q.eval()
     dk = to_darknet(q)
     for i, m in enumerate(q.layers):

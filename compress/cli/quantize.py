@@ -30,7 +30,8 @@ def _table(r: dict) -> str:
 @val_option
 @letterbox_option
 @out_option()
-@click.option("--method", type=click.Choice(sorted(METHOD_CONFIGS)), help="Default: dorefa below 8 bits, google at 8.")
+@click.option("--method", type=click.Choice(sorted(METHOD_CONFIGS)), default="google", show_default=True,
+              help="google: symmetric int-k weights (any --bits); dorefa: tanh-normalised 2^k levels.")
 @click.option("--bits", type=click.IntRange(2, 8), default=8, show_default=True, help="Weight bits.")
 @click.option("--a-bits", type=click.IntRange(2, 8), help="Activation bits (default 8).")
 @click.option("--bn-fold/--no-bn-fold", default=True, show_default=True, help="Train with BN folded (Jacob et al.).")
@@ -44,34 +45,44 @@ def _table(r: dict) -> str:
 @click.option("--reduce-range/--full-range", default=True, show_default=True,
               help="8-bit weight codes in [-63, 63]: exact in onnxruntime on x86 CPUs without VNNI. "
                    "--full-range only where every target has VNNI (or a GPU).")
-@click.option("--weight-clip", type=click.Choice(W_CLIPS), default="max", show_default=True,
-              help="Symmetric weight range per channel: max|w| or the MSE-optimal clip (4-bit PTQ).")
+@click.option("--weight-clip", type=click.Choice(W_CLIPS),
+              help="Google weight range per channel: max|w| or the MSE-optimal clip (default: mse below 8 bits).")
 @click.option("--epochs", type=click.IntRange(0), default=0, show_default=True,
               help="0 = post-training calibration; >0 = QAT epochs through the trainer.")
+@click.option("--freeze-observers-after", type=click.IntRange(0),
+              help="QAT: activation ranges stop moving after this many epochs (default: half, rounded up).")
+@click.option("--freeze-bn-after", type=click.IntRange(0),
+              help="QAT: BN folds with running statistics after this many epochs (default: 80%, rounded up).")
 @click.option("--calib-batches", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
-@click.option("--lr0", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True, help="QAT lr (Adam).")
+@click.option("--lr0", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True, help="QAT lr (Adam, from the pretrained weights).")
 @click.option("--img-size", type=click.IntRange(32, 4096), help="Input size (default: the cfg's).")
-@click.option("--no-eval", is_flag=True, help="Skip the three mAP evaluations.")
+@click.option("--no-eval", is_flag=True, help="Skip the mAP evaluations (and so the verification).")
+@click.option("--no-verify", is_flag=True,
+              help="Do not fail (exit 1) when the int8 ONNX or the Darknet pair scores > 1 point mAP@.5 below "
+                   "the fake-quant model.")
 @device_option
 @report_option
 def quantize_command(cfg: str, weights: str, data: str, val: str | None, letterbox: bool | None, out: str,
                      method: str | None, bits: int, a_bits: int | None,
                      bn_fold: bool, pow2: bool, per_tensor: bool, first_last_bits: int, act_scheme: str,
-                     reduce_range: bool, weight_clip: str, epochs: int,
-                     calib_batches: int, batch_size: int, lr0: float, img_size: int | None, no_eval: bool,
-                     device: str, report_path: str | None) -> None:
+                     reduce_range: bool, weight_clip: str | None, epochs: int, freeze_observers_after: int | None,
+                     freeze_bn_after: int | None, calib_batches: int, batch_size: int,
+                     lr0: float, img_size: int | None, no_eval: bool, no_verify: bool, device: str,
+                     report_path: str | None) -> None:
     """Quantize -> DIR/<cfg>-q<bits>.cfg/.weights (folded, on the grid), quant.json, weights_int.npz,
     model-int8.onnx (QDQ), model-fp32.onnx and report.json."""
-    from ..quant.pipeline import QuantizeJob, output_paths, quantize
+    from ..quant.pipeline import QuantizeJob, check_verified, output_paths, quantize
     config = make_config(method, bits, a_bits, bn_fold=bn_fold, pow2=pow2, per_channel=not per_tensor,
                          first_last_bits=first_last_bits, act_scheme=act_scheme, reduce_range=reduce_range,
                          w_clip=weight_clip)
     job = QuantizeJob(cfg, weights, training_data(data, val), out, config, epochs, calib_batches, batch_size,
-                      img_size, lr0, evaluate=not no_eval, letterbox=letterbox)
+                      img_size, lr0, freeze_observers_after=freeze_observers_after, freeze_bn_after=freeze_bn_after,
+                      evaluate=not no_eval, verify=not no_verify, letterbox=letterbox)
     check_not_input(list(output_paths(job).values()), [cfg, weights])
     report = quantize(job, device)
     click.echo(_table(report))
     write_report(Path(out) / "report.json", report)
     click.echo(f"-> {report['cfg']}, {report['weights']}, {report['onnx']}")
     write_report(report_path, report)
+    check_verified(report, Path(out) / "report.json")

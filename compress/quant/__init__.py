@@ -27,7 +27,7 @@ from .modules import QConvBNAct, QuantOut
 
 __all__ = ["prepare_qat", "calibrate", "convert", "to_darknet", "QATModel", "DorefaConfig", "GoogleConfig",
            "make_config", "config_to_dict", "fold_bn", "fold_model", "QConvBNAct", "QuantOut", "ActQuant",
-           "edge_convs", "freeze_bn"]
+           "edge_convs", "freeze_bn", "freeze_observers"]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,13 @@ def freeze_bn(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, QConvBNAct):
             m.freeze_bn()
+
+
+def freeze_observers(model: nn.Module) -> None:
+    """Stop every activation observer (ranges fixed; QAT continues against them, Jacob et al. 2018)."""
+    for m in model.modules():
+        if isinstance(m, ActQuant):
+            m.stop_observing()
 
 
 def convert(model: QATModel) -> QATModel:

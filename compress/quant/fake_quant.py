@@ -154,11 +154,16 @@ class ActQuant(nn.Module):
         self.register_buffer("min_val", torch.tensor(float(lo)))
         self.register_buffer("max_val", torch.tensor(float(hi)))
         self.register_buffer("initialized", torch.tensor(self.fixed))
+        self.register_buffer("observing", torch.tensor(True))  # False: QAT keeps the range fixed (late epochs)
         self._frozen: QParams | None = None
 
     def freeze_params(self) -> None:
         """Fix the params as constants (computed once, outside any trace); the observer stops."""
         self._frozen = self.qparams() if bool(self.initialized) else None
+
+    def stop_observing(self) -> None:
+        """Keep the current range for the rest of QAT (still fake-quantizing with STE gradients)."""
+        self.observing.fill_(False)
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
@@ -178,7 +183,7 @@ class ActQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._frozen is not None:
             return FakeQuantFn.apply(x, Holder(self._frozen))
-        if self.training and not self.fixed:
+        if self.training and not self.fixed and bool(self.observing):
             self.observe(x)
         if not bool(self.initialized):
             return x

@@ -2,12 +2,14 @@
 
 load -> prepare_qat -> calibrate on a few batches -> (QAT through `compress.train.fit` when epochs > 0) ->
 write the folded Darknet pair (weights on the grid), quant.json, weights_int.npz, model-int8.onnx (QDQ)
-and model-fp32.onnx -> evaluate fp32 / fake-quant / int8 ONNX -> figures for the report.
+and model-fp32.onnx -> evaluate fp32 / fake-quant / int8 ONNX / Darknet pair -> verify the two written
+artifacts against the fake-quant model (`figures["verify"]`; `check_verified` raises when one fell short).
 """
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +21,13 @@ from ..errors import QuantError
 from ..persist import load, save
 from ..report import file_size_mb, stage_figures
 from ..train import Hook
-from . import calibrate, config_to_dict, freeze_bn, prepare_qat
+from . import calibrate, config_to_dict, freeze_bn, freeze_observers, prepare_qat
 from .config import QuantConfig
+from .cpuinfo import cpu_flags
 from .export import write_int_weights, write_quant_json
 from .onnx_qdq import OnnxPredictor, export_qdq_onnx, onnx_latency
 
-__all__ = ["QuantizeJob", "quantize", "QATHook", "output_paths"]
+__all__ = ["QuantizeJob", "quantize", "QATHook", "output_paths", "check_verified", "QuantVerifyError"]
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +45,14 @@ class QuantizeJob:
     batch_size: int = 8
     img_size: int | None = None
     lr0: float = 1e-4
-    freeze_bn_at: float = 0.8
+    freeze_observers_after: int | None = None  # epochs; None: half of them (rounded up)
+    freeze_bn_after: int | None = None  # epochs; None: 80% of them (rounded up)
     evaluate: bool = True
     latency_runs: int = 20
     threads: int = 1
     letterbox: bool | None = None   # eval input geometry; None: the cfg's [net] letter_box
+    verify: bool = True
+    verify_tolerance: float = 0.01
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -55,8 +61,18 @@ class QuantizeJob:
             raise QuantError("--calib-batches and the batch size must be >= 1")
         if self.img_size is not None and (self.img_size < 32 or self.img_size % 32):
             raise QuantError(f"--img-size {self.img_size} must be a positive multiple of 32, e.g. 416")
-        if not 0.0 <= self.freeze_bn_at <= 1.0:
-            raise QuantError(f"freeze_bn_at={self.freeze_bn_at} must be a fraction of the epochs in [0, 1]")
+        if not 0.0 <= self.verify_tolerance <= 1.0:
+            raise QuantError(f"verify_tolerance={self.verify_tolerance} is a mAP@.5 difference in [0, 1], e.g. 0.01")
+        for name in ("freeze_observers_after", "freeze_bn_after"):
+            if (getattr(self, name) or 0) < 0:
+                raise QuantError(f"{name}={getattr(self, name)} must be a number of epochs >= 0 "
+                                 f"(--{name.replace('_', '-')})")
+
+    def freeze_epochs(self) -> tuple[int, int]:
+        """(observers, BN) freeze points in completed epochs."""
+        obs = self.freeze_observers_after if self.freeze_observers_after is not None else math.ceil(self.epochs / 2)
+        bn = self.freeze_bn_after if self.freeze_bn_after is not None else math.ceil(0.8 * self.epochs)
+        return obs, bn
 
 
 def output_paths(job: QuantizeJob) -> dict[str, Path]:
@@ -72,13 +88,24 @@ def _bits(config: QuantConfig) -> int:
 
 
 class QATHook(Hook):
-    """Freezes BN statistics (fold with running stats) after `freeze_at` of the epochs (Jacob et al.)."""
+    """Jacob et al. (2018): after `freeze_observers_after` epochs the activation ranges stop moving; after
+    `freeze_bn_after` epochs BN folds with its running statistics (no batch statistics any more)."""
 
-    def __init__(self, freeze_at: float) -> None:
-        self.freeze_at = freeze_at
+    def __init__(self, freeze_bn_after: int, freeze_observers_after: int | None = None) -> None:
+        self.freeze_bn_after = freeze_bn_after
+        self.freeze_observers_after = freeze_observers_after
+
+    def on_fit_start(self, state: Any) -> None:
+        self._apply(state, state.epoch, {})  # resumed or 0-epoch freeze points
 
     def on_epoch_end(self, state: Any, metrics: dict) -> None:
-        if state.epoch + 1 >= self.freeze_at * state.epochs:
+        self._apply(state, state.epoch + 1, metrics)
+
+    def _apply(self, state: Any, done: int, metrics: dict) -> None:
+        if self.freeze_observers_after is not None and done >= self.freeze_observers_after:
+            freeze_observers(state.model)
+            metrics["observers_frozen"] = 1
+        if done >= self.freeze_bn_after:
             freeze_bn(state.model)
             metrics["bn_frozen"] = 1
 
@@ -95,9 +122,10 @@ def _qat(qmodel: torch.nn.Module, spec: Any, img: int, job: QuantizeJob, device:
 
     tc = TrainConfig(epochs=job.epochs, batch_size=job.batch_size, img_size=img, lr0=job.lr0, optimizer="adam",
                      warmup_epochs=0.0, ema=False, workers=0, progress=False, eval_every=max(job.epochs, 1))
-    result = fit(qmodel, spec, tc, hooks=[QATHook(job.freeze_bn_at)], device=device,
-                 out_dir=Path(job.out) / "qat")
-    return {"qat_epochs": result.epochs, "qat_final_loss": result.final_loss}
+    obs, bn = job.freeze_epochs()
+    result = fit(qmodel, spec, tc, hooks=[QATHook(bn, obs)], device=device, out_dir=Path(job.out) / "qat")
+    return {"qat_epochs": result.epochs, "qat_final_loss": result.final_loss, "qat_lr0": job.lr0,
+            "qat_freeze_observers_after": obs, "qat_freeze_bn_after": bn}
 
 
 def _evaluate(model_or_fn: Any, spec: Any, img: int, job: QuantizeJob, device: str) -> dict:
@@ -121,7 +149,8 @@ def quantize(job: QuantizeJob, device: str = "cpu") -> dict:
     qmodel = prepare_qat(model, job.config)
     seen = calibrate(qmodel, _calibration_batches(spec, img, job), device)
     figures: dict[str, Any] = {"method": job.config.method, "quant_config": config_to_dict(job.config),
-                               "calib_images": seen, "img_size": img}
+                               "calib_images": seen, "img_size": img, "cpu": cpu_flags(),
+                               "onnxruntime": _ort_version()}
     if job.epochs:
         figures.update(_qat(qmodel, spec, img, job, device))
         qmodel.eval()
@@ -141,6 +170,7 @@ def quantize(job: QuantizeJob, device: str = "cpu") -> dict:
                                                            threads=job.threads), 3))
     out_model = load(paths["cfg"], paths["weights"], device=device)
     figures.update(_accuracy(model, qmodel, out_model, paths["onnx"], spec, img, job, device))
+    figures["verify"] = _verify(figures, job)
     stage = stage_figures(out_model, paths["cfg"], paths["weights"], None, (img, img))
     figures.update({k: v for k, v in stage.items() if k not in ("map50", "map50_95")})
     return figures
@@ -161,3 +191,51 @@ def _accuracy(model: torch.nn.Module, qmodel: torch.nn.Module, out_model: torch.
         log.info("%s: mAP@0.5 %.4f, mAP@0.5:0.95 %.4f", tag, r["map50"], r["map50_95"])
     out["map50"], out["map50_95"] = out["map50_darknet"], out["map50_95_darknet"]
     return out
+
+
+class QuantVerifyError(QuantError):
+    """A written artifact scores more than the tolerance below the fake-quant model it was built from."""
+
+
+_ARTIFACTS = {"int8_onnx": ("int8 QDQ ONNX", "onnx"), "darknet": ("Darknet pair", "weights")}
+
+
+def _ort_version() -> str | None:
+    try:
+        import onnxruntime
+    except ImportError:  # the fp32/int8 ONNX steps will say so
+        return None
+    return onnxruntime.__version__
+
+
+def _verify(figures: dict, job: QuantizeJob) -> dict:
+    """Each written artifact's mAP@.5 against the fake-quant model's (what QAT/calibration promised)."""
+    if not job.evaluate:
+        return {"skipped": "evaluation off (--no-eval)"}
+    ref = figures["map50_fakequant"]
+    checks = {}
+    for tag in _ARTIFACTS:
+        drop = ref - figures[f"map50_{tag}"]
+        checks[tag] = {"map50": figures[f"map50_{tag}"], "drop": round(drop, 4), "ok": drop <= job.verify_tolerance}
+    passed = all(c["ok"] for c in checks.values())
+    if not passed and not job.verify:
+        log.warning("verification failed but --no-verify was given: %s", checks)
+    return {"reference": "fakequant", "map50_reference": ref, "tolerance": job.verify_tolerance, "checks": checks,
+            "passed": passed, "enforced": job.verify}
+
+
+def check_verified(figures: dict, report_path: str | os.PathLike | None = None) -> None:
+    """Raise `QuantVerifyError` when `figures["verify"]` (from `quantize`) failed and was enforced."""
+    v = figures.get("verify") or {}
+    if v.get("passed", True) or not v.get("enforced", True):
+        return
+    bad = [f"{_ARTIFACTS[t][0]} {figures[_ARTIFACTS[t][1]]} scores mAP@.5 {c['map50']:.4f}, {100 * c['drop']:.1f} "
+           f"points below the fake-quant model ({v['map50_reference']:.4f})"
+           for t, c in v["checks"].items() if not c["ok"]]
+    cpu = figures.get("cpu") or {}
+    hint = (" This CPU has AVX2 without VNNI: full-range int8 weights saturate onnxruntime's kernels here; "
+            "drop --full-range." if cpu.get("int8_saturation_risk") and not figures["quant_config"].get(
+                "reduce_range", True) else "")
+    where = f"; figures in {report_path}" if report_path else ""
+    raise QuantVerifyError("; ".join(bad) + f" (allowed {100 * v['tolerance']:.1f}). The artifacts are kept"
+                           f"{where}.{hint} Pass --no-verify to accept them anyway.")

@@ -1,0 +1,107 @@
+"""Quantization accuracy figures: mAP@.5 of fp32, fake-quant, int8 QDQ ONNX (onnxruntime, this CPU) and the
+Darknet pair for a list of named runs, each a `compress.quant.pipeline.QuantizeJob`.
+
+    # demo model (recipes/demo.cfg trained on `yolo-compress data synth`), 4-bit QAT, with and without pow2
+    .venv/bin/python benchmarks/quant.py --runs demo-w4 demo-w4-pow2 --demo-weights runs/demo-train/best.weights \
+        --demo-data runs/synth/synth.data --epochs 5 --out quant-demo.json
+    # yolov4-tiny on COCO128: W8A8 PTQ at 416, 4-bit PTQ (calibration only) and W4A8 QAT at 320
+    .venv/bin/python benchmarks/quant.py --runs v4t-w8a8 v4t-w4-google-mse v4t-w4-dorefa v4t-w4-qat \
+        v4t-w4-pow2-qat --epochs 4 --out quant-v4t.json
+
+Prints one table and writes the figures (every report key, CPU flags included) as JSON. Runs record the
+verification result instead of failing on it. Timing-free: only the mAPs are the point here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from tabulate import tabulate
+
+from compress.fileio import write_text_atomic
+from compress.quant.config import make_config
+from compress.quant.pipeline import QuantizeJob, quantize
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", ROOT.parent / "shared" / "assets"))
+V4T = ("yolov4-tiny", 320)
+
+# name -> (model, img size or None for the cfg's, make_config kwargs, QAT?)
+RUNS: dict[str, tuple[str, int | None, dict, bool]] = {
+    "demo-w4": ("demo", None, {"bits": 4}, True),
+    "demo-w4-pow2": ("demo", None, {"bits": 4, "pow2": True}, True),
+    "demo-w4-google": ("demo", None, {"method": "google", "bits": 4}, True),
+    "demo-w8a8": ("demo", None, {"method": "google", "bits": 8}, False),
+    "v4t-w8a8": ("yolov4-tiny", 416, {"method": "google", "bits": 8}, False),
+    "v4t-w8a8-s8": ("yolov4-tiny", 416, {"method": "google", "bits": 8, "act_scheme": "symmetric"}, False),
+    "v4t-w8a8-full": ("yolov4-tiny", 416, {"method": "google", "bits": 8, "reduce_range": False}, False),
+    "v4t-w4-google-mse": ("yolov4-tiny", 320, {"method": "google", "bits": 4, "w_clip": "mse"}, False),
+    "v4t-w4-google": ("yolov4-tiny", 320, {"method": "google", "bits": 4}, False),
+    "v4t-w4-dorefa": ("yolov4-tiny", 320, {"method": "dorefa", "bits": 4}, False),
+    "v4t-w4-qat": ("yolov4-tiny", 320, {"bits": 4}, True),
+    "v4t-w4-pow2-qat": ("yolov4-tiny", 320, {"bits": 4, "pow2": True}, True),
+}
+
+
+def _model(name: str, args: argparse.Namespace) -> tuple[str, str, str]:
+    if name == "demo":
+        return str(ROOT / "recipes" / "demo.cfg"), args.demo_weights, args.demo_data
+    w = ASSETS / "weights"
+    return str(w / f"{name}.cfg"), str(w / f"{name}.weights"), str(ASSETS / "data" / "coco128" / "images" /
+                                                                   "train2017")
+
+
+def run_one(name: str, args: argparse.Namespace) -> dict:
+    model, img, kwargs, qat = RUNS[name]
+    cfg, weights, data = _model(model, args)
+    kw = dict(kwargs)
+    config = make_config(kw.pop("method", None), kw.pop("bits"), **kw)
+    job = QuantizeJob(cfg, weights, data, str(Path(args.work) / name), config, epochs=args.epochs if qat else 0,
+                      calib_batches=args.calib_batches, batch_size=args.batch_size, img_size=img,
+                      latency_runs=5, verify=False)
+    if qat and args.lr0:
+        job = replace(job, lr0=args.lr0)
+    t0 = time.perf_counter()
+    figures = quantize(job)
+    figures.update(run=name, wall_s=round(time.perf_counter() - t0, 1))
+    return figures
+
+
+def _row(f: dict) -> list:
+    v = f.get("verify", {})
+    return [f["run"], f["method"], f["quant_config"].get("bits", f["quant_config"].get("w_bits")),
+            f["quant_config"]["pow2"], f["img_size"], f.get("qat_epochs", 0), f["map50_fp32"], f["map50_fakequant"],
+            f["map50_int8_onnx"], f["map50_darknet"], v.get("passed"), f["wall_s"]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", nargs="+", choices=sorted(RUNS), default=["demo-w4", "demo-w4-pow2"])
+    ap.add_argument("--demo-weights", default=str(ROOT / "runs" / "demo-train" / "best.weights"))
+    ap.add_argument("--demo-data", default=str(ROOT / "runs" / "synth" / "synth.data"))
+    ap.add_argument("--epochs", type=int, default=5, help="QAT epochs of the runs that train")
+    ap.add_argument("--lr0", type=float, help="QAT lr (default: the job's, 1e-4 Adam)")
+    ap.add_argument("--calib-batches", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--work", default=str(ROOT / "runs" / "bench-quant"))
+    ap.add_argument("--out", help="write the figures as JSON here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    results = []
+    for name in args.runs:
+        results.append(run_one(name, args))
+        print(f"{name}: int8 ONNX {results[-1]['map50_int8_onnx']:.4f}", flush=True)
+        if args.out:  # partial results survive a long run being stopped
+            write_text_atomic(args.out, json.dumps(results, indent=2, default=str) + "\n")
+    print(tabulate([_row(f) for f in results], tablefmt="github", floatfmt=".4f",
+                   headers=["run", "method", "w bits", "pow2", "img", "QAT ep", "fp32", "fake-quant", "int8 ONNX",
+                            "Darknet", "verified", "wall s"]))
+
+
+if __name__ == "__main__":
+    main()
