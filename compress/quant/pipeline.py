@@ -7,6 +7,8 @@ artifacts against the fake-quant model (`figures["verify"]`; `check_verified` ra
 """
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import logging
 import math
@@ -145,6 +147,9 @@ def quantize(job: QuantizeJob, device: str = "cpu") -> dict:
     paths = output_paths(job)
     model = load(job.cfg, job.weights, device=device)
     img = job.img_size or model.cfg.width
+    from ..evaluate import input_letterbox
+    # one input geometry for every subject: the ONNX predictor has no cfg to read it from
+    job = dataclasses.replace(job, letterbox=input_letterbox(model, job.letterbox))
     spec = load_data_spec(job.data)
     qmodel = prepare_qat(model, job.config)
     seen = calibrate(qmodel, _calibration_batches(spec, img, job), device)
