@@ -55,6 +55,7 @@ class ExportConfig:
     half: bool = False
     nms: NmsConfig | None = None
     check: bool = False
+    check_images: tuple[str, ...] = ()   # real images checked besides the seeded random one (see --nms)
     box_tol: float | None = None     # None: 1 px (fp32) / 2 px (--half)
     score_tol: float | None = None   # None: 0.01 (fp32) / 0.05 (--half)
 
@@ -93,10 +94,12 @@ class ParityResult:
     max_score_diff: float    # objectness and class scores (with nms: detection scores)
     inputs: int
     unmatched: int = 0       # with nms: detections found by only one side
+    detections: int = 0      # with nms: torch's detections compared (a random image may have none)
 
     def to_dict(self) -> dict:
         return {"max_abs_diff": self.max_abs_diff, "max_box_diff": self.max_box_diff,
-                "max_score_diff": self.max_score_diff, "check_inputs": self.inputs, "unmatched": self.unmatched}
+                "max_score_diff": self.max_score_diff, "check_inputs": self.inputs, "unmatched": self.unmatched,
+                "check_detections": self.detections}
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,8 @@ def export(model: DarknetModel, out: str | os.PathLike, config: ExportConfig = E
     log.info("%s (%dx%d) -> %s", config.format, hw[1], hw[0], files[0])
     parity = None
     if config.check:
-        parity = check_export(model, files[0], check_inputs, img_size=hw, nms=config.nms)
+        inputs = [*check_inputs, *(_image_tensor(p, hw) for p in config.check_images)]
+        parity = check_export(model, files[0], inputs, img_size=hw, nms=config.nms)
         _enforce_tolerance(parity, config, files[0])
     size = sum(f.stat().st_size for f in files) / 1e6
     return ExportResult(files[0], config.format, config.opset, hw, config.dynamic, config.dynamic_batch, size,
@@ -167,6 +171,23 @@ def _input_hw(model: DarknetModel, img_size: int | None) -> tuple[int, int]:
         raise ExportError(f"--img-size {hw[1]}x{hw[0]} is not a multiple of the model stride {stride}; "
                           f"use e.g. {max(stride, round(hw[0] / stride) * stride)}")
     return hw
+
+
+def _image_tensor(path: str | os.PathLike, hw: tuple[int, int]) -> torch.Tensor:
+    """(1, 3, H, W) float in [0, 1]: letterboxed like `evaluate` does (resized when H != W)."""
+    from PIL import Image
+
+    from .data import letterbox, load_image
+
+    try:
+        img = load_image(Path(path))
+    except OSError as exc:
+        raise ExportError(f"--check-image {path}: cannot read it as an image ({exc})") from exc
+    if hw[0] == hw[1]:
+        img = letterbox(img, hw[0])[0]
+    else:
+        img = np.asarray(Image.fromarray(img).resize((hw[1], hw[0]), Image.BILINEAR))
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 255.0
 
 
 def _onnx_graph(model: DarknetModel, hw: tuple[int, int], config: ExportConfig) -> bytes:
@@ -241,7 +262,7 @@ def check_export(model: DarknetModel, path: str | os.PathLike, inputs: Sequence[
     batch = [torch.rand(1, 3, *hw, generator=gen), *inputs]
     predictor = load_predictor(path, threads=torch.get_num_threads())
     model = model.cpu().eval()
-    box, score, unmatched = 0.0, 0.0, 0
+    box, score, unmatched, dets = 0.0, 0.0, 0, 0
     for x in batch:
         x = x.float()
         fixed = getattr(predictor, "img_hw", None)
@@ -256,10 +277,11 @@ def check_export(model: DarknetModel, path: str | os.PathLike, inputs: Sequence[
             diff = (got - ref.double()).abs()
             b, s, u = float(diff[..., :4].max()), float(diff[..., 4:].max()), 0
         else:
-            b, s, u = _nms_diff(predictor.run(x), non_max_suppression(ref, nms.score_thres, nms.iou_thres,
-                                                                      nms.max_det))
+            want = non_max_suppression(ref, nms.score_thres, nms.iou_thres, nms.max_det)
+            b, s, u = _nms_diff(predictor.run(x), want)
+            dets += sum(len(w) for w in want)
         box, score, unmatched = max(box, b), max(score, s), unmatched + u
-    return ParityResult(max(box, score), box, score, len(batch), unmatched)
+    return ParityResult(max(box, score), box, score, len(batch), unmatched, dets)
 
 
 def check_onnx(model: DarknetModel, path: str | os.PathLike, inputs: Sequence[torch.Tensor] = (),

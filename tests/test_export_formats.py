@@ -89,7 +89,9 @@ def test_nms_graph_matches_torch_nms(fastest, tmp_path):
     model, x, ref = fastest
     cfg = NmsConfig(iou_thres=0.45, score_thres=0.25, max_det=50)
     for fmt, out in (("onnx", tmp_path / "e2e.onnx"), ("openvino", tmp_path / "e2e")):
-        result = export(model, out, ExportConfig(format=fmt, nms=cfg, dynamic_batch=True))
+        result = export(model, out, ExportConfig(format=fmt, nms=cfg, dynamic_batch=True, check=True),
+                        check_inputs=[x])
+        assert result.parity.detections >= 2 and result.parity.unmatched == 0
         boxes, scores, classes, num = load_predictor(result.path).run(x)
         assert boxes.shape == (2, 50, 4) and scores.shape == (2, 50) and classes.shape == (2, 50)
         for k, want in enumerate(non_max_suppression(ref, cfg.score_thres, cfg.iou_thres, cfg.max_det)):
@@ -224,3 +226,19 @@ def test_int8_qdq_onnx_runs_in_openvino_like_onnxruntime(tmp_path):
     assert _diff(ov, ref)[1] < 0.1
     direct = load_predictor(tmp_path / "int8.onnx", runtime="openvino")  # OpenVINO reads the ONNX itself
     assert type(direct).__name__ == "OpenVinoPredictor" and _diff(direct(x), ov) == (0.0, 0.0)
+
+
+def test_cli_nms_export_checks_detections_on_a_real_image(tmp_path):
+    from click.testing import CliRunner
+
+    from compress.cli import cli
+    w, samples = require_assets() / "weights", require_assets() / "data" / "samples"
+    report = tmp_path / "r.json"
+    res = CliRunner().invoke(cli, ["export", "--cfg", str(w / "yolo-fastest-1.1.cfg"), "--weights",
+                                   str(w / "yolo-fastest-1.1.weights"), "--out", str(tmp_path / "e2e.onnx"), "--nms",
+                                   "--max-det", "20", "--check-image", str(samples / "dog.jpg"), "--report",
+                                   str(report)])
+    assert res.exit_code == 0, res.output
+    figures = json.loads(report.read_text())
+    assert figures["check_inputs"] == 2 and figures["check_detections"] >= 2 and figures["unmatched"] == 0
+    assert figures["nms"]["max_det"] == 20 and figures["max_box_diff"] <= BOX_PX

@@ -31,14 +31,17 @@ from .common import check_not_input, model_options, report_option, write_report
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Run the written model in its runtime and fail if it differs from torch "
                    "(boxes > 1 px or scores > 0.01; with --half 2 px / 0.05).")
+@click.option("--check-image", "check_images", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Also check on this image (repeatable); a random image rarely has detections for --nms.")
 @report_option
 def export_command(cfg, weights, fmt, out, img_size, dynamic, dynamic_batch, simplify, half, nms, iou_thres,
-                   score_thres, max_det, opset, check, report_path) -> None:
+                   score_thres, max_det, opset, check, check_images, report_path) -> None:
     """Export the eval-mode model (boxes in pixels, sigmoid scores): input `images`, output `output`."""
     check_not_input([out], [cfg, weights])
     nms_config = NmsConfig(iou_thres, score_thres, max_det) if nms else None
     config = ExportConfig(format=fmt, img_size=img_size, dynamic=dynamic, dynamic_batch=dynamic_batch,
-                          opset=opset, simplify=simplify, half=half, nms=nms_config, check=check)
+                          opset=opset, simplify=simplify, half=half, nms=nms_config, check=check,
+                          check_images=tuple(check_images))
     result = export(load(cfg, weights), out, config)
     figures = {"cfg": cfg, "weights": weights, **result.to_dict()}
     shown = {k: v for k, v in figures.items() if v is not None and k not in ("files", "onnx")}
