@@ -76,22 +76,21 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float, classes: torch.Te
         budget: int = 1 << 22) -> torch.Tensor:
     """Greedy NMS of xyxy boxes (per class when `classes` is given). Returns kept indices by decreasing score.
 
-    Vectorised and exact. Boxes are sorted by class, then score; the pairs (i, j) of one class with i before j
-    are enumerated with tensor ops (at most `budget` pairs at a time) and those with IoU > `iou` kept; then
-    "kept = not suppressed by a kept earlier box" is iterated to its fixed point (Cluster-NMS, Zheng et al.
-    2021): the recurrence has one solution, the greedy one, reached in (longest suppression chain + 1) rounds.
-    Classes are separated by the sort (the class-offset trick without offsets: adding offsets to coordinates
-    would change the IoU's rounding, and with it borderline decisions); only same-class pairs are computed.
+    Vectorised and exact. Candidate pairs come from a sweep: boxes sorted by (class, x1), each paired with the
+    later boxes of its class that start left of its right edge (others cannot overlap), enumerated with tensor
+    ops at most `budget` pairs at a time; their IoU is computed and the pairs above `iou` kept. Then
+    "kept = not suppressed by a kept higher-scoring box" is iterated to its fixed point (Cluster-NMS, Zheng et
+    al. 2021): the recurrence has one solution, the greedy one, reached in (longest suppression chain + 1)
+    rounds. Classes are separated by the sort, not by offsetting coordinates: offsets would change the IoU's
+    rounding and with it borderline decisions.
     """
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    order = scores.argsort(descending=True, stable=True)
-    if classes is not None:
-        order = order[classes[order].argsort(stable=True)]  # class blocks, by score within a block
-    b = boxes[order].float()
-    first, second = _overlapping_pairs(b, None if classes is None else classes[order], iou, budget)
-    kept = order[_greedy_fixed_point(first, second, len(b))]
-    return kept if classes is None else kept[scores[kept].argsort(descending=True, stable=True)]
+    order = scores.argsort(descending=True, stable=True)  # rank -> box
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device)
+    first, second = _overlapping_pairs(boxes.float(), classes, rank, iou, budget)
+    return order[_greedy_fixed_point(first, second, len(order))]
 
 
 def _pair_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
@@ -102,33 +101,33 @@ def _pair_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-9) -> torch.Tens
     return inter / (box_area(a) + box_area(b) - inter + eps)
 
 
-def _overlapping_pairs(b: torch.Tensor, c: torch.Tensor | None, iou: float, budget: int
+def _overlapping_pairs(b: torch.Tensor, c: torch.Tensor | None, rank: torch.Tensor, iou: float, budget: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index pairs (i < j, same class block) of sorted boxes whose IoU exceeds `iou`."""
+    """Score-rank pairs (higher-scoring, lower-scoring) of same-class boxes whose IoU exceeds `iou`."""
     n, device = len(b), b.device
-    if n * n <= budget:  # the usual case: one dense overlap matrix, fewer and larger tensor ops
-        over = (box_iou(b, b) > iou).triu_(diagonal=1)
-        if c is not None:
-            over &= c[:, None] == c[None, :]
-        return over.nonzero(as_tuple=True)
-    if c is None:
-        block_end = torch.full((n,), n, device=device)
-    else:
-        counts = torch.unique_consecutive(c, return_counts=True)[1]
-        block_end = counts.cumsum(0).repeat_interleave(counts)
-    later = block_end - torch.arange(n, device=device) - 1  # same-class boxes after each box
+    x1, x2 = b[:, 0].double(), b[:, 2].double()
+    lo = x1.min()
+    span = float(torch.maximum(x1, x2).max() - lo) + 2  # keeps each class's sweep keys apart
+    base = (c.double() if c is not None else torch.zeros_like(x1)) * span - lo
+    sweep = (base + x1).argsort(stable=True)  # by class, then left edge
+    keys = (base + x1)[sweep]
+    # candidates of position p: positions after p whose x1 is left of p's x2 (+ a margin: extra candidates are
+    # harmless, the IoU decides; a missed one would not be)
+    end = torch.searchsorted(keys, (base + x2)[sweep] + 1e-3, right=True)
+    later = (end - torch.arange(n, device=device) - 1).clamp(min=0)
     total = later.cumsum(0)
     firsts, seconds, start = [], [], 0
-    while start < n:  # rows start..stop-1 hold at most `budget` pairs (at least one row)
+    while start < n:  # positions start..stop-1 hold at most `budget` pairs (at least one position)
         before = int(total[start] - later[start])
         stop = max(int(torch.searchsorted(total, before + budget, right=True)), start + 1)
         per_row = later[start:stop]
-        first = torch.arange(start, stop, device=device).repeat_interleave(per_row)
-        offset = (per_row.cumsum(0) - per_row).repeat_interleave(per_row)
-        second = first + 1 + torch.arange(len(first), device=device) - offset
-        hit = _pair_iou(b[first], b[second]) > iou
-        firsts.append(first[hit])
-        seconds.append(second[hit])
+        p = torch.arange(start, stop, device=device).repeat_interleave(per_row)
+        q = p + 1 + torch.arange(len(p), device=device) - (per_row.cumsum(0) - per_row).repeat_interleave(per_row)
+        p, q = sweep[p], sweep[q]
+        hit = _pair_iou(b[p], b[q]) > iou
+        rp, rq = rank[p[hit]], rank[q[hit]]
+        firsts.append(torch.minimum(rp, rq))
+        seconds.append(torch.maximum(rp, rq))
         start = stop
     return torch.cat(firsts), torch.cat(seconds)
 

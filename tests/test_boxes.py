@@ -112,6 +112,7 @@ def test_batched_nms_matches_per_class_brute_force():
             ref = _batched_ref(boxes, scores, classes, thr)
             assert batched_nms(boxes, scores, classes, thr).tolist() == ref
             assert nms(boxes, scores, thr, classes, budget=50).tolist() == ref  # pair chunks across class blocks
+            assert batched_nms(boxes - 30, scores, classes * 997, thr).tolist() == ref  # big ids, negative x
 
 
 def test_nms_suppression_chain_is_greedy():
