@@ -8,10 +8,10 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from ..report import format_stage_table
-from ..train import DistConfig, train_model
 from ..cfg import read_cfg
 from ..losses import LOSSES
+from ..report import format_stage_table
+from ..train import DistConfig, train_model
 from ..train.hyp import resolve_train_config
 from ..train.optim import SCHEDULERS
 from . import cli
