@@ -47,7 +47,8 @@ def _map50(model, data: str, size: int) -> float:
 def run_variant(args: argparse.Namespace, v: dict, percents: list[float], work: Path) -> dict:
     model = load(args.cfg, args.weights)
     spec = load_data_spec(args.data)
-    sparsity = SparsityConfig(s=v["s"], mode=1, update=v["update"], target=v["target"], growth=args.growth)
+    sparsity = SparsityConfig(s=v["s"], mode=1, update=v["update"], target=v["target"], growth=args.growth,
+                              schedule=args.schedule)
     lr = args.lr0 if v["optimizer"] != "sgd" else args.lr0_sgd
     train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, img_size=args.img_size, lr0=lr,
                         optimizer=v["optimizer"], warmup_epochs=0, workers=args.workers, progress=False,
@@ -83,6 +84,7 @@ def main() -> None:
     ap.add_argument("--lr0", type=float, default=0.002, help="Adam/AdamW learning rate")
     ap.add_argument("--lr0-sgd", type=float, default=0.01)
     ap.add_argument("--growth", type=float, default=2.0)
+    ap.add_argument("--schedule", default="constant", help="--s-schedule: constant | step | relax")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--img-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=0)
