@@ -55,7 +55,8 @@ def quant_layers(model: torch.nn.Module) -> list[dict]:
 def write_quant_json(model: torch.nn.Module, path: str | os.PathLike, extra: dict | None = None) -> Path:
     doc = {"format": "yolo-compress-quant/1", "config": config_to_dict(model.qconfig),
            "conventions": "x = (q - zero_point) * scale; exponent n means scale = 2^-n; weights signed, "
-                          "zero point 0, per output channel; activations unsigned per tensor",
+                          "zero point 0, per output channel; activations per tensor, unsigned with a zero point "
+                          "(act_scheme asymmetric) or signed with zero point 0 (symmetric)",
            **(extra or {}), "layers": quant_layers(model)}
     write_text_atomic(path, json.dumps(doc, indent=1) + "\n")
     return Path(path)

@@ -70,7 +70,13 @@ class QConvBNAct(nn.Module):
     def _quant(self, w: torch.Tensor) -> WeightQ:
         s = self.spec
         return quantize_weight(w, s.w_scheme, s.w_bits, s.per_channel, s.pow2, s.pow2_rounding,
-                               REDUCED_MAX_CODE if s.reduce_range else None, s.w_clip)
+                               REDUCED_MAX_CODE if self.reduced_range else None, s.w_clip)
+
+    @property
+    def reduced_range(self) -> bool:
+        """Reduced-range weights only where an integer kernel runs: a conv with a float output (the heads)
+        stays DequantizeLinear + float Conv in onnxruntime, so no int16 pair sum exists to saturate."""
+        return self.spec.reduce_range and self.spec.a_bits is not None
 
     def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         c = self.conv
