@@ -5,7 +5,7 @@ Student: the teacher pruned with `--prune-method` at `--percent` (default l1 0.6
 well below the teacher. Every variant fine-tunes that student with the same seed, epochs and schedule; mAP is
 measured on the synthetic valid set after the last epoch (EMA model). Table: mean +- std over --seeds.
 
-    python benchmarks/kd.py --work runs/kd-bench --out kd.json                 # 3 seeds, ~1 h on 2 busy cores
+    python benchmarks/kd.py --work runs/kd-bench --out kd.json                 # 3 seeds, ~40 min on 2 busy cores
     python benchmarks/kd.py --seeds 0 --variants none 3 --epochs 4 --out q.json  # a quick look
 
 Results are cached per (variant, seed) in WORK/results.json, so an interrupted run continues.
@@ -25,7 +25,7 @@ from tabulate import tabulate
 from compress import load, save
 from compress.cfg import read_cfg
 from compress.data import DataSpec, load_data_spec
-from compress.distill import DistillConfig, distill
+from compress.distill import DEFAULT_STRATEGY, DistillConfig, distill
 from compress.evaluate import EvalConfig, evaluate
 from compress.fileio import write_text_atomic
 from compress.losses import init_head_biases
@@ -163,17 +163,20 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=["none", "1", "2", "3", "4", "5"],
                    help=f"{', '.join(VARIANTS)} or 'K:key=value,...' (DistillConfig overrides; a/b/c = a tuple)")
+    p.add_argument("--quick", action="store_true", help="seed 0, no-KD vs the default strategy only")
     p.add_argument("--ratios-only", action="store_true", help="only print KD term / detection loss on one batch")
     p.add_argument("--teacher", nargs=2, type=Path, metavar=("CFG", "WEIGHTS"), help="use this teacher")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr0", type=float, default=0.001)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--teacher-epochs", type=int, default=30)
+    p.add_argument("--teacher-epochs", type=int, default=16)
     p.add_argument("--prune-method", default="l1")
     p.add_argument("--percent", type=float, default=0.6)
     p.add_argument("--n-train", type=int, default=64, help="fine-tune on the first N train images (0: all)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = p.parse_args()
+    if args.quick:
+        args.seeds, args.variants = [0], ["none", str(DEFAULT_STRATEGY)]
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -209,7 +212,8 @@ def main() -> None:
     ref = {"teacher": score(t_cfg, t_weights, data), "student_before": score(s_cfg, s_weights, data)}
     print(f"teacher {ref['teacher']}, pruned student before fine-tuning {ref['student_before']}")
     print(tabulate([[r["variant"], r["n"], f"{r['map50']:.4f} +- {r['map50_std']:.4f}",
-                     f"{r['map50_95']:.4f} +- {r['map50_95_std']:.4f}", f"{r['delta_map50_95']:+.4f}"] for r in rows],
+                     f"{r['map50_95']:.4f} +- {r['map50_95_std']:.4f}",
+                     "-" if r["delta_map50_95"] is None else f"{r['delta_map50_95']:+.4f}"] for r in rows],
                    headers=["variant", "seeds", "mAP@.5", "mAP@.5:.95", "vs no-KD"], tablefmt="github"))
     if args.out:
         write_text_atomic(args.out, json.dumps({"setup": {**setup, "seeds": args.seeds, **ref},

@@ -37,7 +37,8 @@ SHARE_ROWS = [("epoch", "epoch"), ("det", "detection"), *[(k, k) for k in TERMS]
               help="Temperature of the logit terms [default: 1; 3 with --reference].")
 @click.option("--ratio-soft", type=click.FloatRange(0), help="Logit term / detection loss at the start "
               f"(calibrated weight) [default: {DEFAULT_RATIOS[0]:g}].")
-@click.option("--ratio-box", type=click.FloatRange(0), help=f"Box term / detection loss at the start [default: {DEFAULT_RATIOS[1]:g}].")
+@click.option("--ratio-box", type=click.FloatRange(0),
+              help=f"Box term / detection loss at the start [default: {DEFAULT_RATIOS[1]:g}].")
 @click.option("--ratio-feat", type=click.FloatRange(0), help="Feature term / detection loss at the start "
               f"[default: {DEFAULT_RATIOS[2]:g}].")
 @click.option("--logit-kd", type=click.Choice(LOGIT_MODES), help="sigmoid: per-element binary KL (default); "
