@@ -118,7 +118,7 @@ def _check_shape(out: Output) -> None:
         raise GuardError(f"{out.option} {p}: is a folder, but a file name is expected (e.g. {p / 'report.json'})")
     if out.kind == "dir" and p.exists() and not p.is_dir():
         raise GuardError(f"{out.option} {p}: is a file, but a folder is expected; choose a folder name")
-    parent = _existing_ancestor(p.parent if out.kind == "file" else p)
+    parent = _existing_ancestor(p if out.kind == "dir" else p.parent)  # "any": an existing file is fine
     if parent is not None and not parent.is_dir():
         raise GuardError(f"{out.option} {p}: {parent} is a file, so nothing can be created under it; choose "
                          f"another {out.option}")
@@ -170,7 +170,7 @@ def _check_limits(out: Output) -> None:
 
 
 def _check_writable(out: Output) -> None:
-    folder = _existing_ancestor(out.path if out.kind != "file" else out.path.parent)
+    folder = _existing_ancestor(out.path if out.kind == "dir" else out.path.parent)
     if folder is None:
         raise GuardError(f"{out.option} {out.path}: no existing folder above it; check the path")
     try:  # a real probe: permission bits are not enough (root, read-only mounts, ACLs)
