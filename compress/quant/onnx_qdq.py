@@ -7,17 +7,16 @@ onnxruntime fuses DQ -> Conv -> Q into QLinearConv and DQ -> LeakyRelu -> Q into
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ExportError
 from ..fileio import write_bytes_atomic
+from ..onnx_io import OnnxPredictor, onnx_latency, torch_to_onnx
+from ..onnx_io import session as _session
 from .fake_quant import ActQuant, Holder, QParams
 from .modules import QConvBNAct
 from .qdq import const as _const
@@ -113,59 +112,9 @@ def export_qdq_onnx(model: nn.Module, path: str | os.PathLike, img_size: tuple[i
     `raw=True` writes the head logits instead (see `_RawHeads`)."""
     m = exportable(model).cpu()
     m = _RawHeads(m) if raw else m
-    dummy = torch.rand(1, 3, *img_size)
-    buf = io.BytesIO()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer notes about constants (the scales are constants by design)
-            torch.onnx.export(m, (dummy,), buf, dynamo=False, opset_version=opset, input_names=["images"],
-                              output_names=["output"], dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}},
-                              do_constant_folding=True)
-    except Exception as exc:  # the exporter raises many types
-        raise ExportError(f"{path}: QDQ ONNX export failed ({exc.__class__.__name__}: {exc})") from exc
-    write_bytes_atomic(path, buf.getvalue())
-
-
-def _session(path: str | os.PathLike, threads: int = 1, optimized_path: str | os.PathLike | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, threads)
-    opts.inter_op_num_threads = 1
-    if optimized_path is not None:
-        opts.optimized_model_filepath = str(optimized_path)
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-class OnnxPredictor:
-    """Callable (N,3,S,S) float tensor in [0,1] -> decoded output tensor, for `compress.evaluate.evaluate`."""
-
-    def __init__(self, path: str | os.PathLike, threads: int = 1) -> None:
-        self.session = _session(path, threads)
-        self.input = self.session.get_inputs()[0].name
-
-    def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input: imgs.detach().cpu().float().numpy()})[0]
-        return torch.from_numpy(out)
-
-
-def onnx_latency(path: str | os.PathLike, img_size: tuple[int, int], runs: int = 20, warmup: int = 3,
-                 threads: int = 1) -> float:
-    """Median ms per batch-1 run with onnxruntime on CPU."""
-    import time
-
-    import numpy as np
-
-    sess = _session(path, threads)
-    x = {sess.get_inputs()[0].name: np.random.default_rng(0).random((1, 3, *img_size), dtype=np.float32)}
-    times = []
-    for i in range(warmup + runs):
-        t0 = time.perf_counter()
-        sess.run(None, x)
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+    data = torch_to_onnx(m, torch.rand(1, 3, *img_size), opset=opset,
+                         dynamic_axes={"images": {0: "batch"}, "output": {0: "batch"}}, what=f"{path} (QDQ)")
+    write_bytes_atomic(path, data)
 
 
 def optimized_op_counts(path: str | os.PathLike, optimized_path: str | os.PathLike) -> dict[str, int]:
@@ -174,5 +123,5 @@ def optimized_op_counts(path: str | os.PathLike, optimized_path: str | os.PathLi
 
     import onnx
 
-    _session(path, 1, optimized_path)
+    _session(path, 1, optimized_path=optimized_path)
     return dict(Counter(n.op_type for n in onnx.load(str(optimized_path)).graph.node).most_common())
