@@ -11,7 +11,8 @@ __all__ = ["DistillConfig", "DEFAULT_WEIGHTS", "DEFAULT_RATIOS", "TERMS", "LOGIT
            "DEFAULT_STRATEGY", "parse_pairs"]
 
 TERMS = ("kd_soft", "kd_box", "kd_feat")  # loss names, in the order of the (soft, box, feat) weight triples
-# Reference weights per strategy (reference-algorithms.md §6): (soft logits, box, feature). They were tuned
+# Reference weights per strategy (the reference project; ../shared/docs/reference-algorithms.md §6):
+# (soft logits, box, feature). They were tuned
 # against a detection loss ~50-100x larger than ours, so they are only used with `calibrate=False`.
 DEFAULT_WEIGHTS: dict[int, tuple[float, float, float]] = {
     1: (1e-3, 0.0, 0.0),

@@ -1,4 +1,5 @@
-"""Distillation losses as pure functions of tensors (reference-algorithms.md §6, bugs of §10.12 fixed).
+"""Distillation losses as pure functions of tensors: the reference project's strategies, with the bugs listed
+in its notes (../shared/docs/reference-algorithms.md §10.12) fixed.
 
 Shapes: raw head maps are (N, A, H, W, 5+C) logits; features are (N, C, H, W). Positive cells come from the
 student's `build_targets` as `HeadPositives`. Every KL term is `KL(p_t || p_s)` summed and scaled by T^2 / N
