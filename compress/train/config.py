@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from ..augment import AugmentConfig
 from ..errors import CompressError
 
 __all__ = ["TrainConfig", "DistConfig", "TrainError"]
@@ -55,19 +56,24 @@ class TrainConfig:
     loss: str = "v5"
     freeze_bn_stats: bool = False
     bn_momentum: float | None = None
-    hsv_h: float = 0.015
-    hsv_s: float = 0.7
-    hsv_v: float = 0.4
-    fliplr: float = 0.5
-    translate: float = 0.1
-    scale: float = 0.5
-    mosaic: float = 0.0
+    # augmentation: flat (hyp-file keys), defaults and validation from AugmentConfig (one place)
+    hsv_h: float = AugmentConfig.hsv_h
+    hsv_s: float = AugmentConfig.hsv_s
+    hsv_v: float = AugmentConfig.hsv_v
+    fliplr: float = AugmentConfig.fliplr
+    translate: float = AugmentConfig.translate
+    scale: float = AugmentConfig.scale
+    mosaic: float = AugmentConfig.mosaic
     letterbox: bool | None = None   # input geometry; None: the model cfg's [net] letter_box
     cache: str | None = None        # 'ram' | 'disk' decoded training images
     cache_dir: str | None = None    # disk cache folder (None: OUT/cache)
 
     def __post_init__(self) -> None:
         from ..losses import LOSSES
+        try:  # the augmentation keys are validated where they are defined
+            self.augment_config()
+        except CompressError as exc:
+            raise TrainError(str(exc).replace("augmentation ", "train option ", 1)) from None
         from .optim import OPTIMIZERS, SCHEDULERS
 
         positive = ("epochs", "batch_size", "img_size", "accumulate", "eval_every", "lr0", "lrf")
@@ -89,9 +95,7 @@ class TrainConfig:
             _check(name, 0 <= getattr(self, name) <= 1, "must be in [0, 1]", getattr(self, name))
         _check("scale", 0 <= self.scale < 1, "must be in [0, 1)", self.scale)
 
-    def augment_config(self):
-        from ..augment import AugmentConfig
-
+    def augment_config(self) -> AugmentConfig:
         return AugmentConfig(hsv_h=self.hsv_h, hsv_s=self.hsv_s, hsv_v=self.hsv_v, fliplr=self.fliplr,
                              translate=self.translate, scale=self.scale, mosaic=self.mosaic)
 
