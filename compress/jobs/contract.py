@@ -79,7 +79,7 @@ def job_paths(job: Any, report_path: PathLike | None = None, exist_ok: bool = Fa
     kind = job_kind(job)
     outputs = tuple(kind.outputs(job)) + ((Output(Path(report_path), "file", "--report"),) if report_path else ())
     return JobPaths(inputs=tuple(Path(p) for p in kind.inputs(job) if p), outputs=outputs, resume=kind.resume(job),
-                    exist_ok=exist_ok, resume_marker=kind.resume_marker,
+                    exist_ok=exist_ok or bool(getattr(job, "exist_ok", False)), resume_marker=kind.resume_marker,
                     check_existing=not (_later_rank(job) or getattr(job, "dry_run", False)))
 
 

@@ -224,6 +224,10 @@ class RecipeJob:
     def dry_run(self) -> bool:
         return bool(self.config.dry_run)
 
+    @property
+    def exist_ok(self) -> bool:
+        return bool(self.config.exist_ok)
+
 
 def _run_recipe(job: RecipeJob) -> dict:
     from ..recipe import Plan, render_commands, run_plan
