@@ -318,20 +318,21 @@ class SparseTrainJob:
     train: "TrainConfig | None" = None  # default: TrainConfig() at the cfg's size
     device: str = "cpu"
     distributed: object = None          # a compress.train.DistConfig under torchrun
+    val: str | None = None              # replaces the data's valid split (--val)
 
 
 def run_sparse_train(job: SparseTrainJob) -> dict:
-    """Returns the report dict (also written to OUT/report.json). Figures are of the saved (EMA) model."""
+    """Returns the report dict ({} on torchrun ranks > 0). Figures are of the saved (EMA) model.
+    `compress.jobs.run_job(job)` guards the outputs first and writes OUT/report.json."""
     from .data import load_data_spec
-    from .fileio import write_text_atomic
     from .persist import load, save
     from .report import stage_figures
     from .train import TrainConfig
     model = load(job.cfg, job.weights, device=job.device)
     out = Path(job.out)
     train_config = job.train or TrainConfig(img_size=model.cfg.width, progress=False)
-    result, hook = sparse_train(model, load_data_spec(job.data), job.sparsity, train_config, job.device, out,
-                                job.distributed)
+    data = load_data_spec(job.data, job.val, training=True)
+    result, hook = sparse_train(model, data, job.sparsity, train_config, job.device, out, job.distributed)
     if job.distributed is not None and job.distributed.rank != 0:
         return {}  # rank 0 writes the pair and the report
     final = load(result.last_cfg, result.last_weights) if result.last_weights else model
@@ -343,5 +344,4 @@ def run_sparse_train(job: SparseTrainJob) -> dict:
               **{k: v for k, v in summary.items() if k != "history"}, "s": job.sparsity.s,
               "prune": job.sparsity.mode, "s_schedule": job.sparsity.schedule, "epochs": train_config.epochs,
               "gamma_history": summary["history"]}
-    write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     return report

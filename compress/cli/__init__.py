@@ -1,4 +1,5 @@
-"""The click command tree. Each command builds one config, calls one library function, prints the result."""
+"""The click command tree. Each command parses its options into one job, calls `compress.jobs.run_job` (which
+guards the outputs, runs the job and writes report.json), and prints the returned report."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +8,7 @@ import sys
 import click
 
 from ..errors import CompressError
-from .common import AppContext, install_guards
+from .common import AppContext
 
 __all__ = ["cli", "main"]
 
@@ -29,7 +30,6 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
 def _register() -> None:
     # Importing a command module attaches its commands to `cli`.
     from . import info, train, prune, quantize, distill, export, run, data  # noqa: F401
-    install_guards(cli)  # one output guard for every command, before any work
 
 
 _register()

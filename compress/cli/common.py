@@ -1,22 +1,16 @@
-"""Shared CLI pieces: option decorators, the context object, output helpers, the output guard."""
+"""Shared CLI pieces: option decorators, the context object, the one call into the library (`run`)."""
 from __future__ import annotations
 
-import functools
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import click
 
 from ..device import DEVICE_HELP, resolve_device
-from ..fileio import write_text_atomic
-from ..guard import JobPaths, Output, check_job_paths
 
-__all__ = ["AppContext", "model_options", "report_option", "device_option", "out_option", "write_report",
-           "check_not_input", "echo_table", "install_guards", "guard_command", "resume_marker", "job_paths",
-           "letterbox_option", "val_option", "training_data"]
+__all__ = ["AppContext", "model_options", "report_option", "device_option", "out_option", "exist_ok_option", "run",
+           "echo_table", "letterbox_option", "val_option"]
 
 
 @dataclass
@@ -63,116 +57,22 @@ def val_option(f: Callable) -> Callable:
                         help="Validation images (folder or list file), replacing the --data valid split.")(f)
 
 
-def training_data(data: str, val: str | None):
-    """The --data spec of a training command with --val applied (warns when train = valid)."""
-    from ..data import load_data_spec
-    return load_data_spec(data, val, training=True)
-
-
 def out_option(required: bool = True, help: str = "Output directory.") -> Callable:
     return click.option("--out", type=click.Path(file_okay=False), required=required, help=help)
 
 
-def write_report(path: str | Path | None, figures: dict[str, Any]) -> None:
-    """Write `figures` as JSON (atomically) when --report was given."""
-    if path:
-        write_text_atomic(path, json.dumps(figures, indent=2, default=_jsonable) + "\n")
+def exist_ok_option(f: Callable) -> Callable:
+    """--exist-ok on every command with an output folder (the guard in run_job refuses a non-empty one)."""
+    return click.option("--exist-ok", is_flag=True, help=EXIST_OK_HELP)(f)
 
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def check_not_input(out_paths: list[str | Path], in_paths: list[str | Path | None]) -> None:
-    """Refuse to overwrite an input file with an output (files a command derives inside its --out)."""
-    check_job_paths(JobPaths(inputs=tuple(Path(p) for p in in_paths if p),
-                             outputs=tuple(Output(Path(p), "file", str(p)) for p in out_paths),
-                             check_existing=False))
-
-
-# --- the output guard, applied to every command by install_guards --------------------------------------------
-# Inputs are the click.Path parameters declared with exists=True; every other click.Path parameter is an
-# output (a folder when file_okay=False, a file when dir_okay=False). Commands with an output folder get
-# --exist-ok; a `resume` flag and a `dry_run` flag of the command are honoured.
 
 EXIST_OK_HELP = "Write into a non-empty output folder (an earlier run's files of the same name are replaced)."
 
 
-def resume_marker(name: str) -> Callable:
-    """Mark a command whose existing output folder is its own resumable run when it holds `name`."""
-    def deco(f: Callable) -> Callable:
-        f.__guard_resume_marker__ = name
-        return f
-    return deco
-
-
-def _option_name(p: click.Parameter) -> str:
-    longs = [o for o in getattr(p, "opts", []) if o.startswith("--")]
-    return longs[0] if longs else (p.human_readable_name if isinstance(p, click.Argument) else p.opts[0])
-
-
-def _path_params(command: click.Command) -> Iterator[tuple[click.Parameter, bool]]:
-    """(parameter, is_input) for every click.Path parameter."""
-    for p in command.params:
-        if isinstance(p.type, click.Path):
-            yield p, bool(p.type.exists)
-
-
-def _kind(p: click.Parameter) -> str:
-    return "dir" if not p.type.file_okay else "file" if not p.type.dir_okay else "any"
-
-
-def job_paths(command: click.Command, kwargs: dict[str, Any], exist_ok: bool = False) -> JobPaths:
-    """The declared inputs/outputs of one invocation of `command` (kwargs: its parsed parameters)."""
-    inputs: list[Path] = []
-    outputs: list[Output] = []
-    for p, is_input in _path_params(command):
-        value = kwargs.get(p.name)
-        for v in (value if isinstance(value, (list, tuple)) else [value]):
-            if v and is_input:
-                inputs.append(Path(v))
-            elif v:
-                outputs.append(Output(Path(v), _kind(p), _option_name(p)))
-    later_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
-    return JobPaths(tuple(inputs), tuple(outputs), resume=bool(kwargs.get("resume")), exist_ok=exist_ok,
-                    resume_marker=getattr(command.callback, "__guard_resume_marker__", None),
-                    check_existing=not (later_rank or kwargs.get("dry_run")))
-
-
-def guard_command(command: click.Command) -> None:
-    """Run check_job_paths before the command's body (once per command; adds --exist-ok where needed)."""
-    if getattr(command.callback, "__guarded__", False) or command.callback is None:
-        return
-    outputs = [p for p, is_input in _path_params(command) if not is_input]
-    if not outputs:
-        return
-    added = False
-    if any(_kind(p) != "file" for p in outputs) and not any(p.name == "exist_ok" for p in command.params):
-        command.params.append(click.Option(["--exist-ok"], is_flag=True, help=EXIST_OK_HELP))
-        added = True
-    body = command.callback
-
-    @functools.wraps(body)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        exist_ok = kwargs.pop("exist_ok", False) if added else kwargs.get("exist_ok", False)
-        check_job_paths(job_paths(command, kwargs, bool(exist_ok)))
-        return body(*args, **kwargs)
-
-    guarded.__guarded__ = True
-    command.callback = guarded
-
-
-def install_guards(group: click.Group) -> None:
-    """Guard every command of the tree (called once, after all command modules are imported)."""
-    for command in group.commands.values():
-        if isinstance(command, click.Group):
-            install_guards(command)
-        else:
-            guard_command(command)
+def run(job: Any, report_path: str | None = None, exist_ok: bool = False) -> dict:
+    """The one call of every command body: `compress.jobs.run_job` (guard, run, report.json)."""
+    from ..jobs import run_job
+    return run_job(job, report_path, exist_ok=exist_ok)
 
 
 def echo_table(text: str) -> None:

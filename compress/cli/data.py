@@ -4,16 +4,11 @@ from __future__ import annotations
 import click
 from tabulate import tabulate
 
-from ..anchors import AnchorConfig, compute_anchors
-from ..convert import CONVERTERS, ConvertConfig, convert
-from ..data import read_names
-from ..detect import DetectConfig, check_names, detect_to_dir
-from ..evaluate import EvalConfig, evaluate, save_detections
-from ..persist import load
-from ..runtimes import inference_size, load_for_inference
-from ..synth import synthesize
+from ..anchors import AnchorConfig
+from ..convert import CONVERTERS, ConvertConfig
+from ..jobs import AnchorsJob, DetectJob, EvalJob, SynthJob
 from . import cli
-from .common import check_not_input, device_option, letterbox_option, model_options, report_option, write_report
+from .common import device_option, exist_ok_option, letterbox_option, model_options, report_option, run
 
 _DATA = click.option("--data", required=True, type=click.Path(exists=True),
                      help="Darknet .data, Ultralytics data.yaml (its valid split is used) or a folder of images "
@@ -40,22 +35,17 @@ def _fmt(v: float | None) -> str:
 def eval_command(cfg, weights, data, img_size, batch_size, conf_thres, iou_thres, workers, json_path,
                  no_progress, letterbox, report_path, device) -> None:
     """mAP@0.5, mAP@0.5:0.95 (pycocotools), P/R at conf 0.25 and per-class AP on a dataset."""
-    check_not_input([p for p in (json_path, report_path) if p], [cfg, weights])
-    model = load_for_inference(cfg, weights, device)  # Darknet/.pt, or .onnx/.xml/.param in their runtime
-    config = EvalConfig(img_size=inference_size(model, cfg, img_size), batch_size=batch_size,
-                        conf_thres=conf_thres, iou_thres=iou_thres, progress=not no_progress, letterbox=letterbox,
-                        **({} if workers is None else {"workers": workers}))
-    result = evaluate(model, data, config, device=device)
-    click.echo(tabulate([[n, i, _fmt(a), _fmt(b)] for n, i, a, b in result.table()], tablefmt="github",
+    r = run(EvalJob(cfg, weights, data, img_size, batch_size, conf_thres, iou_thres, workers, not no_progress,
+                    letterbox, json_path, device), report_path)
+    rows = [[c["name"], c["instances"], _fmt(c["ap50"]), _fmt(c["ap50_95"])] for c in r["per_class"] if c["instances"]]
+    click.echo(tabulate(rows + [["all", r["instances"], _fmt(r["map50"]), _fmt(r["map50_95"])]], tablefmt="github",
                         headers=["class", "instances", "AP@0.5", "AP@0.5:0.95"]))
-    t = result.timing_ms
-    click.echo(f"\n{result.images} images at {config.img_size}: mAP@0.5 {result.map50:.4f}, mAP@0.5:0.95 "
-               f"{result.map50_95:.4f}, P {result.precision:.3f} R {result.recall:.3f} (conf {config.pr_conf}); "
+    t = r["timing_ms"]
+    click.echo(f"\n{r['images']} images at {r['img_size']}: mAP@0.5 {r['map50']:.4f}, mAP@0.5:0.95 "
+               f"{r['map50_95']:.4f}, P {r['precision']:.3f} R {r['recall']:.3f} (conf {r['pr_conf']}); "
                f"ms/img: pre {t['preprocess']:.1f}, infer {t['inference']:.1f}, nms {t['nms']:.1f}")
     if json_path:
-        click.echo(f"detections -> {save_detections(result, json_path)}")
-    write_report(report_path, {"cfg": cfg, "weights": weights, "data": data, "img_size": config.img_size,
-                               **result.to_dict()})
+        click.echo(f"detections -> {json_path}")
 
 
 @cli.command("detect")
@@ -70,21 +60,15 @@ def eval_command(cfg, weights, data, img_size, batch_size, conf_thres, iou_thres
 @letterbox_option
 @report_option
 @device_option
+@exist_ok_option
 def detect_command(cfg, weights, source, out, img_size, conf_thres, iou_thres, names, letterbox, report_path,
-                   device) -> None:
+                   device, exist_ok) -> None:
     """Draw labelled boxes on images; writes the images and detections.json to --out."""
-    model = load(cfg, weights, device=device)
-    config = DetectConfig(img_size=img_size or model.cfg.width, conf_thres=conf_thres, iou_thres=iou_thres,
-                          letterbox=letterbox)
-    class_names = read_names(names) if names else [str(i) for i in range(model.num_classes)]
-    check_names(class_names, model.num_classes, f"--names {names}")
-    records = detect_to_dir(model, source, out, class_names, config, device=device)
-    click.echo(tabulate([[r["image"], len(r["detections"]),
-                          ", ".join(sorted({d["name"] for d in r["detections"]}))] for r in records],
+    r = run(DetectJob(cfg, weights, source, out, img_size, conf_thres, iou_thres, names, letterbox, device),
+            report_path, exist_ok)
+    click.echo(tabulate([[i["image"], i["boxes"], ", ".join(i["classes"])] for i in r["per_image"]],
                         tablefmt="github", headers=["image", "boxes", "classes"]))
-    click.echo(f"\n{len(records)} images -> {out}")
-    write_report(report_path, {"cfg": cfg, "weights": weights, "source": source, "out": out,
-                               "images": len(records), "boxes": sum(len(r["detections"]) for r in records)})
+    click.echo(f"\n{r['images']} images -> {out}")
 
 
 @cli.command("anchors")
@@ -96,11 +80,10 @@ def detect_command(cfg, weights, source, out, img_size, conf_thres, iou_thres, n
 @report_option
 def anchors_command(data, n, img_size, split, seed, report_path) -> None:
     """k-means anchors (1 - IoU distance) of the label boxes, printed in cfg syntax."""
-    result = compute_anchors(data, AnchorConfig(n=n, img_size=img_size, seed=seed, split=split))
-    click.echo(tabulate([[i, f"{w:.1f}", f"{h:.1f}"] for i, (w, h) in enumerate(result.anchors)],
+    r = run(AnchorsJob(data, AnchorConfig(n=n, img_size=img_size, seed=seed, split=split)), report_path)
+    click.echo(tabulate([[i, f"{w:.1f}", f"{h:.1f}"] for i, (w, h) in enumerate(r["anchors"])],
                         tablefmt="github", headers=["anchor", "w", "h"]))
-    click.echo(f"\n{result.cfg_line()}\nmean best IoU {result.mean_iou:.4f} over {result.boxes} boxes")
-    write_report(report_path, {"data": data, "n": n, "img_size": img_size, **result.to_dict()})
+    click.echo(f"\nanchors = {r['anchors_cfg']}\nmean best IoU {r['mean_iou']:.4f} over {r['boxes']} boxes")
 
 
 @cli.group("data")
@@ -115,13 +98,12 @@ def data_group() -> None:
 @click.option("--img-size", type=click.IntRange(32, 4096), default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @report_option
-def synth_command(out, n_train, n_valid, img_size, seed, report_path) -> None:
+@exist_ok_option
+def synth_command(out, n_train, n_valid, img_size, seed, report_path, exist_ok) -> None:
     """Write a deterministic synthetic dataset (circle, square, triangle) with a synth.data file."""
-    data = synthesize(out, n_train=n_train, n_valid=n_valid, img_size=img_size, seed=seed)
-    click.echo(tabulate([["train", n_train], ["valid", n_valid], ["img_size", img_size], ["data", data]],
+    r = run(SynthJob(out, n_train, n_valid, img_size, seed), report_path, exist_ok)
+    click.echo(tabulate([["train", n_train], ["valid", n_valid], ["img_size", img_size], ["data", r["data"]]],
                         tablefmt="github", headers=["synth", "value"]))
-    write_report(report_path, {"data": str(data), "n_train": n_train, "n_valid": n_valid, "img_size": img_size,
-                               "seed": seed, "names": ["circle", "square", "triangle"]})
 
 
 @data_group.command("convert")
@@ -137,14 +119,14 @@ def synth_command(out, n_train, n_valid, img_size, seed, report_path) -> None:
               help="Class order (one name a line); default: COCO categories by id, VOC names sorted.")
 @click.option("--copy", is_flag=True, help="Copy the images instead of symlinking them.")
 @report_option
-def convert_command(source, src, out, split, images, names, copy, report_path) -> None:
+@exist_ok_option
+def convert_command(source, src, out, split, images, names, copy, report_path, exist_ok) -> None:
     """Convert a COCO json or Pascal VOC xml dataset into images/ + labels/ + a .data file."""
     from pathlib import Path
     config = ConvertConfig(source, Path(src), Path(out), split, Path(images) if images else None,
                            Path(names) if names else None, copy)
-    result = convert(config)
-    click.echo(tabulate([["images", result.images], ["boxes", result.boxes], ["classes", len(result.names)]]
-                        + [[f"skipped {k}", v] for k, v in sorted(result.skipped.items())],
+    r = run(config, report_path, exist_ok)
+    click.echo(tabulate([["images", r["images"]], ["boxes", r["boxes"]], ["classes", r["classes"]]]
+                        + [[f"skipped {k}", v] for k, v in r["skipped"].items()],
                         tablefmt="github", headers=[split, "count"]))
-    click.echo(f"\n-> {result.data}")
-    write_report(report_path, result.to_dict())
+    click.echo(f"\n-> {r['data']}")

@@ -1,20 +1,18 @@
 """`yolo-compress distill`: fine-tune a student with knowledge distilled from a teacher (strategies 1-5)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
 
-from ..distill import (DEFAULT_RATIOS, DEFAULT_STRATEGY, STRATEGIES, TERMS, DistillConfig, DistillResult, distill,
-                       parse_pairs)
+from ..distill import DEFAULT_RATIOS, DEFAULT_STRATEGY, STRATEGIES, TERMS, DistillConfig, parse_pairs
 from ..distill.config import FEATURE_MODES, LOGIT_MODES
-from ..persist import load
+from ..jobs import DistillJob
 from ..report import format_stage_table
 from . import cli
-from .common import training_data, val_option
-from .common import (check_not_input, device_option, fit_config, fit_options, model_options, out_option,
-                     report_option, write_report)
+from .common import val_option
+from .common import (device_option, exist_ok_option, fit_config, fit_options, model_options, out_option,
+                     report_option, run)
 from .train import dist_from_env
 
 ROWS = [("run", "run"), ("map50", "mAP@0.5"), ("map50_95", "mAP@0.5:0.95")]
@@ -57,15 +55,15 @@ SHARE_ROWS = [("epoch", "epoch"), ("det", "detection"), *[(k, k) for k in TERMS]
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out (OUT/kd/last.pt).")
 @device_option
 @report_option
+@exist_ok_option
 def distill_command(cfg: str, weights: str | None, t_cfg: str, t_weights: str, data: str, val: str | None,
                     out: str, kd: str,
                     temperature: float | None, ratio_soft: float | None, ratio_box: float | None,
                     ratio_feat: float | None, logit_kd: str | None, feature_kd: str | None, reference: bool,
                     baseline: bool, pairs: str | None, w_soft: float | None, w_box: float | None,
                     w_feat: float | None, reference_kd1: bool, resume: bool, device: str,
-                    report_path: str | None, **fit: Any) -> None:
+                    report_path: str | None, exist_ok: bool, **fit: Any) -> None:
     """Fine-tune --cfg/--weights with a --t_cfg/--t_weights teacher; writes OUT/distilled.cfg/.weights."""
-    check_not_input([Path(out) / "distilled.cfg", Path(out) / "distilled.weights"], [cfg, weights, t_cfg, t_weights])
     given = dict(temperature=temperature, logits=logit_kd, feature=feature_kd)
     options = dict(w_soft=w_soft, w_box=w_box, w_feat=w_feat, ratios=(ratio_soft, ratio_box, ratio_feat),
                    pairs=parse_pairs(pairs), baseline=baseline, reference_kd1=reference_kd1,
@@ -73,20 +71,15 @@ def distill_command(cfg: str, weights: str | None, t_cfg: str, t_weights: str, d
     config = (DistillConfig.reference(int(kd), **options) if reference else DistillConfig(strategy=int(kd), **options))
     train = fit_config(cfg, fit, resume=resume)
     dist, device = dist_from_env(device)
-    student, teacher = load(cfg, weights, device=device), load(t_cfg, t_weights, device=device)
-    result = distill(student, teacher, training_data(data, val), config, train, device, out, dist)
-    if dist is not None and not dist.is_main:
-        return
-    _echo(result)
-    figures = result.to_dict()
-    write_report(Path(out) / "report.json", figures)
-    write_report(report_path, figures)
+    report = run(DistillJob(cfg, weights, t_cfg, t_weights, data, out, config, train, device, dist, val=val),
+                 report_path, exist_ok)
+    if report:  # {} on torchrun ranks > 0
+        _echo(report)
 
 
-def _echo(result: DistillResult) -> None:
-    d = result.to_dict()
+def _echo(d: dict) -> None:
     rows = [{"run": f"KD strategy {d['strategy']}", "map50": d["map50_kd"], "map50_95": d["map50_95_kd"]}]
-    if result.baseline is not None:
+    if d["map50_baseline"] is not None:
         rows.append({"run": "no KD (baseline)", "map50": d["map50_baseline"], "map50_95": d["map50_95_baseline"]})
     click.echo(format_stage_table(rows, ROWS))
     click.echo("\nKD weights: " + ", ".join(f"{k}={v:.4g}" for k, v in d["kd_weights"].items()))

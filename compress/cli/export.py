@@ -4,10 +4,10 @@ from __future__ import annotations
 import click
 from tabulate import tabulate
 
-from ..export import FORMATS, SUPPORTED_OPSETS, ExportConfig, NmsConfig, export
-from ..persist import load
+from ..export import FORMATS, SUPPORTED_OPSETS, ExportConfig, NmsConfig
+from ..jobs import ExportJob
 from . import cli
-from .common import check_not_input, model_options, report_option, write_report
+from .common import exist_ok_option, model_options, report_option, run
 
 
 @cli.command("export")
@@ -34,16 +34,14 @@ from .common import check_not_input, model_options, report_option, write_report
 @click.option("--check-image", "check_images", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Also check on this image (repeatable); a random image rarely has detections for --nms.")
 @report_option
+@exist_ok_option
 def export_command(cfg, weights, fmt, out, img_size, dynamic, dynamic_batch, simplify, half, nms, iou_thres,
-                   score_thres, max_det, opset, check, check_images, report_path) -> None:
+                   score_thres, max_det, opset, check, check_images, report_path, exist_ok) -> None:
     """Export the eval-mode model (boxes in pixels, sigmoid scores): input `images`, output `output`."""
-    check_not_input([out], [cfg, weights])
     nms_config = NmsConfig(iou_thres, score_thres, max_det) if nms else None
     config = ExportConfig(format=fmt, img_size=img_size, dynamic=dynamic, dynamic_batch=dynamic_batch,
                           opset=opset, simplify=simplify, half=half, nms=nms_config, check=check,
                           check_images=tuple(check_images))
-    result = export(load(cfg, weights), out, config)
-    figures = {"cfg": cfg, "weights": weights, **result.to_dict()}
+    figures = run(ExportJob(cfg, weights, out, config), report_path, exist_ok)
     shown = {k: v for k, v in figures.items() if v is not None and k not in ("files", "onnx")}
     click.echo(tabulate(list(shown.items()), tablefmt="github", headers=["export", "value"]))
-    write_report(report_path, figures)

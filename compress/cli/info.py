@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import click
 
-from ..persist import load
-from ..report import bn_gammas, file_size_mb, gamma_stats, plot_gamma_histogram, summarize
+from ..jobs import InfoJob
+from ..report import LayerRow, ModelSummary
 from . import cli
-from .common import model_options, report_option, write_report
+from .common import model_options, report_option, run
 
 
 @cli.command("info")
@@ -18,18 +18,15 @@ from .common import model_options, report_option, write_report
 def info_command(cfg: str, weights: str | None, img_size: int | None, gamma_plot: str | None,
                  cutoff: int | None, report_path: str | None) -> None:
     """Per-layer table, totals (params, GFLOPs, size) and BN-gamma summary of a model."""
-    model = load(cfg, weights, cutoff=cutoff)
-    summary = summarize(model, (img_size, img_size) if img_size else None)
-    stats = gamma_stats(bn_gammas(model))
-    click.echo(summary.table())
-    h, w = summary.img_size
-    click.echo(f"\n{len(summary.rows)} layers, {summary.params:,} params, {summary.gflops:.3f} GFLOPs at {w}x{h}"
-               + (f", weights {file_size_mb(weights):.2f} MB" if weights else ""))
+    r = run(InfoJob(cfg, weights, img_size, gamma_plot, cutoff), report_path)
+    rows = tuple(LayerRow(**row) for row in r["layers"])
+    click.echo(ModelSummary(rows, r["params"], r["gflops"], tuple(r["img_size"])).table())
+    h, w = r["img_size"]
+    click.echo(f"\n{len(rows)} layers, {r['params']:,} params, {r['gflops']:.3f} GFLOPs at {w}x{h}"
+               + (f", weights {r['weights_mb']:.2f} MB" if weights else ""))
+    stats = r["gamma"]
     if stats["count"]:
         click.echo("BN |gamma|: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items() if k != "count")
                    + f" over {stats['count']} channels")
     if gamma_plot:
-        plot_gamma_histogram(bn_gammas(model), gamma_plot)
         click.echo(f"gamma histogram -> {gamma_plot}")
-    write_report(report_path, {**summary.to_dict(), "gamma": stats, "cfg": cfg, "weights": weights,
-                               "weights_mb": file_size_mb(weights) if weights else None})

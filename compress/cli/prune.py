@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import click
 from tabulate import tabulate
 
+from ..jobs import PruneJob, SparseTrainJob
 from ..prune import METHODS, PruneConfig
 from ..report import format_stage_table
-from ..sparsity import SCHEDULES, UPDATES
+from ..sparsity import SCHEDULES, UPDATES, SparsityConfig
 from . import cli
-from .common import letterbox_option, training_data, val_option
-from .common import device_option, fit_config, fit_options, model_options, out_option, report_option, write_report
+from .common import letterbox_option, val_option
+from .common import (device_option, exist_ok_option, fit_config, fit_options, model_options, out_option, report_option,
+                     run)
+from .train import dist_from_env
 
 _ROWS = [("params", "params"), ("gflops", "GFLOPs"), ("size_mb", "weights MB"), ("latency_ms", "CPU latency ms"),
          ("map50", "mAP@.5"), ("map50_95", "mAP@.5:.95")]
@@ -51,23 +53,22 @@ def _before_after(report: dict) -> str:
 @click.option("--latency", is_flag=True, help="Also measure CPU latency before/after (median of 5 runs each).")
 @device_option
 @report_option
+@exist_ok_option
 def prune_command(cfg: str, weights: str | None, out: str, method: str, percent: float, shortcuts: int,
                   round_to: int | None, min_keep: float, layer_keep: float, no_compensate: bool, data: str | None,
                   img_size: int | None, letterbox: bool | None, dry_run: bool, latency: bool, device: str,
-                  report_path: str | None) -> None:
+                  report_path: str | None, exist_ok: bool) -> None:
     """Channel or layer pruning of a Darknet model -> DIR/<cfg>-<method>.cfg/.weights + report.json."""
-    from ..prune.pipeline import PruneJob, run_prune
     config = PruneConfig(method=method, percent=percent, shortcuts=shortcuts, round_to=round_to, min_keep=min_keep,
                          layer_keep=layer_keep, compensate=not no_compensate)
-    report, result, model = run_prune(PruneJob(cfg, weights, out, config, data, img_size, dry_run, device,
-                                                   5 if latency else 0, letterbox=letterbox))
+    report = run(PruneJob(cfg, weights, out, config, data, img_size, dry_run, device, 5 if latency else 0,
+                          letterbox=letterbox), report_path, exist_ok)
     if dry_run:
-        click.echo(tabulate(result.channel_rows(model), headers=["#", "type", "before", "after"], tablefmt="github"))
+        click.echo(tabulate([[c["layer"], c["type"], c["before"], c["after"]] for c in report["channels"]],
+                            headers=["#", "type", "before", "after"], tablefmt="github"))
     click.echo(_before_after(report))
     if not dry_run:
-        write_report(Path(out) / "report.json", report)
         click.echo(f"-> {report['cfg']}, {report['weights']}")
-    write_report(report_path, report)
 
 
 @cli.command("sparse-train")
@@ -91,20 +92,19 @@ def prune_command(cfg: str, weights: str | None, out: str, method: str, percent:
 @fit_options()
 @device_option
 @report_option
+@exist_ok_option
 def sparse_train_command(cfg: str, weights: str | None, data: str, val: str | None, out: str, s: float,
                          sr_flag: bool, mode: int, s_schedule: str, l1_update: str, target_sparsity: float | None,
-                         s_growth: float, resume: bool, device: str, report_path: str | None, **fit: Any) -> None:
+                         s_growth: float, resume: bool, device: str, report_path: str | None, exist_ok: bool,
+                         **fit: Any) -> None:
     """Train with an L1 penalty on BN gammas (network slimming) so that `prune` can cut channels."""
-    from ..sparsity import SparseTrainJob, SparsityConfig, run_sparse_train
-    from .train import dist_from_env
     dist, device = dist_from_env(device)
     sparsity = SparsityConfig(s=s, mode=mode, schedule=s_schedule, update=l1_update, target=target_sparsity,
                               growth=s_growth)
-    job = SparseTrainJob(cfg, weights, training_data(data, val), out, sparsity,
-                         fit_config(cfg, fit, progress=False, resume=resume), device=device, distributed=dist)
-    report = run_sparse_train(job)
+    job = SparseTrainJob(cfg, weights, data, out, sparsity, fit_config(cfg, fit, progress=False, resume=resume),
+                         device=device, distributed=dist, val=val)
+    report = run(job, report_path, exist_ok)
     if not report:
         return
     click.echo(format_stage_table([report], _SPARSE_KEYS))
     click.echo(json.dumps(report["gamma"], indent=None))
-    write_report(report_path, report)

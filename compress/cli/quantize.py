@@ -1,16 +1,16 @@
 """`yolo-compress quantize`: DoReFa (k-bit) or Google (int8) fake quantization, PTQ or QAT."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
+from ..jobs import QuantizeJob
+from ..quant.pipeline import QuantVerifyError
 from ..quant.config import ACT_SCHEMES, METHOD_CONFIGS, make_config
 from ..quant.weights import W_CLIPS
 from ..report import format_stage_table
 from . import cli
-from .common import letterbox_option, training_data, val_option
-from .common import check_not_input, device_option, model_options, out_option, report_option, write_report
+from .common import letterbox_option, val_option
+from .common import device_option, exist_ok_option, model_options, out_option, report_option, run
 
 _ROWS = [("fp32", "fp32 (input)"), ("fakequant", "fake-quant (torch)"), ("int8_onnx", "int8 QDQ ONNX"),
          ("darknet", "Darknet pair (weights on grid)")]
@@ -63,26 +63,30 @@ def _table(r: dict) -> str:
                    "the fake-quant model.")
 @device_option
 @report_option
+@exist_ok_option
 def quantize_command(cfg: str, weights: str, data: str, val: str | None, letterbox: bool | None, out: str,
                      method: str | None, bits: int, a_bits: int | None,
                      bn_fold: bool, pow2: bool, per_tensor: bool, first_last_bits: int, act_scheme: str,
                      reduce_range: bool, weight_clip: str | None, epochs: int, freeze_observers_after: int | None,
                      freeze_bn_after: int | None, calib_batches: int, batch_size: int,
                      lr0: float, img_size: int | None, no_eval: bool, no_verify: bool, device: str,
-                     report_path: str | None) -> None:
+                     report_path: str | None, exist_ok: bool) -> None:
     """Quantize -> DIR/<cfg>-q<bits>.cfg/.weights (folded, on the grid), quant.json, weights_int.npz,
     model-int8.onnx (QDQ), model-fp32.onnx and report.json."""
-    from ..quant.pipeline import QuantizeJob, check_verified, output_paths, quantize
     config = make_config(method, bits, a_bits, bn_fold=bn_fold, pow2=pow2, per_channel=not per_tensor,
                          first_last_bits=first_last_bits, act_scheme=act_scheme, reduce_range=reduce_range,
                          w_clip=weight_clip)
-    job = QuantizeJob(cfg, weights, training_data(data, val), out, config, epochs, calib_batches, batch_size,
+    job = QuantizeJob(cfg, weights, data, out, config, epochs, calib_batches, batch_size,
                       img_size, lr0, freeze_observers_after=freeze_observers_after, freeze_bn_after=freeze_bn_after,
-                      evaluate=not no_eval, verify=not no_verify, letterbox=letterbox)
-    check_not_input(list(output_paths(job).values()), [cfg, weights])
-    report = quantize(job, device)
+                      evaluate=not no_eval, verify=not no_verify, letterbox=letterbox, device=device, val=val)
+    try:
+        report = run(job, report_path, exist_ok)
+    except QuantVerifyError as exc:  # raised after report.json and the artifacts were written: show them
+        _echo(exc.report)
+        raise
+    _echo(report)
+
+
+def _echo(report: dict) -> None:
     click.echo(_table(report))
-    write_report(Path(out) / "report.json", report)
     click.echo(f"-> {report['cfg']}, {report['weights']}, {report['onnx']}")
-    write_report(report_path, report)
-    check_verified(report, Path(out) / "report.json")

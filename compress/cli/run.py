@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import click
 
-from ..recipe import Plan, RunConfig, render_commands, run_recipe, stage_rows, stage_table
+from ..jobs import RecipeJob
+from ..recipe import RunConfig, stage_table
 from . import cli
-from ..recipe.runner import MANIFEST
-from .common import resume_marker, write_report
+from .common import run
 
 
 def lookup_command(path: str) -> click.Command | None:
@@ -31,14 +31,12 @@ def lookup_command(path: str) -> click.Command | None:
 @click.option("--exist-ok", is_flag=True, help="Run into a non-empty --out that is not an earlier run of a recipe "
               "(a folder holding manifest.json is resumed without it).")
 @click.pass_obj
-@resume_marker(MANIFEST)
 def run_command(obj: object, recipe: str, out: str | None, overrides: tuple[str, ...], dry_run: bool,
                 report_path: str | None, exist_ok: bool) -> None:
     """Run RECIPE.yaml: each step is a yolo-compress command; models thread through the steps' report.json."""
-    result = run_recipe(RunConfig(recipe, out, overrides, dry_run, exist_ok), lookup_command, context_obj=obj)
-    if isinstance(result, Plan):
-        click.echo(render_commands(result))
+    r = run(RecipeJob(RunConfig(recipe, out, overrides, dry_run, exist_ok), lookup_command, obj), report_path,
+            exist_ok)
+    if r.get("dry_run"):
+        click.echo(r["commands"])
         return
-    rows = stage_rows(result)
-    click.echo(f"\n{stage_table(rows)}\n\n{len(result.records)} steps in {result.seconds:.1f} s -> {result.plan.out}")
-    write_report(report_path, {"out": str(result.plan.out), "wall_s": round(result.seconds, 2), "stages": rows})
+    click.echo(f"\n{stage_table(r['stages'])}\n\n{r['steps']} steps in {r['wall_s']:.1f} s -> {r['out']}")

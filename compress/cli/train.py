@@ -2,22 +2,22 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import click
 from click.core import ParameterSource
 
 from ..cfg import read_cfg
+from ..jobs import TrainJob
 from ..losses import LOSSES
 from ..report import format_stage_table
-from ..train import DistConfig, train_model
+from ..train import DistConfig
 from ..train.hyp import resolve_train_config
 from ..train.optim import SCHEDULERS
 from . import cli
-from .common import training_data, val_option
-from .common import (FIT_OPTION_NAMES, check_not_input, device_option, fit_options, model_options, out_option,
-                     report_option, write_report)
+from .common import val_option
+from .common import (FIT_OPTION_NAMES, device_option, exist_ok_option, fit_options, model_options, out_option,
+                     report_option, run)
 
 TABLE_KEYS = [("epochs", "epochs"), ("final_loss", "final loss"), ("map50", "mAP@0.5"),
               ("map50_95", "mAP@0.5:0.95"), ("params", "params"), ("gflops", "GFLOPs"), ("size_mb", "MB"),
@@ -56,14 +56,15 @@ def dist_from_env(device: str) -> tuple[DistConfig | None, str]:
               help="YAML of hyper-parameters (Ultralytics keys: lr0, lrf, momentum, weight_decay, warmup_epochs, "
                    "box, obj, cls, hsv_h, scale, mosaic, ...; also freeze_bn_stats, bn_momentum).")
 @report_option
-def train_command(cfg: str, weights: str | None, data: str, val: str | None, out: str, scheduler: str, device: str, resume: bool,
-                  no_ema: bool, amp: bool, accumulate: int, no_augment: bool, eval_every: int, cutoff: int | None,
-                  loss: str | None, hyp_path: str | None, report_path: str | None, **fit: Any) -> None:
+@exist_ok_option
+def train_command(cfg: str, weights: str | None, data: str, val: str | None, out: str, scheduler: str, device: str,
+                  resume: bool, no_ema: bool, amp: bool, accumulate: int, no_augment: bool, eval_every: int,
+                  cutoff: int | None, loss: str | None, hyp_path: str | None, report_path: str | None,
+                  exist_ok: bool, **fit: Any) -> None:
     """Train or fine-tune a Darknet model; the best model (by mAP@0.5) is OUT/best.cfg + best.weights.
 
     With --weights (fine-tuning) the defaults change to protect the pretrained model: a small lr0, no
     warm-up, BatchNorm statistics frozen (see the README); options you type and --hyp keys win over them."""
-    check_not_input([Path(out) / f"{n}.{e}" for n in ("best", "last") for e in ("cfg", "weights")], [cfg, weights])
     values = {k: fit.pop(k) for k in FIT_OPTION_NAMES}
     values["img_size"] = values["img_size"] or read_cfg(cfg).width
     mosaic = fit.pop("mosaic")
@@ -77,8 +78,8 @@ def train_command(cfg: str, weights: str | None, data: str, val: str | None, out
     explicit = {k for k in ctx.params if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
     config = resolve_train_config(values, explicit, hyp_path, pretrained=weights is not None and cutoff is None)
     dist, device = dist_from_env(device)
-    result, report = train_model(cfg, weights, training_data(data, val), config, out, device, cutoff, dist)
+    report = run(TrainJob(cfg, weights, data, out, config, device, cutoff, dist, val=val, hyp=hyp_path),
+                 report_path, exist_ok)
     if report:
         click.echo(format_stage_table([report], TABLE_KEYS))
-        write_report(report_path, report)
 

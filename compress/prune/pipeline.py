@@ -59,21 +59,14 @@ def _figures(model: DarknetModel, job: PruneJob, size: int, paths: tuple) -> dic
                              latency_runs=job.latency_runs)
 
 
-def _check_not_input(outs: tuple, ins: tuple) -> None:
-    inputs = {Path(p).resolve() for p in ins if p}
-    for p in outs:
-        if Path(p).resolve() in inputs:
-            raise PruneError(f"{p}: output would overwrite an input file; choose another --out")
-
-
 def run_prune(job: PruneJob) -> tuple[dict, PruneResult, DarknetModel]:
-    """Returns (report dict, PruneResult, original model). Writes nothing when `dry_run`."""
+    """Returns (report dict, PruneResult, original model). Writes nothing when `dry_run`.
+    `compress.jobs.run_job(job)` guards the outputs first and writes OUT/report.json."""
     model = load(job.cfg, job.weights, device=job.device)
     size = job.img_size or model.cfg.width
     result = prune(model, job.config)
     cfg_out, weights_out = job.outputs
     if not job.dry_run:
-        _check_not_input((cfg_out, weights_out), (job.cfg, job.weights))
         cfg_out.parent.mkdir(parents=True, exist_ok=True)
         save(result.model, cfg_out, weights_out)
     before = _figures(model, job, size, (job.cfg, job.weights))

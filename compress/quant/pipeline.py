@@ -55,6 +55,8 @@ class QuantizeJob:
     letterbox: bool | None = None   # eval input geometry; None: the cfg's [net] letter_box
     verify: bool = True
     verify_tolerance: float = 0.01
+    device: str = "cpu"                 # quantize(job) runs here unless a device is passed
+    val: str | None = None              # replaces the data's valid split (--val)
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -139,8 +141,10 @@ def _evaluate(model_or_fn: Any, spec: Any, img: int, job: QuantizeJob, device: s
     return {"map50": r.map50, "map50_95": r.map50_95}
 
 
-def quantize(job: QuantizeJob, device: str = "cpu") -> dict:
-    """Run the job; returns the report figures (paths, mAPs, sizes, latencies)."""
+def quantize(job: QuantizeJob, device: str | None = None) -> dict:
+    """Run the job (on `device`, default `job.device`); returns the report figures (paths, mAPs, sizes,
+    latencies). Writes no report.json: `compress.jobs.run_job(job)` guards the outputs and writes it."""
+    device = device or job.device
     from ..data import load_data_spec
     from ..export import ExportConfig, export_onnx
 
@@ -150,7 +154,7 @@ def quantize(job: QuantizeJob, device: str = "cpu") -> dict:
     from ..evaluate import input_letterbox
     # one input geometry for every subject: the ONNX predictor has no cfg to read it from
     job = dataclasses.replace(job, letterbox=input_letterbox(model, job.letterbox))
-    spec = load_data_spec(job.data)
+    spec = load_data_spec(job.data, job.val, training=True)
     qmodel = prepare_qat(model, job.config)
     seen = calibrate(qmodel, _calibration_batches(spec, img, job), device)
     figures: dict[str, Any] = {"method": job.config.method, "quant_config": config_to_dict(job.config),

@@ -24,7 +24,7 @@ from .summary import STAGE_KEYS, stage_rows, stage_table, write_summary
 
 __all__ = ["RunConfig", "RunResult", "StepRecord", "Recipe", "Plan", "PlannedStep", "STEPS", "StepKind",
            "MODEL_REFS", "STAGE_KEYS", "register_step", "load_recipe", "parse_recipe", "prepare", "run_recipe",
-           "render_commands", "stage_rows", "stage_table", "write_summary"]
+           "render_commands", "run_plan", "out_dir", "stage_rows", "stage_table", "write_summary"]
 
 
 @dataclass(frozen=True)
@@ -56,16 +56,28 @@ def prepare(config: RunConfig, commands: CommandLookup) -> Plan:
     return plan_recipe(recipe, commands, _out_dir(config, recipe))
 
 
-def run_recipe(config: RunConfig, commands: CommandLookup, context_obj: object = None) -> RunResult | Plan:
-    """Validate, then (unless dry_run) run every step and write summary.json/summary.png.
+def out_dir(config: RunConfig) -> Path:
+    """The run folder: `config.out`, else the recipe's `out:`, else runs/<recipe name>."""
+    return _out_dir(config, parse_recipe(config.recipe, tuple(config.overrides)))
 
-    Returns the Plan for a dry run, else the RunResult.
+
+def run_recipe(config: RunConfig, commands: CommandLookup, context_obj: object = None) -> RunResult | Plan:
+    """Validate, then (unless dry_run) guard the run folder, run every step and write summary.json/summary.png.
+
+    Returns the Plan for a dry run, else the RunResult. (`compress.jobs.run_job(RecipeJob(...))` is the same
+    run with the guard of every job and a report dict.)
     """
+    if not config.dry_run:
+        check_job_paths(JobPaths(inputs=(Path(config.recipe),), outputs=(Output(out_dir(config), "dir", "--out"),),
+                                 exist_ok=config.exist_ok, resume_marker=MANIFEST))
+    return run_plan(config, commands, context_obj)
+
+
+def run_plan(config: RunConfig, commands: CommandLookup, context_obj: object = None) -> RunResult | Plan:
+    """`run_recipe` after its output guard."""
     plan = prepare(config, commands)
     if config.dry_run:
         return plan
-    check_job_paths(JobPaths(inputs=(Path(config.recipe),), outputs=(Output(plan.out, "dir", "--out"),),
-                             exist_ok=config.exist_ok, resume_marker=MANIFEST))
     result = execute_plan(plan, context_obj)
     write_summary(result, stage_rows(result))
     return result

@@ -1,7 +1,6 @@
 """`train_model`: the whole `train` command as one library call (load, fit, save, report)."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -9,7 +8,6 @@ from pathlib import Path
 import torch
 
 from ..data import load_data_spec
-from ..fileio import write_text_atomic
 from ..losses import init_head_biases
 from ..persist import load
 from ..report import stage_figures
@@ -27,8 +25,10 @@ def train_model(cfg: str | os.PathLike, weights: str | os.PathLike | None, data:
                 cutoff: int | None = None, distributed: DistConfig | None = None,
                 hooks: tuple[Hook, ...] = ()) -> tuple[TrainResult, dict]:
     """Load cfg (+ weights, the first `cutoff` layers only if given), train on `data`, write the output
-    convention files to `out_dir`, and return (result, report). Without weights the detection-head biases
-    get prior initialisation (training from scratch). Only rank 0 writes `report.json`."""
+    convention files to `out_dir`, and return (result, report); the report is {} on torchrun ranks > 0.
+    Without weights the detection-head biases get prior initialisation (training from scratch).
+    `compress.jobs.run_job(TrainJob(...))` is the whole command: it guards the outputs first and writes
+    `out_dir/report.json`."""
     model = load(cfg, weights, device=device, cutoff=cutoff)
     if weights is None or cutoff is not None:
         init_head_biases(model, config.img_size, start=0 if weights is None else cutoff)
@@ -40,9 +40,7 @@ def train_model(cfg: str | os.PathLike, weights: str | os.PathLike | None, data:
     result = fit(model, spec, config, hooks=hooks, device=device, out_dir=out, distributed=distributed)
     if distributed is not None and not distributed.is_main:
         return result, {}
-    report = _report(result, config, device)
-    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
-    return result, report
+    return result, _report(result, config, device)
 
 
 def _report(result: TrainResult, config: TrainConfig, device: str | torch.device) -> dict:
