@@ -21,11 +21,12 @@ from .errors import DataError
 from .imageio import PAD_VALUE, decode_bgr, fit_image, letterbox, load_image
 from .imcache import ImageCache, index_images
 
-__all__ = ["DataSpec", "load_data_spec", "DetectionDataset", "collate", "make_loader", "letterbox",
+__all__ = ["DataSpec", "load_data_spec", "DetectionDataset", "collate", "make_loader", "to_input", "letterbox",
            "load_image", "label_path", "find_names", "read_names", "read_labels", "list_images", "IMG_EXTS",
            "PAD_VALUE", "LabelReport", "EpochSampler"]
 
 log = logging.getLogger(__name__)
+_INV255 = 1 / 255  # applied in float32 (the op's dtype): float32(1/255)
 
 
 @dataclass
@@ -52,8 +53,9 @@ class LabelReport:
 
 
 class DetectionDataset(Dataset):
-    """Images + YOLO labels. Item: (img float32 (3,S,S) RGB in [0,1], labels (n,5) cls,cx,cy,w,h normalised
-    to the network input, path, (orig_h, orig_w), ((ratio_w, ratio_h), (pad_w, pad_h))).
+    """Images + YOLO labels. Item: (img uint8 (3,S,S) RGB, labels (n,5) cls,cx,cy,w,h normalised to the
+    network input, path, (orig_h, orig_w), ((ratio_w, ratio_h), (pad_w, pad_h))). Images stay uint8 until
+    `to_input` makes the float network input on the device (a quarter of the bytes through worker IPC).
 
     `letterbox` picks the input geometry (True: aspect kept + grey padding; False: plain resize, Darknet's
     default). Images are checked once when indexed (missing, truncated, undecodable ones are skipped and
@@ -122,10 +124,8 @@ class DetectionDataset(Dataset):
         else:
             img, labels, ratio, pad = self.fitted(index)
             geom = (ratio, pad)
-        # BGR HWC -> RGB CHW float in [0, 1]: OpenCV's split + numpy's in-place scale are the fastest copies
-        chw = np.stack(cv2.split(img)[::-1]).astype(np.float32)
-        chw *= np.float32(1 / 255)
-        tensor = torch.from_numpy(chw)
+        # BGR HWC -> RGB CHW uint8: OpenCV's split is the fastest planar copy
+        tensor = torch.from_numpy(np.stack(cv2.split(img)[::-1]))
         return tensor, torch.from_numpy(labels), str(path), (h0, w0), geom
 
     def fitted(self, index: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float], tuple[int, int]]:
@@ -173,8 +173,20 @@ class DetectionDataset(Dataset):
         return np.ascontiguousarray(img[..., ::-1])
 
 
+def to_input(imgs: torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
+    """The network input of a batch (or item) of dataset images: uint8 RGB -> float32 in [0, 1] on `device`.
+
+    The ONE place images are normalised (trainer, evaluate/detect, quantization calibration, benchmarks): the
+    transfer carries uint8 and the conversion runs on the device. `x * float32(1/255)`: bit-identical to the
+    worker-side conversion of earlier versions (within float32 eps of x / 255). Float input is taken as already
+    normalised and only moved."""
+    x = imgs if device is None else imgs.to(device, non_blocking=True)
+    return x.float().mul_(_INV255) if x.dtype == torch.uint8 else x
+
+
 def collate(batch):
-    """-> (imgs (N,3,S,S), targets (M,6) = [batch_index, cls, cx, cy, w, h], paths, shapes).
+    """-> (imgs uint8 (N,3,S,S) (`to_input` normalises them), targets (M,6) = [batch_index, cls, cx, cy, w, h],
+    paths, shapes).
 
     shapes[i] = ((orig_h, orig_w), ((ratio_w, ratio_h), (pad_w, pad_h))).
     """

@@ -62,7 +62,7 @@ def test_augmented_boxes_land_on_the_objects(coco8, mosaic, letterbox):
     scores, shifted = [], []
     for i in range(len(ds)):
         tensor, labels = ds[i][:2]
-        img = (tensor.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        img = tensor.permute(1, 2, 0).numpy()
         for box in labels.numpy():
             c, cx, cy, bw, bh = box
             x1, y1, x2, y2 = (cx - bw / 2) * SIZE, (cy - bh / 2) * SIZE, (cx + bw / 2) * SIZE, (cy + bh / 2) * SIZE
@@ -87,7 +87,7 @@ def test_plain_resize_geometry(tmp_path):
     assert (h0, w0, ratio, pad) == (50, 100, (0.64, 1.28), (0, 0))
     assert torch.allclose(labels, torch.tensor([[1, 0.25, 0.25, 0.5, 0.5]]))  # normalised: unchanged
     ref = np.asarray(Image.fromarray(np.asarray(Image.open(img))).resize((64, 64), Image.BILINEAR), np.float32)
-    assert np.abs(tensor.permute(1, 2, 0).numpy() * 255 - ref).mean() < 2  # stretched, not padded
+    assert np.abs(tensor.permute(1, 2, 0).numpy() - ref).mean() < 2  # stretched, not padded
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -154,7 +154,7 @@ def test_cache_downscales_large_images_but_keeps_geometry(tmp_path):
     assert cached.cache.get(0).shape == (43, 64, 3)                 # long side = img_size
     a, b = plain[0], cached[0]
     assert a[3:] == b[3:] and torch.equal(a[1], b[1])                # same labels and geometry
-    assert (a[0] - b[0]).abs().mean() < 0.01                         # resampled twice: close
+    assert (a[0].float() - b[0].float()).abs().mean() < 2.5          # resampled twice: close
 
 
 def test_persistent_workers_follow_the_epoch(tmp_path):
