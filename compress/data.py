@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Sequen
 from .dataspec import (IMG_EXTS, DataSpec, find_names, label_path, list_images, load_data_spec, read_labels,
                        read_names)
 from .errors import DataError
-from .imageio import PAD_VALUE, decode_bgr, fit_image, letterbox, load_image
+from .imageio import PAD_VALUE, decode_bgr, fit_image, letterbox, load_image, rgb_planes, tune_allocator
 from .imcache import ImageCache, index_images
 
 __all__ = ["DataSpec", "load_data_spec", "DetectionDataset", "collate", "make_loader", "to_input", "letterbox",
@@ -115,18 +115,17 @@ class DetectionDataset(Dataset):
 
     def __getitem__(self, index: int | tuple[int, int]):
         epoch, index = index if isinstance(index, tuple) else (self.epoch, index)  # (epoch, i): EpochSampler
+        tune_allocator()
         path, (h0, w0) = self.images[index], self.shapes[index]
         if self.augment:
             from .augment import augment_item
             rng = np.random.default_rng([self.seed, epoch, index])
-            img, labels = augment_item(self, index, rng)
+            chw, labels = augment_item(self, index, rng)
             geom = ((1.0, 1.0), (0, 0))
         else:
             img, labels, ratio, pad = self.fitted(index)
-            geom = (ratio, pad)
-        # BGR HWC -> RGB CHW uint8: OpenCV's split is the fastest planar copy
-        tensor = torch.from_numpy(np.stack(cv2.split(img)[::-1]))
-        return tensor, torch.from_numpy(labels), str(path), (h0, w0), geom
+            chw, geom = rgb_planes(img), (ratio, pad)
+        return torch.from_numpy(chw), torch.from_numpy(labels), str(path), (h0, w0), geom
 
     def fitted(self, index: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float], tuple[int, int]]:
         """(BGR network input, labels normalised to it, (ratio_w, ratio_h), (pad_w, pad_h)) in this
