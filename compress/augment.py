@@ -82,10 +82,13 @@ def to_norm_xywh(boxes: np.ndarray, size: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
+_LEVELS = np.arange(256, dtype=np.float32)
+
+
 def hsv_luts(rng: np.random.Generator, h: float, s: float, v: float) -> tuple[np.ndarray, ...]:
     """Lookup tables of random hue/saturation/value gains in OpenCV's HSV (hue 0..179)."""
     gains = rng.uniform(-1, 1, 3) * np.array([h, s, v]) + 1
-    x = np.arange(256, dtype=np.float32)
+    x = _LEVELS
     return (((x * gains[0]) % 180).astype(np.uint8), np.clip(x * gains[1], 0, 255).astype(np.uint8),
             np.clip(x * gains[2], 0, 255).astype(np.uint8))
 
@@ -137,8 +140,9 @@ def draw(src: np.ndarray, m: np.ndarray, out: np.ndarray, luts: tuple[np.ndarray
          ) -> np.ndarray | None:
     """Resample BGR `src` into the RGB planes `out` (3, S, S; in place) through the continuous-coordinate
     scale/translate/flip matrix `m` (pixel i spans [i, i+1]); `luts` (`hsv_luts`) colour the drawn pixels.
-    Returns the matrix actually applied (`m` rounded so the visible crop maps onto whole output pixels: a
-    pixel of offset, a source pixel of scale over the span at most), or None when `src` does not show."""
+    Returns the matrix actually applied (`m` rounded so that whole source pixels map onto whole output
+    pixels: points move by at most half an output or half a source pixel), or None when `src` does not
+    show."""
     size, flip = out.shape[1], m[0, 0] < 0
     if flip:
         m = _affine(-1.0, 1.0, size, 0.0) @ m   # draw unflipped, mirror the tile

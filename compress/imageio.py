@@ -60,10 +60,12 @@ def reduce_factor(scale: float) -> int:
 def decode_bgr(path: str | os.PathLike, reduce: int = 1) -> np.ndarray | None:
     """BGR uint8 (H, W, 3) with the EXIF orientation applied (OpenCV's imread does it), or None.
 
-    `reduce` (2, 4, 8) decodes at 1/reduce of the size: JPEG's DCT scaling makes that several times faster."""
-    jpeg = Path(path).suffix.lower() in _JPEG
+    `reduce` (2, 4, 8) decodes at 1/reduce of the size (JPEG DCT scaling: the entropy decoding stays, the
+    inverse DCT and colour conversion of the dropped pixels go; ~25% faster at 1/2 on COCO images)."""
+    path = os.fspath(path)
+    jpeg = os.path.splitext(path)[1].lower() in _JPEG
     flags = _REDUCED[reduce] | (0 if jpeg else cv2.IMREAD_IGNORE_ORIENTATION)  # EXIF orientation: JPEG only
-    img = cv2.imread(str(path), flags)
+    img = cv2.imread(path, flags)
     if img is None:  # formats OpenCV lacks (or odd paths): fall back to Pillow
         try:
             with Image.open(path) as im:
