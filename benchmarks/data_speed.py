@@ -11,7 +11,7 @@ package at DIR supports (e.g. an older checkout's `compress/`) in a subprocess, 
 measured under the same load.
 
     PYTHONPATH=. python benchmarks/data_speed.py [--n 64] [--size 416] [--gpu-rates 200,500,1000]
-        [--compare-to /tmp/base] [--repeat 2] [--json runs/data_speed.json]
+        [--compare-to /tmp/base] [--repeat 2] [--out runs/data_speed.json]
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=416)
     ap.add_argument("--gpu-rates", default="200,500,1000", help="GPU img/s to feed (comma separated)")
     ap.add_argument("--compare-to", help="PYTHONPATH of another compress package (before/after)")
-    ap.add_argument("--json", default="runs/data_speed.json")
+    ap.add_argument("--out", "--json", dest="json", default="runs/data_speed.json", help="JSON output")
     ap.add_argument("--repeat", type=int, default=2, help="alternating rounds (best of)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
