@@ -41,7 +41,7 @@ def tune_allocator() -> None:
     _tuned_pid = os.getpid()
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no C library handle (Windows) or no mallopt (macOS)
         return
     mallopt(_M_TRIM_THRESHOLD, 64 << 20)
     mallopt(_M_MMAP_THRESHOLD, 32 << 20)
