@@ -1,16 +1,22 @@
 """Data pipeline speed per CPU core: decode, decode + resize, full augmentation (with and without mosaic),
 with and without the RAM cache, at 416; and the DataLoader workers needed to feed a given GPU step rate.
 
-One process, one thread (torch and OpenCV), COCO128 images, items exactly as the trainer gets them
-(float CHW tensors). `--compare-to DIR` also runs the rows the package at DIR supports (e.g. an older
-checkout's `compress/`) in a subprocess, for a before/after ratio measured under the same load.
+One process, one thread (torch and OpenCV), COCO128 images, items exactly as the trainer gets them (uint8
+CHW tensors since issue 15's second round; float CHW before: the float conversion now runs on the device,
+in `to_input`, and is not counted). Rates are images per CPU-second of the measuring process (system time
+included), which is img/s on one idle core and stays put while other processes load the machine. The
+DataLoader row runs one worker process and adds the CPU time of both processes (decode + augmentation in
+the worker, batching and the transfer of items between them). `--compare-to DIR` also runs the rows the
+package at DIR supports (e.g. an older checkout's `compress/`) in a subprocess, for a before/after ratio
+measured under the same load.
 
     PYTHONPATH=. python benchmarks/data_speed.py [--n 64] [--size 416] [--gpu-rates 200,500,1000]
-        [--compare-to /tmp/base] [--repeat 2] [--json runs/data_speed.json]
+        [--compare-to /tmp/base] [--repeat 2] [--out runs/data_speed.json]
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -26,10 +32,33 @@ IMAGES = ASSETS / "data" / "coco128" / "images" / "train2017"
 
 def _rate(fn, n: int) -> float:
     fn(0)  # warm-up (imports, first allocation)
-    t = time.perf_counter()
+    t = time.process_time()
     for i in range(n):
         fn(i)
-    return n / (time.perf_counter() - t)
+    return n / (time.process_time() - t)
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a live process, from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _loader_rate(ds, collate, passes: int = 2) -> float:
+    """Images per CPU-second of one persistent DataLoader worker + this process (batches of 16), after a
+    warm-up pass (the worker's start is not counted)."""
+    from torch.utils.data import DataLoader
+    loader = DataLoader(ds, batch_size=16, num_workers=1, collate_fn=collate, persistent_workers=True)
+    for _ in loader:  # warm-up: fork, first allocations
+        pass
+    pid = loader._iterator._workers[0].pid
+    t, w = time.process_time(), _proc_cpu(pid)
+    n = sum(len(batch[0]) for _ in range(passes) for batch in loader)
+    spent = time.process_time() - t + _proc_cpu(pid) - w
+    del loader
+    gc.collect()
+    return n / spent
 
 
 def measure(n: int, size: int) -> dict[str, float]:
@@ -61,6 +90,9 @@ def measure(n: int, size: int) -> dict[str, float]:
         except TypeError:
             continue  # no cache in this version
         rows[f"{label}, RAM cache"] = _rate(lambda i: cached[i % n], n)
+    from compress.data import collate
+    rows["full augmentation, 1 DataLoader worker"] = _loader_rate(
+        DetectionDataset(images, size, augment=True, aug=AugmentConfig()), collate)
     return rows
 
 
@@ -81,7 +113,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=416)
     ap.add_argument("--gpu-rates", default="200,500,1000", help="GPU img/s to feed (comma separated)")
     ap.add_argument("--compare-to", help="PYTHONPATH of another compress package (before/after)")
-    ap.add_argument("--json", default="runs/data_speed.json")
+    ap.add_argument("--out", "--json", dest="json", default="runs/data_speed.json", help="JSON output")
     ap.add_argument("--repeat", type=int, default=2, help="alternating rounds (best of)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

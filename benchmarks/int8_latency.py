@@ -35,9 +35,9 @@ def _batches(data: str | None, img: int, n: int):
     if data is None:
         g = torch.Generator().manual_seed(0)
         return [torch.rand(4, 3, img, img, generator=g) for _ in range(n)]
-    from compress.data import load_data_spec, make_loader
+    from compress.data import load_data_spec, make_loader, to_input
     loader = make_loader(load_data_spec(data), img, 4, workers=0, split="train")
-    return [b[0] for _, b in zip(range(n), loader)]
+    return [to_input(b[0]) for _, b in zip(range(n), loader)]
 
 
 def _per_channel(path: Path) -> bool:

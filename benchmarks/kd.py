@@ -114,13 +114,14 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, paths: dict) -> 
 def term_ratios(paths: dict, n_images: int = 16) -> list[dict]:
     """KD term / detection loss on one training batch, per strategy: the reference's absolute weights vs the
     calibrated ones (issue 10: reference KD1 ~48x the detection loss, attention 1e-6..1e-5)."""
-    from compress.data import DetectionDataset, collate
+    from compress.data import DetectionDataset, collate, to_input
     from compress.distill import DistillHook
     from compress.losses import YoloLoss
 
     spec = load_data_spec(paths["data"])
     imgs, targets, _, _ = collate([DetectionDataset(spec.train[:n_images], 128, num_classes=spec.nc)[i]
                                    for i in range(n_images)])
+    imgs = to_input(imgs)
     s, t = load(paths["s_cfg"], paths["s_weights"]).train(), load(paths["t_cfg"], paths["t_weights"])
     rows = []
     for k in range(1, 6):

@@ -14,7 +14,7 @@ import torch
 from tabulate import tabulate
 
 from compress import load
-from compress.data import DetectionDataset, collate
+from compress.data import DetectionDataset, collate, to_input
 from compress.fileio import write_text_atomic
 from compress.losses import LOSSES, build_loss
 from compress.train.optim import build_optimizer
@@ -35,7 +35,7 @@ def measure(cfg: Path, weights: Path | None, images: Path, img_size: int, batch:
         t0 = time.perf_counter()
         imgs, targets, _, _ = next(it)
         t1 = time.perf_counter()
-        total, _ = loss_fn(model(imgs.to(device)), targets.to(device), (img_size, img_size))
+        total, _ = loss_fn(model(to_input(imgs, device)), targets.to(device), (img_size, img_size))
         total.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

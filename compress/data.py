@@ -18,14 +18,15 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Sequen
 from .dataspec import (IMG_EXTS, DataSpec, find_names, label_path, list_images, load_data_spec, read_labels,
                        read_names)
 from .errors import DataError
-from .imageio import PAD_VALUE, decode_bgr, fit_image, letterbox, load_image
+from .imageio import PAD_VALUE, decode_bgr, fit_image, letterbox, load_image, rgb_planes, tune_allocator
 from .imcache import ImageCache, index_images
 
-__all__ = ["DataSpec", "load_data_spec", "DetectionDataset", "collate", "make_loader", "letterbox",
+__all__ = ["DataSpec", "load_data_spec", "DetectionDataset", "collate", "make_loader", "to_input", "letterbox",
            "load_image", "label_path", "find_names", "read_names", "read_labels", "list_images", "IMG_EXTS",
            "PAD_VALUE", "LabelReport", "EpochSampler"]
 
 log = logging.getLogger(__name__)
+_INV255 = 1 / 255  # applied in float32 (the op's dtype): float32(1/255)
 
 
 @dataclass
@@ -52,8 +53,9 @@ class LabelReport:
 
 
 class DetectionDataset(Dataset):
-    """Images + YOLO labels. Item: (img float32 (3,S,S) RGB in [0,1], labels (n,5) cls,cx,cy,w,h normalised
-    to the network input, path, (orig_h, orig_w), ((ratio_w, ratio_h), (pad_w, pad_h))).
+    """Images + YOLO labels. Item: (img uint8 (3,S,S) RGB, labels (n,5) cls,cx,cy,w,h normalised to the
+    network input, path, (orig_h, orig_w), ((ratio_w, ratio_h), (pad_w, pad_h))). Images stay uint8 until
+    `to_input` makes the float network input on the device (a quarter of the bytes through worker IPC).
 
     `letterbox` picks the input geometry (True: aspect kept + grey padding; False: plain resize, Darknet's
     default). Images are checked once when indexed (missing, truncated, undecodable ones are skipped and
@@ -113,20 +115,17 @@ class DetectionDataset(Dataset):
 
     def __getitem__(self, index: int | tuple[int, int]):
         epoch, index = index if isinstance(index, tuple) else (self.epoch, index)  # (epoch, i): EpochSampler
+        tune_allocator()
         path, (h0, w0) = self.images[index], self.shapes[index]
         if self.augment:
             from .augment import augment_item
             rng = np.random.default_rng([self.seed, epoch, index])
-            img, labels = augment_item(self, index, rng)
+            chw, labels = augment_item(self, index, rng)
             geom = ((1.0, 1.0), (0, 0))
         else:
             img, labels, ratio, pad = self.fitted(index)
-            geom = (ratio, pad)
-        # BGR HWC -> RGB CHW float in [0, 1]: OpenCV's split + numpy's in-place scale are the fastest copies
-        chw = np.stack(cv2.split(img)[::-1]).astype(np.float32)
-        chw *= np.float32(1 / 255)
-        tensor = torch.from_numpy(chw)
-        return tensor, torch.from_numpy(labels), str(path), (h0, w0), geom
+            chw, geom = rgb_planes(img), (ratio, pad)
+        return torch.from_numpy(chw), torch.from_numpy(labels), str(path), (h0, w0), geom
 
     def fitted(self, index: int) -> tuple[np.ndarray, np.ndarray, tuple[float, float], tuple[int, int]]:
         """(BGR network input, labels normalised to it, (ratio_w, ratio_h), (pad_w, pad_h)) in this
@@ -173,8 +172,20 @@ class DetectionDataset(Dataset):
         return np.ascontiguousarray(img[..., ::-1])
 
 
+def to_input(imgs: torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
+    """The network input of a batch (or item) of dataset images: uint8 RGB -> float32 in [0, 1] on `device`.
+
+    The ONE place images are normalised (trainer, evaluate/detect, quantization calibration, benchmarks): the
+    transfer carries uint8 and the conversion runs on the device. `x * float32(1/255)`: bit-identical to the
+    worker-side conversion of earlier versions (within float32 eps of x / 255). Float input is taken as already
+    normalised and only moved."""
+    x = imgs if device is None else imgs.to(device, non_blocking=True)
+    return x.float().mul_(_INV255) if x.dtype == torch.uint8 else x
+
+
 def collate(batch):
-    """-> (imgs (N,3,S,S), targets (M,6) = [batch_index, cls, cx, cy, w, h], paths, shapes).
+    """-> (imgs uint8 (N,3,S,S) (`to_input` normalises them), targets (M,6) = [batch_index, cls, cx, cy, w, h],
+    paths, shapes).
 
     shapes[i] = ((orig_h, orig_w), ((ratio_w, ratio_h), (pad_w, pad_h))).
     """

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .boxes import box_iou, non_max_suppression
 from .data import (DataSpec, DetectionDataset, default_workers, find_names, load_data_spec, make_loader,
-                   read_names)
+                   read_names, to_input)
 from .errors import DataError
 from .fileio import write_text_atomic
 from .imageio import cfg_letterbox
@@ -131,7 +131,7 @@ def predict(fn: Predictor, loader, config: EvalConfig, device: str | torch.devic
                disable=None if config.progress else True)  # None: bars on a TTY only
     t = time.perf_counter()
     for imgs, _, _, shapes in loader:
-        imgs = imgs.to(device, non_blocking=True)
+        imgs = to_input(imgs, device)
         t1 = time.perf_counter()
         with torch.no_grad():
             pred = torch.as_tensor(fn(imgs)).float()

@@ -7,6 +7,7 @@ Two input geometries exist, as in Darknet: a plain resize to S x S (Darknet's de
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -15,12 +16,35 @@ import numpy as np
 from PIL import Image
 
 __all__ = ["PAD_VALUE", "decode_bgr", "reduce_factor", "load_image", "image_info", "letterbox", "fit_image", "geometry",
-           "cfg_letterbox"]
+           "cfg_letterbox", "split_into", "rgb_planes", "tune_allocator"]
 
 PAD_VALUE = 114          # grey padding (114/255), as in Darknet-trained YOLO letterboxing
 _ORIENT_SWAPS = {5, 6, 7, 8}  # EXIF orientations that rotate by 90 degrees (width and height swap)
 _JPEG = (".jpg", ".jpeg")     # EXIF orientation is honoured for JPEG files (what cameras write)
 cv2.setNumThreads(1)     # one DataLoader worker = one core; OpenCV's own threads would oversubscribe
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_tuned_pid: int | None = None
+
+
+def tune_allocator() -> None:
+    """Once per process (DataLoader workers included): keep freed image buffers in the C heap.
+
+    glibc hands the top of its heap back to the OS once more than its trim threshold is free (by default
+    twice the largest freed large block, ~2 MB here), so each item's decode buffers were page-faulted in
+    anew: ~440 faults and 1.3 ms of system time per augmented 416 item, a quarter of its cost (measured).
+    Fixed thresholds (64 MB trim, 32 MB mmap) keep them. Elsewhere than glibc: nothing to do."""
+    global _tuned_pid
+    if _tuned_pid == os.getpid():
+        return
+    _tuned_pid = os.getpid()
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # no C library handle (Windows) or no mallopt (macOS)
+        return
+    mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)
 
 
 _REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
@@ -36,10 +60,12 @@ def reduce_factor(scale: float) -> int:
 def decode_bgr(path: str | os.PathLike, reduce: int = 1) -> np.ndarray | None:
     """BGR uint8 (H, W, 3) with the EXIF orientation applied (OpenCV's imread does it), or None.
 
-    `reduce` (2, 4, 8) decodes at 1/reduce of the size: JPEG's DCT scaling makes that several times faster."""
-    jpeg = Path(path).suffix.lower() in _JPEG
+    `reduce` (2, 4, 8) decodes at 1/reduce of the size (JPEG DCT scaling: the entropy decoding stays, the
+    inverse DCT and colour conversion of the dropped pixels go; ~25% faster at 1/2 on COCO images)."""
+    path = os.fspath(path)
+    jpeg = os.path.splitext(path)[1].lower() in _JPEG
     flags = _REDUCED[reduce] | (0 if jpeg else cv2.IMREAD_IGNORE_ORIENTATION)  # EXIF orientation: JPEG only
-    img = cv2.imread(str(path), flags)
+    img = cv2.imread(path, flags)
     if img is None:  # formats OpenCV lacks (or odd paths): fall back to Pillow
         try:
             with Image.open(path) as im:
@@ -49,6 +75,21 @@ def decode_bgr(path: str | os.PathLike, reduce: int = 1) -> np.ndarray | None:
         except Exception:  # noqa: BLE001 - any decoder failure means "undecodable"
             return None
     return img
+
+
+def split_into(img: np.ndarray, views: list[np.ndarray]) -> None:
+    """De-interleave `img` (H, W, 3) straight into three (H, W) plane views, one pass, no temporaries."""
+    got = cv2.split(img, views)  # OpenCV writes into destinations of the right size and type ...
+    if not np.shares_memory(got[0], views[0]):  # ... should it ever allocate instead, copy
+        for g, v in zip(got, views):
+            v[...] = g
+
+
+def rgb_planes(bgr: np.ndarray) -> np.ndarray:
+    """BGR (H, W, 3) -> RGB (3, H, W), uint8."""
+    out = np.empty((3, *bgr.shape[:2]), bgr.dtype)
+    split_into(bgr, [out[2], out[1], out[0]])
+    return out
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:

@@ -62,7 +62,7 @@ def test_augmented_boxes_land_on_the_objects(coco8, mosaic, letterbox):
     scores, shifted = [], []
     for i in range(len(ds)):
         tensor, labels = ds[i][:2]
-        img = (tensor.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        img = tensor.permute(1, 2, 0).numpy()
         for box in labels.numpy():
             c, cx, cy, bw, bh = box
             x1, y1, x2, y2 = (cx - bw / 2) * SIZE, (cy - bh / 2) * SIZE, (cx + bw / 2) * SIZE, (cy + bh / 2) * SIZE
@@ -87,7 +87,7 @@ def test_plain_resize_geometry(tmp_path):
     assert (h0, w0, ratio, pad) == (50, 100, (0.64, 1.28), (0, 0))
     assert torch.allclose(labels, torch.tensor([[1, 0.25, 0.25, 0.5, 0.5]]))  # normalised: unchanged
     ref = np.asarray(Image.fromarray(np.asarray(Image.open(img))).resize((64, 64), Image.BILINEAR), np.float32)
-    assert np.abs(tensor.permute(1, 2, 0).numpy() * 255 - ref).mean() < 2  # stretched, not padded
+    assert np.abs(tensor.permute(1, 2, 0).numpy() - ref).mean() < 2  # stretched, not padded
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -154,7 +154,7 @@ def test_cache_downscales_large_images_but_keeps_geometry(tmp_path):
     assert cached.cache.get(0).shape == (43, 64, 3)                 # long side = img_size
     a, b = plain[0], cached[0]
     assert a[3:] == b[3:] and torch.equal(a[1], b[1])                # same labels and geometry
-    assert (a[0] - b[0]).abs().mean() < 0.01                         # resampled twice: close
+    assert (a[0].float() - b[0].float()).abs().mean() < 2.5          # resampled twice: close
 
 
 def test_persistent_workers_follow_the_epoch(tmp_path):
@@ -172,3 +172,34 @@ def test_augment_config_from_hyp_mapping():
     assert (cfg.mosaic, cfg.hsv_h, cfg.scale) == (1.0, 0.02, 0.5)
     with pytest.raises(DataError, match="mosaic must be in"):
         AugmentConfig.from_dict({"mosaic": 2})
+
+
+def test_draw_puts_pixels_where_its_returned_matrix_says():
+    """A coloured block drawn through random scale/translate/flip matrices: pixels whose centres lie inside
+    its image under the returned (applied) matrix are the block's colour, as RGB planes; pixels outside are
+    untouched; the applied matrix is the requested one up to half an output or half a source pixel."""
+    from compress.augment import draw
+    rng = np.random.default_rng(0)
+    src = np.zeros((80, 100, 3), np.uint8)
+    src[20:40, 30:60] = (255, 128, 0)  # BGR
+    centres = np.arange(96) + 0.5
+    for _ in range(60):
+        sx, sy = rng.uniform(0.4, 2.5), rng.uniform(0.4, 2.5)
+        cx, cy = rng.uniform(10, 86, 2)  # where the block's centre lands
+        m = np.array([[sx, 0, cx - 45 * sx], [0, sy, cy - 30 * sy], [0, 0, 1]])
+        if rng.random() < 0.5:
+            m = np.array([[-1.0, 0, 96], [0, 1, 0], [0, 0, 1]]) @ m
+        out = np.zeros((3, 96, 96), np.uint8)
+        a = draw(src, m, out)
+        corners = np.array([[30, 20, 1], [60, 40, 1]]).T
+        shown = ((m @ corners) >= 0) & ((m @ corners) <= 96)  # beyond the drawn crop, errors extrapolate
+        err = np.where(shown, np.abs(a @ corners - m @ corners), 0).max(1)[:2]
+        assert (err <= np.maximum(0.5, np.abs(m.diagonal()[:2]) / 2) + 1e-9).all() and a[0, 0] * m[0, 0] > 0
+        (x1, x2), (y1, y2) = sorted((a @ corners)[0]), sorted((a @ corners)[1])
+        mx, my = abs(a[0, 0]) / 2 + 0.25, abs(a[1, 1]) / 2 + 0.25  # bilinear blends half a source pixel
+        inside = (np.abs(centres[None, :] - (x1 + x2) / 2) < (x2 - x1) / 2 - mx) & \
+                 (np.abs(centres[:, None] - (y1 + y2) / 2) < (y2 - y1) / 2 - my)
+        outside = (np.abs(centres[None, :] - (x1 + x2) / 2) > (x2 - x1) / 2 + mx) | \
+                  (np.abs(centres[:, None] - (y1 + y2) / 2) > (y2 - y1) / 2 + my)
+        assert inside.any() and (out[:, inside].T == (0, 128, 255)).all()
+        assert (out[:, outside] == 0).all()

@@ -9,7 +9,7 @@ import torch
 
 import compress
 from compress.boxes import box_iou, non_max_suppression
-from compress.data import make_loader
+from compress.data import make_loader, to_input
 from compress.quant import GoogleConfig, calibrate, prepare_qat
 
 SIZE = 320
@@ -21,7 +21,7 @@ def v4tiny():
     root = require_assets()
     model = compress.load(root / "weights/yolov4-tiny.cfg", root / "weights/yolov4-tiny.weights")
     images = sorted((root / "data/coco128/images/train2017").glob("*.jpg"))[:8]
-    imgs = next(iter(make_loader(images, SIZE, batch_size=8, workers=0)))[0]
+    imgs = to_input(next(iter(make_loader(images, SIZE, batch_size=8, workers=0)))[0])
     q = prepare_qat(model, GoogleConfig())
     calibrate(q, [imgs])
     return model, q, imgs

@@ -115,16 +115,17 @@ def _symmetric(config: QuantConfig) -> bool:
 
 @torch.no_grad()
 def calibrate(model: QATModel, batches: Iterable[torch.Tensor], device: str | torch.device = "cpu") -> int:
-    """Post-training calibration: run `batches` (float images in [0, 1]) with only the observers in
+    """Post-training calibration: run `batches` (uint8 loader batches or floats in [0, 1]) with only the observers in
     training mode (BN keeps its running statistics). Returns the number of images seen."""
     model.eval()
+    from ..data import to_input
     observers = [m for m in model.modules() if isinstance(m, ActQuant)]
     for m in observers:
         m.train()
     seen = 0
     try:
         for imgs in batches:
-            model(imgs.to(device))
+            model(to_input(imgs, device))  # uint8 loader batches -> float [0, 1]
             seen += imgs.shape[0]
     finally:
         model.eval()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..data import DataSpec, DetectionDataset, collate
+from ..data import DataSpec, DetectionDataset, collate, to_input
 from ..losses import build_loss
 from ..persist import save
 from . import distributed as D
@@ -180,7 +180,7 @@ class _Trainer:
             it = epoch * nb + i
             warmup_step(state.optimizer, min(it, n_warmup), n_warmup, target_lr, cfg.momentum,
                         cfg.warmup_momentum)
-            parts = self._micro_step(imgs.to(state.device), targets.to(state.device))
+            parts = self._micro_step(to_input(imgs, state.device), targets.to(state.device))
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             if (i + 1) % cfg.accumulate == 0 or i == nb - 1:
