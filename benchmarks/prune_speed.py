@@ -29,7 +29,8 @@ from compress.persist import save
 from compress.prune import METHODS, PruneConfig, prune
 from compress.report import measure_latency, summarize
 
-DEFAULT_CFG = Path(__file__).resolve().parents[2] / "shared" / "assets" / "cfg" / "yolov3.cfg"
+ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
+DEFAULT_CFG = ASSETS / "cfg" / "yolov3.cfg"
 
 
 def _random_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

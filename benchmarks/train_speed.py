@@ -1,18 +1,19 @@
 """Training throughput of the training loop (`compress.train.fit`: data loading, warm-up, loss, backward,
 clipping, optimizer step, EMA, hooks) against a bare forward + loss + backward + SGD step of the same model on
-the same batch size, already in memory; prints the ratio loop/bare (goal >= 0.8). Default: yolov3-tiny at 416 on
+the same images (decoded and augmented beforehand, in memory); prints the ratio loop/bare (goal >= 0.8). Default: yolov3-tiny at 416 on
 CPU over COCO128 from the shared assets.
 
 Steps alternate in rounds (bare steps, then a short `fit` epoch, ...) so the other processes' load affects both
 sides alike; the ratio uses median step times (mean-based figures are in the JSON too). The first step of each
 round (worker start, allocator warm-up) is not counted.
 
-    python benchmarks/train_speed.py --rounds 2 --steps 4 --out train_speed.json
+    python benchmarks/train_speed.py --rounds 2 --steps 3 --threads 1 --out train_speed.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from compress.train import TrainConfig, fit
 from compress.train.hooks import Hook
 from compress.train.optim import build_optimizer
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 
 
 class StepTimer(Hook):
@@ -54,15 +55,16 @@ def loop_round(model, images: list[Path], nc: int, config: TrainConfig, device: 
     fit(model, DataSpec(images, [], [str(i) for i in range(nc)], "bench"), config, hooks=[timer], device=device)
 
 
-def bare_round(model, imgs: torch.Tensor, targets: torch.Tensor, loss_name: str, config: TrainConfig,
-               steps: int, device: str) -> list[float]:
-    """forward + loss + backward + SGD step on one in-memory batch; per-step wall times after the first."""
+def bare_round(model, batches: list[tuple[torch.Tensor, torch.Tensor]], loss_name: str, config: TrainConfig,
+               device: str) -> list[float]:
+    """forward + loss + backward + SGD step on in-memory batches (the loop's images, already decoded and
+    augmented); per-step wall times after the first."""
     model.train()
     loss_fn = build_loss(loss_name, model, config)
     opt = build_optimizer(model, "sgd", 1e-4, 0.9, 5e-4)
-    imgs, targets = imgs.to(device), targets.to(device)
     times = []
-    for step in range(steps + 1):
+    for step, (imgs, targets) in enumerate(batches):
+        imgs, targets = imgs.to(device), targets.to(device)
         t0 = time.perf_counter()
         total, _ = loss_fn(model(imgs), targets, tuple(imgs.shape[-2:]))
         total.backward()
@@ -81,12 +83,11 @@ def measure(cfg: Path, weights: Path | None, images: Path, img_size: int, batch:
     model = load(cfg, weights, device=device)
     config = TrainConfig(epochs=1, batch_size=batch, img_size=img_size, workers=workers, loss=loss, lr0=1e-4,
                          eval_every=1, seed=0)
-    ds = DetectionDataset(files[:batch], img_size, augment=True, num_classes=model.num_classes,
-                          aug=config.augment_config())
-    imgs, targets, _, _ = collate([ds[i] for i in range(batch)])
+    ds = DetectionDataset(files, img_size, augment=True, num_classes=model.num_classes, aug=config.augment_config())
+    batches = [collate([ds[i] for i in range(k * batch, (k + 1) * batch)])[:2] for k in range(steps + 1)]
     timer, bare = StepTimer(), []
     for _ in range(rounds):
-        bare += bare_round(model, imgs, targets, loss, config, steps, device)
+        bare += bare_round(model, batches, loss, config, device)
         loop_round(model, files, model.num_classes, config, device, timer)
     loop = timer.times
     n_loop, n_bare = statistics.median(loop), statistics.median(bare)
@@ -109,9 +110,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a loaded CPU")
     ap.add_argument("--loss", default="darknet", choices=sorted(LOSSES))
     ap.add_argument("--out", type=Path, help="Write the figures as JSON here.")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     row = measure(args.cfg, args.weights, args.images, args.img_size, args.batch_size, args.steps, args.rounds,
                   args.workers, args.device, args.loss)
     shown = {k: v for k, v in row.items() if not isinstance(v, list)}
