@@ -1,7 +1,8 @@
 """Prune speed on a cfg (default yolov3.cfg at 416, random BN gammas), two tables:
 
 1. whole process: `yolo-compress prune` per method (default, i.e. without `--latency`, and with it) against
-   `yolo-compress info` on the same pair; goal: prune <= 2x info by default;
+   `yolo-compress info` on the same pair, run right before it (wall and CPU time ratios; on a loaded machine
+   the CPU ratio is the stable one); goal: prune <= 2x info by default;
 2. in process: `prune()` wall time per method, with the CPU latency ratio pruned/original next to the FLOPs ratio.
 
     .venv/bin/python benchmarks/prune_speed.py --cfg ../shared/assets/cfg/yolov3.cfg --out prune_speed.json
@@ -12,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -27,7 +29,8 @@ from compress.persist import save
 from compress.prune import METHODS, PruneConfig, prune
 from compress.report import measure_latency, summarize
 
-DEFAULT_CFG = Path(__file__).resolve().parents[2] / "shared" / "assets" / "cfg" / "yolov3.cfg"
+ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
+DEFAULT_CFG = ASSETS / "cfg" / "yolov3.cfg"
 
 
 def _random_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -49,28 +52,36 @@ def _method_args(method: str, percent: float, shortcuts: int) -> list[str]:
     return args
 
 
-def _wall(argv: list[str], threads: int) -> float:
+def _run(argv: list[str], threads: int) -> tuple[float, float]:
+    """(wall s, CPU s) of one child process; CPU = user + system time of the child (its threads summed),
+    which the other processes' load on the machine inflates far less than wall time."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "compress", *argv], check=True, env=env, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
 
 def bench_process(cfg: Path, methods: list[str], percent: float, shortcuts: int, threads: int,
                   tmp: Path, with_latency: bool = True) -> list[dict]:
-    """Whole-process wall times (python start, imports, load, prune, save, report) vs `info`."""
+    """Whole-process times (python start, imports, load, prune, save, report) vs `info`, which runs right
+    before each method so that both see the same machine load; ratios of wall and of CPU time."""
     pair = (tmp / "in.cfg", tmp / "in.weights")
     save(_random_bn(build_model(read_cfg(cfg))), *pair)
     model_args = ["--cfg", str(pair[0]), "--weights", str(pair[1])]
-    info_s = _wall(["info", *model_args], threads)
+    _run(["info", *model_args], threads)  # page cache and import caches warm for every pair below
     rows = []
     for method in methods:
+        info_s, info_cpu = _run(["info", *model_args], threads)
         argv = ["prune", *model_args, "--out", str(tmp / method), *_method_args(method, percent, shortcuts)]
-        plain = _wall(argv, threads)
+        plain, plain_cpu = _run(argv, threads)
         row = {"method": method, "info_s": round(info_s, 2), "prune_s": round(plain, 2),
-               "prune/info": round(plain / info_s, 2)}
+               "prune/info": round(plain / info_s, 2), "info_cpu_s": round(info_cpu, 2),
+               "prune_cpu_s": round(plain_cpu, 2), "prune/info (CPU)": round(plain_cpu / info_cpu, 2)}
         if with_latency:
-            timed = _wall(argv + ["--out", str(tmp / f"{method}-latency"), "--latency"], threads)
+            timed, _ = _run(argv + ["--out", str(tmp / f"{method}-latency"), "--latency"], threads)
             row.update({"prune_latency_s": round(timed, 2), "with --latency / info": round(timed / info_s, 2)})
         rows.append(row)
         logging.info("%s", row)

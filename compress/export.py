@@ -6,14 +6,19 @@ scores -- exactly what `model.eval()(x)` returns, so the same NMS and `evaluate(
 the ONNX graph ends in NonMaxSuppression instead (see `onnx_nms`). OpenVINO IR is converted from it with
 `openvino.convert_model`, ncnn with pnnx.
 
-`half` stores fp16 weights in every format (ONNX: fp16 initializers + Cast; OpenVINO: compress_to_fp16; ncnn:
-pnnx fp16=1); the CPU runtimes still compute in fp32 on x86.
+`half`: ONNX becomes a float16 graph (`onnx_io.fp16_graph`: float16 weights and activations through every conv
+layer, float32 input/output and YOLO decode, so box coordinates keep float32 resolution); OpenVINO stores fp16
+weights (compress_to_fp16) and ncnn fp16 weights (pnnx fp16=1), whose runtimes pick fp16 arithmetic where the
+hardware has it. On x86 CPUs the fp16 ONNX graph runs (onnxruntime) but slower than fp32.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,12 +31,12 @@ from .boxes import box_iou, non_max_suppression
 from .errors import ExportError
 from .fileio import write_bytes_atomic, write_text_atomic
 from .model import DarknetModel
-from .onnx_io import INPUT_NAME, OUTPUT_NAME, fp16_weights, session, set_metadata, simplify, torch_to_onnx
+from .onnx_io import INPUT_NAME, OUTPUT_NAME, fp16_graph, session, set_metadata, simplify, torch_to_onnx
 from .onnx_nms import NMS_OUTPUTS, EndToEnd, NmsConfig
 from .runtimes import METADATA_NAME, load_predictor
 
 __all__ = ["FORMATS", "ExportConfig", "ExportResult", "ParityResult", "NmsConfig", "export", "export_onnx",
-           "check_export", "check_onnx", "onnx_session"]
+           "check_export", "check_onnx", "onnx_session", "fp16_arithmetic_diff"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +61,7 @@ class ExportConfig:
     nms: NmsConfig | None = None
     check: bool = False
     check_images: tuple[str, ...] = ()   # real images checked besides the seeded random one (see --nms)
-    box_tol: float | None = None     # None: 1 px (fp32) / 2 px (--half)
+    box_tol: float | None = None     # None: 1 px (fp32) / 3 px (--half)
     score_tol: float | None = None   # None: 0.01 (fp32) / 0.05 (--half)
 
     def __post_init__(self) -> None:
@@ -75,9 +80,12 @@ class ExportConfig:
 
     @property
     def tolerances(self) -> tuple[float, float]:
-        """(box px, score): fp16 weights round every weight to 11 significant bits; measured on yolo-fastest-1.1
-        real images: up to 1.07 px / 0.032 (ncnn), 0.9 px / 0.019 (ONNX, OpenVINO) -- hence 2 px / 0.05."""
-        box, score = (2.0, 0.05) if self.half else (1.0, 0.01)
+        """(box px, score). fp32: 1 px / 0.01. --half: float16 keeps 11 significant bits, and the check compares
+        every box, also the large low-confidence ones (w, h = exp(t) * anchor): measured worst over 18 real
+        images + 1 random, fp16 ONNX graph: yolov4-tiny @416 2.76 px / 0.021, yolo-fastest-1.1 @320 1.73 px /
+        0.024 (boxes with objectness > 0.1: <= 0.66 px / 0.014); ncnn fp16 up to 1.07 px / 0.032 -- hence
+        3 px / 0.05. A broken artifact (wrong weights, float16 overflow: inf/NaN) is far beyond that."""
+        box, score = (3.0, 0.05) if self.half else (1.0, 0.01)
         return self.box_tol or box, self.score_tol or score
 
     @property
@@ -95,11 +103,14 @@ class ParityResult:
     inputs: int
     unmatched: int = 0       # with nms: detections found by only one side
     detections: int = 0      # with nms: torch's detections compared (a random image may have none)
+    fp16_box_diff: float | None = None    # --half: torch float16 arithmetic vs float32 (fp16_arithmetic_diff)
+    fp16_score_diff: float | None = None
 
     def to_dict(self) -> dict:
         return {"max_abs_diff": self.max_abs_diff, "max_box_diff": self.max_box_diff,
                 "max_score_diff": self.max_score_diff, "check_inputs": self.inputs, "unmatched": self.unmatched,
-                "check_detections": self.detections}
+                "check_detections": self.detections, "fp16_box_diff": self.fp16_box_diff,
+                "fp16_score_diff": self.fp16_score_diff}
 
 
 @dataclass(frozen=True)
@@ -141,6 +152,8 @@ def export(model: DarknetModel, out: str | os.PathLike, config: ExportConfig = E
     model = model.cpu().eval()
     hw = _input_hw(model, config.img_size)
     graph = _onnx_graph(model, hw, config)
+    if config.half and config.format == "onnx":
+        graph = fp16_graph(graph, _fp32_node(model))
     from .imageio import cfg_letterbox
     letterbox = bool(cfg_letterbox(model))
     meta = {"format": config.format, "cfg": str(model.cfg.path), "classes": model.num_classes, "letterbox": letterbox,
@@ -152,6 +165,10 @@ def export(model: DarknetModel, out: str | os.PathLike, config: ExportConfig = E
     if config.check:
         inputs = [*check_inputs, *(_image_tensor(p, hw) for p in config.check_images)]
         parity = check_export(model, files[0], inputs, img_size=hw, nms=config.nms)
+        if config.half:
+            seeded = torch.rand(1, 3, *hw, generator=torch.Generator().manual_seed(0))  # check_export's
+            fp16 = fp16_arithmetic_diff(model, [seeded, *inputs])
+            parity = replace(parity, fp16_box_diff=fp16[0], fp16_score_diff=fp16[1])
         _enforce_tolerance(parity, config, files[0])
     size = sum(f.stat().st_size for f in files) / 1e6
     return ExportResult(files[0], config.format, config.opset, hw, config.dynamic, config.dynamic_batch, size,
@@ -205,10 +222,21 @@ def _onnx_graph(model: DarknetModel, hw: tuple[int, int], config: ExportConfig) 
     return simplify(graph, str(model.cfg.path)) if config.simplify else graph
 
 
+def _fp32_node(model: DarknetModel) -> Callable[[str], bool]:
+    """Nodes kept float32 in a --half ONNX graph: all but those of the non-head layers (traced node names are
+    scoped `/layers.<i>/`, or `/model/layers.<i>/` inside the NMS wrapper): the [yolo]/[region] decode, the
+    concatenation of the heads and NMS, whose pixel coordinates need more than float16's 11 bits."""
+    heads = {i for i, section in enumerate(model.graph.sections) if section.head}
+
+    def keep(name: str) -> bool:
+        found = re.search(r"/layers\.(\d+)/", name)
+        return found is None or int(found.group(1)) in heads
+    return keep
+
+
 def _write_onnx(graph: bytes, out: Path, hw, config: ExportConfig, meta: dict) -> list[Path]:
     if out.suffix.lower() != ".onnx":
         raise ExportError(f"--out {out}: an ONNX export is one file; name it *.onnx")
-    graph = fp16_weights(graph) if config.half else graph
     write_bytes_atomic(out, set_metadata(graph, meta))
     return [out]
 
@@ -280,8 +308,27 @@ def check_export(model: DarknetModel, path: str | os.PathLike, inputs: Sequence[
             want = non_max_suppression(ref, nms.score_thres, nms.iou_thres, nms.max_det)
             b, s, u = _nms_diff(predictor.run(x), want)
             dets += sum(len(w) for w in want)
-        box, score, unmatched = max(box, b), max(score, s), unmatched + u
-    return ParityResult(max(box, score), box, score, len(batch), unmatched, dets)
+        box, score, unmatched = _worst(box, b), _worst(score, s), unmatched + u
+    return ParityResult(_worst(box, score), box, score, len(batch), unmatched, dets)
+
+
+def _worst(*values: float) -> float:
+    """max() that keeps NaN (as inf): a NaN difference is a failure, not a zero."""
+    return math.inf if any(math.isnan(v) for v in values) else max(values)
+
+
+@torch.no_grad()
+def fp16_arithmetic_diff(model: DarknetModel, inputs: Sequence[torch.Tensor]) -> tuple[float, float]:
+    """Worst (box px, score) difference between the model run in float16 arithmetic (torch on CPU: float16
+    weights and activations in every layer) and in float32, on `inputs`. It stands for a float16 engine (GPU,
+    TensorRT, ncnn on ARM), including overflow past 65504 (inf/NaN): onnxruntime's and OpenVINO's x86 CPU
+    kernels compute a --half model in float32, so the runtime check alone cannot show either."""
+    half = copy.deepcopy(model).cpu().eval().half()
+    box = score = 0.0
+    for x in inputs:
+        d = (half(x.half()).double() - model(x.float()).double()).abs()
+        box, score = _worst(box, float(d[..., :4].max())), _worst(score, float(d[..., 4:].max()))
+    return box, score
 
 
 def check_onnx(model: DarknetModel, path: str | os.PathLike, inputs: Sequence[torch.Tensor] = (),
@@ -314,8 +361,16 @@ def _nms_diff(outputs: list[np.ndarray], ref: list[torch.Tensor]) -> tuple[float
 
 def _enforce_tolerance(parity: ParityResult, config: ExportConfig, path: Path) -> None:
     box_tol, score_tol = config.tolerances
-    if parity.max_box_diff > box_tol or parity.max_score_diff > score_tol or parity.unmatched:
+    within = parity.max_box_diff <= box_tol and parity.max_score_diff <= score_tol  # False for NaN too
+    if not within or parity.unmatched:
         raise ExportError(f"{path}: the {config.format} runtime differs from torch (boxes {parity.max_box_diff:.3g}"
                           f" px, scores {parity.max_score_diff:.3g}, unmatched detections {parity.unmatched}) "
                           f"beyond {box_tol:g} px / {score_tol:g}; the files are "
                           f"written but should not be deployed: try another --opset or without --half")
+    fp16 = (parity.fp16_box_diff, parity.fp16_score_diff)
+    if fp16[0] is not None and not (fp16[0] <= box_tol and fp16[1] <= score_tol):
+        why = " (inf/NaN: activations beyond float16's 65504)" if math.inf in fp16 else ""
+        raise ExportError(f"{path}: in float16 arithmetic (as GPU and ARM runtimes compute --half models) the "
+                          f"model differs from float32 by {fp16[0]:.3g} px / {fp16[1]:.3g}{why}, beyond "
+                          f"{box_tol:g} px / {score_tol:g}; the files are written but should not be deployed: "
+                          "export without --half")

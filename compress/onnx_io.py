@@ -24,7 +24,7 @@ from torch import nn
 from .errors import ExportError
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "OPTIMIZATION_LEVELS", "torch_to_onnx", "session", "OnnxPredictor",
-           "onnx_latency", "median_ms", "input_hw"]
+           "onnx_latency", "median_ms", "input_hw", "simplify", "fp16_graph", "set_metadata"]
 
 log = logging.getLogger(__name__)
 
@@ -160,31 +160,26 @@ def simplify(model: bytes, what: str = "model") -> bytes:
                           f"--simplify") from exc
 
 
-def fp16_weights(model: bytes) -> bytes:
-    """Store every float32 initializer with more than 16 values as float16, followed by a Cast back to float32.
+def fp16_graph(model: bytes, keep_fp32: Callable[[str], bool] = lambda name: False) -> bytes:
+    """A float16 graph: float16 initializers and activations, float32 inputs and outputs (a Cast at each end),
+    nodes for which `keep_fp32(node name)` holds (and ops without float16 kernels: NonMaxSuppression, TopK,
+    Range, ...) left in float32 behind Casts.
 
-    Halves the file; every runtime still computes in float32 (onnxruntime's CPU kernels have no fp16
-    convolution on x86), and GPU runtimes (TensorRT) fold the casts when they build fp16 engines.
+    The converter is onnxruntime's copy of onnxconverter-common's (`onnxruntime.transformers.float16`), so no
+    extra dependency. onnxruntime's CPU provider runs the result (x86 CPUs have no fast float16 arithmetic: it
+    is slower there than float32); it is meant for GPUs (CUDA/TensorRT/DirectML) and ARM.
     """
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    graph = (m := onnx.load_from_string(model)).graph
-    casts, kept = [], []
-    for init in graph.initializer:
-        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) <= 16:
-            kept.append(init)
-            continue
-        half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), f"{init.name}_fp16")
-        kept.append(half)
-        casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT,
-                                      name=f"{init.name}_cast"))
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    nodes = casts + list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return m.SerializeToString()
+    m = onnx.load_from_string(model)
+    blocked = [n.name for n in m.graph.node if keep_fp32(n.name)]
+    with warnings.catch_warnings(record=True) as caught:  # "values clamped to the float16 range" notes
+        warnings.simplefilter("always")
+        half = convert_float_to_float16(m, keep_io_types=True, node_block_list=blocked)
+    for w in caught:
+        log.debug("float16 conversion: %s", w.message)
+    return half.SerializeToString()
 
 
 def set_metadata(model: bytes, values: Mapping[str, Any]) -> bytes:

@@ -27,7 +27,7 @@ import openvino  # noqa: F401
 import pnnx  # noqa: F401
 
 BOX_PX, SCORE = 1.0, 0.01             # fp32 formats
-BOX_PX_HALF, SCORE_HALF = 2.0, 0.05   # fp16 weights (see ExportConfig.tolerances)
+BOX_PX_HALF, SCORE_HALF = 3.0, 0.05   # --half (see ExportConfig.tolerances)
 SIZE = 320
 
 

@@ -80,11 +80,12 @@ def echo_table(text: str) -> None:
 
 
 FIT_OPTION_NAMES = ("epochs", "batch_size", "img_size", "lr0", "optimizer", "warmup_epochs", "workers", "seed",
-                    "letterbox", "cache", "cache_dir")
+                    "letterbox", "cache", "cache_dir", "sync_bn")
 
 
 def fit_options(epochs: int = 100, lr0: float = 0.01, optimizer: str = "sgd", warmup_epochs: float = 3.0) -> Callable:
     """The training-loop options shared by train, sparse-train and distill (defaults differ per command)."""
+    from ..train.distributed import SYNC_BN_HELP
     from ..train.optim import OPTIMIZERS
 
     options = [
@@ -108,6 +109,7 @@ def fit_options(epochs: int = 100, lr0: float = 0.01, optimizer: str = "sgd", wa
                      "(default: OUT/cache)."),
         click.option("--mosaic", type=click.FloatRange(0, 1), help="Probability of a 4-image mosaic per "
                      "training image (default 0; also `mosaic:` in --hyp)."),
+        click.option("--sync-bn", is_flag=True, help=SYNC_BN_HELP),
     ]
 
     def deco(f: Callable) -> Callable:

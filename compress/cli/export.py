@@ -19,7 +19,8 @@ from .common import exist_ok_option, model_options, report_option, run
 @click.option("--dynamic", is_flag=True, help="Batch, height and width free (onnx, openvino).")
 @click.option("--dynamic-batch", is_flag=True, help="Only the batch axis free (H, W fixed).")
 @click.option("--simplify", is_flag=True, help="Simplify the ONNX graph with onnxslim first.")
-@click.option("--half", is_flag=True, help="Store fp16 weights (file size halved; x86 CPUs still compute fp32).")
+@click.option("--half", is_flag=True, help="fp16: ONNX a float16 graph (fp32 input/output and decode; for GPUs/ARM, "
+              "slower than fp32 on x86 CPUs); openvino/ncnn fp16 weights.")
 @click.option("--nms", is_flag=True, help="End-to-end graph: NonMaxSuppression inside; outputs boxes (x1y1x2y2 "
               "px), scores, classes, num_dets (onnx, openvino).")
 @click.option("--iou-thres", type=click.FloatRange(0, 1), default=0.45, show_default=True, help="--nms IoU.")
@@ -30,7 +31,7 @@ from .common import exist_ok_option, model_options, report_option, run
               show_default=True, help="ONNX opset (13 and 17 are tested).")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Run the written model in its runtime and fail if it differs from torch "
-                   "(boxes > 1 px or scores > 0.01; with --half 2 px / 0.05).")
+                   "(boxes > 1 px or scores > 0.01; with --half 3 px / 0.05).")
 @click.option("--check-image", "check_images", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Also check on this image (repeatable); a random image rarely has detections for --nms.")
 @report_option

@@ -86,6 +86,7 @@ def distill(student: DarknetModel, teacher: DarknetModel, data_spec: DataSpec, c
     if teacher is student:  # "distil from yourself": the teacher must be a frozen copy
         teacher = copy.deepcopy(teacher)
     dist_cfg = distributed or DistConfig()
+    D.check_sync_bn(train_config.sync_bn, dist_cfg, torch.device(device))  # before the process group
     created = D.setup(dist_cfg, torch.device(device))  # one process group for the KD and the baseline runs
     try:
         return _run(student, teacher, data_spec, config, train_config, device, out_dir, dist_cfg)

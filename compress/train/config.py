@@ -24,7 +24,8 @@ class TrainConfig:
     `optimizer`/`scheduler` name entries of `compress.train.optim.OPTIMIZERS` / `SCHEDULERS`, `loss` one of
     `compress.losses.LOSSES` ("darknet": the cfg's [yolo] keys; "v5": box/obj/cls/anchor_t/iou_kind below).
     BatchNorm: `freeze_bn_stats` keeps the running mean/var fixed (BN layers normalise with them while
-    training, as at inference); `bn_momentum` (None = the model's) sets how fast they follow the batches.
+    training, as at inference); `bn_momentum` (None = the model's) sets how fast they follow the batches;
+    `sync_bn` uses SyncBatchNorm under DDP on CUDA (refused for CPU processes; see train.distributed).
     hsv_h ... mosaic: the augmentation (`compress.augment.AugmentConfig`), used when `augment`.
     """
     epochs: int = 100
@@ -56,6 +57,7 @@ class TrainConfig:
     loss: str = "v5"
     freeze_bn_stats: bool = False
     bn_momentum: float | None = None
+    sync_bn: bool = False
     # augmentation: flat (hyp-file keys), defaults and validation from AugmentConfig (one place)
     hsv_h: float = AugmentConfig.hsv_h
     hsv_s: float = AugmentConfig.hsv_s

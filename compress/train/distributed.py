@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -16,7 +16,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .config import DistConfig, TrainError
 
-__all__ = ["setup", "wrap", "make_train_loader", "broadcast_buffers", "barrier", "all_mean"]
+__all__ = ["setup", "wrap", "make_train_loader", "broadcast_buffers", "barrier", "all_mean", "check_sync_bn",
+           "to_sync_bn", "to_plain_bn", "SYNC_BN_HELP"]
+
+SYNC_BN_HELP = ("Synchronise BatchNorm batch statistics across the torchrun processes (SyncBatchNorm; the saved "
+                "model has plain BatchNorm). CUDA only: refused for CPU (gloo) processes; no effect in a single "
+                "process (a warning).")
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +38,61 @@ def setup(cfg: DistConfig, device: torch.device) -> bool:
     return True
 
 
-def wrap(model: nn.Module, cfg: DistConfig, device: torch.device) -> nn.Module:
+def check_sync_bn(sync_bn: bool, cfg: DistConfig, device: torch.device) -> None:
+    """Refuse SyncBatchNorm where it cannot run (before any work): DDP processes on a non-CUDA device."""
+    if sync_bn and cfg.enabled and device.type != "cuda":
+        raise TrainError(f"train option sync_bn (--sync-bn) needs CUDA devices: SyncBatchNorm does not run on "
+                         f"{device.type} ({cfg.world_size} gloo processes); drop --sync-bn (each process then "
+                         "normalises with its own batch statistics) or train on GPUs")
+
+
+def _swap_bn(model: nn.Module, make: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    """Replace every child for which `make` returns a module; a module shared by several parents (Darknet
+    share_index) stays one module."""
+    done: dict[int, nn.Module] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            new = done[id(child)] if id(child) in done else make(child)
+            if new is not None:
+                done[id(child)] = new
+                parent._modules[name] = new
+    return model
+
+
+def to_sync_bn(model: nn.Module) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm in place (torch's converter; same Parameter and buffer tensors, so the
+    optimizer, EMA and checkpoints are unaffected)."""
+    return _swap_bn(model, lambda m: nn.SyncBatchNorm.convert_sync_batchnorm(m)
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
+                    else None)
+
+
+def _plain(bn: nn.SyncBatchNorm) -> nn.BatchNorm2d:
+    plain = nn.BatchNorm2d(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                           device="meta")
+    for name, p in bn.named_parameters(recurse=False):
+        setattr(plain, name, p)
+    for name, b in bn.named_buffers(recurse=False):
+        plain.register_buffer(name, b)
+    return plain.train(bn.training)
+
+
+def to_plain_bn(model: nn.Module) -> nn.Module:
+    """SyncBatchNorm -> BatchNorm2d in place (the only BN type of Darknet models), sharing the tensors:
+    what is saved, exported or pruned after training is a plain model."""
+    return _swap_bn(model, lambda m: _plain(m) if isinstance(m, nn.SyncBatchNorm) else None)
+
+
+def wrap(model: nn.Module, cfg: DistConfig, device: torch.device, sync_bn: bool = False) -> nn.Module:
+    """DDP around `model` (unchanged in a single process); `sync_bn` converts its BatchNorm layers first
+    (undo with `to_plain_bn`)."""
+    if sync_bn and not cfg.enabled:
+        log.warning("--sync-bn: a single process has no statistics to synchronise; plain BatchNorm is used")
     if not cfg.enabled:
         return model
+    if sync_bn:
+        check_sync_bn(sync_bn, cfg, device)
+        to_sync_bn(model)
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None)
 

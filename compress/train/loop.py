@@ -67,10 +67,12 @@ def fit(model: nn.Module, data_spec: DataSpec, config: TrainConfig, hooks: Seque
     """
     device = torch.device(device)
     dist_cfg = distributed or DistConfig()
+    D.check_sync_bn(config.sync_bn, dist_cfg, device)
     created = D.setup(dist_cfg, device)
     try:
         return _Trainer(model, data_spec, config, hooks, device, out_dir, dist_cfg).run()
     finally:
+        D.to_plain_bn(model)  # --sync-bn: the caller gets (and saves) plain BatchNorm
         D.teardown(created)
 
 
@@ -117,7 +119,7 @@ class _Trainer:
                                         cache_dir=config.cache_dir or (self.out / "cache" if self.out else None))
         self.loader, self.sampler = D.make_train_loader(self.dataset, config.batch_size, config.workers,
                                                         config.seed, dist_cfg, collate)
-        self.net = D.wrap(model, dist_cfg, device)
+        self.net = D.wrap(model, dist_cfg, device, config.sync_bn)
         self.start_epoch, self.history, self.best = 0, [], None
         self.completed = 0
         # the last optimizer-step boundary of the running epoch: what a Ctrl-C checkpoint resumes from
