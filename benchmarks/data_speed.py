@@ -61,6 +61,36 @@ def _loader_rate(ds, collate, passes: int = 2) -> float:
     return n / spent
 
 
+def standard_augment(path: Path, size: int, rng) -> "torch.Tensor":
+    """The field's standard OpenCV augmentation, written here independently of `compress` (as Ultralytics'
+    load_image + random_perspective + augment_hsv + fliplr): imread, resize the long side to `size`, one
+    warpAffine (scale 0.5-1.5, translate 0.1) into size x size, HSV jitter by lookup tables, horizontal flip,
+    uint8 CHW tensor. The yardstick the issue names ("as fast as the standard one in this field")."""
+    import cv2
+    import numpy as np
+    import torch
+    img = cv2.imread(str(path))
+    h, w = img.shape[:2]
+    r = size / max(h, w)
+    img = cv2.resize(img, (round(w * r), round(h * r)), interpolation=cv2.INTER_LINEAR)
+    s = rng.uniform(0.5, 1.5)
+    m = cv2.getRotationMatrix2D((img.shape[1] / 2, img.shape[0] / 2), 0.0, s)
+    m[0, 2] += size / 2 - img.shape[1] / 2 + rng.uniform(-0.1, 0.1) * size
+    m[1, 2] += size / 2 - img.shape[0] / 2 + rng.uniform(-0.1, 0.1) * size
+    img = cv2.warpAffine(img, m, (size, size), borderValue=(114, 114, 114))
+    gain = rng.uniform(-1, 1, 3) * (0.015, 0.7, 0.4) + 1
+    hue, sat, val = cv2.split(cv2.cvtColor(img, cv2.COLOR_BGR2HSV))
+    x = np.arange(256, dtype=np.int16)
+    lut_h = ((x * gain[0]) % 180).astype(np.uint8)
+    lut_s = np.clip(x * gain[1], 0, 255).astype(np.uint8)
+    lut_v = np.clip(x * gain[2], 0, 255).astype(np.uint8)
+    hsv = cv2.merge((cv2.LUT(hue, lut_h), cv2.LUT(sat, lut_s), cv2.LUT(val, lut_v)))
+    img = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    if rng.random() < 0.5:
+        img = np.fliplr(img)
+    return torch.from_numpy(np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1)))
+
+
 def measure(n: int, size: int) -> dict[str, float]:
     """img/s per core of each stage the installed `compress` supports (rows it lacks are left out)."""
     import torch
@@ -80,6 +110,11 @@ def measure(n: int, size: int) -> dict[str, float]:
         from compress.data import letterbox, load_image
         rows["decode (PIL)"] = _rate(lambda i: load_image(images[i % n]), n)
         rows["decode + resize"] = _rate(lambda i: letterbox(load_image(images[i % n]), size), n)
+    if "decode (OpenCV)" in rows:  # the yardstick: same in both columns of a --compare-to run
+        import numpy as np
+        rng = np.random.default_rng(0)
+        rows["standard OpenCV augmentation (reference, not ours)"] = _rate(
+            lambda i: standard_augment(images[i % n], size, rng), n)
     for label, kw in [("eval item (no augmentation)", {}),
                       ("full augmentation", {"augment": True, "aug": AugmentConfig()}),
                       ("full augmentation + mosaic", {"augment": True, "aug": AugmentConfig(mosaic=1.0)})]:
