@@ -169,10 +169,10 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr0", type=float, default=0.001)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--teacher-epochs", type=int, default=16)
+    p.add_argument("--teacher-epochs", type=int, default=50, help="the demo recipe's train step: 50")
     p.add_argument("--prune-method", default="l1")
     p.add_argument("--percent", type=float, default=0.6)
-    p.add_argument("--n-train", type=int, default=64, help="fine-tune on the first N train images (0: all)")
+    p.add_argument("--n-train", type=int, default=0, help="fine-tune on the first N train images (0: all 192)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = p.parse_args()
     if args.quick:

@@ -27,7 +27,7 @@ DEFAULT_WEIGHTS: dict[int, tuple[float, float, float]] = {
 DEFAULT_RATIOS: tuple[float, float, float] = (0.25, 0.05, 0.05)
 DEFAULT_STRATEGY = 1  # the best of benchmarks/kd.py (sigmoid logit KD)
 LOGIT_MODES = ("sigmoid", "softmax")
-FEATURE_MODES = ("at", "softmax")
+FEATURE_MODES = ("at", "softmax", "fitnet")
 _USED = {1: (True, False, False), 2: (True, True, False), 3: (True, True, False), 4: (True, True, True),
          5: (True, True, True)}
 
@@ -50,7 +50,9 @@ class DistillConfig:
         confidence: with "sigmoid", weigh each cell's class term by the teacher's objectness probability
             (classes are only trained where objects are, so background class scores carry no knowledge).
         feature: "at" = L2-normalised spatial attention maps (mean_c F^2), squared distance (Zagoruyko &
-            Komodakis); "softmax" = the reference's KL between softmax(mean_c |F| / T) maps.
+            Komodakis); "softmax" = the reference's KL between softmax(mean_c |F| / T) maps; "fitnet" = the
+            teacher's features through a 1x1 adapter fitted by least squares (`imitate.py`), masked to the
+            objects' cells with strategy 5 (fine-grained imitation).
         pairs: explicit (student layer, teacher layer) feature pairs; None pairs them by stride.
         baseline: also train the student without KD (same epochs, same seed) and report both.
         reference_kd1: strategy 1 softmaxes the whole 5+C vector (box logits included) like the reference.

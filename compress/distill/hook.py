@@ -18,6 +18,7 @@ from ..train.hooks import Hook
 from .calibrate import Calibrator
 from .config import TERMS, DistillConfig
 from .features import FeatureTap, check_compatible, pair_by_stride, pair_heads, validate_pairs
+from .imitate import LstsqAdapter
 from .losses import STRATEGIES, HeadPositives, KDInputs
 
 __all__ = ["DistillHook", "METRIC_KEYS", "STATE_FILE"]
@@ -49,6 +50,8 @@ class DistillHook(Hook):
         self._sums: dict[str, float] = {}
         self._n = 0
         self._det_fn: YoloLoss | None = None
+        self.adapters: list[LstsqAdapter] = []  # feature="fitnet": one per pair, kept across setup() calls
+        self._world_size = 1
 
     @property
     def weights(self) -> dict[str, float]:
@@ -62,7 +65,10 @@ class DistillHook(Hook):
         self.head_map = pair_heads(student, self.teacher, img_hw)
         if self.config.uses_features:
             self.pairs = (validate_pairs(student, self.teacher, self.config.pairs, img_hw)
-                          if self.config.pairs else pair_by_stride(student, self.teacher, img_hw))
+                          if self.config.pairs else pair_by_stride(student, self.teacher, img_hw,
+                                                                   heads_only=self.config.feature == "fitnet"))
+            if self.config.feature == "fitnet" and len(self.adapters) != len(self.pairs):
+                self.adapters = [LstsqAdapter() for _ in self.pairs]
             self._taps = (FeatureTap(student, [s for s, _ in self.pairs]),
                           FeatureTap(self.teacher, [t for _, t in self.pairs]))
         self._student = student
@@ -113,6 +119,7 @@ class DistillHook(Hook):
              world_size: int = 1) -> dict[str, Tensor]:
         """Weighted KD terms for a batch whose student forward (raw `heads`) already ran with the taps attached.
         `det` (per-image detection loss of the batch) feeds the calibration while it runs."""
+        self._world_size = world_size
         raw = self.raw_terms(imgs, targets, heads)
         if det is not None and self.calibrator.needed:
             values = {k: v.detach() for k, v in raw.items() if k in TERMS}
@@ -141,7 +148,7 @@ class DistillHook(Hook):
                 raise DistillError(f"student head {tuple(s.shape)} and teacher head {tuple(t.shape)} differ at input "
                                    f"{img_hw[1]}x{img_hw[0]}; use an input size both models divide")
         inputs = KDInputs(heads, t_heads, self._positives(heads, targets, img_hw), self._features(), img_hw,
-                          self._scales())
+                          self._scales(), tuple(self.adapters), self._world_size)
         return STRATEGIES[self.config.strategy](inputs, self.config)
 
     def _det_loss(self, state: Any, imgs: Tensor, targets: Tensor, heads: list[Tensor]) -> Tensor:
