@@ -78,3 +78,29 @@ def test_fitnet_feature_mode_in_strategies_4_and_5_and_hook():
     with pytest.raises(ValueError, match="LstsqAdapter"):
         f = torch.rand(1, 2, 4, 4)
         STRATEGIES[4](KDInputs([], [], None, [(f, f)], (8, 8)), DistillConfig(strategy=4, feature="fitnet"))
+
+
+def test_adapter_moments_saved_and_restored_for_resume(tmp_path):
+    from types import SimpleNamespace
+
+    from compress.cfg import parse_cfg
+    from compress.distill.hook import ADAPTER_FILE, STATE_FILE
+    from compress.model import build_model
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "recipes" / "demo.cfg").read_text()
+    torch.manual_seed(0)
+    teacher, student = build_model(parse_cfg(text)), build_model(parse_cfg(text))
+    config = DistillConfig(strategy=4, feature="fitnet")
+    hook = DistillHook(teacher, config)
+    hook.setup(student.train(), (64, 64))
+    imgs = torch.rand(2, 3, 64, 64)
+    hook.loss(imgs, torch.zeros(0, 6), student(imgs), det=1.0)
+    hook._save_state(SimpleNamespace(out_dir=tmp_path, rank=0))
+    assert (tmp_path / STATE_FILE).is_file() and (tmp_path / ADAPTER_FILE).is_file()
+    again = DistillHook(teacher, config)
+    again.setup(student, (64, 64))
+    again._load_state(tmp_path / STATE_FILE)
+    for a, b in zip(hook.adapters, again.adapters):
+        assert a.moments.keys() == b.moments.keys()
+        assert all(torch.equal(a.moments[k], b.moments[k]) for k in a.moments)

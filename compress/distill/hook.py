@@ -1,6 +1,7 @@
 """DistillHook: the training hook that adds the knowledge-distillation loss to `fit()`."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import DistillError
-from ..fileio import write_text_atomic
+from ..fileio import write_bytes_atomic, write_text_atomic
 from ..losses import LossConfig, YoloLoss, build_targets
 from ..model import DarknetModel
 from ..train.hooks import Hook
@@ -26,6 +27,7 @@ __all__ = ["DistillHook", "METRIC_KEYS", "STATE_FILE"]
 log = logging.getLogger(__name__)
 METRIC_KEYS = frozenset({"kd_bounded_frac"})  # reported by strategies but not loss terms
 STATE_FILE = "kd_state.json"  # calibration + share history in fit's out_dir, so --resume continues exactly
+ADAPTER_FILE = "kd_adapters.pt"  # feature="fitnet": the adapters' moving moments (at the last epoch end)
 
 
 class DistillHook(Hook):
@@ -198,6 +200,10 @@ class DistillHook(Hook):
             return
         Path(state.out_dir).mkdir(parents=True, exist_ok=True)
         write_text_atomic(Path(state.out_dir) / STATE_FILE, json.dumps(self.state_dict(), indent=1) + "\n")
+        if self.adapters:
+            buf = io.BytesIO()
+            torch.save([a.state_dict() for a in self.adapters], buf)
+            write_bytes_atomic(Path(state.out_dir) / ADAPTER_FILE, buf.getvalue())
 
     def _load_state(self, path: Path) -> None:
         if not path.is_file():
@@ -206,3 +212,7 @@ class DistillHook(Hook):
         saved = json.loads(path.read_text())
         self.calibrator.load_state_dict(saved["calibration"])
         self.shares = list(saved.get("shares", []))
+        adapters = path.parent / ADAPTER_FILE
+        if self.adapters and adapters.is_file():
+            for a, st in zip(self.adapters, torch.load(adapters, weights_only=True)):
+                a.load_state_dict(st)

@@ -59,7 +59,7 @@ class LstsqAdapter:
             self.moments = batch
         else:
             a = self.momentum
-            self.moments = {k: a * self.moments[k] + (1 - a) * v for k, v in batch.items()}
+            self.moments = {k: a * self.moments[k].to(v.device) + (1 - a) * v for k, v in batch.items()}
 
     def solve(self) -> tuple[Tensor, Tensor]:
         """(W (Cs, Ct), b (Ct,)) minimising the expected ||t - s W - b||^2 under the moving moments."""
