@@ -151,8 +151,12 @@ def summarize(results: list[dict], variants: list[str]) -> list[dict]:
             row[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
         rows.append(row)
     base = next((r for r in rows if r["variant"] == "none"), None)
+    none = {r["seed"]: r["map50_95"] for r in results if r["variant"] == "none"}
     for r in rows:
         r["delta_map50_95"] = r["map50_95"] - base["map50_95"] if base else None
+        # paired by seed (same initial student, data order and augmentation): the spread of the KD effect itself
+        diffs = [x["map50_95"] - none[x["seed"]] for x in results if x["variant"] == r["variant"] and x["seed"] in none]
+        r["paired_delta_std"] = statistics.stdev(diffs) if len(diffs) > 1 else None
     return rows
 
 
@@ -213,8 +217,10 @@ def main() -> None:
     print(f"teacher {ref['teacher']}, pruned student before fine-tuning {ref['student_before']}")
     print(tabulate([[r["variant"], r["n"], f"{r['map50']:.4f} +- {r['map50_std']:.4f}",
                      f"{r['map50_95']:.4f} +- {r['map50_95_std']:.4f}",
-                     "-" if r["delta_map50_95"] is None else f"{r['delta_map50_95']:+.4f}"] for r in rows],
-                   headers=["variant", "seeds", "mAP@.5", "mAP@.5:.95", "vs no-KD"], tablefmt="github"))
+                     "-" if r["delta_map50_95"] is None else f"{r['delta_map50_95']:+.4f}",
+                     "-" if r["paired_delta_std"] is None else f"{r['paired_delta_std']:.4f}"] for r in rows],
+                   headers=["variant", "seeds", "mAP@.5", "mAP@.5:.95", "vs no-KD", "std of paired diff"],
+                   tablefmt="github"))
     if args.out:
         write_text_atomic(args.out, json.dumps({"setup": {**setup, "seeds": args.seeds, **ref},
                                                 "summary": rows, "runs": mine}, indent=1) + "\n")

@@ -77,7 +77,8 @@ def test_fitnet_feature_mode_in_strategies_4_and_5_and_hook():
         hook.teardown()
     with pytest.raises(ValueError, match="LstsqAdapter"):
         f = torch.rand(1, 2, 4, 4)
-        STRATEGIES[4](KDInputs([], [], None, [(f, f)], (8, 8)), DistillConfig(strategy=4, feature="fitnet"))
+        STRATEGIES[4](KDInputs([], [], None, [(f, f)], (8, 8), adapters=(LstsqAdapter(),) * 2),
+                      DistillConfig(strategy=4, feature="fitnet"))
 
 
 def test_adapter_moments_saved_and_restored_for_resume(tmp_path):

@@ -49,7 +49,7 @@ class KDInputs:
     features: list[tuple[Tensor, Tensor]]
     img_hw: tuple[int, int]
     scales: tuple[tuple[float, float], ...] = ()  # (student, teacher) scale_x_y per head
-    adapters: tuple[LstsqAdapter, ...] = ()  # one per feature pair, for feature="fitnet"
+    adapters: tuple[LstsqAdapter, ...] = ()  # one per feature pair, for feature="fitnet" (none: fit per batch)
     world_size: int = 1  # processes whose statistics the adapters pool
 
 
@@ -159,10 +159,11 @@ def _feature_term(x: KDInputs, i: int, config: DistillConfig, mask: Tensor | Non
     fs, ft = x.features[i]
     if config.feature == "softmax":
         return kd_attention_loss(fs, ft, config.temperature, mask)
-    if config.feature == "fitnet":
-        if len(x.adapters) != len(x.features):
+    if config.feature == "fitnet":  # without adapters (no history): fitted on this batch alone
+        if x.adapters and len(x.adapters) != len(x.features):
             raise ValueError("feature='fitnet' needs one LstsqAdapter per feature pair (KDInputs.adapters)")
-        return x.adapters[i].loss(fs, ft, mask, x.world_size)
+        adapter = x.adapters[i] if x.adapters else LstsqAdapter(momentum=0.0)
+        return adapter.loss(fs, ft, mask, x.world_size)
     return kd_at_loss(fs, ft, mask)
 
 
