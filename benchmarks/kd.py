@@ -1,11 +1,13 @@
 """Does distillation help? no-KD fine-tuning vs KD strategies 1-5 on a hard-pruned demo model (synthetic set).
 
-Teacher: recipes/demo.cfg trained on `data synth` (Adam, lr 0.003; trained once and reused from --work).
-Student: the teacher pruned with `--prune-method` at `--percent` (default l1 0.6), so fine-tuning alone stays
-well below the teacher. Every variant fine-tunes that student with the same seed, epochs and schedule; mAP is
-measured on the synthetic valid set after the last epoch (EMA model). Table: mean +- std over --seeds.
+Teacher: recipes/demo.cfg trained on `data synth` as the demo recipe's train step does (50 epochs, Adam, lr 0.003,
+batch 16; trained once and reused from --work). Student: the teacher pruned with `--prune-method` at `--percent`
+(default l1 0.6), so fine-tuning alone stays well below the teacher. Every variant fine-tunes that student on
+the whole train set with the same seed, epochs and schedule; mAP is measured on the synthetic valid set after the
+last epoch (EMA model). Table: mean +- std over --seeds, the difference to no-KD and the std of the per-seed
+(paired) differences.
 
-    python benchmarks/kd.py --work runs/kd-bench --out kd.json                 # 3 seeds, ~40 min on 2 busy cores
+    python benchmarks/kd.py --work runs/kd-bench --out kd.json   # teacher ~5 min, then 18 runs of ~1-2 min each
     python benchmarks/kd.py --seeds 0 --variants none 3 --epochs 4 --out q.json  # a quick look
 
 Results are cached per (variant, seed) in WORK/results.json, so an interrupted run continues.
