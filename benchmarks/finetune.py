@@ -29,15 +29,10 @@ ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 MODELS = ("yolov4-tiny", "yolov3-tiny", "yolo-fastest-1.1")
 
 
-def geometry() -> str:
-    """The input geometry `evaluate` (and training) used for these figures."""
-    value = getattr(EvalConfig(), "letterbox", None)
-    return "letterbox (every model)" if value is None else f"letterbox={value} (None: the cfg's letter_box)"
-
-
-def score(cfg: Path, weights: Path, data: Path, img_size: int) -> tuple[float, float]:
+def score(cfg: Path, weights: Path, data: Path, img_size: int) -> tuple[float, float, str]:
+    """mAP@.5, mAP@.5:.95 and the input geometry evaluate used (the cfg's: plain resize unless letter_box=1)."""
     r = evaluate(load(cfg, weights), load_data_spec(data), EvalConfig(img_size=img_size, progress=False))
-    return round(float(r.map50), 4), round(float(r.map50_95), 4)
+    return round(float(r.map50), 4), round(float(r.map50_95), 4), "letterbox" if r.letterbox else "plain resize"
 
 
 def run_one(name: str, loss: str | None, data: Path, img_size: int, epochs: int, batch: int, work: Path,
@@ -63,7 +58,7 @@ def run_one(name: str, loss: str | None, data: Path, img_size: int, epochs: int,
             "map50_last": last[0], "map50_95_last": last[1], "map50_best": report["map50"],
             "map50_95_best": report["map50_95"], "d_map50": round(last[0] - before[0], 4),
             "d_map50_95": round(last[1] - before[1], 4), "train_s": round(time.perf_counter() - t0),
-            "geometry": geometry()}
+            "geometry": before[2]}
 
 
 def subset(data: Path, limit: int, work: Path) -> Path:

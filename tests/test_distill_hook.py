@@ -58,8 +58,9 @@ def test_gradient_flows_only_into_the_student(k):
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0
-    if k >= 4:  # the feature term alone reaches the paired student layers
-        assert set(hook.pairs) == {(0, 0), (3, 3), (7, 7), (26, 26), (19, 19)}
+    if k >= 4:  # the feature term alone reaches the paired student layers (fitnet: the heads' neck features)
+        assert set(hook.pairs) == {(26, 26), (19, 19)}
+        assert set(pair_by_stride(student, teacher, (96, 128))) == {(0, 0), (3, 3), (7, 7), (26, 26), (19, 19)}
         student.zero_grad()
         heads = student(x)
         hook.loss(x, _targets(2), heads, det=1.0)["kd_feat"].backward()

@@ -180,9 +180,11 @@ def test_every_strategy_is_zero_when_student_equals_teacher(k):
     heads = _heads()
     feats = [(f, f.clone()) for f, _ in _features()]
     x = KDInputs(heads, [p.clone() for p in heads], _positives(heads), feats, (32, 48))
-    for config in (DistillConfig(strategy=k), DistillConfig.reference(k)):
+    for config in (DistillConfig(strategy=k, feature="at"), DistillConfig.reference(k)):
         parts = STRATEGIES[k](x, config)
         assert parts and all(v == 0 for name, v in parts.items()), parts
+    parts = STRATEGIES[k](x, DistillConfig(strategy=k))  # fitnet: the ridge of the adapter fit leaves ~1e-6
+    assert all(v == 0 for name, v in parts.items() if name != "kd_feat") and parts.get("kd_feat", 0) < 1e-4, parts
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5])

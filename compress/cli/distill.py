@@ -30,7 +30,8 @@ SHARE_ROWS = [("epoch", "epoch"), ("det", "detection"), *[(k, k) for k in TERMS]
 @out_option()
 @click.option("--kd", "--KDstr", "kd", type=click.Choice([str(k) for k in sorted(STRATEGIES)]),
               default=str(DEFAULT_STRATEGY), show_default=True,
-              help="1 logits, 2 +teacher-bounded box, 3 +box mimic, 4 +attention, 5 +GT-masked attention.")
+              help="1 logits, 2 +teacher-bounded box, 3 +box mimic, 4 +feature imitation, 5 +GT-masked "
+              "feature imitation.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True),
               help="Temperature of the logit terms [default: 1; 3 with --reference].")
 @click.option("--ratio-soft", type=click.FloatRange(0), help="Logit term / detection loss at the start "
@@ -41,8 +42,8 @@ SHARE_ROWS = [("epoch", "epoch"), ("det", "detection"), *[(k, k) for k in TERMS]
               f"[default: {DEFAULT_RATIOS[2]:g}].")
 @click.option("--logit-kd", type=click.Choice(LOGIT_MODES), help="sigmoid: per-element binary KL (default); "
               "softmax: the reference's softmax over [obj, classes].")
-@click.option("--feature-kd", type=click.Choice(FEATURE_MODES), help="at: L2-normalised attention maps (default); "
-              "softmax: the reference's softmax attention KL.")
+@click.option("--feature-kd", type=click.Choice(FEATURE_MODES), help="fitnet: neck features through a "
+              "least-squares 1x1 adapter (default); at: L2-normalised attention maps; softmax: the reference's.")
 @click.option("--reference", is_flag=True, help="The reference's formulation: softmax terms at T=3 and its "
               "absolute weights (no calibration), for comparison.")
 @fit_options(epochs=30)

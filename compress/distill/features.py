@@ -51,11 +51,14 @@ def stride_features(model: DarknetModel, img_hw: tuple[int, int]) -> dict[Stride
     return dict(sorted(chosen.items()))
 
 
-def pair_by_stride(student: DarknetModel, teacher: DarknetModel,
-                   img_hw: tuple[int, int]) -> tuple[tuple[int, int], ...]:
-    """(student layer, teacher layer) for every stride both models have, finest first."""
+def pair_by_stride(student: DarknetModel, teacher: DarknetModel, img_hw: tuple[int, int],
+                   heads_only: bool = False) -> tuple[tuple[int, int], ...]:
+    """(student layer, teacher layer) for every stride both models have (`heads_only`: only the strides of the
+    student's heads, i.e. the neck features the heads predict from), finest first."""
     fs, ft = stride_features(student, img_hw), stride_features(teacher, img_hw)
-    pairs = tuple((fs[s], ft[s]) for s in fs if s in ft)
+    strides = _strides(student, img_hw)
+    keep = {strides[h] for h in student.graph.heads}
+    pairs = tuple((fs[s], ft[s]) for s in fs if s in ft and (not heads_only or s in keep))
     if not pairs:
         raise DistillError(f"student {_name(student)} and teacher {_name(teacher)} share no feature stride at "
                            f"{img_hw[1]}x{img_hw[0]}; give --pairs 's:t,...' or use --kd 1..3")

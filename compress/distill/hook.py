@@ -1,6 +1,7 @@
 """DistillHook: the training hook that adds the knowledge-distillation loss to `fit()`."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -11,13 +12,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import DistillError
-from ..fileio import write_text_atomic
+from ..fileio import write_bytes_atomic, write_text_atomic
 from ..losses import LossConfig, YoloLoss, build_targets
 from ..model import DarknetModel
 from ..train.hooks import Hook
 from .calibrate import Calibrator
 from .config import TERMS, DistillConfig
 from .features import FeatureTap, check_compatible, pair_by_stride, pair_heads, validate_pairs
+from .imitate import LstsqAdapter
 from .losses import STRATEGIES, HeadPositives, KDInputs
 
 __all__ = ["DistillHook", "METRIC_KEYS", "STATE_FILE"]
@@ -25,6 +27,7 @@ __all__ = ["DistillHook", "METRIC_KEYS", "STATE_FILE"]
 log = logging.getLogger(__name__)
 METRIC_KEYS = frozenset({"kd_bounded_frac"})  # reported by strategies but not loss terms
 STATE_FILE = "kd_state.json"  # calibration + share history in fit's out_dir, so --resume continues exactly
+ADAPTER_FILE = "kd_adapters.pt"  # feature="fitnet": the adapters' moving moments (at the last epoch end)
 
 
 class DistillHook(Hook):
@@ -49,6 +52,8 @@ class DistillHook(Hook):
         self._sums: dict[str, float] = {}
         self._n = 0
         self._det_fn: YoloLoss | None = None
+        self.adapters: list[LstsqAdapter] = []  # feature="fitnet": one per pair, kept across setup() calls
+        self._world_size = 1
 
     @property
     def weights(self) -> dict[str, float]:
@@ -62,7 +67,10 @@ class DistillHook(Hook):
         self.head_map = pair_heads(student, self.teacher, img_hw)
         if self.config.uses_features:
             self.pairs = (validate_pairs(student, self.teacher, self.config.pairs, img_hw)
-                          if self.config.pairs else pair_by_stride(student, self.teacher, img_hw))
+                          if self.config.pairs else pair_by_stride(student, self.teacher, img_hw,
+                                                                   heads_only=self.config.feature == "fitnet"))
+            if self.config.feature == "fitnet" and len(self.adapters) != len(self.pairs):
+                self.adapters = [LstsqAdapter() for _ in self.pairs]
             self._taps = (FeatureTap(student, [s for s, _ in self.pairs]),
                           FeatureTap(self.teacher, [t for _, t in self.pairs]))
         self._student = student
@@ -113,6 +121,7 @@ class DistillHook(Hook):
              world_size: int = 1) -> dict[str, Tensor]:
         """Weighted KD terms for a batch whose student forward (raw `heads`) already ran with the taps attached.
         `det` (per-image detection loss of the batch) feeds the calibration while it runs."""
+        self._world_size = world_size
         raw = self.raw_terms(imgs, targets, heads)
         if det is not None and self.calibrator.needed:
             values = {k: v.detach() for k, v in raw.items() if k in TERMS}
@@ -141,7 +150,7 @@ class DistillHook(Hook):
                 raise DistillError(f"student head {tuple(s.shape)} and teacher head {tuple(t.shape)} differ at input "
                                    f"{img_hw[1]}x{img_hw[0]}; use an input size both models divide")
         inputs = KDInputs(heads, t_heads, self._positives(heads, targets, img_hw), self._features(), img_hw,
-                          self._scales())
+                          self._scales(), tuple(self.adapters), self._world_size)
         return STRATEGIES[self.config.strategy](inputs, self.config)
 
     def _det_loss(self, state: Any, imgs: Tensor, targets: Tensor, heads: list[Tensor]) -> Tensor:
@@ -191,6 +200,10 @@ class DistillHook(Hook):
             return
         Path(state.out_dir).mkdir(parents=True, exist_ok=True)
         write_text_atomic(Path(state.out_dir) / STATE_FILE, json.dumps(self.state_dict(), indent=1) + "\n")
+        if self.adapters:
+            buf = io.BytesIO()
+            torch.save([a.state_dict() for a in self.adapters], buf)
+            write_bytes_atomic(Path(state.out_dir) / ADAPTER_FILE, buf.getvalue())
 
     def _load_state(self, path: Path) -> None:
         if not path.is_file():
@@ -199,3 +212,7 @@ class DistillHook(Hook):
         saved = json.loads(path.read_text())
         self.calibrator.load_state_dict(saved["calibration"])
         self.shares = list(saved.get("shares", []))
+        adapters = path.parent / ADAPTER_FILE
+        if self.adapters and adapters.is_file():
+            for a, st in zip(self.adapters, torch.load(adapters, weights_only=True)):
+                a.load_state_dict(st)

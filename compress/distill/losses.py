@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..losses import decode_cell_boxes
 from .config import DistillConfig
+from .imitate import LstsqAdapter
 
 __all__ = ["HeadPositives", "KDInputs", "STRATEGIES", "register_strategy", "soft_kl", "sigmoid_kl", "kd_logit_loss",
            "kd_sigmoid_loss", "decode_positive_boxes", "kd_box_teacher_bounded", "kd_box_mimic", "attention_map",
@@ -48,6 +49,8 @@ class KDInputs:
     features: list[tuple[Tensor, Tensor]]
     img_hw: tuple[int, int]
     scales: tuple[tuple[float, float], ...] = ()  # (student, teacher) scale_x_y per head
+    adapters: tuple[LstsqAdapter, ...] = ()  # one per feature pair, for feature="fitnet" (none: fit per batch)
+    world_size: int = 1  # processes whose statistics the adapters pool
 
 
 def soft_kl(s_logits: Tensor, t_logits: Tensor, temperature: float, batch: int) -> Tensor:
@@ -152,9 +155,15 @@ def kd_at_loss(f_s: Tensor, f_t: Tensor, mask: Tensor | None = None) -> Tensor:
     return (at_map(f_s, mask) - at_map(f_t, mask)).pow(2).sum() / f_s.shape[0]
 
 
-def _feature_term(fs: Tensor, ft: Tensor, config: DistillConfig, mask: Tensor | None = None) -> Tensor:
+def _feature_term(x: KDInputs, i: int, config: DistillConfig, mask: Tensor | None = None) -> Tensor:
+    fs, ft = x.features[i]
     if config.feature == "softmax":
         return kd_attention_loss(fs, ft, config.temperature, mask)
+    if config.feature == "fitnet":  # without adapters (no history): fitted on this batch alone
+        if x.adapters and len(x.adapters) != len(x.features):
+            raise ValueError("feature='fitnet' needs one LstsqAdapter per feature pair (KDInputs.adapters)")
+        adapter = x.adapters[i] if x.adapters else LstsqAdapter(momentum=0.0)
+        return adapter.loss(fs, ft, mask, x.world_size)
     return kd_at_loss(fs, ft, mask)
 
 
@@ -231,7 +240,7 @@ def strategy_mimic(x: KDInputs, config: DistillConfig) -> dict[str, Tensor]:
 
 @register_strategy(4)
 def strategy_attention(x: KDInputs, config: DistillConfig) -> dict[str, Tensor]:
-    feat = sum(_feature_term(fs, ft, config) for fs, ft in x.features)
+    feat = sum(_feature_term(x, i, config) for i in range(len(x.features)))
     return {**strategy_mimic(x, config), "kd_feat": feat}
 
 
@@ -239,7 +248,7 @@ def strategy_attention(x: KDInputs, config: DistillConfig) -> dict[str, Tensor]:
 def strategy_masked_attention(x: KDInputs, config: DistillConfig) -> dict[str, Tensor]:
     head_hw = [tuple(s.shape[2:4]) for s in x.s_heads]
     feat = x.s_heads[0].new_zeros(())
-    for fs, ft in x.features:
+    for i, (fs, _) in enumerate(x.features):
         mask = fine_grained_mask(x.positives or [], head_hw, tuple(fs.shape[-2:]), fs.shape[0], fs.device)
-        feat = feat + _feature_term(fs, ft, config, mask)
+        feat = feat + _feature_term(x, i, config, mask)
     return {**strategy_mimic(x, config), "kd_feat": feat}
