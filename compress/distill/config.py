@@ -24,10 +24,11 @@ DEFAULT_WEIGHTS: dict[int, tuple[float, float, float]] = {
 # Calibrated mode: each term's size relative to the detection loss over the first `calib_batches` batches
 # (soft, box, feat). The weights that give these ratios are then fixed for the run. Chosen with benchmarks/kd.py
 # (50-epoch demo teacher, l1-0.6 student, 8 epochs, 3 seeds): with these ratios every strategy gains 1.0-1.5
-# points mAP@.5:.95 over plain fine-tuning; strategy 5 (logits + box mimic + fine-grained feature imitation
-# through a least-squares adapter) gains the most, +1.5 (seed std 0.5).
+# points mAP@.5:.95 over plain fine-tuning. Strategy 4 (logits + box mimic + feature imitation through a
+# least-squares adapter) is the best on both metrics' means (+1.2 mAP@.5:.95, +0.5 mAP@.5); strategy 5 is +0.24
+# higher on mAP@.5:.95 (inside the seed noise) but 0.9 lower on mAP@.5, so 4 is the default.
 DEFAULT_RATIOS: tuple[float, float, float] = (1.0, 0.05, 1.0)
-DEFAULT_STRATEGY = 5  # the best of benchmarks/kd.py
+DEFAULT_STRATEGY = 4  # the best of benchmarks/kd.py on mAP@.5 and mAP@.5:.95 together
 LOGIT_MODES = ("sigmoid", "softmax")
 FEATURE_MODES = ("at", "softmax", "fitnet")
 _USED = {1: (True, False, False), 2: (True, True, False), 3: (True, True, False), 4: (True, True, True),
