@@ -10,6 +10,7 @@ from ..quant.weights import W_CLIPS
 from ..report import format_stage_table
 from . import cli
 from .common import letterbox_option, training_data, val_option
+from .train import dist_from_env
 from .common import check_not_input, device_option, model_options, out_option, report_option, write_report
 
 _ROWS = [("fp32", "fp32 (input)"), ("fakequant", "fake-quant (torch)"), ("int8_onnx", "int8 QDQ ONNX"),
@@ -57,6 +58,9 @@ def _table(r: dict) -> str:
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--lr0", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True, help="QAT lr (Adam, from the pretrained weights).")
 @click.option("--img-size", type=click.IntRange(32, 4096), help="Input size (default: the cfg's).")
+@click.option("--resume", is_flag=True, help="Continue the interrupted QAT run in --out (OUT/qat/last.pt); "
+              "same options as that run.")
+@click.option("--seed", default=0, show_default=True, type=int, help="QAT data order and augmentation.")
 @click.option("--no-eval", is_flag=True, help="Skip the mAP evaluations (and so the verification).")
 @click.option("--no-verify", is_flag=True,
               help="Do not fail (exit 1) when the int8 ONNX or the Darknet pair scores > 1 point mAP@.5 below "
@@ -68,8 +72,8 @@ def quantize_command(cfg: str, weights: str, data: str, val: str | None, letterb
                      bn_fold: bool, pow2: bool, per_tensor: bool, first_last_bits: int, act_scheme: str,
                      reduce_range: bool, weight_clip: str | None, epochs: int, freeze_observers_after: int | None,
                      freeze_bn_after: int | None, calib_batches: int, batch_size: int,
-                     lr0: float, img_size: int | None, no_eval: bool, no_verify: bool, device: str,
-                     report_path: str | None) -> None:
+                     lr0: float, img_size: int | None, resume: bool, seed: int, no_eval: bool, no_verify: bool,
+                     device: str, report_path: str | None) -> None:
     """Quantize -> DIR/<cfg>-q<bits>.cfg/.weights (folded, on the grid), quant.json, weights_int.npz,
     model-int8.onnx (QDQ), model-fp32.onnx and report.json."""
     from ..quant.pipeline import QuantizeJob, check_verified, output_paths, quantize
@@ -78,9 +82,12 @@ def quantize_command(cfg: str, weights: str, data: str, val: str | None, letterb
                          w_clip=weight_clip)
     job = QuantizeJob(cfg, weights, training_data(data, val), out, config, epochs, calib_batches, batch_size,
                       img_size, lr0, freeze_observers_after=freeze_observers_after, freeze_bn_after=freeze_bn_after,
-                      evaluate=not no_eval, verify=not no_verify, letterbox=letterbox)
+                      evaluate=not no_eval, verify=not no_verify, letterbox=letterbox, resume=resume, seed=seed)
     check_not_input(list(output_paths(job).values()), [cfg, weights])
-    report = quantize(job, device)
+    dist, device = dist_from_env(device)
+    report = quantize(job, device, dist)
+    if dist is not None and not dist.is_main:  # rank 0 writes
+        return
     click.echo(_table(report))
     write_report(Path(out) / "report.json", report)
     click.echo(f"-> {report['cfg']}, {report['weights']}, {report['onnx']}")
