@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..quant.config import ACT_SCHEMES, METHOD_CONFIGS, make_config
+from ..quant.config import ACT_SCHEMES, METHOD_CONFIGS, SAFE_RANGES, make_config
 from ..quant.weights import W_CLIPS
 from ..report import format_stage_table
 from . import cli
@@ -61,6 +61,11 @@ def _table(r: dict) -> str:
 @click.option("--resume", is_flag=True, help="Continue the interrupted QAT run in --out (OUT/qat/last.pt); "
               "same options as that run.")
 @click.option("--seed", default=0, show_default=True, type=int, help="QAT data order and augmentation.")
+@click.option("--bias-correction/--no-bias-correction", default=False, show_default=True,
+              help="PTQ: shift each conv's bias by the mean output error of its rounded weights (Nagel et al.).")
+@click.option("--safe-range", type=click.Choice(SAFE_RANGES), default="pair", show_default=True,
+              help="How reduced-range 8-bit weights avoid int16 overflow: pair = |codes| <= 127 with each "
+                   "channel's two largest summing to <= 128; half = |codes| <= 63.")
 @click.option("--no-eval", is_flag=True, help="Skip the mAP evaluations (and so the verification).")
 @click.option("--no-verify", is_flag=True,
               help="Do not fail (exit 1) when the int8 ONNX or the Darknet pair scores > 1 point mAP@.5 below "
@@ -72,17 +77,18 @@ def quantize_command(cfg: str, weights: str, data: str, val: str | None, letterb
                      bn_fold: bool, pow2: bool, per_tensor: bool, first_last_bits: int, act_scheme: str,
                      reduce_range: bool, weight_clip: str | None, epochs: int, freeze_observers_after: int | None,
                      freeze_bn_after: int | None, calib_batches: int, batch_size: int,
-                     lr0: float, img_size: int | None, resume: bool, seed: int, no_eval: bool, no_verify: bool,
-                     device: str, report_path: str | None) -> None:
+                     lr0: float, img_size: int | None, resume: bool, seed: int, bias_correction: bool,
+                     safe_range: str, no_eval: bool, no_verify: bool, device: str, report_path: str | None) -> None:
     """Quantize -> DIR/<cfg>-q<bits>.cfg/.weights (folded, on the grid), quant.json, weights_int.npz,
     model-int8.onnx (QDQ), model-fp32.onnx and report.json."""
     from ..quant.pipeline import QuantizeJob, check_verified, output_paths, quantize
     config = make_config(method, bits, a_bits, bn_fold=bn_fold, pow2=pow2, per_channel=not per_tensor,
                          first_last_bits=first_last_bits, act_scheme=act_scheme, reduce_range=reduce_range,
-                         w_clip=weight_clip)
+                         w_clip=weight_clip, safe_range=safe_range)
     job = QuantizeJob(cfg, weights, training_data(data, val), out, config, epochs, calib_batches, batch_size,
                       img_size, lr0, freeze_observers_after=freeze_observers_after, freeze_bn_after=freeze_bn_after,
-                      evaluate=not no_eval, verify=not no_verify, letterbox=letterbox, resume=resume, seed=seed)
+                      evaluate=not no_eval, verify=not no_verify, letterbox=letterbox, resume=resume, seed=seed,
+                      bias_correction=bias_correction)
     check_not_input(list(output_paths(job).values()), [cfg, weights])
     dist, device = dist_from_env(device)
     report = quantize(job, device, dist)

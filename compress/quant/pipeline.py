@@ -25,6 +25,7 @@ from ..train import distributed as D
 from ..train.config import DistConfig
 from . import calibrate, config_to_dict, prepare_qat
 from .config import QuantConfig
+from .bias_correct import bias_correction
 from .cpuinfo import cpu_flags
 from .export import write_int_weights, write_quant_json
 from .onnx_qdq import OnnxPredictor, export_qdq_onnx, onnx_latency
@@ -58,6 +59,7 @@ class QuantizeJob:
     verify_tolerance: float = 0.01
     resume: bool = False  # continue the interrupted QAT run in `out` (OUT/qat/last.pt)
     seed: int = 0  # QAT data order and augmentation
+    bias_correction: bool = False  # PTQ (epochs 0): Nagel et al. 2019 empirical bias correction
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -139,9 +141,12 @@ def _run(job: QuantizeJob, device: str, dist: DistConfig) -> dict:
     qmodel = prepare_qat(model, job.config)
     # a resumed run takes its ranges from the checkpoint (calibrated, then moved by QAT)
     seen = 0 if job.resume else calibrate(qmodel, _calibration_batches(spec, img, job), device)
+    corrected = bias_correction(qmodel, _calibration_batches(spec, img, job), device) \
+        if job.bias_correction and not job.epochs else 0
     figures: dict[str, Any] = {"method": job.config.method, "quant_config": config_to_dict(job.config),
                                "calib_images": seen, "img_size": img, "cpu": cpu_flags(),
-                               "onnxruntime": _ort_version(), "world_size": dist.world_size}
+                               "onnxruntime": _ort_version(), "world_size": dist.world_size,
+                               "bias_corrected_convs": corrected}
     if job.epochs:
         figures.update(run_qat(qmodel, spec, img, job, device, dist))
         qmodel.eval()
