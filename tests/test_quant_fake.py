@@ -205,7 +205,7 @@ def test_pair_safe_codes_never_saturate_an_int16_pair_sum(per_channel, pow2, cli
     if per_channel and not pow2 and clip == "max":
         assert int(wq.codes[0].abs().max()) >= 100  # the outlier channel: far beyond 63
         half = symmetric_weight(w, 8, True, False, "ceil", max_code=63)
-        assert float((wq.dequant - w).pow(2).sum()) < 0.5 * float((half.dequant - w).pow(2).sum())
+        assert float((wq.dequant - w).pow(2).sum()) < 0.8 * float((half.dequant - w).pow(2).sum())
     torch.testing.assert_close(wq.codes.float() * wq.qparams.view(4)[0], wq.dequant)
 
 
