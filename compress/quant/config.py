@@ -41,7 +41,7 @@ class LayerQuant:
     act_symmetric: bool = False
     reduce_range: bool = True
     w_clip: str = "max"
-    safe_range: str = "pair"
+    safe_range: str = "half"
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class _Common:
     act_scheme: str = "asymmetric"
     reduce_range: bool = True
     w_clip: str = "max"
-    safe_range: str = "pair"
+    safe_range: str = "half"
 
     def _check_common(self) -> None:
         if self.safe_range not in SAFE_RANGES:
