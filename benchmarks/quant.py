@@ -39,6 +39,7 @@ RUNS: dict[str, tuple[str, int | None, dict, bool]] = {
     "demo-w4-google": ("demo", None, {"method": "google", "bits": 4}, True),
     "demo-w8a8": ("demo", None, {"method": "google", "bits": 8}, False),
     "v4t-w8a8": ("yolov4-tiny", 416, {"method": "google", "bits": 8}, False),
+    "v4t-w8a8-nobc": ("yolov4-tiny", 416, {"method": "google", "bits": 8, "bias_correction": False}, False),
     "v4t-w8a8-s8": ("yolov4-tiny", 416, {"method": "google", "bits": 8, "act_scheme": "symmetric"}, False),
     "v4t-w8a8-full": ("yolov4-tiny", 416, {"method": "google", "bits": 8, "reduce_range": False}, False),
     "v4t-w8a8-pair": ("yolov4-tiny", 416, {"method": "google", "bits": 8, "safe_range": "pair"}, False),

@@ -16,7 +16,7 @@ from compress.cli import cli
 from compress.errors import QuantError
 from compress.model import build_model
 from compress.persist import load, read_checkpoint, save
-from compress.quant import GoogleConfig, make_config
+from compress.quant import make_config
 from compress.quant.pipeline import QuantizeJob, quantize
 from compress.quant.qat import QATHook
 from compress.synth import synthesize

@@ -61,7 +61,7 @@ def _table(r: dict) -> str:
 @click.option("--resume", is_flag=True, help="Continue the interrupted QAT run in --out (OUT/qat/last.pt); "
               "same options as that run.")
 @click.option("--seed", default=0, show_default=True, type=int, help="QAT data order and augmentation.")
-@click.option("--bias-correction/--no-bias-correction", default=False, show_default=True,
+@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
               help="PTQ: shift each conv's bias by the mean output error of its rounded weights (Nagel et al.).")
 @click.option("--safe-range", type=click.Choice(SAFE_RANGES), default="half", show_default=True,
               help="How reduced-range 8-bit weights avoid int16 overflow: pair = |codes| <= 127 with each "

@@ -59,7 +59,7 @@ class QuantizeJob:
     verify_tolerance: float = 0.01
     resume: bool = False  # continue the interrupted QAT run in `out` (OUT/qat/last.pt)
     seed: int = 0  # QAT data order and augmentation
-    bias_correction: bool = False  # PTQ (epochs 0): Nagel et al. 2019 empirical bias correction
+    bias_correction: bool = True  # PTQ (epochs 0): Nagel et al. 2019 empirical bias correction
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
