@@ -30,16 +30,23 @@ from compress.quant.pipeline import QuantizeJob, quantize
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", ROOT.parent / "shared" / "assets"))
 V4T = ("yolov4-tiny", 320)
+JOB_KEYS = ("bias_correction",)
 
-# name -> (model, img size or None for the cfg's, make_config kwargs, QAT?)
+# name -> (model, img size or None for the cfg's, make_config kwargs (+ QuantizeJob's in JOB_KEYS), QAT?)
 RUNS: dict[str, tuple[str, int | None, dict, bool]] = {
     "demo-w4": ("demo", None, {"bits": 4}, True),
     "demo-w4-pow2": ("demo", None, {"bits": 4, "pow2": True}, True),
     "demo-w4-google": ("demo", None, {"method": "google", "bits": 4}, True),
     "demo-w8a8": ("demo", None, {"method": "google", "bits": 8}, False),
     "v4t-w8a8": ("yolov4-tiny", 416, {"method": "google", "bits": 8}, False),
+    "v4t-w8a8-nobc": ("yolov4-tiny", 416, {"method": "google", "bits": 8, "bias_correction": False}, False),
     "v4t-w8a8-s8": ("yolov4-tiny", 416, {"method": "google", "bits": 8, "act_scheme": "symmetric"}, False),
     "v4t-w8a8-full": ("yolov4-tiny", 416, {"method": "google", "bits": 8, "reduce_range": False}, False),
+    "v4t-w8a8-pair": ("yolov4-tiny", 416, {"method": "google", "bits": 8, "safe_range": "pair"}, False),
+    "v4t-w8a8-bc": ("yolov4-tiny", 416, {"method": "google", "bits": 8, "safe_range": "pair",
+                                         "bias_correction": True}, False),
+    "v4t-w8a8-half-bc": ("yolov4-tiny", 416, {"method": "google", "bits": 8, "safe_range": "half",
+                                              "bias_correction": True}, False),
     "v4t-w4-google-mse": ("yolov4-tiny", 320, {"method": "google", "bits": 4, "w_clip": "mse"}, False),
     "v4t-w4-google": ("yolov4-tiny", 320, {"method": "google", "bits": 4}, False),
     "v4t-w4-dorefa": ("yolov4-tiny", 320, {"method": "dorefa", "bits": 4}, False),
@@ -60,10 +67,11 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     model, img, kwargs, qat = RUNS[name]
     cfg, weights, data = _model(model, args)
     kw = dict(kwargs)
+    job_kw = {k: kw.pop(k) for k in JOB_KEYS if k in kw}
     config = make_config(kw.pop("method", None), kw.pop("bits"), **kw)
     job = QuantizeJob(cfg, weights, data, str(Path(args.work) / name), config, epochs=args.epochs if qat else 0,
                       calib_batches=args.calib_batches, batch_size=args.batch_size, img_size=img,
-                      latency_runs=5, verify=False)
+                      latency_runs=5, verify=False, **job_kw)
     if qat and args.lr0:
         job = replace(job, lr0=args.lr0)
     t0 = time.perf_counter()

@@ -189,6 +189,26 @@ def test_reduced_range_caps_8bit_codes_at_63():
     assert DorefaConfig(w_bits=8, reduce_range=False).w_bits == 8  # full range allows DoReFa 7-8 bits
 
 
+@pytest.mark.parametrize("per_channel,pow2,clip", [(True, False, "max"), (False, False, "max"),
+                                                    (True, True, "max"), (True, False, "mse")])
+def test_pair_safe_codes_never_saturate_an_int16_pair_sum(per_channel, pow2, clip):
+    """Every pair of codes of one output channel times u8 activations (<= 255) fits int16 (VPMADDUBSW),
+    whatever the pairing; codes use [-127, 127] and are finer than max|w|/63 where one weight stands out."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 8, 3, 3, generator=g) ** 3
+    w[0, 0, 0, 0] = 8 * w[0].abs().max()  # a channel with an outlier
+    w[1] = 0.5  # a flat channel: top-2 equal
+    wq = symmetric_weight(w, 8, per_channel, pow2, "nearest", w_clip=clip, pair_max=128)
+    top2 = wq.codes.abs().flatten(1).topk(2, dim=1).values.sum(1)
+    assert int(top2.max()) * 255 <= 32767 and int(top2.max()) <= 128
+    assert int(wq.codes.abs().max()) <= 127
+    if per_channel and not pow2 and clip == "max":
+        assert int(wq.codes[0].abs().max()) >= 100  # the outlier channel: far beyond 63
+        half = symmetric_weight(w, 8, True, False, "ceil", max_code=63)
+        assert float((wq.dequant - w).pow(2).sum()) < 0.8 * float((half.dequant - w).pow(2).sum())
+    torch.testing.assert_close(wq.codes.float() * wq.qparams.view(4)[0], wq.dequant)
+
+
 def test_mse_clip_lowers_4bit_error_against_max():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(8, 64, 3, 3, generator=g) ** 3  # heavy tails, like real conv weights

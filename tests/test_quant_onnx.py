@@ -35,12 +35,14 @@ def _head_step(q) -> float:
 
 
 # Default reduced-range weights (|code| <= 63) keep onnxruntime's fused u8/s8 x s8 kernels exact on x86 CPUs
-# without VNNI (full-range int8 weights saturate their int16 pair sums there, 10+ output steps off).
+# without VNNI (full-range int8 weights saturate their int16 pair sums there, 10+ output steps off); so do
+# pair-safe weights (|code| <= 127, each channel's two largest |codes| summing to <= 128).
 CONFIGS = [GoogleConfig(), DorefaConfig(w_bits=4, a_bits=4), GoogleConfig(pow2=True),
-           GoogleConfig(act_scheme="symmetric")]
+           GoogleConfig(act_scheme="symmetric"), GoogleConfig(safe_range="pair")]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["google8", "dorefa4", "google8-pow2", "google8-s8"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["google8", "dorefa4", "google8-pow2", "google8-s8",
+                                                         "google8-pair"])
 def test_qdq_onnx_matches_fake_quant_within_a_step(tmp_path, config):
     q = _prepared(config)
     path = tmp_path / "raw.onnx"

@@ -5,12 +5,13 @@ import click
 
 from ..jobs import QuantizeJob
 from ..quant.pipeline import QuantVerifyError
-from ..quant.config import ACT_SCHEMES, METHOD_CONFIGS, make_config
+from ..quant.config import ACT_SCHEMES, METHOD_CONFIGS, SAFE_RANGES, make_config
 from ..quant.weights import W_CLIPS
 from ..report import format_stage_table
 from . import cli
 from .common import letterbox_option, val_option
 from .common import device_option, exist_ok_option, model_options, out_option, report_option, run
+from .train import dist_from_env
 
 _ROWS = [("fp32", "fp32 (input)"), ("fakequant", "fake-quant (torch)"), ("int8_onnx", "int8 QDQ ONNX"),
          ("darknet", "Darknet pair (weights on grid)")]
@@ -57,6 +58,14 @@ def _table(r: dict) -> str:
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--lr0", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True, help="QAT lr (Adam, from the pretrained weights).")
 @click.option("--img-size", type=click.IntRange(32, 4096), help="Input size (default: the cfg's).")
+@click.option("--resume", is_flag=True, help="Continue the interrupted QAT run in --out (OUT/qat/last.pt); "
+              "same options as that run.")
+@click.option("--seed", default=0, show_default=True, type=int, help="QAT data order and augmentation.")
+@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
+              help="PTQ: shift each conv's bias by the mean output error of its rounded weights (Nagel et al.).")
+@click.option("--safe-range", type=click.Choice(SAFE_RANGES), default="half", show_default=True,
+              help="How reduced-range 8-bit weights avoid int16 overflow: pair = |codes| <= 127 with each "
+                   "channel's two largest summing to <= 128; half = |codes| <= 63.")
 @click.option("--no-eval", is_flag=True, help="Skip the mAP evaluations (and so the verification).")
 @click.option("--no-verify", is_flag=True,
               help="Do not fail (exit 1) when the int8 ONNX or the Darknet pair scores > 1 point mAP@.5 below "
@@ -69,21 +78,26 @@ def quantize_command(cfg: str, weights: str, data: str, val: str | None, letterb
                      bn_fold: bool, pow2: bool, per_tensor: bool, first_last_bits: int, act_scheme: str,
                      reduce_range: bool, weight_clip: str | None, epochs: int, freeze_observers_after: int | None,
                      freeze_bn_after: int | None, calib_batches: int, batch_size: int,
-                     lr0: float, img_size: int | None, no_eval: bool, no_verify: bool, device: str,
-                     report_path: str | None, exist_ok: bool) -> None:
+                     lr0: float, img_size: int | None, resume: bool, seed: int, bias_correction: bool,
+                     safe_range: str, no_eval: bool, no_verify: bool, device: str, report_path: str | None,
+                     exist_ok: bool) -> None:
     """Quantize -> DIR/<cfg>-q<bits>.cfg/.weights (folded, on the grid), quant.json, weights_int.npz,
     model-int8.onnx (QDQ), model-fp32.onnx and report.json."""
     config = make_config(method, bits, a_bits, bn_fold=bn_fold, pow2=pow2, per_channel=not per_tensor,
                          first_last_bits=first_last_bits, act_scheme=act_scheme, reduce_range=reduce_range,
-                         w_clip=weight_clip)
+                         w_clip=weight_clip, safe_range=safe_range)
+    dist, device = dist_from_env(device)
     job = QuantizeJob(cfg, weights, data, out, config, epochs, calib_batches, batch_size,
                       img_size, lr0, freeze_observers_after=freeze_observers_after, freeze_bn_after=freeze_bn_after,
-                      evaluate=not no_eval, verify=not no_verify, letterbox=letterbox, device=device, val=val)
+                      evaluate=not no_eval, verify=not no_verify, letterbox=letterbox, device=device, val=val,
+                      resume=resume, seed=seed, bias_correction=bias_correction, distributed=dist)
     try:
         report = run(job, report_path, exist_ok)
     except QuantVerifyError as exc:  # raised after report.json and the artifacts were written: show them
         _echo(exc.report)
         raise
+    if dist is not None and not dist.is_main:  # rank 0 prints and writes
+        return
     _echo(report)
 
 

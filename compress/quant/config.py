@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union
 from ..errors import QuantError
 from .weights import W_CLIPS
 
-__all__ = ["ACT_SCHEMES", "DorefaConfig", "GoogleConfig", "QuantConfig", "LayerQuant", "METHOD_CONFIGS", "make_config",
+__all__ = ["ACT_SCHEMES", "SAFE_RANGES", "DorefaConfig", "GoogleConfig", "QuantConfig", "LayerQuant", "METHOD_CONFIGS", "make_config",
            "config_to_dict"]
 
 Pow2Rounding = Literal["ceil", "nearest"]
@@ -16,6 +16,9 @@ Pow2Rounding = Literal["ceil", "nearest"]
 # takes; onnxruntime on x86 fuses fewer ops, ~0.8). Both are exact on x86 CPUs without VNNI only with
 # reduced-range weights (|code| <= 63): onnxruntime shifts s8 activations to u8 there, so s8 alone is no fix.
 ACT_SCHEMES = ("asymmetric", "symmetric")
+# How reduced-range 8-bit weights stay exact without VNNI (compress.quant.weights): "pair": codes in
+# [-127, 127], each channel's two largest |codes| sum to <= 128; "half": every |code| <= 63.
+SAFE_RANGES = ("pair", "half")
 
 
 def _check_range(name: str, value: Optional[int], lo: int, hi: int, option: str) -> None:
@@ -38,6 +41,7 @@ class LayerQuant:
     act_symmetric: bool = False
     reduce_range: bool = True
     w_clip: str = "max"
+    safe_range: str = "half"
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,12 @@ class _Common:
     act_scheme: str = "asymmetric"
     reduce_range: bool = True
     w_clip: str = "max"
+    safe_range: str = "half"
 
     def _check_common(self) -> None:
+        if self.safe_range not in SAFE_RANGES:
+            raise QuantError(f"safe_range={self.safe_range!r} is unknown; pass --safe-range "
+                             f"{' or '.join(SAFE_RANGES)}")
         if self.act_scheme not in ACT_SCHEMES:
             raise QuantError(f"act_scheme={self.act_scheme!r} is unknown; pass --act-scheme "
                              f"{' or '.join(ACT_SCHEMES)}")
@@ -75,7 +83,7 @@ class _Common:
             scheme, w_bits, a_bits = "symmetric", self.first_last_bits, self.first_last_bits
         return LayerQuant(scheme, w_bits, a_bits, self.pre_act_bits, self.per_channel, self.pow2,
                           self.pow2_rounding, self.ema_momentum, self.bn_fold, self.act_scheme == "symmetric",
-                          self.reduce_range, self.w_clip)
+                          self.reduce_range, self.w_clip, self.safe_range)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .qdq import qdq_symbolic
@@ -167,7 +168,7 @@ class ActQuant(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        lo, hi = x.detach().min().float(), x.detach().max().float()
+        lo, hi = _global_min_max(x.detach())
         if not bool(self.initialized):
             self.min_val.copy_(lo)
             self.max_val.copy_(hi)
@@ -202,6 +203,17 @@ class ActQuant(nn.Module):
         if self.pow2:
             d["exponent"] = int(pow2_exponent(qp.scale))
         return d
+
+
+def _global_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """min/max of the batch; under data parallelism (a process group is up) of the whole global batch, so
+    every process moves its ranges the same way (a single process with the whole batch would see the same)."""
+    lo, hi = x.min().float(), x.max().float()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        both = torch.stack([-lo, hi])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        lo, hi = -both[0], both[1]
+    return lo, hi
 
 
 def bits_of(qmin: int, qmax: int) -> int:

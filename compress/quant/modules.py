@@ -18,7 +18,7 @@ from torch import nn
 from ..layers import ConvBNAct
 from .config import LayerQuant
 from .fake_quant import ActQuant, QParams
-from .weights import REDUCED_MAX_CODE, WeightQ, quantize_weight
+from .weights import PAIR_SUM_MAX, REDUCED_MAX_CODE, WeightQ, quantize_weight
 
 __all__ = ["QConvBNAct", "QuantOut", "FoldedConv"]
 
@@ -69,8 +69,10 @@ class QConvBNAct(nn.Module):
 
     def _quant(self, w: torch.Tensor) -> WeightQ:
         s = self.spec
+        safe = self.reduced_range
         return quantize_weight(w, s.w_scheme, s.w_bits, s.per_channel, s.pow2, s.pow2_rounding,
-                               REDUCED_MAX_CODE if self.reduced_range else None, s.w_clip)
+                               REDUCED_MAX_CODE if safe and s.safe_range == "half" else None, s.w_clip,
+                               PAIR_SUM_MAX if safe and s.safe_range == "pair" else None)
 
     @property
     def reduced_range(self) -> bool:

@@ -11,7 +11,6 @@ import dataclasses
 
 import itertools
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +21,15 @@ import torch
 from ..errors import QuantError
 from ..persist import load, save
 from ..report import file_size_mb, stage_figures
-from ..train import Hook
-from . import calibrate, config_to_dict, freeze_bn, freeze_observers, prepare_qat
+from ..train import distributed as D
+from ..train.config import DistConfig
+from . import calibrate, config_to_dict, prepare_qat
 from .config import QuantConfig
+from .bias_correct import bias_correction
 from .cpuinfo import cpu_flags
 from .export import write_int_weights, write_quant_json
 from .onnx_qdq import OnnxPredictor, export_qdq_onnx, onnx_latency
+from .qat import QATHook, check_resume_config, freeze_epochs, resume_checkpoint, run_qat
 
 __all__ = ["QuantizeJob", "quantize", "QATHook", "output_paths", "check_verified", "QuantVerifyError"]
 
@@ -57,10 +59,16 @@ class QuantizeJob:
     verify_tolerance: float = 0.01
     device: str = "cpu"                 # quantize(job) runs here unless a device is passed
     val: str | None = None              # replaces the data's valid split (--val)
+    resume: bool = False  # continue the interrupted QAT run in `out` (OUT/qat/last.pt)
+    seed: int = 0  # QAT data order and augmentation
+    bias_correction: bool = True  # PTQ (epochs 0): Nagel et al. 2019 empirical bias correction
+    distributed: DistConfig | None = None  # torchrun: QAT data-parallel, rank 0 writes
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
             raise QuantError(f"--epochs {self.epochs} must be >= 0 (0 = post-training calibration only)")
+        if self.resume and not self.epochs:
+            raise QuantError("--resume continues an interrupted QAT run: pass the run's --epochs N (N > 0)")
         if self.calib_batches < 1 or self.batch_size < 1:
             raise QuantError("--calib-batches and the batch size must be >= 1")
         if self.img_size is not None and (self.img_size < 32 or self.img_size % 32):
@@ -74,9 +82,7 @@ class QuantizeJob:
 
     def freeze_epochs(self) -> tuple[int, int]:
         """(observers, BN) freeze points in completed epochs."""
-        obs = self.freeze_observers_after if self.freeze_observers_after is not None else math.ceil(self.epochs / 2)
-        bn = self.freeze_bn_after if self.freeze_bn_after is not None else math.ceil(0.8 * self.epochs)
-        return obs, bn
+        return freeze_epochs(self)
 
 
 def output_paths(job: QuantizeJob) -> dict[str, Path]:
@@ -91,45 +97,11 @@ def _bits(config: QuantConfig) -> int:
     return getattr(config, "w_bits", getattr(config, "bits", 8))
 
 
-class QATHook(Hook):
-    """Jacob et al. (2018): after `freeze_observers_after` epochs the activation ranges stop moving; after
-    `freeze_bn_after` epochs BN folds with its running statistics (no batch statistics any more)."""
-
-    def __init__(self, freeze_bn_after: int, freeze_observers_after: int | None = None) -> None:
-        self.freeze_bn_after = freeze_bn_after
-        self.freeze_observers_after = freeze_observers_after
-
-    def on_fit_start(self, state: Any) -> None:
-        self._apply(state, state.epoch, {})  # resumed or 0-epoch freeze points
-
-    def on_epoch_end(self, state: Any, metrics: dict) -> None:
-        self._apply(state, state.epoch + 1, metrics)
-
-    def _apply(self, state: Any, done: int, metrics: dict) -> None:
-        if self.freeze_observers_after is not None and done >= self.freeze_observers_after:
-            freeze_observers(state.model)
-            metrics["observers_frozen"] = 1
-        if done >= self.freeze_bn_after:
-            freeze_bn(state.model)
-            metrics["bn_frozen"] = 1
-
-
 def _calibration_batches(spec: Any, img: int, job: QuantizeJob):
     from ..data import make_loader
 
     loader = make_loader(spec, img, job.batch_size, augment=False, workers=0, split="train")
     return (imgs for imgs, *_ in itertools.islice(loader, job.calib_batches))
-
-
-def _qat(qmodel: torch.nn.Module, spec: Any, img: int, job: QuantizeJob, device: str) -> dict:
-    from ..train import TrainConfig, fit
-
-    tc = TrainConfig(epochs=job.epochs, batch_size=job.batch_size, img_size=img, lr0=job.lr0, optimizer="adam",
-                     warmup_epochs=0.0, ema=False, workers=0, progress=False, eval_every=max(job.epochs, 1))
-    obs, bn = job.freeze_epochs()
-    result = fit(qmodel, spec, tc, hooks=[QATHook(bn, obs)], device=device, out_dir=Path(job.out) / "qat")
-    return {"qat_epochs": result.epochs, "qat_final_loss": result.final_loss, "qat_lr0": job.lr0,
-            "qat_freeze_observers_after": obs, "qat_freeze_bn_after": bn}
 
 
 def _evaluate(model_or_fn: Any, spec: Any, img: int, job: QuantizeJob, device: str) -> dict:
@@ -141,14 +113,30 @@ def _evaluate(model_or_fn: Any, spec: Any, img: int, job: QuantizeJob, device: s
     return {"map50": r.map50, "map50_95": r.map50_95}
 
 
-def quantize(job: QuantizeJob, device: str | None = None) -> dict:
+def quantize(job: QuantizeJob, device: str | None = None, distributed: DistConfig | None = None) -> dict:
     """Run the job (on `device`, default `job.device`); returns the report figures (paths, mAPs, sizes,
-    latencies). Writes no report.json: `compress.jobs.run_job(job)` guards the outputs and writes it."""
+    latencies). Writes no report.json: `compress.jobs.run_job(job)` guards the outputs and writes it.
+
+    `distributed` (default `job.distributed`, from torchrun): QAT runs data-parallel (observer ranges agree
+    across processes: each batch's min/max is all-reduced); only rank 0 writes and evaluates, the other ranks
+    return `{"world_size", "rank"}` after training."""
     device = device or job.device
+    dist = distributed or job.distributed or DistConfig()
+    created = D.setup(dist, torch.device(device))
+    try:
+        return _run(job, device, dist)
+    finally:
+        D.teardown(created)
+
+
+def _run(job: QuantizeJob, device: str, dist: DistConfig) -> dict:
     from ..data import load_data_spec
     from ..export import ExportConfig, export_onnx
 
     paths = output_paths(job)
+    if job.resume:
+        resume_checkpoint(job.out)
+        check_resume_config(job)
     model = load(job.cfg, job.weights, device=device)
     img = job.img_size or model.cfg.width
     from ..evaluate import input_letterbox
@@ -156,13 +144,20 @@ def quantize(job: QuantizeJob, device: str | None = None) -> dict:
     job = dataclasses.replace(job, letterbox=input_letterbox(model, job.letterbox))
     spec = load_data_spec(job.data, job.val, training=True)
     qmodel = prepare_qat(model, job.config)
-    seen = calibrate(qmodel, _calibration_batches(spec, img, job), device)
+    # a resumed run takes its ranges from the checkpoint (calibrated, then moved by QAT)
+    seen = 0 if job.resume else calibrate(qmodel, _calibration_batches(spec, img, job), device)
+    corrected = bias_correction(qmodel, _calibration_batches(spec, img, job), device) \
+        if job.bias_correction and not job.epochs else 0
     figures: dict[str, Any] = {"method": job.config.method, "quant_config": config_to_dict(job.config),
                                "calib_images": seen, "img_size": img, "cpu": cpu_flags(),
-                               "onnxruntime": _ort_version()}
+                               "onnxruntime": _ort_version(), "world_size": dist.world_size,
+                               "bias_corrected_convs": corrected}
     if job.epochs:
-        figures.update(_qat(qmodel, spec, img, job, device))
+        figures.update(run_qat(qmodel, spec, img, job, device, dist))
         qmodel.eval()
+    D.barrier(dist)
+    if not dist.is_main:
+        return {"world_size": dist.world_size, "rank": dist.rank}
     save(qmodel, paths["cfg"], paths["weights"])
     write_quant_json(qmodel, paths["quant_json"], {"img_size": img, "source_cfg": str(job.cfg)})
     write_int_weights(qmodel, paths["weights_int"])

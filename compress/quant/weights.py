@@ -3,9 +3,11 @@
 Every quantizer returns the dequantized weight (STE gradients), the integer codes and per-output-channel
 scales with zero point 0, so `codes * scale` is exactly the weight inference uses.
 
-`max_code` caps |code| (63 for "reduced range" 8-bit weights: onnxruntime's u8 x s8 kernels on x86 CPUs
-without VNNI add pairs of u8 x s8 products in int16 (VPMADDUBSW), and 2 * 255 * 63 = 32130 cannot saturate
-while 2 * 255 * 127 can). `w_clip="mse"` picks each channel's clipping range that minimises the squared
+Weights safe on x86 CPUs without VNNI: onnxruntime's u8 x s8 kernels add pairs of u8 x s8 products of one
+output channel in int16 (VPMADDUBSW), which saturates beyond 32767. Two ways to make that impossible:
+`max_code` caps every |code| (63: 2 * 255 * 63 = 32130), `pair_max` caps the sum of each channel's two
+largest |codes| (128: 255 * 128 = 32640 for any pairing), which keeps [-127, 127] codes and is finer
+wherever a channel's largest weight stands out. `w_clip="mse"` picks each channel's clipping range that minimises the squared
 error instead of max|w| (the calibration-only answer for 4-bit weights).
 """
 from __future__ import annotations
@@ -19,9 +21,10 @@ from ..errors import QuantError
 from .fake_quant import QParams, fake_quant, pow2_round, quantize, round_ste
 
 __all__ = ["WeightQ", "WEIGHT_QUANTIZERS", "register_weight_quantizer", "quantize_weight", "symmetric_weight",
-           "dorefa_weight", "W_CLIPS", "REDUCED_MAX_CODE"]
+           "dorefa_weight", "W_CLIPS", "REDUCED_MAX_CODE", "PAIR_SUM_MAX"]
 
 REDUCED_MAX_CODE = 63
+PAIR_SUM_MAX = 128  # 255 * 128 = 32640 <= 32767
 W_CLIPS = ("max", "mse")
 
 
@@ -38,7 +41,7 @@ WEIGHT_QUANTIZERS: dict[str, WeightQuantizer] = {}
 
 
 def register_weight_quantizer(name: str) -> Callable[[WeightQuantizer], WeightQuantizer]:
-    """Quantizers take (w, bits, per_channel, pow2, rounding, max_code=None, w_clip="max")."""
+    """Quantizers take (w, bits, per_channel, pow2, rounding, max_code=None, w_clip="max", pair_max=None)."""
     def deco(fn: WeightQuantizer) -> WeightQuantizer:
         WEIGHT_QUANTIZERS[name] = fn
         return fn
@@ -46,8 +49,9 @@ def register_weight_quantizer(name: str) -> Callable[[WeightQuantizer], WeightQu
 
 
 def quantize_weight(w: torch.Tensor, scheme: str, bits: int, per_channel: bool, pow2: bool, rounding: str,
-                    max_code: int | None = None, w_clip: str = "max") -> WeightQ:
-    return WEIGHT_QUANTIZERS[scheme](w, bits, per_channel, pow2, rounding, max_code=max_code, w_clip=w_clip)
+                    max_code: int | None = None, w_clip: str = "max", pair_max: int | None = None) -> WeightQ:
+    return WEIGHT_QUANTIZERS[scheme](w, bits, per_channel, pow2, rounding, max_code=max_code, w_clip=w_clip,
+                                     pair_max=pair_max)
 
 
 def _shape(w: torch.Tensor) -> tuple[int, ...]:
@@ -73,16 +77,29 @@ def _mse_clip(w: torch.Tensor, absmax: torch.Tensor, qmax: int, per_channel: boo
     return best if per_channel else best.expand(w.shape[0])
 
 
+def _pair_scale(w: torch.Tensor, top: torch.Tensor, pair_max: int, per_channel: bool) -> torch.Tensor:
+    """The smallest scale whose two largest |codes| of each channel sum to <= pair_max: (|w|(1) + |w|(2)) /
+    (pair_max - 1) (rounding adds at most 1 to the sum). `top` is the (possibly clipped) largest |w|."""
+    flat = w.detach().abs().flatten(1)
+    second = flat.topk(2, dim=1).values[:, 1] if flat.shape[1] > 1 else torch.zeros_like(top)
+    need = (top + torch.minimum(second, top)) / (pair_max - 1)
+    return need if per_channel else need.max().expand(w.shape[0])
+
+
 @register_weight_quantizer("symmetric")
 def symmetric_weight(w: torch.Tensor, bits: int, per_channel: bool, pow2: bool, rounding: str,
-                     max_code: int | None = None, w_clip: str = "max") -> WeightQ:
-    """Signed symmetric codes in [-q, q], q = 2^(b-1) - 1 (or `max_code` if smaller), zero point 0."""
+                     max_code: int | None = None, w_clip: str = "max", pair_max: int | None = None) -> WeightQ:
+    """Signed symmetric codes in [-q, q], q = 2^(b-1) - 1 (or `max_code` if smaller), zero point 0; with
+    `pair_max` the scale also grows until each channel's two largest |codes| sum to <= pair_max."""
     qmax = 2 ** (bits - 1) - 1
     qmax = min(qmax, max_code) if max_code else qmax
     top = _absmax(w, per_channel)
     if w_clip == "mse":
         top = _mse_clip(w, top, qmax, per_channel)
     scale = top / qmax
+    if pair_max is not None and 2 * qmax > pair_max:
+        scale = torch.maximum(scale, _pair_scale(w, top, pair_max, per_channel))
+        rounding = "ceil"  # a smaller pow2 scale would break the bound
     if pow2:
         scale = pow2_round(scale, rounding)
     qp = QParams(scale.float(), torch.zeros_like(scale), -qmax, qmax, axis=0)
@@ -97,7 +114,7 @@ def _odd_round(x: torch.Tensor) -> torch.Tensor:
 
 @register_weight_quantizer("dorefa")
 def dorefa_weight(w: torch.Tensor, bits: int, per_channel: bool, pow2: bool, rounding: str,
-                  max_code: int | None = None, w_clip: str = "max") -> WeightQ:
+                  max_code: int | None = None, w_clip: str = "max", pair_max: int | None = None) -> WeightQ:
     """DoReFa (Zhou et al. 2016) on the per-channel normalised weight: t = tanh(w / max|w|),
     u = t / (2 max|t|) + 1/2, c = round((2^k - 1) u) in [0, 2^k - 1] (2^k levels), code = 2c - (2^k - 1)
     (odd integers in [-(2^k - 1), 2^k - 1]).
@@ -109,6 +126,7 @@ def dorefa_weight(w: torch.Tensor, bits: int, per_channel: bool, pow2: bool, rou
     pow2 never rescales a weight by more than one grid step.
     """
     n = 2 ** bits - 1
+    max_code = max_code if pair_max is None else (max_code or pair_max // 2)  # odd codes: no finer pair bound
     if max_code is not None and n > max_code:
         raise QuantError(f"DoReFa {bits}-bit codes reach +-{n}, beyond the +-{max_code} allowed by reduced-range "
                          "weights; use --bits <= 6, --method google, or --full-range")
