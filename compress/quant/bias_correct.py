@@ -13,6 +13,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from ..data import to_input
 from .modules import QConvBNAct
 
 __all__ = ["input_means", "correct_biases", "bias_correction"]
@@ -35,7 +36,7 @@ def input_means(model: torch.nn.Module, batches: Iterable[torch.Tensor],
     handles = [m.register_forward_pre_hook(hook) for m in convs]
     try:
         for imgs in batches:
-            model(imgs.to(device))
+            model(to_input(imgs, device))  # uint8 loader batches -> float [0, 1]
     finally:
         for h in handles:
             h.remove()
