@@ -61,6 +61,7 @@ def _table(r: dict) -> str:
 @click.option("--resume", is_flag=True, help="Continue the interrupted QAT run in --out (OUT/qat/last.pt); "
               "same options as that run.")
 @click.option("--seed", default=0, show_default=True, type=int, help="QAT data order and augmentation.")
+@click.option("--sync-bn", is_flag=True, help="QAT under torchrun: BatchNorm statistics over the global batch (the folded BN all-reduces its moments itself, on gloo/CPU too; with --no-bn-fold: SyncBatchNorm, CUDA only).")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
               help="PTQ: shift each conv's bias by the mean output error of its rounded weights (Nagel et al.).")
 @click.option("--safe-range", type=click.Choice(SAFE_RANGES), default="half", show_default=True,
@@ -78,7 +79,7 @@ def quantize_command(cfg: str, weights: str, data: str, val: str | None, letterb
                      bn_fold: bool, pow2: bool, per_tensor: bool, first_last_bits: int, act_scheme: str,
                      reduce_range: bool, weight_clip: str | None, epochs: int, freeze_observers_after: int | None,
                      freeze_bn_after: int | None, calib_batches: int, batch_size: int,
-                     lr0: float, img_size: int | None, resume: bool, seed: int, bias_correction: bool,
+                     lr0: float, img_size: int | None, resume: bool, seed: int, sync_bn: bool, bias_correction: bool,
                      safe_range: str, no_eval: bool, no_verify: bool, device: str, report_path: str | None,
                      exist_ok: bool) -> None:
     """Quantize -> DIR/<cfg>-q<bits>.cfg/.weights (folded, on the grid), quant.json, weights_int.npz,
@@ -90,7 +91,8 @@ def quantize_command(cfg: str, weights: str, data: str, val: str | None, letterb
     job = QuantizeJob(cfg, weights, data, out, config, epochs, calib_batches, batch_size,
                       img_size, lr0, freeze_observers_after=freeze_observers_after, freeze_bn_after=freeze_bn_after,
                       evaluate=not no_eval, verify=not no_verify, letterbox=letterbox, device=device, val=val,
-                      resume=resume, seed=seed, bias_correction=bias_correction, distributed=dist)
+                      resume=resume, seed=seed, bias_correction=bias_correction, distributed=dist,
+                      sync_bn=sync_bn)
     try:
         report = run(job, report_path, exist_ok)
     except QuantVerifyError as exc:  # raised after report.json and the artifacts were written: show them

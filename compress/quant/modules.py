@@ -12,6 +12,7 @@ rescaling each channel's scale, which keeps the weights on their grid).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -35,8 +36,27 @@ class FoldedConv:
         return self.codes.float() * s
 
 
+def batch_moments(y: torch.Tensor, sync: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Per-channel mean and (biased) variance of a batch of conv outputs, and the count behind them.
+
+    `sync` under a process group (torchrun, `quantize --sync-bn`): the moments of the global batch, from one
+    differentiable all-reduce of (sum, sum of squares, count): SyncBatchNorm for the folded BN, which torch's
+    SyncBatchNorm conversion does not reach; it runs on gloo (CPU) as well as nccl."""
+    c = y.shape[1]
+    if not (sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False), y.numel() / c
+    from torch.distributed.nn.functional import all_reduce  # autograd-aware: gradients see the global batch
+    count = torch.full((1,), y.numel() / c, dtype=y.dtype, device=y.device)
+    total = all_reduce(torch.cat([y.sum((0, 2, 3)), (y * y).sum((0, 2, 3)), count]))
+    n = total[-1]
+    mu = total[:c] / n
+    return mu, (total[c:2 * c] / n - mu * mu).clamp_min(0.0), float(n)
+
+
 class QConvBNAct(nn.Module):
     """conv (+BN folded) -> [pre-activation quant] -> activation -> [output quant]."""
+
+    sync_bn = False  # QAT under torchrun with --sync-bn: the folded BN's batch moments are global
 
     def __init__(self, src: ConvBNAct, spec: LayerQuant, in_quant: ActQuant | None = None,
                  in_source: ActQuant | None = None) -> None:
@@ -87,9 +107,8 @@ class QConvBNAct(nn.Module):
     def _batch_fold(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.bn
         y = self._conv(x, self.conv.weight)
-        mu, var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+        mu, var, n = batch_moments(y, self.sync_bn)
         with torch.no_grad():
-            n = y.numel() / y.shape[1]
             bn.running_mean.lerp_(mu.detach(), bn.momentum)
             bn.running_var.lerp_(var.detach() * n / max(n - 1, 1), bn.momentum)
             bn.num_batches_tracked += 1

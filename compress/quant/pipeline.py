@@ -63,6 +63,7 @@ class QuantizeJob:
     seed: int = 0  # QAT data order and augmentation
     bias_correction: bool = True  # PTQ (epochs 0): Nagel et al. 2019 empirical bias correction
     distributed: DistConfig | None = None  # torchrun: QAT data-parallel, rank 0 writes
+    sync_bn: bool = False  # QAT under torchrun: BatchNorm statistics over the global batch
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -144,6 +145,7 @@ def _run(job: QuantizeJob, device: str, dist: DistConfig) -> dict:
     job = dataclasses.replace(job, letterbox=input_letterbox(model, job.letterbox))
     spec = load_data_spec(job.data, job.val, training=True)
     qmodel = prepare_qat(model, job.config)
+    _set_sync_bn(qmodel, job, dist)
     # a resumed run takes its ranges from the checkpoint (calibrated, then moved by QAT)
     seen = 0 if job.resume else calibrate(qmodel, _calibration_batches(spec, img, job), device)
     corrected = bias_correction(qmodel, _calibration_batches(spec, img, job), device) \
@@ -243,3 +245,17 @@ def check_verified(figures: dict, report_path: str | os.PathLike | None = None) 
     where = f"; figures in {report_path}" if report_path else ""
     raise QuantVerifyError("; ".join(bad) + f" (allowed {100 * v['tolerance']:.1f}). The artifacts are kept"
                            f"{where}.{hint} Pass --no-verify to accept them anyway.")
+
+
+def _set_sync_bn(qmodel: torch.nn.Module, job: QuantizeJob, dist: DistConfig) -> None:
+    """--sync-bn: folded BNs (the default) all-reduce their batch moments themselves (gloo or nccl); without
+    --bn-fold the plain BatchNorms go through the trainer's SyncBatchNorm (CUDA only)."""
+    if not job.sync_bn:
+        return
+    if dist.world_size <= 1:
+        log.warning("--sync-bn: one process, nothing to synchronise (run under torchrun)")
+    from .modules import QConvBNAct
+    for m in qmodel.modules():
+        if isinstance(m, QConvBNAct):
+            m.sync_bn = True
+

@@ -89,7 +89,8 @@ def run_qat(qmodel: torch.nn.Module, spec: Any, img: int, job: Any, device: str,
         write_text_atomic(qat_dir(job.out) / CONFIG_NAME, json.dumps(_config_record(job), indent=2) + "\n")
     tc = TrainConfig(epochs=job.epochs, batch_size=job.batch_size, img_size=img, lr0=job.lr0, optimizer="adam",
                      warmup_epochs=0.0, ema=False, workers=0, progress=False, eval_every=max(job.epochs, 1),
-                     resume=job.resume, seed=job.seed)
+                     resume=job.resume, seed=job.seed,
+                     sync_bn=bool(getattr(job, "sync_bn", False)) and not job.config.bn_fold)  # folded BNs sync themselves
     obs, bn = freeze_epochs(job)
     result = fit(qmodel, spec, tc, hooks=[QATHook(bn, obs)], device=device, out_dir=qat_dir(job.out),
                  distributed=dist)
