@@ -52,6 +52,7 @@ RUNS: dict[str, tuple[str, int | None, dict, bool]] = {
     "v4t-w4-dorefa": ("yolov4-tiny", 320, {"method": "dorefa", "bits": 4}, False),
     "v4t-w4-qat": ("yolov4-tiny", 320, {"bits": 4}, True),
     "v4t-w4-pow2-qat": ("yolov4-tiny", 320, {"bits": 4, "pow2": True}, True),
+    "v4t-w4-dorefa-qat": ("yolov4-tiny", 320, {"method": "dorefa", "bits": 4}, True),
 }
 
 
