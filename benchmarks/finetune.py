@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from compress.data import load_data_spec
 from compress.evaluate import EvalConfig, evaluate
 from compress.fileio import write_text_atomic
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 MODELS = ("yolov4-tiny", "yolov3-tiny", "yolo-fastest-1.1")
 
 

@@ -6,7 +6,8 @@
 #   OUT=/tmp/gpu-check PYTHON=.venv/bin/python benchmarks/gpu_check.sh
 #
 # Runs: train --amp, sparse-train, distill (teacher = the trained model) and quantize --epochs (QAT), each
-# first with --device 0, then with `torchrun --standalone --nproc_per_node 2 ... --device 0,1`.
+# first with --device 0, then with `torchrun --standalone --nproc_per_node 2 ... --device 0,1` (plus train and
+# QAT with --sync-bn on 2 GPUs).
 # img/s = training images x epochs / wall seconds of the whole command (start-up, evaluation and saving
 # included, so it understates the loop's own speed; the same for every row). world_size is the one the
 # command wrote in its report.json ("-" where the command does not report it).
@@ -92,6 +93,12 @@ for nproc in 1 2; do
         --t-weights "$teacher/best.weights" "${COMMON[@]}"
     run "qat-$nproc" "$nproc" "$device" quantize --cfg "$teacher/best.cfg" --weights "$teacher/best.weights" \
         --data "$DATA" --epochs "$EPOCHS" --img-size "$IMG" --batch-size "$BATCH" --no-eval
+    if [[ "$nproc" -gt 1 ]]; then  # SyncBatchNorm only means something across processes
+        run "train-syncbn-$nproc" "$nproc" "$device" train --cfg "$CFG" "${COMMON[@]}" --sync-bn
+        run "qat-syncbn-$nproc" "$nproc" "$device" quantize --cfg "$teacher/best.cfg" \
+            --weights "$teacher/best.weights" --data "$DATA" --epochs "$EPOCHS" --img-size "$IMG" \
+            --batch-size "$BATCH" --no-eval --sync-bn
+    fi
 done
 
 printf '\n%-22s %5s %10s %11s %8s\n' "command" "gpus" "img/s" "world_size" "wall s"
