@@ -95,8 +95,8 @@ def hsv_luts(rng: np.random.Generator, h: float, s: float, v: float) -> tuple[np
 
 def apply_hsv(img: np.ndarray, luts: tuple[np.ndarray, ...], back: int = cv2.COLOR_HSV2BGR) -> np.ndarray:
     """BGR `img` through the `hsv_luts` tables; `back` converts the result (to BGR, or RGB)."""
-    hsv = cv2.split(cv2.cvtColor(img, cv2.COLOR_BGR2HSV))
-    return cv2.cvtColor(cv2.merge([cv2.LUT(c, t) for c, t in zip(hsv, luts)]), back)
+    table = np.stack(luts, axis=-1).reshape(256, 1, 3)  # one 3-channel LUT: no split/merge copies
+    return cv2.cvtColor(cv2.LUT(cv2.cvtColor(img, cv2.COLOR_BGR2HSV), table), back)
 
 
 def hsv_jitter(img: np.ndarray, rng: np.random.Generator, h: float, s: float, v: float) -> np.ndarray:
