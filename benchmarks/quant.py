@@ -53,6 +53,8 @@ RUNS: dict[str, tuple[str, int | None, dict, bool]] = {
     "v4t-w4-qat": ("yolov4-tiny", 320, {"bits": 4}, True),
     "v4t-w4-pow2-qat": ("yolov4-tiny", 320, {"bits": 4, "pow2": True}, True),
     "v4t-w4-dorefa-qat": ("yolov4-tiny", 320, {"method": "dorefa", "bits": 4}, True),
+    "v4t-w4-qat-416": ("yolov4-tiny", 416, {"bits": 4}, True),
+    "v4t-w4-pow2-qat-416": ("yolov4-tiny", 416, {"bits": 4, "pow2": True}, True),
 }
 
 
