@@ -6,6 +6,7 @@ under CI=true, where a missing asset means a broken checkout rather than an opti
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,11 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             m.running_mean.data = torch.randn(n, generator=g) * 0.1
             m.running_var.data = torch.rand(n, generator=g) + 0.5
     return model
+
+
+def free_port() -> int:
+    """A free localhost TCP port for a test's process group (MASTER_PORT)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+

@@ -1,7 +1,6 @@
 """Two CPU processes (gloo) train with DistributedDataParallel and end with identical weights."""
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -12,15 +11,11 @@ from compress.data import load_data_spec
 from compress.synth import synthesize
 from compress.train import DistConfig, TrainConfig, fit
 from conftest import DATA
+from conftest import free_port
 
 CFG_TEXT = (DATA / "tiny-shortcut.cfg").read_text().replace("classes=2", "classes=3").replace("filters=21",
                                                                                                "filters=24")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, data: str, tmp: str) -> None:
@@ -38,7 +33,7 @@ def _worker(rank: int, world: int, port: int, data: str, tmp: str) -> None:
 
 def test_two_process_gloo_training_keeps_ranks_identical(tmp_path):
     data = synthesize(tmp_path / "synth", n_train=16, n_valid=4, img_size=64, seed=2)
-    mp.spawn(_worker, args=(2, _free_port(), str(data), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(data), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     init = torch.load(tmp_path / "init.pt")
     changed = 0

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from compress.model import build_model
 from compress.persist import load, save
 from compress.synth import synthesize
 from compress.train import TrainConfig
-from tests.conftest import DEMO_CFG
+from tests.conftest import DEMO_CFG, free_port
 from tests.test_distill_hook import narrow_cfg
 
 
@@ -69,11 +68,6 @@ def test_resume_continues_exactly(setup, monkeypatch):
         assert torch.allclose(pa, pb, atol=1e-5), name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank: int, world: int, port: int, tmp: str, data: str) -> None:
     torch.set_num_threads(1)
@@ -88,7 +82,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, data: str) -> None:
 
 def test_distill_under_torchrun_writes_one_output(setup):
     tmp, data = setup
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp), str(data)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp), str(data)), nprocs=2, join=True)
     rep = json.loads((tmp / "ddp" / "report.json").read_text())
     assert rep["world_size"] == 2 and rep["cfg"] == str(tmp / "ddp" / "distilled.cfg")
     assert rep["kd_shares"]["first_epoch"]["epoch"] == 1 and 0 <= rep["map50_baseline"] <= 1

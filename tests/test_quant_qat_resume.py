@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from compress.quant import make_config
 from compress.quant.pipeline import QuantizeJob, quantize
 from compress.quant.qat import QATHook
 from compress.synth import synthesize
-from conftest import DEMO_CFG, randomize_bn
+from conftest import DEMO_CFG, free_port, randomize_bn
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +85,6 @@ def test_resume_needs_a_run_with_the_same_options(setup):
         _job(tmp, data, "c", epochs=0, resume=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _cli_args(tmp: str, data: str, out: str) -> list[str]:
     return ["quantize", "--cfg", f"{tmp}/m.cfg", "--weights", f"{tmp}/m.weights", "--data", data, "--out",
@@ -117,7 +111,7 @@ def test_qat_under_torchrun_writes_one_output_with_global_batch_ranges(setup):
     of one process training on the whole batch. BN frozen and a negligible lr keep every image's activations
     independent of the split; without the all-reduce each process would track its own half batch."""
     tmp, data = setup
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp), data), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp), data), nprocs=2, join=True)
     res = CliRunner().invoke(cli, _cli_args(str(tmp), data, "one"), catch_exceptions=False)
     assert res.exit_code == 0, res.output
     ddp, one = tmp / "ddp", tmp / "one"

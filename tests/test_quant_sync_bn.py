@@ -3,19 +3,14 @@ the whole batch), gradients included, and the option reaches every folded conv."
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from compress.quant.modules import batch_moments
+from conftest import free_port
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _full_batch() -> torch.Tensor:
@@ -39,7 +34,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_synced_moments_equal_the_whole_batch_and_gradients_flow(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     y = _full_batch().requires_grad_(True)
     mu, var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)  # textbook full-batch moments
     _loss(mu, var).backward()

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..train.distributed import group_size
 from .qdq import qdq_symbolic
 
 __all__ = ["round_ste", "fake_quant", "quantize", "pow2_round", "pow2_exponent", "QParams", "affine_qparams",
@@ -209,7 +210,7 @@ def _global_min_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """min/max of the batch; under data parallelism (a process group is up) of the whole global batch, so
     every process moves its ranges the same way (a single process with the whole batch would see the same)."""
     lo, hi = x.min().float(), x.max().float()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if group_size() > 1:
         both = torch.stack([-lo, hi])
         dist.all_reduce(both, op=dist.ReduceOp.MAX)
         lo, hi = -both[0], both[1]

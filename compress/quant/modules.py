@@ -12,11 +12,11 @@ rescaling each channel's scale, which keeps the weights on their grid).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ..layers import ConvBNAct
+from ..train.distributed import group_size
 from .config import LayerQuant
 from .fake_quant import ActQuant, QParams
 from .weights import PAIR_SUM_MAX, REDUCED_MAX_CODE, WeightQ, quantize_weight
@@ -43,7 +43,7 @@ def batch_moments(y: torch.Tensor, sync: bool = False) -> tuple[torch.Tensor, to
     differentiable all-reduce of (sum, sum of squares, count): SyncBatchNorm for the folded BN, which torch's
     SyncBatchNorm conversion does not reach; it runs on gloo (CPU) as well as nccl."""
     c = y.shape[1]
-    if not (sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not (sync and group_size() > 1):
         return y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False), y.numel() / c
     from torch.distributed.nn.functional import all_reduce  # autograd-aware: gradients see the global batch
     count = torch.full((1,), y.numel() / c, dtype=y.dtype, device=y.device)

@@ -26,6 +26,12 @@ SYNC_BN_HELP = ("Synchronise BatchNorm batch statistics across the torchrun proc
 log = logging.getLogger(__name__)
 
 
+def group_size() -> int:
+    """Processes in the running process group (1 without one): code below the trainer that all-reduces
+    statistics itself (QAT observers, folded BN moments) asks this, not the job's DistConfig."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def setup(cfg: DistConfig, device: torch.device) -> bool:
     """Join the process group (nccl on CUDA, gloo on CPU) if needed; returns True if this call created it."""
     if not cfg.enabled or dist.is_initialized():
