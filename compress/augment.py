@@ -95,8 +95,10 @@ def hsv_luts(rng: np.random.Generator, h: float, s: float, v: float) -> tuple[np
 
 def apply_hsv(img: np.ndarray, luts: tuple[np.ndarray, ...], back: int = cv2.COLOR_HSV2BGR) -> np.ndarray:
     """BGR `img` through the `hsv_luts` tables; `back` converts the result (to BGR, or RGB)."""
-    table = np.stack(luts, axis=-1).reshape(256, 1, 3)  # one 3-channel LUT: no split/merge copies
-    return cv2.cvtColor(cv2.LUT(cv2.cvtColor(img, cv2.COLOR_BGR2HSV), table), back)
+    planes = cv2.split(cv2.cvtColor(img, cv2.COLOR_BGR2HSV))
+    for plane, table in zip(planes, luts):  # per plane: OpenCV's 3-table LUT is 1.5x slower than split +
+        cv2.LUT(plane, table, dst=plane)     # three 1-table LUTs + merge (measured at 416)
+    return cv2.cvtColor(cv2.merge(planes), back)
 
 
 def hsv_jitter(img: np.ndarray, rng: np.random.Generator, h: float, s: float, v: float) -> np.ndarray:
@@ -183,7 +185,7 @@ def _draw_source(ds: "DetectionDataset", i: int, m: np.ndarray, out: np.ndarray,
     h0, w0 = ds.shapes[i]
     if not _visible(m, h0, w0, out.shape[1]):
         return None
-    img = ds.load_bgr(i, reduce_factor(max(abs(m[0, 0]), abs(m[1, 1]))))
+    img = ds.load_bgr(i, reduce_factor(max(abs(m[0, 0]), abs(m[1, 1]))), scratch=True)  # drawn before the next
     (h, w), to_orig = img.shape[:2], _affine(w0 / img.shape[1], h0 / img.shape[0], 0.0, 0.0)
     applied = draw(img, m @ to_orig, out, luts)
     if applied is None:

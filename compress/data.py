@@ -149,13 +149,16 @@ class DetectionDataset(Dataset):
             self.letterbox = saved
         return np.ascontiguousarray(img[..., ::-1]), labels, r, pad
 
-    def load_bgr(self, index: int, reduce: int = 1) -> np.ndarray:
+    def load_bgr(self, index: int, reduce: int = 1, scratch: bool = False) -> np.ndarray:
         """Decoded BGR image (possibly a downscaled cached copy, or decoded at 1/`reduce` of the size;
-        `shapes[index]` is the original size).
+        `shapes[index]` is the original size). `scratch`: see `decode_bgr` (valid until the next such call).
 
         An image that passed the index check but fails to decode now (changed on disk) becomes grey and
         is logged, rather than killing a DataLoader worker."""
-        img = self.cache.get(index) if self.cache is not None else decode_bgr(self.images[index], reduce)
+        if self.cache is not None:
+            img = self.cache.get(index)
+        else:
+            img = decode_bgr(self.images[index], reduce, scratch)
         if img is None:
             log.warning("%s: cannot decode image (changed since indexing?); using a blank image",
                         self.images[index])

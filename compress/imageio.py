@@ -1,4 +1,5 @@
-"""Image decoding (OpenCV, EXIF orientation applied), the decode check, and the input geometry.
+"""Image decoding (libjpeg-turbo through simplejpeg for JPEG, OpenCV otherwise; EXIF orientation applied),
+the decode check, and the input geometry.
 
 Two input geometries exist, as in Darknet: a plain resize to S x S (Darknet's default) and a letterbox
 (aspect kept, grey padding; Darknet with `letter_box=1` in `[net]`). Both are described by the same
@@ -9,13 +10,19 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
 
-__all__ = ["PAD_VALUE", "decode_bgr", "reduce_factor", "load_image", "image_info", "letterbox", "fit_image", "geometry",
+try:  # a declared dependency; without it (no wheel for the platform) OpenCV decodes everything
+    import simplejpeg
+except ImportError:  # pragma: no cover - exercised only where simplejpeg is not installed
+    simplejpeg = None
+
+__all__ = ["PAD_VALUE", "decode_bgr", "exif_orientation", "reduce_factor", "load_image", "image_info", "letterbox", "fit_image", "geometry",
            "cfg_letterbox", "split_into", "rgb_planes", "tune_allocator"]
 
 PAD_VALUE = 114          # grey padding (114/255), as in Darknet-trained YOLO letterboxing
@@ -57,13 +64,18 @@ def reduce_factor(scale: float) -> int:
     return next((k for k in (8, 4, 2) if scale * k <= 1.0), 1)
 
 
-def decode_bgr(path: str | os.PathLike, reduce: int = 1) -> np.ndarray | None:
-    """BGR uint8 (H, W, 3) with the EXIF orientation applied (OpenCV's imread does it), or None.
+def decode_bgr(path: str | os.PathLike, reduce: int = 1, scratch: bool = False) -> np.ndarray | None:
+    """BGR uint8 (H, W, 3) with the EXIF orientation applied, or None.
 
     `reduce` (2, 4, 8) decodes at 1/reduce of the size (JPEG DCT scaling: the entropy decoding stays, the
-    inverse DCT and colour conversion of the dropped pixels go; ~25% faster at 1/2 on COCO images)."""
+    inverse DCT and colour conversion of the dropped pixels go; ~25% faster at 1/2 on COCO images).
+    `scratch`: a JPEG may land in this thread's reusable buffer, which the next scratch decode overwrites
+    (for callers that resample the image before decoding another: 2% faster augmentation)."""
     path = os.fspath(path)
     jpeg = os.path.splitext(path)[1].lower() in _JPEG
+    img = _decode_jpeg(path, reduce, scratch) if jpeg else None
+    if img is not None:
+        return img
     flags = _REDUCED[reduce] | (0 if jpeg else cv2.IMREAD_IGNORE_ORIENTATION)  # EXIF orientation: JPEG only
     img = cv2.imread(path, flags)
     if img is None:  # formats OpenCV lacks (or odd paths): fall back to Pillow
@@ -77,8 +89,82 @@ def decode_bgr(path: str | os.PathLike, reduce: int = 1) -> np.ndarray | None:
     return img
 
 
+_scratch = threading.local()
+
+
+def _scratch_buffer(nbytes: int) -> np.ndarray:
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.size < nbytes:
+        buf = _scratch.buf = np.empty(nbytes, np.uint8)
+    return buf
+
+
+def _decode_jpeg(path: str, reduce: int, scratch: bool = False) -> np.ndarray | None:
+    """The common JPEG (no EXIF rotation) through simplejpeg: the same libjpeg-turbo decoder as OpenCV's
+    (pixel-identical output, at every `reduce`; tested) without OpenCV's imread overhead, 13% faster on
+    COCO images. None hands the file to OpenCV: rotated, CMYK, damaged or truncated JPEGs, no simplejpeg."""
+    if simplejpeg is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if exif_orientation(data) != 1:
+            return None
+        if reduce == 1 and not scratch:
+            return simplejpeg.decode_jpeg(data, "BGR")
+        h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+        return simplejpeg.decode_jpeg(data, "BGR", min_height=-(-h // reduce), min_width=-(-w // reduce),
+                                      buffer=_scratch_buffer(h * w * 3) if scratch else None)
+    except (OSError, ValueError):
+        return None
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation (1..8) in JPEG bytes: tag 0x0112 of IFD0 in the APP1 "Exif" segment; 1 when
+    there is none (or it cannot be read, as OpenCV and Pillow then ignore it too)."""
+    if data.find(b"Exif\0\0", 0, 1 << 17) < 0:  # Exif APP1 follows SOI (+ a JFIF APP0 <= 64 KB): absent
+        return 1
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xDA, 0xD9):  # start of scan / end of image: no metadata after this
+            break
+        size = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker == 0xE1 and data[pos + 4:pos + 10] == b"Exif\0\0":
+            return _tiff_orientation(data[pos + 10:pos + 2 + size])
+        pos += 2 + size
+    return 1
+
+
+def _tiff_orientation(t: bytes) -> int:
+    order = {b"II": "little", b"MM": "big"}.get(t[:2])
+    if order is None or len(t) < 8:
+        return 1
+    u = lambda a, n: int.from_bytes(t[a:a + n], order)  # noqa: E731
+    ifd = u(4, 4)
+    for k in range(u(ifd, 2) if ifd + 2 <= len(t) else 0):
+        entry = ifd + 2 + 12 * k
+        if entry + 12 > len(t):
+            break
+        if u(entry, 2) == 0x0112:
+            value = u(entry + 8, 2)
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
 def split_into(img: np.ndarray, views: list[np.ndarray]) -> None:
-    """De-interleave `img` (H, W, 3) straight into three (H, W) plane views, one pass, no temporaries."""
+    """De-interleave `img` (H, W, 3) into three (H, W) plane views (e.g. a tile of a (3, S, S) canvas)."""
+    if not all(v.flags.c_contiguous for v in views):
+        # OpenCV's split into row-strided destinations is ~15x slower than into contiguous ones (measured:
+        # 0.35 vs 0.02 ms at 416): split into a scratch block, then copy its rows
+        scratch = np.empty((3, *img.shape[:2]), img.dtype)
+        split_into(img, list(scratch))
+        for v, plane in zip(views, scratch):
+            v[...] = plane
+        return
     got = cv2.split(img, views)  # OpenCV writes into destinations of the right size and type ...
     if not np.shares_memory(got[0], views[0]):  # ... should it ever allocate instead, copy
         for g, v in zip(got, views):
