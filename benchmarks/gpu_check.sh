@@ -12,8 +12,11 @@
 # included, so it understates the loop's own speed; the same for every row). world_size is the one the
 # command wrote in its report.json ("-" where the command does not report it).
 # Fails with exit 1 and a one-line reason on a machine without CUDA. Logs: $OUT/logs/<row>.log.
+# Last row (issue 15): the data pipeline feeding one GPU, yolov4-tiny at 416 on COCO128's real JPEGs (listed
+# FEED_REPEAT=8 times) with full augmentation and 8 DataLoader workers; "data wait" is the share of the last
+# epoch's training loop spent blocked on the DataLoader (goal <= 10%). Needs ../shared/assets (or ASSETS=).
 # SCRIPT_CHECK=1 runs the same commands on the CPU (2 gloo processes) to test this script itself; its img/s
-# mean nothing.
+# mean nothing (the feed row only with FEED=1, e.g. FEED=1 FEED_REPEAT=1 EPOCHS=1 NTRAIN=32 IMG=64).
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
@@ -71,10 +74,13 @@ import json, sys
 row, nproc, images, epochs, start, end, report = sys.argv[1:]
 wall = (int(end) - int(start)) / 1e9
 try:
-    world = json.load(open(report)).get("world_size", "-")
+    rep = json.load(open(report))
 except (OSError, ValueError):
-    world = "-"
-print(f"{row:<22} {nproc:>5} {int(images) * int(epochs) / wall:10.1f} {world!s:>11} {wall:8.1f}")
+    rep = {}
+world = rep.get("world_size", "-")
+wait = (rep.get("history") or [{}])[-1].get("data_wait")  # last epoch: workers are warm by then
+wait = "-" if wait is None else f"{100 * wait:.1f}%"
+print(f"{row:<22} {nproc:>5} {int(images) * int(epochs) / wall:10.1f} {world!s:>11} {wall:8.1f} {wait:>10}")
 PY
 )")
 }
@@ -101,6 +107,26 @@ for nproc in 1 2; do
     fi
 done
 
-printf '\n%-22s %5s %10s %11s %8s\n' "command" "gpus" "img/s" "world_size" "wall s"
+# The data pipeline feeding one GPU (issue 15): yolov4-tiny at 416 on real JPEGs (COCO128 listed 8 times, so
+# an epoch has 64 steps), full augmentation, 8 DataLoader workers; goal: data wait <= 10% of the last epoch.
+ASSETS=${ASSETS:-${YOLO_COMPRESS_ASSETS:-$ROOT/../shared/assets}}
+FEED_REPEAT=${FEED_REPEAT:-8}
+if [[ -f "$ASSETS/weights/yolov4-tiny.cfg" && ( "${SCRIPT_CHECK:-0}" != 1 || "${FEED:-0}" == 1 ) ]]; then
+    coco=$ASSETS/data/coco128
+    mkdir -p "$OUT/feed-data"
+    for _ in $(seq "$FEED_REPEAT"); do ls "$coco"/images/train2017/*.jpg; done > "$OUT/feed-data/train.txt"
+    printf 'classes=80\ntrain=%s\nvalid=%s\nnames=%s\n' "$OUT/feed-data/train.txt" \
+        "$coco/images/train2017" "$coco/coco.names" > "$OUT/feed-data/coco128x8.data"
+    synth_images=$train_images train_images=$(wc -l < "$OUT/feed-data/train.txt")
+    run "feed-v4tiny-416-8w" 1 "$DEV1" train --cfg "$ASSETS/weights/yolov4-tiny.cfg" \
+        --weights "$ASSETS/weights/yolov4-tiny.weights" --data "$OUT/feed-data/coco128x8.data" --epochs "$EPOCHS" \
+        --img-size 416 --batch-size 16 --workers 8 --amp
+    train_images=$synth_images
+else
+    ROWS+=("$(printf '%-22s %5s %10s' "feed-v4tiny-416-8w" 1 "skipped: no $ASSETS (or SCRIPT_CHECK without FEED=1)")")
+fi
+
+printf '\n%-22s %5s %10s %11s %8s %10s\n' "command" "gpus" "img/s" "world_size" "wall s" "data wait"
 printf '%s\n' "${ROWS[@]}"
-echo "($train_images training images x $EPOCHS epochs at $IMG px, batch $BATCH; logs in $OUT/logs)"
+echo "(other rows: $train_images training images x $EPOCHS epochs at $IMG px, batch $BATCH; data wait = share of the"
+echo " last epoch's training loop blocked on the DataLoader; logs in $OUT/logs)"

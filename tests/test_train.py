@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 import math
 
 import pytest
@@ -279,3 +280,23 @@ def test_new_coords_model_trains(data, loss):
                                                     optimizer="adam"))
     totals = [r["total"] for r in result.history]
     assert all(math.isfinite(t) for t in totals) and totals[-1] < totals[0], totals
+
+
+def test_data_wait_share_measures_time_blocked_on_the_loader(data, tmp_path, monkeypatch):
+    """Each epoch row reports the share of its loop spent waiting for batches: small with a fast loader,
+    most of the epoch when every item takes 50 ms to load."""
+    from compress.data import DetectionDataset
+    spec = load_data_spec(data)
+    fast = fit(tiny_model(), spec, quick(epochs=1, batch_size=4))
+    real = DetectionDataset.__getitem__
+
+    def slow(self, index):
+        time.sleep(0.05)
+        return real(self, index)
+    monkeypatch.setattr(DetectionDataset, "__getitem__", slow)
+    slowed = fit(tiny_model(), spec, quick(epochs=1, batch_size=4), out_dir=tmp_path)
+    share_fast, share_slow = fast.history[0]["data_wait"], slowed.history[0]["data_wait"]
+    assert 0 <= share_fast < share_slow <= 1
+    assert share_slow > 0.5, share_slow
+    header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
+    assert header[-4:] == ["data_wait", "map50", "map50_95", "time_s"]

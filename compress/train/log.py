@@ -10,7 +10,7 @@ from ..fileio import atomic_write, write_text_atomic
 __all__ = ["write_results_csv", "plot_results"]
 
 FIRST = ("epoch", "total", "box", "obj", "cls")
-LAST = ("lr", "map50", "map50_95", "time_s")
+LAST = ("lr", "data_wait", "map50", "map50_95", "time_s")
 
 
 def _columns(history: list[dict]) -> list[str]:

@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -76,6 +76,20 @@ def fit(model: nn.Module, data_spec: DataSpec, config: TrainConfig, hooks: Seque
         D.teardown(created)
 
 
+def _timed(batches: Iterator, waited: list[float]) -> Iterator:
+    """Yield from `batches`, adding the seconds spent blocked on each `next` to waited[0]: the loop's wait for
+    data (the `data_wait` share of each epoch; on a GPU, the loss's .item() each step syncs, so the time is
+    starvation, not queued kernels)."""
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(batches)
+        except StopIteration:
+            return
+        waited[0] += time.perf_counter() - t
+        yield item
+
+
 def set_bn_momentum(model: nn.Module, momentum: float | None) -> None:
     """Darknet's own running averages use 0.01; the model's default is `layers.BN_MOMENTUM`."""
     if momentum is not None:
@@ -111,6 +125,7 @@ class _Trainer:
         self.state = TrainState(model, optimizer, config.epochs, device, self.out, rank=dist_cfg.rank,
                                 world_size=dist_cfg.world_size, config=config, ema=ema, scaler=scaler)
         self.hooks = HookList(hooks)
+        self._data_wait_s = 0.0  # seconds the last epoch's loop waited for batches
         from ..evaluate import input_letterbox
         self.dataset = DetectionDataset(spec.train, config.img_size, config.augment, spec.nc,
                                         aug=config.augment_config() if config.augment else None, seed=config.seed,
@@ -172,7 +187,8 @@ class _Trainer:
         n_warmup = round(cfg.warmup_epochs * nb)
         target_lr = cfg.lr0 * lr_factor(cfg.scheduler, epoch, cfg.epochs, cfg.lrf)
         show = cfg.progress and self.main
-        batches = iter(self.loader)  # draws the loader's base seed from the global RNG
+        waited = [0.0]
+        batches = _timed(iter(self.loader), waited)  # iter() draws the loader's base seed from the global RNG
         if partial:  # resuming mid-epoch: continue with the RNG states of the interrupted run at that step
             set_rng_state(partial["rng"])
         self._set_mark(epoch, start, sums)
@@ -192,6 +208,7 @@ class _Trainer:
         self.sampler.skip = 0
         means = {k: v / max(nb, 1) for k, v in sums.items()}
         means["lr"] = target_lr
+        self._data_wait_s = waited[0]
         return means
 
     def _micro_step(self, imgs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
@@ -238,6 +255,7 @@ class _Trainer:
         if self.main and self.spec.valid and ((epoch + 1) % self.cfg.eval_every == 0 or last):
             row.update(self._evaluate())
         self.hooks.on_epoch_end(self.state, row)
+        row["data_wait"] = round(self._data_wait_s / seconds, 4) if seconds > 0 else None
         row["time_s"] = round(seconds, 2)
         self.history.append(row)
         self.completed = epoch + 1
