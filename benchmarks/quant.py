@@ -30,7 +30,7 @@ from compress.quant.pipeline import QuantizeJob, quantize
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", ROOT.parent / "shared" / "assets"))
 V4T = ("yolov4-tiny", 320)
-JOB_KEYS = ("bias_correction",)
+JOB_KEYS = ("bias_correction", "act_drop")
 
 # name -> (model, img size or None for the cfg's, make_config kwargs (+ QuantizeJob's in JOB_KEYS), QAT?)
 RUNS: dict[str, tuple[str, int | None, dict, bool]] = {
@@ -55,6 +55,11 @@ RUNS: dict[str, tuple[str, int | None, dict, bool]] = {
     "v4t-w4-dorefa-qat": ("yolov4-tiny", 320, {"method": "dorefa", "bits": 4}, True),
     "v4t-w4-qat-416": ("yolov4-tiny", 416, {"bits": 4}, True),
     "v4t-w4-pow2-qat-416": ("yolov4-tiny", 416, {"bits": 4, "pow2": True}, True),
+    "v4t-w4-qat-qdrop": ("yolov4-tiny", 320, {"bits": 4, "act_drop": 0.5}, True),
+    "v4t-w4-pow2-qat-qdrop": ("yolov4-tiny", 320, {"bits": 4, "pow2": True, "act_drop": 0.5}, True),
+    "v4t-w4-pow2-qat-416-qdrop": ("yolov4-tiny", 416, {"bits": 4, "pow2": True, "act_drop": 0.5}, True),
+    "demo-w4-qdrop": ("demo", None, {"bits": 4, "act_drop": 0.5}, True),
+    "demo-w4-pow2-qdrop": ("demo", None, {"bits": 4, "pow2": True, "act_drop": 0.5}, True),
 }
 
 

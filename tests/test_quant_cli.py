@@ -136,3 +136,18 @@ def test_check_verified_honours_no_verify():
         check_verified(figures)
     figures["verify"]["enforced"] = False
     check_verified(figures)  # --no-verify: figures recorded, no error
+
+
+def test_failed_darknet_pair_after_qat_hints_at_act_drop():
+    from compress.quant.pipeline import QuantVerifyError, check_verified
+    checks = {"int8_onnx": {"map50": 0.53, "drop": 0, "ok": True}, "darknet": {"map50": 0.52, "drop": 0.011, "ok": False}}
+    figures = {"onnx": "m.onnx", "weights": "m.weights", "quant_config": {"reduce_range": True}, "cpu": {},
+               "qat_epochs": 12, "qat_act_drop": 0.0,
+               "verify": {"passed": False, "enforced": True, "checks": checks, "map50_reference": 0.531,
+                          "tolerance": 0.01}}
+    with pytest.raises(QuantVerifyError, match="Darknet pair m.weights .*--act-drop 0.5"):
+        check_verified(figures)
+    figures["qat_act_drop"] = 0.5  # already on: no advice to turn it on
+    with pytest.raises(QuantVerifyError) as err:
+        check_verified(figures)
+    assert "--act-drop" not in str(err.value)

@@ -37,3 +37,43 @@ def test_one_qat_epoch_updates_weights_observers_and_freezes_bn(tmp_path):
     for i, m in enumerate(q.layers):
         if isinstance(m, QConvBNAct):
             torch.testing.assert_close(dk.layers[i].conv.weight, m.folded().weight)
+
+
+def test_act_drop_skips_fake_quant_on_that_share_in_training_only():
+    q = ActQuant(4, symmetric=False)
+    x = torch.randn(20000)
+    q.train()
+    q(x)  # initialise the range
+    q.drop = 0.5
+    torch.manual_seed(0)
+    y = q(x)
+    assert abs((y == x).float().mean().item() - 0.5) < 0.02  # at 4 bits almost no element is on the grid
+    q.drop = 0.0
+    assert (q(x) == x).float().mean().item() < 0.01
+    q.drop = 0.5
+    q.eval()
+    assert (q(x) == x).float().mean().item() < 0.01  # evaluation/export: every element quantized
+
+
+def test_quantize_act_drop_is_on_during_qat_only(tmp_path, monkeypatch):
+    """`--act-drop` reaches every observer while `fit` trains and is off again for evaluation and export."""
+    from compress.quant.config import make_config
+    from compress.quant.pipeline import QuantizeJob, quantize
+    data = synthesize(tmp_path / "synth", n_train=8, n_valid=4, img_size=64)
+    seen = []
+    real_fit = train.fit
+
+    def spy(model, *a, **k):
+        seen.extend(m.drop for m in model.modules() if isinstance(m, ActQuant))
+        result = real_fit(model, *a, **k)
+        seen.append("done")
+        return result
+    monkeypatch.setattr(train, "fit", spy)
+    job = QuantizeJob(str(DEMO_CFG), None, str(data), str(tmp_path / "q"), make_config(None, 4), epochs=1,
+                      batch_size=4, img_size=64, act_drop=0.25, evaluate=False, latency_runs=1)
+    figures = quantize(job)
+    assert seen[-1] == "done" and seen[:-1] and set(seen[:-1]) == {0.25}
+    assert figures["qat_act_drop"] == 0.25
+    with pytest.raises(Exception, match="--act-drop 1.0 must be in"):
+        QuantizeJob(str(DEMO_CFG), None, str(data), str(tmp_path / "q2"), make_config(None, 4), epochs=1,
+                    act_drop=1.0)

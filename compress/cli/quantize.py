@@ -62,6 +62,9 @@ def _table(r: dict) -> str:
               "same options as that run.")
 @click.option("--seed", default=0, show_default=True, type=int, help="QAT data order and augmentation.")
 @click.option("--sync-bn", is_flag=True, help="QAT under torchrun: BatchNorm statistics over the global batch (the folded BN all-reduces its moments itself, on gloo/CPU too; with --no-bn-fold: SyncBatchNorm, CUDA only).")
+@click.option("--act-drop", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="QAT: QDrop, the share of activation elements that skip fake quantization in each training "
+                   "step (the model then also holds with float activations, as in the Darknet pair).")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
               help="PTQ: shift each conv's bias by the mean output error of its rounded weights (Nagel et al.).")
 @click.option("--safe-range", type=click.Choice(SAFE_RANGES), default="half", show_default=True,
@@ -79,8 +82,8 @@ def quantize_command(cfg: str, weights: str, data: str, val: str | None, letterb
                      bn_fold: bool, pow2: bool, per_tensor: bool, first_last_bits: int, act_scheme: str,
                      reduce_range: bool, weight_clip: str | None, epochs: int, freeze_observers_after: int | None,
                      freeze_bn_after: int | None, calib_batches: int, batch_size: int,
-                     lr0: float, img_size: int | None, resume: bool, seed: int, sync_bn: bool, bias_correction: bool,
-                     safe_range: str, no_eval: bool, no_verify: bool, device: str, report_path: str | None,
+                     lr0: float, img_size: int | None, resume: bool, seed: int, sync_bn: bool, act_drop: float,
+                     bias_correction: bool, safe_range: str, no_eval: bool, no_verify: bool, device: str, report_path: str | None,
                      exist_ok: bool) -> None:
     """Quantize -> DIR/<cfg>-q<bits>.cfg/.weights (folded, on the grid), quant.json, weights_int.npz,
     model-int8.onnx (QDQ), model-fp32.onnx and report.json."""
@@ -92,7 +95,7 @@ def quantize_command(cfg: str, weights: str, data: str, val: str | None, letterb
                       img_size, lr0, freeze_observers_after=freeze_observers_after, freeze_bn_after=freeze_bn_after,
                       evaluate=not no_eval, verify=not no_verify, letterbox=letterbox, device=device, val=val,
                       resume=resume, seed=seed, bias_correction=bias_correction, distributed=dist,
-                      sync_bn=sync_bn)
+                      sync_bn=sync_bn, act_drop=act_drop)
     try:
         report = run(job, report_path, exist_ok)
     except QuantVerifyError as exc:  # raised after report.json and the artifacts were written: show them

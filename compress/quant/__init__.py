@@ -27,7 +27,7 @@ from .modules import QConvBNAct, QuantOut
 
 __all__ = ["prepare_qat", "calibrate", "convert", "to_darknet", "QATModel", "DorefaConfig", "GoogleConfig",
            "make_config", "config_to_dict", "fold_bn", "fold_model", "QConvBNAct", "QuantOut", "ActQuant",
-           "edge_convs", "freeze_bn", "freeze_observers"]
+           "edge_convs", "freeze_bn", "freeze_observers", "set_act_drop"]
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,15 @@ def freeze_observers(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, ActQuant):
             m.stop_observing()
+
+
+def set_act_drop(model: nn.Module, p: float) -> None:
+    """QDrop (Wei et al., ICLR 2022): in training, each activation element skips its fake quantization with
+    probability `p`, so the weights also fit float activations (the Darknet pair has no activation
+    quantization) and settle where quantization noise matters less. 0 turns it off."""
+    for m in model.modules():
+        if isinstance(m, ActQuant):
+            m.drop = float(p)
 
 
 def convert(model: QATModel) -> QATModel:

@@ -158,6 +158,7 @@ class ActQuant(nn.Module):
         self.register_buffer("initialized", torch.tensor(self.fixed))
         self.register_buffer("observing", torch.tensor(True))  # False: QAT keeps the range fixed (late epochs)
         self._frozen: QParams | None = None
+        self.drop = 0.0  # QDrop: share of elements that skip fake quantization in training (`set_act_drop`)
 
     def freeze_params(self) -> None:
         """Fix the params as constants (computed once, outside any trace); the observer stops."""
@@ -191,7 +192,10 @@ class ActQuant(nn.Module):
             return x
         qp = self.qparams()
         if self.training or x.requires_grad:
-            return fake_quant(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax)
+            y = fake_quant(x, qp.scale, qp.zero_point, qp.qmin, qp.qmax)
+            if self.training and self.drop > 0:
+                y = torch.where(torch.rand_like(x) < self.drop, x, y)
+            return y
         return FakeQuantFn.apply(x, Holder(qp))
 
     def extra_repr(self) -> str:

@@ -18,7 +18,7 @@ from ..errors import QuantError
 from ..fileio import write_text_atomic
 from ..train import Hook
 from ..train.config import DistConfig
-from . import config_to_dict, freeze_bn, freeze_observers
+from . import config_to_dict, freeze_bn, freeze_observers, set_act_drop
 
 __all__ = ["QATHook", "run_qat", "resume_checkpoint", "check_resume_config"]
 
@@ -92,10 +92,15 @@ def run_qat(qmodel: torch.nn.Module, spec: Any, img: int, job: Any, device: str,
                      resume=job.resume, seed=job.seed,
                      sync_bn=bool(getattr(job, "sync_bn", False)) and not job.config.bn_fold)  # folded BNs sync themselves
     obs, bn = freeze_epochs(job)
-    result = fit(qmodel, spec, tc, hooks=[QATHook(bn, obs)], device=device, out_dir=qat_dir(job.out),
-                 distributed=dist)
+    set_act_drop(qmodel, getattr(job, "act_drop", 0.0))
+    try:
+        result = fit(qmodel, spec, tc, hooks=[QATHook(bn, obs)], device=device, out_dir=qat_dir(job.out),
+                     distributed=dist)
+    finally:
+        set_act_drop(qmodel, 0.0)  # calibration, evaluation and export quantize every element
     return {"qat_epochs": result.epochs, "qat_final_loss": result.final_loss, "qat_lr0": job.lr0,
-            "qat_freeze_observers_after": obs, "qat_freeze_bn_after": bn, "qat_resumed": job.resume}
+            "qat_freeze_observers_after": obs, "qat_freeze_bn_after": bn, "qat_resumed": job.resume,
+            "qat_act_drop": getattr(job, "act_drop", 0.0)}
 
 
 def freeze_epochs(job: Any) -> tuple[int, int]:
