@@ -40,7 +40,7 @@ def _job(tmp, data, out, **kw) -> QuantizeJob:
 
 def _history(out) -> list[list[str]]:
     rows = (out / "qat" / "results.csv").read_text().splitlines()
-    keep = [i for i, k in enumerate(rows[0].split(",")) if k != "time_s"]
+    keep = [i for i, k in enumerate(rows[0].split(",")) if k not in ("time_s", "data_wait")]  # timings
     return [[r.split(",")[i] for i in keep] for r in rows]
 
 
