@@ -70,7 +70,7 @@ run() {
     fi
     end=$(date +%s%N)
     ROWS+=("$("$PYTHON" - "$row" "$nproc" "$train_images" "$EPOCHS" "$start" "$end" "$out/report.json" <<'PY'
-import json, sys
+import csv, json, pathlib, sys
 row, nproc, images, epochs, start, end, report = sys.argv[1:]
 wall = (int(end) - int(start)) / 1e9
 try:
@@ -78,8 +78,12 @@ try:
 except (OSError, ValueError):
     rep = {}
 world = rep.get("world_size", "-")
-wait = (rep.get("history") or [{}])[-1].get("data_wait")  # last epoch: workers are warm by then
-wait = "-" if wait is None else f"{100 * wait:.1f}%"
+wait = None  # the last epoch's data_wait (workers are warm by then), from the run's results.csv
+for csv_path in sorted(pathlib.Path(report).parent.rglob("results.csv")):
+    rows = list(csv.DictReader(open(csv_path)))
+    wait = rows[-1].get("data_wait") if rows else None
+    break
+wait = "-" if not wait else f"{100 * float(wait):.1f}%"
 print(f"{row:<22} {nproc:>5} {int(images) * int(epochs) / wall:10.1f} {world!s:>11} {wall:8.1f} {wait:>10}")
 PY
 )")
@@ -100,7 +104,9 @@ for nproc in 1 2; do
     run "qat-$nproc" "$nproc" "$device" quantize --cfg "$teacher/best.cfg" --weights "$teacher/best.weights" \
         --data "$DATA" --epochs "$EPOCHS" --img-size "$IMG" --batch-size "$BATCH" --no-eval
     if [[ "$nproc" -gt 1 ]]; then  # SyncBatchNorm only means something across processes
-        run "train-syncbn-$nproc" "$nproc" "$device" train --cfg "$CFG" "${COMMON[@]}" --sync-bn
+        if [[ "${SCRIPT_CHECK:-0}" != 1 ]]; then  # torch's SyncBatchNorm is CUDA-only (refused on gloo)
+            run "train-syncbn-$nproc" "$nproc" "$device" train --cfg "$CFG" "${COMMON[@]}" --sync-bn
+        fi
         run "qat-syncbn-$nproc" "$nproc" "$device" quantize --cfg "$teacher/best.cfg" \
             --weights "$teacher/best.weights" --data "$DATA" --epochs "$EPOCHS" --img-size "$IMG" \
             --batch-size "$BATCH" --no-eval --sync-bn
