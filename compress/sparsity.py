@@ -328,6 +328,8 @@ def run_sparse_train(job: SparseTrainJob) -> dict:
     from .persist import load, save
     from .report import stage_figures
     from .train import TrainConfig
+    from .train.checkpoint import seed_all
+    seed_all(job.train.seed if job.train else TrainConfig.seed)  # without --weights: --seed's initialisation
     model = load(job.cfg, job.weights, device=job.device)
     out = Path(job.out)
     train_config = job.train or TrainConfig(img_size=model.cfg.width, progress=False)

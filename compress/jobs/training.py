@@ -89,7 +89,9 @@ def _run_distill(job: DistillJob) -> dict:
     from ..data import load_data_spec
     from ..distill import distill
     from ..persist import load
+    from ..train.checkpoint import seed_all
     data = load_data_spec(job.data, job.val, training=True)
+    seed_all(job.train.seed)  # a student without --weights starts from --seed's initialisation
     student, teacher = load(job.cfg, job.weights, device=job.device), load(job.t_cfg, job.t_weights, device=job.device)
     result = distill(student, teacher, data, job.config, job.train, job.device, job.out, job.distributed)
     return {} if job.distributed is not None and not job.distributed.is_main else result.to_dict()

@@ -11,6 +11,7 @@ from ..data import load_data_spec
 from ..losses import init_head_biases
 from ..persist import load
 from ..report import stage_figures
+from .checkpoint import seed_all
 from .config import DistConfig, TrainConfig, TrainError
 from .hooks import Hook
 from .loop import TrainResult, fit
@@ -29,6 +30,7 @@ def train_model(cfg: str | os.PathLike, weights: str | os.PathLike | None, data:
     Without weights the detection-head biases get prior initialisation (training from scratch).
     `compress.jobs.run_job(TrainJob(...))` is the whole command: it guards the outputs first and writes
     `out_dir/report.json`."""
+    seed_all(config.seed)  # from scratch (or past --cutoff) the initial weights come from --seed too
     model = load(cfg, weights, device=device, cutoff=cutoff)
     if weights is None or cutoff is not None:
         init_head_biases(model, config.img_size, start=0 if weights is None else cutoff)
