@@ -53,7 +53,6 @@ class DistillHook(Hook):
         self._n = 0
         self._det_fn: YoloLoss | None = None
         self.adapters: list[LstsqAdapter] = []  # feature="fitnet": one per pair, kept across setup() calls
-        self._world_size = 1
 
     @property
     def weights(self) -> dict[str, float]:
@@ -121,7 +120,6 @@ class DistillHook(Hook):
              world_size: int = 1) -> dict[str, Tensor]:
         """Weighted KD terms for a batch whose student forward (raw `heads`) already ran with the taps attached.
         `det` (per-image detection loss of the batch) feeds the calibration while it runs."""
-        self._world_size = world_size
         raw = self.raw_terms(imgs, targets, heads)
         if det is not None and self.calibrator.needed:
             values = {k: v.detach() for k, v in raw.items() if k in TERMS}
@@ -150,7 +148,7 @@ class DistillHook(Hook):
                 raise DistillError(f"student head {tuple(s.shape)} and teacher head {tuple(t.shape)} differ at input "
                                    f"{img_hw[1]}x{img_hw[0]}; use an input size both models divide")
         inputs = KDInputs(heads, t_heads, self._positives(heads, targets, img_hw), self._features(), img_hw,
-                          self._scales(), tuple(self.adapters), self._world_size)
+                          self._scales(), tuple(self.adapters))
         return STRATEGIES[self.config.strategy](inputs, self.config)
 
     def _det_loss(self, state: Any, imgs: Tensor, targets: Tensor, heads: list[Tensor]) -> Tensor:

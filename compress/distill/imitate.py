@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..train.distributed import group_size
+
 __all__ = ["LstsqAdapter", "cells"]
 
 
@@ -42,11 +44,12 @@ class LstsqAdapter:
         self.momentum, self.ridge = momentum, ridge
         self.moments: dict[str, Tensor] | None = None  # float64: mean s, mean t, mean s s^T, mean s t^T
 
-    def update(self, s: Tensor, t: Tensor, world_size: int = 1) -> None:
-        """Fold one batch's cells (M, Cs), (M, Ct) into the moving moments (pooled over processes)."""
+    def update(self, s: Tensor, t: Tensor) -> None:
+        """Fold one batch's cells (M, Cs), (M, Ct) into the moving moments (pooled over the processes of a
+        running process group, so every rank fits the same adapter)."""
         s, t = s.detach().double(), t.detach().double()
         sums = {"n": s.new_tensor([float(s.shape[0])]), "s": s.sum(0), "t": t.sum(0), "ss": s.T @ s, "st": s.T @ t}
-        if world_size > 1 and dist.is_initialized():  # same adapter on every rank
+        if group_size() > 1:
             flat = torch.cat([v.reshape(-1) for v in sums.values()])
             dist.all_reduce(flat)
             parts = torch.split(flat, [v.numel() for v in sums.values()])
@@ -71,15 +74,14 @@ class LstsqAdapter:
         w = torch.linalg.solve(cov_ss + lam * eye, cov_st)
         return w, m["t"] - m["s"] @ w
 
-    def loss(self, f_s: Tensor, f_t: Tensor, mask: Tensor | None = None, world_size: int = 1,
-             update: bool = True) -> Tensor:
+    def loss(self, f_s: Tensor, f_t: Tensor, mask: Tensor | None = None, update: bool = True) -> Tensor:
         """Unexplained share of the teacher's feature variance over the (masked) cells of this batch."""
         if f_s.shape[-2:] != f_t.shape[-2:]:
             raise ValueError(f"paired features differ in size: student {tuple(f_s.shape)} vs teacher "
                              f"{tuple(f_t.shape)}")
         s, t = cells(f_s, mask), cells(f_t, mask).detach()
         if update:
-            self.update(s, t, world_size)
+            self.update(s, t)
         if s.shape[0] == 0 or self.moments is None:
             return f_s.sum() * 0.0  # no cell to imitate (e.g. no object in the batch): keeps the graph
         w, b = self.solve()

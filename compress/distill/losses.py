@@ -50,7 +50,6 @@ class KDInputs:
     img_hw: tuple[int, int]
     scales: tuple[tuple[float, float], ...] = ()  # (student, teacher) scale_x_y per head
     adapters: tuple[LstsqAdapter, ...] = ()  # one per feature pair, for feature="fitnet" (none: fit per batch)
-    world_size: int = 1  # processes whose statistics the adapters pool
 
 
 def soft_kl(s_logits: Tensor, t_logits: Tensor, temperature: float, batch: int) -> Tensor:
@@ -163,7 +162,7 @@ def _feature_term(x: KDInputs, i: int, config: DistillConfig, mask: Tensor | Non
         if x.adapters and len(x.adapters) != len(x.features):
             raise ValueError("feature='fitnet' needs one LstsqAdapter per feature pair (KDInputs.adapters)")
         adapter = x.adapters[i] if x.adapters else LstsqAdapter(momentum=0.0)
-        return adapter.loss(fs, ft, mask, x.world_size)
+        return adapter.loss(fs, ft, mask)
     return kd_at_loss(fs, ft, mask)
 
 

@@ -46,10 +46,7 @@ def input_means(model: torch.nn.Module, batches: Iterable[torch.Tensor],
 def _float_weight(conv: QConvBNAct) -> torch.Tensor:
     """The folded weight before quantization (what `folded().weight` approximates)."""
     w = conv.conv.weight
-    if conv.bn is None:
-        return w
-    g = conv.bn.weight / torch.sqrt(conv.bn.running_var + conv.bn.eps)
-    return w * g.view(-1, 1, 1, 1)
+    return w if conv.bn is None else w * conv._bn_scale()[0].view(-1, 1, 1, 1)
 
 
 @torch.no_grad()
