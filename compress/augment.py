@@ -25,8 +25,8 @@ from .imageio import PAD_VALUE, geometry, reduce_factor, split_into
 if TYPE_CHECKING:
     from .data import DetectionDataset
 
-__all__ = ["AugmentConfig", "augment_item", "hsv_jitter", "flip_lr", "to_pixel_xyxy", "to_norm_xywh",
-           "draw", "transform_boxes"]
+__all__ = ["AugmentConfig", "augment_item", "hsv_jitter", "flip_lr", "draw", "transform_labels",
+           "finish_labels"]
 
 
 @dataclass(frozen=True)
@@ -59,27 +59,6 @@ class AugmentConfig:
             return cls(**{k: float(v) for k, v in values.items() if k in known})
         except (TypeError, ValueError) as exc:
             raise DataError(f"{source}: augmentation values must be numbers ({exc})") from None
-
-
-def to_pixel_xyxy(labels: np.ndarray, w: float, h: float, ratio: float | tuple[float, float] = 1.0,
-                  pad: tuple[float, float] = (0, 0)) -> np.ndarray:
-    """Normalised (n,5) cls,cx,cy,w,h of a w x h image -> pixel cls,x1,y1,x2,y2 after scaling by ratio + pad."""
-    rw, rh = ratio if isinstance(ratio, tuple) else (ratio, ratio)
-    out = labels.astype(np.float64)
-    out[:, 1] = (labels[:, 1] - labels[:, 3] / 2) * w * rw + pad[0]
-    out[:, 2] = (labels[:, 2] - labels[:, 4] / 2) * h * rh + pad[1]
-    out[:, 3] = (labels[:, 1] + labels[:, 3] / 2) * w * rw + pad[0]
-    out[:, 4] = (labels[:, 2] + labels[:, 4] / 2) * h * rh + pad[1]
-    return out
-
-
-def to_norm_xywh(boxes: np.ndarray, size: int) -> np.ndarray:
-    out = boxes.astype(np.float64)
-    out[:, 1] = (boxes[:, 1] + boxes[:, 3]) / 2 / size
-    out[:, 2] = (boxes[:, 2] + boxes[:, 4]) / 2 / size
-    out[:, 3] = (boxes[:, 3] - boxes[:, 1]) / size
-    out[:, 4] = (boxes[:, 4] - boxes[:, 2]) / size
-    return out.astype(np.float32)
 
 
 _LEVELS = np.arange(256, dtype=np.float32)
@@ -118,14 +97,12 @@ def _affine(sx: float, sy: float, tx: float, ty: float) -> np.ndarray:
     return np.array([[sx, 0.0, tx], [0.0, sy, ty], [0.0, 0.0, 1.0]])
 
 
-def transform_boxes(boxes: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """Pixel cls,x1,y1,x2,y2 boxes through a scale/translate/flip matrix (corners re-ordered after a flip)."""
-    out = boxes.astype(np.float64)
-    xs = boxes[:, [1, 3]] * m[0, 0] + m[0, 2]
-    ys = boxes[:, [2, 4]] * m[1, 1] + m[1, 2]
-    out[:, 1], out[:, 3] = xs.min(1), xs.max(1)
-    out[:, 2], out[:, 4] = ys.min(1), ys.max(1)
-    return out
+def transform_labels(labels: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Normalised (n,5) cls,cx,cy,w,h through the scale/translate/flip matrix `m` (normalised coordinates ->
+    output pixels) -> pixel (n,5) cls,x1,y1,x2,y2 (float64). No rotation or shear: boxes stay exact."""
+    scale, shift = m[(0, 1), (0, 1)], m[:2, 2]
+    centre, half = labels[:, 1:3] * scale + shift, np.abs(labels[:, 3:5] * (scale / 2))
+    return np.hstack([labels[:, :1], centre - half, centre + half])
 
 
 def _span(a: float, b: float, n: int, size: int) -> tuple[int, int, int, int] | None:
@@ -190,7 +167,7 @@ def _draw_source(ds: "DetectionDataset", i: int, m: np.ndarray, out: np.ndarray,
     applied = draw(img, m @ to_orig, out, luts)
     if applied is None:
         return None
-    return transform_boxes(to_pixel_xyxy(ds.labels[i], w0, h0), applied @ _affine(w / w0, h / h0, 0.0, 0.0))
+    return transform_labels(ds.labels[i], applied @ _affine(w, h, 0.0, 0.0))
 
 
 def _visible(m: np.ndarray, h0: int, w0: int, size: int) -> bool:
@@ -232,14 +209,15 @@ def _mosaic(ds: "DetectionDataset", index: int, rng: np.random.Generator) -> Pla
     return plan
 
 
-def _filter_boxes(boxes: np.ndarray, size: int, cfg: AugmentConfig) -> np.ndarray:
-    """Clip to the image; drop boxes that became tiny or lost most of their area outside it."""
+def finish_labels(boxes: np.ndarray, size: int, cfg: AugmentConfig) -> np.ndarray:
+    """Pixel cls,x1,y1,x2,y2 boxes of the S x S output clipped to it, without those that became tiny or lost
+    most of their area outside it -> normalised cls,cx,cy,w,h float32 labels."""
     area0 = (boxes[:, 3] - boxes[:, 1]) * (boxes[:, 4] - boxes[:, 2])
-    b = boxes.copy()
-    b[:, 1:] = b[:, 1:].clip(0, size)
-    bw, bh = b[:, 3] - b[:, 1], b[:, 4] - b[:, 2]
-    keep = (bw > cfg.min_box_px) & (bh > cfg.min_box_px) & (bw * bh > cfg.min_box_area * area0)
-    return b[keep]
+    xyxy = boxes[:, 1:].clip(0, size)
+    wh = xyxy[:, 2:] - xyxy[:, :2]
+    keep = (wh > cfg.min_box_px).all(1) & (wh[:, 0] * wh[:, 1] > cfg.min_box_area * area0)
+    centre = (xyxy[keep, :2] + xyxy[keep, 2:]) / (2 * size)
+    return np.hstack([boxes[keep, :1], centre, wh[keep] / size]).astype(np.float32)
 
 
 def augment_item(ds: "DetectionDataset", index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -252,4 +230,4 @@ def augment_item(ds: "DetectionDataset", index: int, rng: np.random.Generator) -
     luts = hsv_luts(rng, cfg.hsv_h, cfg.hsv_s, cfg.hsv_v) if cfg.hsv_h or cfg.hsv_s or cfg.hsv_v else None
     out = _canvas(ds, luts)
     boxes = [b for i, m in plan if (b := _draw_source(ds, i, m, out, luts)) is not None]
-    return out, to_norm_xywh(_filter_boxes(np.concatenate([np.zeros((0, 5)), *boxes]), s, cfg), s)
+    return out, finish_labels(np.concatenate(boxes) if boxes else np.zeros((0, 5)), s, cfg)

@@ -122,9 +122,7 @@ def _decode_jpeg(path: str, reduce: int, scratch: bool = False) -> np.ndarray | 
 def exif_orientation(data: bytes) -> int:
     """The EXIF orientation (1..8) in JPEG bytes: tag 0x0112 of IFD0 in the APP1 "Exif" segment; 1 when
     there is none (or it cannot be read, as OpenCV and Pillow then ignore it too)."""
-    if data.find(b"Exif\0\0", 0, 1 << 17) < 0:  # Exif APP1 follows SOI (+ a JFIF APP0 <= 64 KB): absent
-        return 1
-    pos = 2
+    pos = 2  # walk the segment headers (a handful before the scan) rather than search the bytes (80 us)
     while pos + 4 <= len(data) and data[pos] == 0xFF:
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
