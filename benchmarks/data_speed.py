@@ -8,7 +8,9 @@ included), which is img/s on one idle core and stays put while other processes l
 DataLoader row runs one worker process and adds the CPU time of both processes (decode + augmentation in
 the worker, batching and the transfer of items between them). `--compare-to DIR` also runs the rows the
 package at DIR supports (e.g. an older checkout's `compress/`) in a subprocess, for a before/after ratio
-measured under the same load. Both versions run in fresh child processes, row by row in the same order.
+measured under the same load. Both versions run in fresh child processes, row by row in the same order;
+each round runs both back to back, and the table gives the ratio of the best rates and the median and
+range of the rounds' own ratios (the machine's noise moves single rates by +-3-5%).
 
     PYTHONPATH=. python benchmarks/data_speed.py [--n 64] [--size 416] [--gpu-rates 200,500,1000]
         [--compare-to /tmp/base] [--repeat 2] [--out runs/data_speed.json]
@@ -20,6 +22,7 @@ import gc
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -151,6 +154,10 @@ def _best(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     return {k: max(a.get(k, 0.0), v) for k, v in b.items()}
 
 
+def _spread(ratios: list[float]) -> str:
+    return f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=64, help="COCO128 images per row")
@@ -168,14 +175,19 @@ def main() -> None:
 
     before: dict[str, float] = {}
     after: dict[str, float] = {}
+    paired: dict[str, list[float]] = {}  # per round: this version / --compare-to, measured back to back
     for _ in range(args.repeat):  # alternate and keep each row's best: the machine's load varies
-        if args.compare_to:
-            before = _best(before, _compare(args.compare_to, args.n, args.size))
-        after = _best(after, _compare(str(ROOT), args.n, args.size))  # a fresh process too: same conditions
-    headers = ["stage (one core, img/s)", "this version", *(["--compare-to", "ratio"] if before else [])]
-    table = [[k, f"{v:.1f}", *([f"{before[k]:.1f}", f"{v / before[k]:.1f}x"] if before else [])]
+        b = _compare(args.compare_to, args.n, args.size) if args.compare_to else {}
+        a = _compare(str(ROOT), args.n, args.size)  # a fresh process too: same conditions
+        before, after = _best(before, b), _best(after, a)
+        for k in b:
+            paired.setdefault(k, []).append(a[k] / b[k])
+    headers = ["stage (one core, img/s)", "this version",
+               *(["--compare-to", "ratio", "paired rounds: median [min-max]"] if before else [])]
+    table = [[k, f"{v:.1f}", *([f"{before[k]:.1f}", f"{v / before[k]:.1f}x", _spread(paired[k])] if before else [])]
              for k, v in after.items() if not before or k in before]
-    table += [[k, f"{v:.1f}", *(["-", "-"] if before else [])] for k, v in after.items() if before and k not in before]
+    table += [[k, f"{v:.1f}", *(["-", "-", "-"] if before else [])]
+              for k, v in after.items() if before and k not in before]
     print(tabulate(table, headers=headers, tablefmt="github"))
     rates = [float(r) for r in args.gpu_rates.split(",") if r]
     need = [[f"{r:.0f}", *[math.ceil(r / after[k]) for k in ("full augmentation", "full augmentation + mosaic",
@@ -188,7 +200,8 @@ def main() -> None:
           "of measurement changes these figures, the ratios less)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"size": args.size, "images": args.n, "img_per_s_per_core": after,
-                                           "compare_to": before, "workers_needed": need}, indent=1) + "\n")
+                                           "compare_to": before, "paired_ratios": paired, "workers_needed": need},
+                                          indent=1) + "\n")
 
 
 if __name__ == "__main__":
