@@ -14,6 +14,7 @@ from .cfg import Cfg, format_cfg, parse_cfg, read_cfg, write_cfg
 from .errors import WeightsError
 from .fileio import atomic_write
 from .model import DarknetModel, build_model
+from .runtimes import is_exported
 from .weights import read_weights, write_weights
 
 __all__ = ["load", "save", "save_checkpoint", "read_checkpoint"]
@@ -80,6 +81,9 @@ def load(cfg: str | os.PathLike | Cfg | None, weights: str | os.PathLike | None 
         >>> model = compress.load("yolov4-tiny.cfg", "yolov4-tiny.weights")
     `cfg` may be None when `weights` is a `.pt` checkpoint, which embeds its cfg text.
     """
+    if is_exported(weights):
+        raise WeightsError(f"{weights}: an exported model; `eval --weights` runs it, every other command needs "
+                           "the Darknet .weights (or .pt checkpoint) it was exported from")
     ckpt = None
     if weights is not None and str(weights).endswith((".pt", ".pth")):
         ckpt = read_checkpoint(weights)

@@ -43,6 +43,9 @@ def read_header(fh) -> tuple[int, int, int, int]:
     raw = fh.read(12)
     if len(raw) < 12:
         raise WeightsError(f"{fh.name}: file is too short for a Darknet header ({len(raw)} bytes)")
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in raw):  # a Darknet header starts with small ints (0, 2, 5)
+        raise WeightsError(f"{fh.name}: starts with text ({raw.decode('ascii')!r}), not a Darknet .weights "
+                           "header; pass the binary .weights file as --weights (and the .cfg as --cfg)")
     major, minor, revision = (int(v) for v in np.frombuffer(raw, dtype="<i4"))
     width = 8 if _seen_is_64(major, minor) else 4
     seen_raw = fh.read(width)
@@ -59,7 +62,11 @@ def read_weights(path: str | os.PathLike, model: nn.Module, cutoff: int | None =
         raise WeightsError(f"{path}: weights file not found; pass an existing --weights")
     with open(path, "rb") as fh:
         header = read_header(fh)
-        data = np.frombuffer(fh.read(), dtype="<f4")
+        payload = fh.read()
+    if len(payload) % 4:
+        raise WeightsError(f"{path}: {len(payload)} bytes after the header are not a whole number of float32 "
+                           "values; not a Darknet .weights file, or a damaged one")
+    data = np.frombuffer(payload, dtype="<f4")
     tensors = darknet_tensors(model, cutoff)
     expected = sum(t.numel() for _, t in tensors)
     if cutoff is None and data.size != expected:

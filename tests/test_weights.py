@@ -100,6 +100,12 @@ def test_truncated_file_names_counts(tmp_path: Path) -> None:
     path.write_bytes(b"\0" * 10)
     with pytest.raises(WeightsError, match="too short for a Darknet header"):
         read_weights(path, model)
+    path.write_bytes(b"\0" * 16 + b"\1\2\3")  # a 16-byte header (version 0.0: int32 seen) + 3 stray bytes
+    with pytest.raises(WeightsError, match="3 bytes after the header are not a whole number of float32"):
+        read_weights(path, model)
+    path.write_text((DATA / "tiny-v4-groups.cfg").read_text())  # the cfg passed as weights
+    with pytest.raises(WeightsError, match=r"starts with text \('#.*not a Darknet \.weights header"):
+        read_weights(path, model)
     with pytest.raises(WeightsError, match="not found"):
         read_weights(tmp_path / "missing.weights", model)
 
@@ -176,3 +182,6 @@ def test_pt_errors(tmp_path: Path) -> None:
     save_checkpoint(model, tmp_path / "v4.pt")
     with pytest.raises(WeightsError, match="use the cfg this checkpoint was saved with"):
         compress.load(DATA / "tiny-shortcut.cfg", tmp_path / "v4.pt")
+    for exported in ("m.onnx", "model.xml", "model.param"):  # only eval runs exported models
+        with pytest.raises(WeightsError, match="an exported model; `eval --weights` runs it"):
+            compress.load(DATA / "tiny-v4-groups.cfg", tmp_path / exported)
