@@ -158,7 +158,7 @@ def _draw_source(ds: "DetectionDataset", i: int, m: np.ndarray, out: np.ndarray,
                  luts: tuple[np.ndarray, ...] | None) -> np.ndarray | None:
     """Draw dataset image i into `out` through `m` (original pixels -> output); its boxes in output pixels,
     or None when it does not show (then it is not even decoded). The scale is known before decoding: a
-    strong shrink decodes a JPEG at 1/2..1/8 of its size (~25% less decode time at 1/2)."""
+    strong shrink decodes a JPEG at 1/2..1/8 of its size (11-25% less decode time on COCO128)."""
     h0, w0 = ds.shapes[i]
     if not _visible(m, h0, w0, out.shape[1]):
         return None

@@ -302,16 +302,18 @@ def test_data_wait_share_measures_time_blocked_on_the_loader(data, tmp_path, mon
     assert header[-4:] == ["data_wait", "map50", "map50_95", "time_s"]
 
 
-def test_training_from_scratch_is_reproducible_with_its_seed(data, tmp_path):
-    """`train` without --weights draws the initial weights from --seed: two runs give byte-identical weights
-    (the demo's figures were not reproducible before: the init came from an unseeded RNG)."""
+@pytest.mark.parametrize("command, written", [("train", "last.weights"), ("sparse-train", "tiny-sparse.weights")])
+def test_training_from_scratch_is_reproducible_with_its_seed(data, tmp_path, command, written):
+    """`train` / `sparse-train` without --weights draw the initial weights from --seed: two runs give
+    byte-identical weights (the demo's figures were not reproducible before: the init came from an unseeded
+    RNG)."""
     cfg = tmp_path / "tiny.cfg"
     cfg.write_text(CFG_TEXT)
     outs = []
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
         torch.manual_seed(int(name == "b") + 7)  # whatever the global RNG holds, --seed decides
-        res = CliRunner().invoke(cli, ["train", "--cfg", str(cfg), "--data", str(data), "--out", str(tmp_path / name),
+        res = CliRunner().invoke(cli, [command, "--cfg", str(cfg), "--data", str(data), "--out", str(tmp_path / name),
                                        "--epochs", "1", "--batch-size", "8", "--workers", "0", "--seed", seed])
         assert res.exit_code == 0, res.output
-        outs.append((tmp_path / name / "last.weights").read_bytes())
+        outs.append((tmp_path / name / written).read_bytes())
     assert outs[0] == outs[1] and outs[0] != outs[2]

@@ -15,6 +15,7 @@ from ..errors import DistillError
 from ..fileio import write_bytes_atomic, write_text_atomic
 from ..losses import LossConfig, YoloLoss, build_targets
 from ..model import DarknetModel
+from ..train.distributed import group_size
 from ..train.hooks import Hook
 from .calibrate import Calibrator
 from .config import TERMS, DistillConfig
@@ -93,7 +94,7 @@ class DistillHook(Hook):
             self.teardown()
             self.setup(state.model)
         det = self._det_loss(state, imgs, targets, heads)
-        parts = self.loss(imgs, targets, heads, det, world_size=getattr(state, "world_size", 1))
+        parts = self.loss(imgs, targets, heads, det)
         self._accumulate(parts, det)
         if self.calibrator.frozen is not None and self.calibrator.n == self.config.calib_batches:
             self._save_state(state)  # once, right after calibration
@@ -116,8 +117,8 @@ class DistillHook(Hook):
         self.teardown()
 
     # ------------------------------------------------------------------ the loss itself
-    def loss(self, imgs: Tensor, targets: Tensor, heads: list[Tensor], det: Tensor | float | None = None,
-             world_size: int = 1) -> dict[str, Tensor]:
+    def loss(self, imgs: Tensor, targets: Tensor, heads: list[Tensor], det: Tensor | float | None = None
+             ) -> dict[str, Tensor]:
         """Weighted KD terms for a batch whose student forward (raw `heads`) already ran with the taps attached.
         `det` (per-image detection loss of the batch) feeds the calibration while it runs."""
         raw = self.raw_terms(imgs, targets, heads)
@@ -126,9 +127,9 @@ class DistillHook(Hook):
             values["det"] = torch.as_tensor(det, dtype=torch.float32).detach()
             names = list(values)
             stacked = torch.stack([values[k].to(torch.float32).reshape(()) for k in names])
-            if world_size > 1 and dist.is_initialized():  # every process must use the same weights
+            if group_size() > 1:  # every process must use the same weights
                 dist.all_reduce(stacked)
-                stacked /= world_size
+                stacked /= group_size()
             values = dict(zip(names, stacked.tolist()))
             self.calibrator.observe(values.pop("det"), values)
         w = self.calibrator.weights()

@@ -92,7 +92,8 @@ def run_qat(qmodel: torch.nn.Module, spec: Any, img: int, job: Any, device: str,
                      resume=job.resume, seed=job.seed,
                      sync_bn=bool(getattr(job, "sync_bn", False)) and not job.config.bn_fold)  # folded BNs sync themselves
     obs, bn = freeze_epochs(job)
-    set_act_drop(qmodel, getattr(job, "act_drop", 0.0))
+    act_drop = float(getattr(job, "act_drop", 0.0))
+    set_act_drop(qmodel, act_drop)
     try:
         result = fit(qmodel, spec, tc, hooks=[QATHook(bn, obs)], device=device, out_dir=qat_dir(job.out),
                      distributed=dist)
@@ -100,7 +101,7 @@ def run_qat(qmodel: torch.nn.Module, spec: Any, img: int, job: Any, device: str,
         set_act_drop(qmodel, 0.0)  # calibration, evaluation and export quantize every element
     return {"qat_epochs": result.epochs, "qat_final_loss": result.final_loss, "qat_lr0": job.lr0,
             "qat_freeze_observers_after": obs, "qat_freeze_bn_after": bn, "qat_resumed": job.resume,
-            "qat_act_drop": getattr(job, "act_drop", 0.0)}
+            "qat_act_drop": act_drop}
 
 
 def freeze_epochs(job: Any) -> tuple[int, int]:
