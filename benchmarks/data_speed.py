@@ -102,8 +102,8 @@ def measure(n: int, size: int) -> dict[str, float]:
     """img/s per core of each stage the installed `compress` supports (rows it lacks are left out)."""
     import torch
     torch.set_num_threads(1)
-    from compress.augment import AugmentConfig
-    from compress.data import DetectionDataset, list_images
+    from compress.data.augment import AugmentConfig
+    from compress.data.dataset import DetectionDataset, list_images
 
     images = list_images(IMAGES)[:n]
     rows: dict[str, float] = {}
@@ -117,14 +117,14 @@ def measure(n: int, size: int) -> dict[str, float]:
         lambda i: standard_augment(images[i % n], size, rng), n)
     try:
         import compress
-        from compress import imageio
+        from compress.data import imageio
         if Path(imageio.__file__).parent != Path(compress.__file__).parent:
             raise ImportError("an older package: its `compress` lacks imageio (an editable install supplies ours)")
         decode_bgr, fit_image = imageio.decode_bgr, imageio.fit_image
         rows["decode (decode_bgr)"] = _rate(lambda i: decode_bgr(images[i % n]), n)
         rows["decode + resize"] = _rate(lambda i: fit_image(decode_bgr(images[i % n]), size, False), n)
     except ImportError:  # an older package: PIL decode
-        from compress.data import letterbox, load_image
+        from compress.data.dataset import letterbox, load_image
         rows["decode (decode_bgr)"] = _rate(lambda i: load_image(images[i % n]), n)  # PIL there
         rows["decode + resize"] = _rate(lambda i: letterbox(load_image(images[i % n]), size), n)
     for label, kw in [("eval item (no augmentation)", {}),
@@ -137,7 +137,7 @@ def measure(n: int, size: int) -> dict[str, float]:
         except TypeError:
             continue  # no cache in this version
         rows[f"{label}, RAM cache"] = _rate(lambda i: cached[i % n], n)
-    from compress.data import collate
+    from compress.data.dataset import collate
     rows["full augmentation, 1 DataLoader worker"] = _loader_rate(
         DetectionDataset(images, size, augment=True, aug=AugmentConfig()), collate)
     return rows

@@ -16,8 +16,8 @@ from tabulate import tabulate
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from compress.evaluate import EvalConfig, evaluate  # noqa: E402
-from compress.persist import load  # noqa: E402
+from compress.detection.evaluate import EvalConfig, evaluate  # noqa: E402
+from compress.darknet.persist import load  # noqa: E402
 from conftest import ASSETS  # noqa: E402
 from test_evaluate import _reference_map  # noqa: E402
 

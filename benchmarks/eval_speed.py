@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from compress.evaluate import EvalConfig, evaluate
-from compress.persist import load
+from compress.detection.evaluate import EvalConfig, evaluate
+from compress.darknet.persist import load
 
 ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 

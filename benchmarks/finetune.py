@@ -3,7 +3,7 @@
 For each model, runs the issue's command with the train command's defaults (only --loss varies if asked):
     train --cfg M.cfg --weights M.weights --data coco128 --epochs 2 --img-size 416 --batch-size 8
 and compares the mAP@.5 / mAP@.5:.95 of the trained model (the last epoch's and the reported best) with the
-pretrained model's, both measured by `compress.evaluate` on COCO128 (the training images) at the same size.
+pretrained model's, both measured by `compress.detection.evaluate` on COCO128 (the training images) at the same size.
 
     python benchmarks/finetune.py --out finetune.json [--models yolov4-tiny yolov3-tiny] [--loss darknet v5]
     # a shorter check: the first 64 images, 320 px, evaluated once after training
@@ -22,9 +22,9 @@ from tabulate import tabulate
 
 from compress import load
 from compress.cli import cli
-from compress.data import load_data_spec
-from compress.evaluate import EvalConfig, evaluate
-from compress.fileio import write_text_atomic
+from compress.data.dataset import load_data_spec
+from compress.detection.evaluate import EvalConfig, evaluate
+from compress.base.fileio import write_text_atomic
 
 ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 MODELS = ("yolov4-tiny", "yolov3-tiny", "yolo-fastest-1.1")

@@ -51,7 +51,7 @@ if [[ -z "${DATA:-}" ]]; then
         > "$OUT/logs/data.log"
     DATA=$OUT/data/synth.data
 fi
-train_images=$("$PYTHON" -c 'import sys; from compress.data import load_data_spec
+train_images=$("$PYTHON" -c 'import sys; from compress.data.dataset import load_data_spec
 print(len(load_data_spec(sys.argv[1]).train))' "$DATA")
 
 ROWS=()

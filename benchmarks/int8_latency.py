@@ -22,8 +22,8 @@ import torch
 from tabulate import tabulate
 
 import compress
-from compress.export import ExportConfig, export_onnx
-from compress.fileio import write_text_atomic
+from compress.deploy.export import ExportConfig, export_onnx
+from compress.base.fileio import write_text_atomic
 from compress.quant import GoogleConfig, calibrate, prepare_qat
 from compress.quant.cpuinfo import cpu_flags
 from compress.quant.onnx_qdq import export_qdq_onnx, onnx_latency, optimized_op_counts
@@ -35,7 +35,7 @@ def _batches(data: str | None, img: int, n: int):
     if data is None:
         g = torch.Generator().manual_seed(0)
         return [torch.rand(4, 3, img, img, generator=g) for _ in range(n)]
-    from compress.data import load_data_spec, make_loader, to_input
+    from compress.data.dataset import load_data_spec, make_loader, to_input
     loader = make_loader(load_data_spec(data), img, 4, workers=0, split="train")
     return [to_input(b[0]) for _, b in zip(range(n), loader)]
 

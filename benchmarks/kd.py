@@ -25,15 +25,15 @@ import torch
 from tabulate import tabulate
 
 from compress import load, save
-from compress.cfg import read_cfg
-from compress.data import DataSpec, load_data_spec
+from compress.darknet.cfg import read_cfg
+from compress.data.dataset import DataSpec, load_data_spec
 from compress.distill import DEFAULT_STRATEGY, DistillConfig, distill
-from compress.evaluate import EvalConfig, evaluate
-from compress.fileio import write_text_atomic
-from compress.losses import init_head_biases
-from compress.model import build_model
+from compress.detection.evaluate import EvalConfig, evaluate
+from compress.base.fileio import write_text_atomic
+from compress.detection.losses import init_head_biases
+from compress.darknet.model import build_model
 from compress.prune import PruneConfig, prune
-from compress.synth import synthesize
+from compress.data.synth import synthesize
 from compress.train import TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,9 +116,9 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, paths: dict) -> 
 def term_ratios(paths: dict, n_images: int = 16) -> list[dict]:
     """KD term / detection loss on one training batch, per strategy: the reference's absolute weights vs the
     calibrated ones (issue 10: reference KD1 ~48x the detection loss, attention 1e-6..1e-5)."""
-    from compress.data import DetectionDataset, collate, to_input
+    from compress.data.dataset import DetectionDataset, collate, to_input
     from compress.distill import DistillHook
-    from compress.losses import YoloLoss
+    from compress.detection.losses import YoloLoss
 
     spec = load_data_spec(paths["data"])
     imgs, targets, _, _ = collate([DetectionDataset(spec.train[:n_images], 128, num_classes=spec.nc)[i]

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from tabulate import tabulate
 
-from compress.boxes import box_iou, non_max_suppression, xywh2xyxy
-from compress.persist import load
+from compress.detection.boxes import box_iou, non_max_suppression, xywh2xyxy
+from compress.darknet.persist import load
 
 ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 

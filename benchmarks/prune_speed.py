@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from compress.cfg import read_cfg
-from compress.model import build_model
-from compress.persist import save
+from compress.darknet.cfg import read_cfg
+from compress.darknet.model import build_model
+from compress.darknet.persist import save
 from compress.prune import METHODS, PruneConfig, prune
-from compress.report import measure_latency, summarize
+from compress.darknet.summary import measure_latency, summarize
 
 ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 DEFAULT_CFG = ASSETS / "cfg" / "yolov3.cfg"

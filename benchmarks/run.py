@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from compress.fileio import write_text_atomic
+from compress.base.fileio import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -27,15 +27,15 @@ import torch
 from tabulate import tabulate
 
 import compress
-from compress.export import ExportConfig, export
-from compress.fileio import write_text_atomic
-from compress.onnx_io import median_ms
+from compress.deploy.export import ExportConfig, export
+from compress.base.fileio import write_text_atomic
+from compress.deploy.onnx_io import median_ms
 from compress.prune import PruneConfig, prune
 from compress.quant import GoogleConfig, calibrate, prepare_qat
 from compress.quant.onnx_qdq import export_qdq_onnx
-from compress.report import summarize
-from compress.runtimes import load_predictor
-from compress.runtimes.openvino import to_openvino
+from compress.darknet.summary import summarize
+from compress.deploy.runtimes import load_predictor
+from compress.deploy.runtimes.openvino import to_openvino
 
 ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 RUNTIMES = ("torch", "ort_fp32", "ort_int8", "ov_fp32", "ov_int8", "ncnn_fp32", "ncnn_fp16")

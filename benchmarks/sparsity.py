@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from compress.data import load_data_spec
-from compress.evaluate import EvalConfig, evaluate
-from compress.persist import load
+from compress.data.dataset import load_data_spec
+from compress.detection.evaluate import EvalConfig, evaluate
+from compress.darknet.persist import load
 from compress.prune import PruneConfig, prune
-from compress.sparsity import SparsityConfig, sparse_train
+from compress.prune.sparsity import SparsityConfig, sparse_train
 from compress.train import TrainConfig
 
 DEFAULT_VARIANTS = "adam:subgradient:0.01,adam:proximal:0.005:0.6,sgd:subgradient:0.01,sgd:proximal:0.01"

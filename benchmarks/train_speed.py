@@ -22,10 +22,10 @@ import torch
 from tabulate import tabulate
 
 from compress import load
-from compress.data import DetectionDataset, collate, to_input
-from compress.dataspec import DataSpec
-from compress.fileio import write_text_atomic
-from compress.losses import LOSSES, build_loss
+from compress.data.dataset import DetectionDataset, collate, to_input
+from compress.data.dataspec import DataSpec
+from compress.base.fileio import write_text_atomic
+from compress.detection.losses import LOSSES, build_loss
 from compress.train import TrainConfig, fit
 from compress.train.hooks import Hook
 from compress.train.optim import build_optimizer

@@ -1,10 +1,10 @@
 """yolo-compress: compress Darknet YOLO detectors; cfg + weights in, cfg + weights out."""
 from __future__ import annotations
 
-from .cfg import Block, Cfg, format_cfg, parse_cfg, read_cfg, write_cfg
-from .errors import CompressError
-from .model import DarknetModel, build_model
-from .persist import load, save
+from compress.darknet.cfg import Block, Cfg, format_cfg, parse_cfg, read_cfg, write_cfg
+from compress.base.errors import CompressError
+from compress.darknet.model import DarknetModel, build_model
+from compress.darknet.persist import load, save
 
 __all__ = ["load", "save", "Block", "Cfg", "parse_cfg", "read_cfg", "format_cfg", "write_cfg", "build_model",
            "DarknetModel", "CompressError"]

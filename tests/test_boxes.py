@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from compress.boxes import batched_nms, bbox_iou, box_iou, nms, non_max_suppression, xywh2xyxy, xyxy2xywh
+from compress.detection.boxes import batched_nms, bbox_iou, box_iou, nms, non_max_suppression, xywh2xyxy, xyxy2xywh
 
 
 def _random_boxes(n: int, seed: int, size: float = 100.0) -> torch.Tensor:
@@ -128,7 +128,7 @@ def test_non_max_suppression_exact_on_real_yolov4_tiny_outputs(assets):
     import numpy as np
     from PIL import Image
 
-    from compress.persist import load
+    from compress.darknet.persist import load
     model = load(assets / "weights/yolov4-tiny.cfg", assets / "weights/yolov4-tiny.weights")
     images = sorted((assets / "data/coco128/images/train2017").glob("*.jpg"))[:2]
     x = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((416, 416)))).permute(2, 0, 1)

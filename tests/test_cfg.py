@@ -7,9 +7,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compress.cfg import SUPPORTED_SECTIONS, Block, Cfg, format_cfg, parse_cfg, read_cfg, write_cfg
-from compress.errors import CfgError
-from compress.graph import build_graph
+from compress.darknet.cfg import SUPPORTED_SECTIONS, Block, Cfg, format_cfg, parse_cfg, read_cfg, write_cfg
+from compress.base.errors import CfgError
+from compress.darknet.graph import build_graph
 
 from conftest import ASSETS, DATA, DEMO_CFG
 
@@ -186,7 +186,7 @@ def test_anchors_mask_mismatch() -> None:
 def test_anchors_are_read_like_darknet() -> None:
     """num= larger than the listed pairs: the rest are 0.5 (Darknet's initial biases); spaces, a trailing comma
     and an odd count with num= are accepted as Darknet accepts them."""
-    from compress.sections.heads import yolo_anchors
+    from compress.darknet.sections.heads import yolo_anchors
     cfg = parse_cfg(NET + CONV + HEAD.format(f=21, mask="0,1,2").replace("num=3", "num=4"))
     assert yolo_anchors(cfg.blocks[-1]) == [(4, 5), (8, 10), (12, 9), (0.5, 0.5)]
     cfg = parse_cfg(NET + CONV + HEAD.format(f=21, mask="0,1,2").replace("anchors=4,5, 8,10, 12,9",

@@ -10,7 +10,7 @@ import torch
 
 import compress
 from compress.cli import main
-from compress.weights import count_darknet_floats
+from compress.darknet.weights import count_darknet_floats
 
 from conftest import ASSETS, DATA
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from compress.augment import AugmentConfig, flip_lr
-from compress.data import (DataSpec, DetectionDataset, collate, label_path, letterbox, load_data_spec,
+from compress.data.augment import AugmentConfig, flip_lr
+from compress.data.dataset import (DataSpec, DetectionDataset, collate, label_path, letterbox, load_data_spec,
                            make_loader)
-from compress.errors import DataError
-from compress.synth import synthesize
+from compress.base.errors import DataError
+from compress.data.synth import synthesize
 
 
 def _image(path: Path, w: int, h: int, seed: int = 0) -> Path:
@@ -81,7 +81,7 @@ def test_bad_labels_are_counted_not_fatal(tmp_path, caplog):
            "2 1.0004 0.5 0.1 0.1\n")      # within tolerance: clipped, kept
     _image(d / "background.jpg", 20, 20)  # no label file at all
     (d / "broken.jpg").write_bytes(b"not an image")
-    with caplog.at_level(logging.INFO, logger="compress.data"):
+    with caplog.at_level(logging.INFO, logger="compress.data.dataset"):
         ds = DetectionDataset([good, d / "background.jpg", d / "broken.jpg", d / "missing.jpg"], 32,
                               num_classes=3, source="t")
     r = ds.report

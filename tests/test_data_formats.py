@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from compress.cli import cli
-from compress.convert import ConvertConfig, convert
-from compress.data import DetectionDataset, load_data_spec
-from compress.errors import DataError
+from compress.data.convert import ConvertConfig, convert
+from compress.data.dataset import DetectionDataset, load_data_spec
+from compress.base.errors import DataError
 
 CFG = Path(__file__).parent / "data" / "tiny-v4-groups.cfg"  # 2 classes
 
@@ -49,11 +49,11 @@ def test_ultralytics_data_yaml(tmp_path):
 def test_folder_as_train_and_valid_warns_and_val_separates(tmp_path, caplog):
     _img(tmp_path / "train" / "a.png", 32, 32)
     held = _img(tmp_path / "held" / "b.png", 32, 32)
-    with caplog.at_level(logging.WARNING, logger="compress.dataspec"):
+    with caplog.at_level(logging.WARNING, logger="compress.data.dataspec"):
         spec = load_data_spec(tmp_path / "train", training=True)
     assert spec.train_is_valid and "pass --val DIR" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="compress.dataspec"):
+    with caplog.at_level(logging.WARNING, logger="compress.data.dataspec"):
         spec = load_data_spec(tmp_path / "train", val=tmp_path / "held", training=True)
     assert spec.valid == [held] and not spec.train_is_valid and not caplog.text
     assert load_data_spec(spec) is spec  # a ready spec passes through (the CLI hands it to the library)

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from compress import build_model, parse_cfg
-from compress.data import DetectionDataset, collate, make_loader, to_input
-from compress.evaluate import EvalConfig, evaluate
-from compress.synth import synthesize
+from compress.data.dataset import DetectionDataset, collate, make_loader, to_input
+from compress.detection.evaluate import EvalConfig, evaluate
+from compress.data.synth import synthesize
 from compress.train import Hook, TrainConfig, fit
 from conftest import DATA
 
@@ -99,7 +99,7 @@ def test_trainer_feeds_the_normalised_batch(tmp_path):
     text = (DATA / "tiny-shortcut.cfg").read_text().replace("classes=2", "classes=3").replace("filters=21",
                                                                                                "filters=24")
     torch.manual_seed(0)
-    from compress.data import load_data_spec
+    from compress.data.dataset import load_data_spec
     fit(build_model(parse_cfg(text, "tiny-3cls.cfg")), load_data_spec(data),
         TrainConfig(epochs=1, batch_size=4, img_size=64, workers=0, progress=False, warmup_epochs=0,
                     eval_every=100), hooks=[Grab()], out_dir=tmp_path / "out")

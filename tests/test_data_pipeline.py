@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from compress.augment import AugmentConfig
-from compress.data import DetectionDataset, make_loader
-from compress.errors import DataError
+from compress.data.augment import AugmentConfig
+from compress.data.dataset import DetectionDataset, make_loader
+from compress.base.errors import DataError
 
 SIZE = 320
 
@@ -117,7 +117,7 @@ def test_truncated_and_broken_images_are_skipped_and_counted(tmp_path, caplog):
     (tmp_path / "trailing.jpg").write_bytes(good[0].read_bytes() + b"\x00garbage")  # complete + junk: fine
     (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     paths = [*good, tmp_path / "t.jpg", tmp_path / "trailing.jpg", tmp_path / "b.png"]
-    with caplog.at_level(logging.WARNING, logger="compress.data"):
+    with caplog.at_level(logging.WARNING, logger="compress.data.dataset"):
         ds = DetectionDataset(paths, 64)
     assert ds.report.unreadable_images == 2 and ds.report.bad_images == {"truncated": 1, "unreadable": 1}
     assert len(ds) == 4 and "truncated=1" in caplog.text
@@ -178,7 +178,7 @@ def test_draw_puts_pixels_where_its_returned_matrix_says():
     """A coloured block drawn through random scale/translate/flip matrices: pixels whose centres lie inside
     its image under the returned (applied) matrix are the block's colour, as RGB planes; pixels outside are
     untouched; the applied matrix is the requested one up to half an output or half a source pixel."""
-    from compress.augment import draw
+    from compress.data.augment import draw
     rng = np.random.default_rng(0)
     src = np.zeros((80, 100, 3), np.uint8)
     src[20:40, 30:60] = (255, 128, 0)  # BGR

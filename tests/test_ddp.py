@@ -7,8 +7,8 @@ import torch
 import torch.multiprocessing as mp
 
 from compress import build_model, parse_cfg
-from compress.data import load_data_spec
-from compress.synth import synthesize
+from compress.data.dataset import load_data_spec
+from compress.data.synth import synthesize
 from compress.train import DistConfig, TrainConfig, fit
 from conftest import DATA
 from conftest import free_port

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from compress import imageio
-from compress.imageio import decode_bgr, exif_orientation, split_into
+from compress.data import imageio
+from compress.data.imageio import decode_bgr, exif_orientation, split_into
 
 _CV_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
                8: cv2.IMREAD_REDUCED_COLOR_8}

@@ -10,10 +10,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from compress.anchors import AnchorConfig, compute_anchors, format_anchors, kmeans_anchors, wh_iou
+from compress.detection.anchors import AnchorConfig, compute_anchors, format_anchors, kmeans_anchors, wh_iou
 from compress.cli import cli
-from compress.detect import DetectConfig, detect_to_dir
-from compress.errors import DataError
+from compress.detection.detect import DetectConfig, detect_to_dir
+from compress.base.errors import DataError
 
 CFG = Path(__file__).parent / "data" / "tiny-v4-groups.cfg"
 
@@ -97,7 +97,7 @@ def test_cli_synth_anchors_detect(tmp_path):
 
 
 def test_detect_names_shorter_than_classes_is_an_error(tmp_path):
-    from compress.errors import DataError
+    from compress.base.errors import DataError
     with pytest.raises(DataError, match="has 1 names but the model predicts 2 classes"):
         detect_to_dir(Fixed(), _folder(tmp_path), tmp_path / "out", ["a"], DetectConfig(img_size=64, progress=False))
     assert not (tmp_path / "out").exists()

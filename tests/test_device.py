@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.device import DeviceSpec, parse_device, resolve_device
-from compress.errors import DeviceError
+from compress.base.device import DeviceSpec, parse_device, resolve_device
+from compress.base.errors import DeviceError
 
 
 @pytest.mark.parametrize("spec, parsed", [

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.cfg import read_cfg
+from compress.darknet.cfg import read_cfg
 from compress.distill import Calibrator, DistillConfig, DistillHook
 from compress.distill.config import DEFAULT_RATIOS, DEFAULT_WEIGHTS, TERMS
-from compress.model import build_model
+from compress.darknet.model import build_model
 from tests.conftest import DEMO_CFG, randomize_bn
 from tests.test_distill_hook import _targets, narrow_cfg
 

@@ -7,11 +7,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from compress.cfg import read_cfg, write_cfg
+from compress.darknet.cfg import read_cfg, write_cfg
 from compress.cli import cli
-from compress.model import build_model
-from compress.persist import load, save
-from compress.synth import synthesize
+from compress.darknet.model import build_model
+from compress.darknet.persist import load, save
+from compress.data.synth import synthesize
 from tests.conftest import DEMO_CFG
 from tests.test_distill_hook import narrow_cfg
 

@@ -6,12 +6,12 @@ import copy
 import pytest
 import torch
 
-from compress.cfg import read_cfg
+from compress.darknet.cfg import read_cfg
 from compress.distill import DistillConfig, DistillHook, pair_by_stride, pair_heads, stride_features
 from compress.distill.config import parse_pairs
 from compress.distill.features import validate_pairs
-from compress.errors import DistillError
-from compress.model import build_model
+from compress.base.errors import DistillError
+from compress.darknet.model import build_model
 from tests.conftest import DEMO_CFG, randomize_bn
 
 

@@ -59,8 +59,8 @@ def test_adapter_moving_moments_and_mask():
 
 
 def test_fitnet_feature_mode_in_strategies_4_and_5_and_hook():
-    from compress.cfg import parse_cfg
-    from compress.model import build_model
+    from compress.darknet.cfg import parse_cfg
+    from compress.darknet.model import build_model
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "recipes" / "demo.cfg").read_text()
@@ -84,9 +84,9 @@ def test_fitnet_feature_mode_in_strategies_4_and_5_and_hook():
 def test_adapter_moments_saved_and_restored_for_resume(tmp_path):
     from types import SimpleNamespace
 
-    from compress.cfg import parse_cfg
+    from compress.darknet.cfg import parse_cfg
     from compress.distill.hook import ADAPTER_FILE, STATE_FILE
-    from compress.model import build_model
+    from compress.darknet.model import build_model
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "recipes" / "demo.cfg").read_text()

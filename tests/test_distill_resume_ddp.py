@@ -9,13 +9,13 @@ import torch
 import torch.multiprocessing as mp
 from click.testing import CliRunner
 
-from compress.cfg import read_cfg
+from compress.darknet.cfg import read_cfg
 from compress.cli import cli
-from compress.data import load_data_spec
+from compress.data.dataset import load_data_spec
 from compress.distill import DistillConfig, DistillHook, distill
-from compress.model import build_model
-from compress.persist import load, save
-from compress.synth import synthesize
+from compress.darknet.model import build_model
+from compress.darknet.persist import load, save
+from compress.data.synth import synthesize
 from compress.train import TrainConfig
 from tests.conftest import DEMO_CFG, free_port
 from tests.test_distill_hook import narrow_cfg

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from compress.cli import cli
-from compress.data import DetectionDataset
-from compress.evaluate import EvalConfig, evaluate, save_detections
-from compress.persist import load
+from compress.data.dataset import DetectionDataset
+from compress.detection.evaluate import EvalConfig, evaluate, save_detections
+from compress.darknet.persist import load
 
 SIZE = 64
 CFG = Path(__file__).parent / "data"
@@ -97,7 +97,7 @@ def test_no_predictions_score_zero(dataset):
 
 
 def test_wrong_class_count_is_a_clear_error(dataset):
-    from compress.errors import DataError
+    from compress.base.errors import DataError
     with pytest.raises(DataError, match="predicts 2 classes but the data has 3"):
         evaluate(lambda x: torch.zeros(len(x), 10, 7), dataset, _config())
 

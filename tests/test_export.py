@@ -9,9 +9,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from compress.errors import ExportError
-from compress.export import ExportConfig, check_onnx, export_onnx, onnx_session
-from compress.persist import load
+from compress.base.errors import ExportError
+from compress.deploy.export import ExportConfig, check_onnx, export_onnx, onnx_session
+from compress.darknet.persist import load
 
 from conftest import DATA, randomize_bn
 

@@ -1,6 +1,6 @@
 """Every export format, run in its own runtime (onnxruntime, OpenVINO CPU, ncnn), against the torch model.
 
-The reference is always the torch eval-mode output (or `compress.boxes.non_max_suppression` of it for --nms
+The reference is always the torch eval-mode output (or `compress.detection.boxes.non_max_suppression` of it for --nms
 graphs) on real images, compared here directly -- not through the exporter's own check.
 """
 from __future__ import annotations
@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from compress.boxes import box_iou, non_max_suppression
-from compress.errors import ExportError
-from compress.export import ExportConfig, NmsConfig, export
-from compress.persist import load
-from compress.runtimes import load_predictor
+from compress.detection.boxes import box_iou, non_max_suppression
+from compress.base.errors import ExportError
+from compress.deploy.export import ExportConfig, NmsConfig, export
+from compress.darknet.persist import load
+from compress.deploy.runtimes import load_predictor
 
 from conftest import DATA, randomize_bn, require_assets
 
@@ -209,7 +209,7 @@ def test_int8_qdq_onnx_runs_in_openvino_like_onnxruntime(tmp_path):
     """The QDQ ONNX `quantize` writes also runs in OpenVINO (int8 kernels); both runtimes agree."""
     from compress.quant import GoogleConfig, calibrate, prepare_qat
     from compress.quant.onnx_qdq import export_qdq_onnx
-    from compress.runtimes.openvino import to_openvino
+    from compress.deploy.runtimes.openvino import to_openvino
 
     model = randomize_bn(load(DATA / "tiny-v4-groups.cfg")).eval()
     hw = (model.cfg.height, model.cfg.width)

@@ -11,11 +11,11 @@ import pytest
 import torch
 from onnx import TensorProto
 
-from compress.errors import ExportError
-from compress.export import (ExportConfig, NmsConfig, ParityResult, _enforce_tolerance, _worst, check_export,
+from compress.base.errors import ExportError
+from compress.deploy.export import (ExportConfig, NmsConfig, ParityResult, _enforce_tolerance, _worst, check_export,
                              export)
-from compress.persist import load
-from compress.runtimes import load_predictor
+from compress.darknet.persist import load
+from compress.deploy.runtimes import load_predictor
 
 from conftest import DATA, randomize_bn, require_assets
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.cfg import parse_cfg, read_cfg
-from compress.graph import build_graph, conv_geometry, maxpool_geometry
-from compress.model import build_model
+from compress.darknet.cfg import parse_cfg, read_cfg
+from compress.darknet.graph import build_graph, conv_geometry, maxpool_geometry
+from compress.darknet.model import build_model
 
 from conftest import ASSETS, DATA
 

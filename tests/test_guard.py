@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from compress.errors import GuardError
-from compress.guard import JobPaths, Output, check_job_paths, data_file_inputs
+from compress.base.errors import GuardError
+from compress.base.guard import JobPaths, Output, check_job_paths, data_file_inputs
 
 
 def job(tmp_path: Path, **kw) -> JobPaths:

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from compress.cli import main
-from compress.model import build_model
-from compress.cfg import read_cfg
-from compress.persist import save, save_checkpoint
-from compress.synth import synthesize
+from compress.darknet.model import build_model
+from compress.darknet.cfg import read_cfg
+from compress.darknet.persist import save, save_checkpoint
+from compress.data.synth import synthesize
 
 from conftest import DEMO_CFG
 
@@ -217,7 +217,7 @@ def test_training_checkpoint_state_loads_with_weights_only(tmp_path):
 
     import numpy as np
 
-    from compress.persist import read_checkpoint
+    from compress.darknet.persist import read_checkpoint
     from compress.train.checkpoint import rng_state, set_rng_state
 
     np.random.seed(7)

@@ -13,21 +13,21 @@ import click
 import pytest
 import torch
 
-from compress.cfg import read_cfg
+from compress.darknet.cfg import read_cfg
 from compress.cli import cli
-from compress.convert import ConvertConfig
+from compress.data.convert import ConvertConfig
 from compress.distill import DistillConfig
-from compress.errors import CompressError, GuardError
-from compress.export import ExportConfig
+from compress.base.errors import CompressError, GuardError
+from compress.deploy.export import ExportConfig
 from compress.jobs import (JOBS, AnchorsJob, DetectJob, DistillJob, EvalJob, ExportJob, InfoJob, JobKind, PruneJob,
                            QuantizeJob, RecipeJob, SparseTrainJob, SynthJob, TrainJob, job_paths, register_job,
                            run_job)
-from compress.model import build_model
-from compress.persist import load, save
+from compress.darknet.model import build_model
+from compress.darknet.persist import load, save
 from compress.prune import PruneConfig
 from compress.quant.config import make_config
 from compress.recipe import RunConfig
-from compress.synth import synthesize
+from compress.data.synth import synthesize
 from compress.train import DistConfig, TrainConfig
 
 from conftest import DEMO_CFG

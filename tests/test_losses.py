@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compress import CompressError, build_model, parse_cfg
-from compress.losses import LossConfig, YoloLoss, build_targets, decode_cell_boxes, init_head_biases
+from compress.detection.losses import LossConfig, YoloLoss, build_targets, decode_cell_boxes, init_head_biases
 from conftest import DATA
 
 IMG = (64, 64)

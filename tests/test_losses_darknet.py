@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from compress import CompressError, build_model, parse_cfg
-from compress.boxes import bbox_iou
-from compress.losses import LOSSES, build_loss
-from compress.losses_darknet import DarknetLoss, head_options
+from compress.detection.boxes import bbox_iou
+from compress.detection.losses import LOSSES, build_loss
+from compress.detection.losses_darknet import DarknetLoss, head_options
 from conftest import DATA
 
 IMG = (64, 64)

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.cfg import parse_cfg, read_cfg
-from compress.errors import CfgError
-from compress.layers import BN_EPS, RegionLayer, YOLOLayer
-from compress.model import build_model
-from compress.weights import count_darknet_floats
+from compress.darknet.cfg import parse_cfg, read_cfg
+from compress.base.errors import CfgError
+from compress.darknet.layers import BN_EPS, RegionLayer, YOLOLayer
+from compress.darknet.model import build_model
+from compress.darknet.weights import count_darknet_floats
 
 from conftest import ASSETS, DEMO_CFG, randomize_bn
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import compress
-from compress.cfg import parse_cfg, read_cfg, write_cfg
-from compress.model import build_model
-from compress.weights import write_weights
+from compress.darknet.cfg import parse_cfg, read_cfg, write_cfg
+from compress.darknet.model import build_model
+from compress.darknet.weights import write_weights
 
 from conftest import ASSETS, DATA, randomize_bn
 

@@ -43,8 +43,8 @@ def test_prune_dry_run_writes_nothing(tmp_path: Path) -> None:
 
 def test_prune_percent_too_high_is_one_line_error(tmp_path: Path, capsys) -> None:
     from compress.cli import main
-    from compress.cfg import read_cfg
-    from compress.model import build_model
+    from compress.darknet.cfg import read_cfg
+    from compress.darknet.model import build_model
     from conftest import randomize_bn
     weights = tmp_path / "in.weights"
     compress.save(randomize_bn(build_model(read_cfg(TINY))), tmp_path / "in.cfg", weights)
@@ -76,7 +76,7 @@ _SPARSE = ["sparse-train", "--cfg", str(DEMO_CFG), "--prune", "1", "--batch-size
 
 
 def test_sparse_train_end_to_end(tmp_path: Path) -> None:
-    from compress.synth import synthesize
+    from compress.data.synth import synthesize
     data = synthesize(tmp_path / "data", n_train=4, n_valid=2, img_size=64)
     out = tmp_path / "sparse"
     res = _run(["sparse-train", "-sr", "--cfg", str(DEMO_CFG), "--data", str(data), "--out", str(out),
@@ -87,14 +87,14 @@ def test_sparse_train_end_to_end(tmp_path: Path) -> None:
     assert report["l1_update"] == "subgradient"  # SGD, the default optimizer
     assert (out / "gamma_epoch000.png").is_file() and Path(report["weights"]).is_file()
     saved = compress.load(report["cfg"], report["weights"])
-    from compress.report import bn_gammas, gamma_stats
-    from compress.sparsity import sparsity_layers
+    from compress.darknet.summary import bn_gammas, gamma_stats
+    from compress.prune.sparsity import sparsity_layers
     assert report["gamma"] == pytest.approx(gamma_stats(bn_gammas(saved, sparsity_layers(saved, 1))))
 
 
 def test_sparse_train_target_sparsity_reaches_it_and_slim_keeps_the_model(tmp_path: Path) -> None:
     """Adam + proximal + target 0.5 on a tiny run: the share of |gamma| < 1e-2 of the SAVED model reaches it."""
-    from compress.synth import synthesize
+    from compress.data.synth import synthesize
     data = synthesize(tmp_path / "data", n_train=8, n_valid=2, img_size=64)
     out = tmp_path / "sparse"
     res = _run(_SPARSE + ["--data", str(data), "--out", str(out), "--epochs", "6", "--s", "0.01",
@@ -110,7 +110,7 @@ def test_sparse_train_resume_continues_exactly(tmp_path: Path, monkeypatch) -> N
     """A run killed right after epoch 1's checkpoint, resumed with --resume, ends bit-identical to the
     uninterrupted run (weights, s, gamma history)."""
     import shutil
-    from compress.synth import synthesize
+    from compress.data.synth import synthesize
     from compress.train import loop
     data = synthesize(tmp_path / "data", n_train=8, n_valid=2, img_size=64)
     full, killed = tmp_path / "full", tmp_path / "killed"

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import compress
-from compress.cfg import read_cfg
-from compress.model import build_model
+from compress.darknet.cfg import read_cfg
+from compress.darknet.model import build_model
 from compress.prune import METHODS, PruneConfig, prune
 from compress.prune.coupling import build_coupling
-from compress.report import summarize
+from compress.darknet.summary import summarize
 
 from conftest import ASSETS, randomize_bn
 from test_opencv_parity import TOL, _blob, _compare

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.cfg import format_cfg, parse_cfg, read_cfg
-from compress.errors import PruneError
-from compress.model import build_model
+from compress.darknet.cfg import format_cfg, parse_cfg, read_cfg
+from compress.base.errors import PruneError
+from compress.darknet.model import build_model
 from compress.prune import METHODS, PruneConfig, prune, select_mask
 from compress.prune.blocks import remove_blocks
 from compress.prune.coupling import build_coupling, prunable_layers, residual_units

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.cfg import read_cfg
-from compress.model import build_model
+from compress.darknet.cfg import read_cfg
+from compress.darknet.model import build_model
 from compress.prune.coupling import build_coupling, prunable_layers
 from compress.prune.tp import CRITERIA, build_dependency_graph, tp_scores
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from compress.cfg import read_cfg
-from compress.model import build_model
+from compress.darknet.cfg import read_cfg
+from compress.darknet.model import build_model
 from compress.quant import GoogleConfig, QConvBNAct, calibrate, prepare_qat
 from compress.quant.bias_correct import correct_biases, input_means
 from conftest import DEMO_CFG, randomize_bn

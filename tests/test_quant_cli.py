@@ -9,10 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 import compress
-from compress.cfg import read_cfg
+from compress.darknet.cfg import read_cfg
 from compress.cli import cli
-from compress.model import build_model
-from compress.synth import synthesize
+from compress.darknet.model import build_model
+from compress.data.synth import synthesize
 
 from conftest import DEMO_CFG, randomize_bn
 

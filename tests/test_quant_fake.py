@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compress.errors import QuantError
+from compress.base.errors import QuantError
 from compress.quant.config import DorefaConfig, GoogleConfig, make_config
 from compress.quant.fake_quant import (ActQuant, affine_qparams, fake_quant, pow2_exponent, pow2_round, round_ste,
                                        symmetric_qparams)

@@ -5,15 +5,15 @@ import pytest
 import torch
 from torch import nn
 
-from compress.cfg import read_cfg
-from compress.model import build_model
+from compress.darknet.cfg import read_cfg
+from compress.darknet.model import build_model
 from compress.quant import (GoogleConfig, DorefaConfig, QConvBNAct, calibrate, fold_bn, fold_model, prepare_qat,
                             to_darknet)
 from compress.quant.config import LayerQuant
 from compress.quant.fake_quant import QParams
 from compress.quant.weights import WEIGHT_QUANTIZERS, WeightQ, register_weight_quantizer
-from compress.layers import ConvBNAct
-from compress.cfg import Block
+from compress.darknet.layers import ConvBNAct
+from compress.darknet.cfg import Block
 from conftest import randomize_bn
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from compress.cfg import read_cfg
-from compress.model import build_model
+from compress.darknet.cfg import read_cfg
+from compress.darknet.model import build_model
 from compress.quant import DorefaConfig, GoogleConfig, QConvBNAct, calibrate, prepare_qat, to_darknet
 from compress.quant.export import write_int_weights, write_quant_json
 from compress.quant.onnx_qdq import OnnxPredictor, _RawHeads, export_qdq_onnx, exportable, optimized_op_counts

@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.cfg import read_cfg
-from compress.model import build_model
+from compress.darknet.cfg import read_cfg
+from compress.darknet.model import build_model
 from compress.quant import ActQuant, DorefaConfig, QConvBNAct, prepare_qat, to_darknet
 from compress.quant.pipeline import QATHook
-from compress.synth import synthesize
+from compress.data.synth import synthesize
 
 from conftest import DEMO_CFG, randomize_bn
 
@@ -17,7 +17,7 @@ import compress.train as train
 
 def test_one_qat_epoch_updates_weights_observers_and_freezes_bn(tmp_path):
     data = synthesize(tmp_path / "synth", n_train=8, n_valid=4, img_size=64)
-    from compress.data import load_data_spec
+    from compress.data.dataset import load_data_spec
     model = randomize_bn(build_model(read_cfg(DEMO_CFG)))
     q = prepare_qat(model, DorefaConfig(w_bits=4, a_bits=8))
     before = {k: v.clone() for k, v in q.state_dict().items()}

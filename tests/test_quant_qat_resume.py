@@ -10,15 +10,15 @@ import torch
 import torch.multiprocessing as mp
 from click.testing import CliRunner
 
-from compress.cfg import read_cfg
+from compress.darknet.cfg import read_cfg
 from compress.cli import cli
-from compress.errors import QuantError
-from compress.model import build_model
-from compress.persist import load, read_checkpoint, save
+from compress.base.errors import QuantError
+from compress.darknet.model import build_model
+from compress.darknet.persist import load, read_checkpoint, save
 from compress.quant import make_config
 from compress.quant.pipeline import QuantizeJob, quantize
 from compress.quant.qat import QATHook
-from compress.synth import synthesize
+from compress.data.synth import synthesize
 from conftest import DEMO_CFG, free_port, randomize_bn
 
 
@@ -129,7 +129,7 @@ def test_qat_under_torchrun_writes_one_output_with_global_batch_ranges(setup):
 
 
 def _calibrated(tmp, data) -> dict[str, torch.Tensor]:
-    from compress.data import load_data_spec
+    from compress.data.dataset import load_data_spec
     from compress.quant import calibrate, prepare_qat
     from compress.quant.pipeline import _calibration_batches
     job = _job(tmp, data, "unused")

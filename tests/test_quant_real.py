@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import compress
-from compress.boxes import box_iou, non_max_suppression
-from compress.data import make_loader, to_input
+from compress.detection.boxes import box_iou, non_max_suppression
+from compress.data.dataset import make_loader, to_input
 from compress.quant import GoogleConfig, calibrate, prepare_qat
 
 SIZE = 320

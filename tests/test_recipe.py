@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from compress.cli.run import lookup_command
-from compress.errors import CompressError, PruneError, RecipeError
-from compress.persist import load, save
+from compress.base.errors import CompressError, PruneError, RecipeError
+from compress.darknet.persist import load, save
 from compress.recipe import Plan, RunConfig, prepare, render_commands, run_recipe
 from compress.recipe.runner import sha256_file
-from compress.report import stage_figures
+from compress.darknet.summary import stage_figures
 
 from conftest import DATA, ROOT, randomize_bn
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from compress.cfg import read_cfg
+from compress.darknet.cfg import read_cfg
 from compress.cli.run import lookup_command
 from compress.recipe import RunConfig, run_recipe
 

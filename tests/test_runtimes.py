@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.errors import ExportError
-from compress.export import ExportConfig, export
-from compress.onnx_io import OnnxPredictor, session, torch_to_onnx
-from compress.persist import load
-from compress.runtimes import inference_size, is_exported, load_for_inference, load_predictor
+from compress.base.errors import ExportError
+from compress.deploy.export import ExportConfig, export
+from compress.deploy.onnx_io import OnnxPredictor, session, torch_to_onnx
+from compress.darknet.persist import load
+from compress.deploy.runtimes import inference_size, is_exported, load_for_inference, load_predictor
 
 from conftest import DATA, randomize_bn
 
@@ -58,7 +58,7 @@ def test_load_predictor_errors(tmp_path):
 
 
 def test_eval_helpers_refuse_nms_graphs_and_size_mismatch(tiny, tmp_path):
-    from compress.onnx_nms import NmsConfig
+    from compress.deploy.onnx_nms import NmsConfig
 
     path = tmp_path / "e2e.onnx"
     export(tiny, path, ExportConfig(nms=NmsConfig()))

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from compress.cfg import format_cfg, parse_cfg, write_cfg
-from compress.errors import CfgError
-from compress.graph import build_graph
-from compress.model import build_model
-from compress.report import summarize
-from compress.sections import SECTIONS, supported_sections_markdown
-from compress.weights import write_weights
+from compress.darknet.cfg import format_cfg, parse_cfg, write_cfg
+from compress.base.errors import CfgError
+from compress.darknet.graph import build_graph
+from compress.darknet.model import build_model
+from compress.darknet.summary import summarize
+from compress.darknet.sections import SECTIONS, supported_sections_markdown
+from compress.darknet.weights import write_weights
 
 from conftest import randomize_bn
 from test_opencv_parity import TOL, _blob, _compare
@@ -235,7 +235,7 @@ def test_upsample_stride_zero_and_huge_layers_are_refused() -> None:
 
 
 def test_sizes_that_cannot_flow_are_refused(assets: Path) -> None:
-    from compress.cfg import read_cfg
+    from compress.darknet.cfg import read_cfg
     model = build_model(read_cfg(assets / "cfg" / "yolov4-tiny.cfg"))
     with pytest.raises(CfgError, match=r"yolov4-tiny\.cfg:\d+: \[route\] joins input 0 \(8x8\) with input 1 \(7x7\)"):
         summarize(model, (100, 100))
@@ -267,8 +267,8 @@ def test_share_index_reuses_an_earlier_convs_weights(tmp_path: Path) -> None:
     model = randomize_bn(build_model(parse_cfg(text))).eval()
     alone = build_model(parse_cfg(NET + conv(8) + conv(8) + HEAD))
     assert model.layers[2].conv is model.layers[1].conv and model.layers[2].darknet_tensors() == []
-    from compress.model import estimate_weights
-    from compress.weights import count_darknet_floats, read_weights
+    from compress.darknet.model import estimate_weights
+    from compress.darknet.weights import count_darknet_floats, read_weights
     assert count_darknet_floats(model) == count_darknet_floats(alone) == sum(estimate_weights(model.graph))
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
@@ -287,9 +287,9 @@ def test_share_index_reuses_an_earlier_convs_weights(tmp_path: Path) -> None:
 def test_table_quant_rule_agrees_with_the_quant_package() -> None:
     """The table's output-quantization rule is the one compress/quant applies to the built modules."""
     from compress.quant import _output_rule
-    from compress.sections import output_quant_rule
+    from compress.darknet.sections import output_quant_rule
     from conftest import TINY_CFGS
-    from compress.cfg import read_cfg
+    from compress.darknet.cfg import read_cfg
     checked = 0
     for path in TINY_CFGS:
         model = build_model(read_cfg(path))

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from compress.cfg import read_cfg
-from compress.errors import PruneError
-from compress.model import build_model
-from compress.sparsity import STATE_FILE, BNL1Hook, SparsityConfig, sparsity_layers
+from compress.darknet.cfg import read_cfg
+from compress.base.errors import PruneError
+from compress.darknet.model import build_model
+from compress.prune.sparsity import STATE_FILE, BNL1Hook, SparsityConfig, sparsity_layers
 
 from conftest import DATA, randomize_bn
 

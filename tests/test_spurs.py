@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import compress
-from compress.cfg import parse_cfg, read_cfg
-from compress.errors import CfgError
-from compress.graph import build_graph
-from compress.model import build_model, estimate_weights
-from compress.report import summarize
-from compress.weights import count_darknet_floats, write_weights
+from compress.darknet.cfg import parse_cfg, read_cfg
+from compress.base.errors import CfgError
+from compress.darknet.graph import build_graph
+from compress.darknet.model import build_model, estimate_weights
+from compress.darknet.summary import summarize
+from compress.darknet.weights import count_darknet_floats, write_weights
 
 from conftest import ASSETS, TINY_CFGS, randomize_bn
 
@@ -94,7 +94,7 @@ def test_estimate_equals_allocated_count(path: Path) -> None:
 
 
 def test_every_reference_cfg_is_written_back_in_its_dialect(assets: Path) -> None:
-    from compress.cfg import format_cfg
+    from compress.darknet.cfg import format_cfg
     for path in sorted(SPURS.glob("*.cfg")):
         for dialect in (None, "reference"):
             cfg = read_cfg(path, dialect=dialect)

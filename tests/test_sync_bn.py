@@ -9,14 +9,14 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from compress.cfg import read_cfg
+from compress.darknet.cfg import read_cfg
 from compress.cli import cli, main
-from compress.model import build_model
-from compress.persist import save
-from compress.synth import synthesize
+from compress.darknet.model import build_model
+from compress.darknet.persist import save
+from compress.data.synth import synthesize
 from compress.train import DistConfig, TrainConfig, TrainError, fit
 from compress.train import distributed as D
-from compress.data import load_data_spec
+from compress.data.dataset import load_data_spec
 
 from conftest import DATA, DEMO_CFG, randomize_bn
 

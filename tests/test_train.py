@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from compress import CompressError, build_model, load, parse_cfg
 from compress.cli import cli
-from compress.data import load_data_spec
-from compress.synth import synthesize
+from compress.data.dataset import load_data_spec
+from compress.data.synth import synthesize
 from compress.train import Hook, TrainConfig, fit
 from compress.train.optim import build_optimizer
 from conftest import DATA
@@ -203,7 +203,7 @@ def test_freeze_bn_stats_keeps_running_statistics(data, freeze):
 
 
 def test_cli_finetune_with_darknet_loss_and_hyp(data, tmp_path):
-    from compress.persist import save
+    from compress.darknet.persist import save
 
     cfg = tmp_path / "tiny.cfg"
     cfg.write_text(CFG_TEXT)
@@ -285,7 +285,7 @@ def test_new_coords_model_trains(data, loss):
 def test_data_wait_share_measures_time_blocked_on_the_loader(data, tmp_path, monkeypatch):
     """Each epoch row reports the share of its loop spent waiting for batches: small with a fast loader,
     most of the epoch when every item takes 50 ms to load."""
-    from compress.data import DetectionDataset
+    from compress.data.dataset import DetectionDataset
     spec = load_data_spec(data)
     fast = fit(tiny_model(), spec, quick(epochs=1, batch_size=4))
     real = DetectionDataset.__getitem__

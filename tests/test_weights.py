@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import compress
-from compress.cfg import read_cfg
-from compress.errors import WeightsError
-from compress.model import build_model
-from compress.persist import read_checkpoint, save_checkpoint
-from compress.weights import count_darknet_floats, darknet_tensors, read_weights, write_weights
+from compress.darknet.cfg import read_cfg
+from compress.base.errors import WeightsError
+from compress.darknet.model import build_model
+from compress.darknet.persist import read_checkpoint, save_checkpoint
+from compress.darknet.weights import count_darknet_floats, darknet_tensors, read_weights, write_weights
 
 from conftest import ASSETS, DATA, randomize_bn
 

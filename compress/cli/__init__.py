@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from ..errors import CompressError
-from .common import AppContext
+from compress.base.errors import CompressError
+from compress.cli.common import AppContext
 
 __all__ = ["cli", "main"]
 
@@ -29,7 +29,7 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
 
 def _register() -> None:
     # Importing a command module attaches its commands to `cli`.
-    from . import info, train, prune, quantize, distill, export, run, data  # noqa: F401
+    from compress.cli import info, train, prune, quantize, distill, export, run, data  # noqa: F401
 
 
 _register()

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import click
 
-from ..device import DEVICE_HELP, resolve_device
+from compress.base.device import DEVICE_HELP, resolve_device
 
 __all__ = ["AppContext", "model_options", "report_option", "device_option", "out_option", "exist_ok_option", "run",
            "echo_table", "letterbox_option", "val_option"]
@@ -71,7 +71,7 @@ EXIST_OK_HELP = "Write into a non-empty output folder (an earlier run's files of
 
 def run(job: Any, report_path: str | None = None, exist_ok: bool = False) -> dict:
     """The one call of every command body: `compress.jobs.run_job` (guard, run, report.json)."""
-    from ..jobs import run_job
+    from compress.jobs import run_job
     return run_job(job, report_path, exist_ok=exist_ok)
 
 
@@ -85,8 +85,8 @@ FIT_OPTION_NAMES = ("epochs", "batch_size", "img_size", "lr0", "optimizer", "war
 
 def fit_options(epochs: int = 100, lr0: float = 0.01, optimizer: str = "sgd", warmup_epochs: float = 3.0) -> Callable:
     """The training-loop options shared by train, sparse-train and distill (defaults differ per command)."""
-    from ..train.distributed import SYNC_BN_HELP
-    from ..train.optim import OPTIMIZERS
+    from compress.train.distributed import SYNC_BN_HELP
+    from compress.train.optim import OPTIMIZERS
 
     options = [
         click.option("--epochs", default=epochs, show_default=True, type=click.IntRange(1)),
@@ -121,8 +121,8 @@ def fit_options(epochs: int = 100, lr0: float = 0.01, optimizer: str = "sgd", wa
 
 def fit_config(cfg_path: str, opts: dict, **extra: Any):
     """Pop the fit_options from a command's kwargs and build the TrainConfig (img size defaults to the cfg's)."""
-    from ..cfg import read_cfg
-    from ..train import TrainConfig
+    from compress.darknet.cfg import read_cfg
+    from compress.train import TrainConfig
 
     values = {k: opts.pop(k) for k in FIT_OPTION_NAMES}
     values["img_size"] = values["img_size"] or read_cfg(cfg_path).width

@@ -4,11 +4,11 @@ from __future__ import annotations
 import click
 from tabulate import tabulate
 
-from ..anchors import AnchorConfig
-from ..convert import CONVERTERS, ConvertConfig
-from ..jobs import AnchorsJob, DetectJob, EvalJob, SynthJob
-from . import cli
-from .common import device_option, exist_ok_option, letterbox_option, model_options, report_option, run
+from compress.detection.anchors import AnchorConfig
+from compress.data.convert import CONVERTERS, ConvertConfig
+from compress.jobs import AnchorsJob, DetectJob, EvalJob, SynthJob
+from compress.cli import cli
+from compress.cli.common import device_option, exist_ok_option, letterbox_option, model_options, report_option, run
 
 _DATA = click.option("--data", required=True, type=click.Path(exists=True),
                      help="Darknet .data, Ultralytics data.yaml (its valid split is used) or a folder of images "

@@ -5,15 +5,15 @@ from typing import Any
 
 import click
 
-from ..distill import DEFAULT_RATIOS, DEFAULT_STRATEGY, STRATEGIES, TERMS, DistillConfig, parse_pairs
-from ..distill.config import FEATURE_MODES, LOGIT_MODES
-from ..jobs import DistillJob
-from ..report import format_stage_table
-from . import cli
-from .common import val_option
-from .common import (device_option, exist_ok_option, fit_config, fit_options, model_options, out_option,
+from compress.distill import DEFAULT_RATIOS, DEFAULT_STRATEGY, STRATEGIES, TERMS, DistillConfig, parse_pairs
+from compress.distill.config import FEATURE_MODES, LOGIT_MODES
+from compress.jobs import DistillJob
+from compress.darknet.summary import format_stage_table
+from compress.cli import cli
+from compress.cli.common import val_option
+from compress.cli.common import (device_option, exist_ok_option, fit_config, fit_options, model_options, out_option,
                      report_option, run)
-from .train import dist_from_env
+from compress.cli.train import dist_from_env
 
 ROWS = [("run", "run"), ("map50", "mAP@0.5"), ("map50_95", "mAP@0.5:0.95")]
 SHARE_ROWS = [("epoch", "epoch"), ("det", "detection"), *[(k, k) for k in TERMS]]

@@ -4,10 +4,10 @@ from __future__ import annotations
 import click
 from tabulate import tabulate
 
-from ..export import FORMATS, SUPPORTED_OPSETS, ExportConfig, NmsConfig
-from ..jobs import ExportJob
-from . import cli
-from .common import exist_ok_option, model_options, report_option, run
+from compress.deploy.export import FORMATS, SUPPORTED_OPSETS, ExportConfig, NmsConfig
+from compress.jobs import ExportJob
+from compress.cli import cli
+from compress.cli.common import exist_ok_option, model_options, report_option, run
 
 
 @cli.command("export")

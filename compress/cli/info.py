@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import click
 
-from ..jobs import InfoJob
-from ..report import LayerRow, ModelSummary
-from . import cli
-from .common import model_options, report_option, run
+from compress.jobs import InfoJob
+from compress.darknet.summary import LayerRow, ModelSummary
+from compress.cli import cli
+from compress.cli.common import model_options, report_option, run
 
 
 @cli.command("info")

@@ -7,15 +7,15 @@ from typing import Any
 import click
 from tabulate import tabulate
 
-from ..jobs import PruneJob, SparseTrainJob
-from ..prune import METHODS, PruneConfig
-from ..report import format_stage_table
-from ..sparsity import SCHEDULES, UPDATES, SparsityConfig
-from . import cli
-from .common import letterbox_option, val_option
-from .common import (device_option, exist_ok_option, fit_config, fit_options, model_options, out_option, report_option,
+from compress.jobs import PruneJob, SparseTrainJob
+from compress.prune import METHODS, PruneConfig
+from compress.darknet.summary import format_stage_table
+from compress.prune.sparsity import SCHEDULES, UPDATES, SparsityConfig
+from compress.cli import cli
+from compress.cli.common import letterbox_option, val_option
+from compress.cli.common import (device_option, exist_ok_option, fit_config, fit_options, model_options, out_option, report_option,
                      run)
-from .train import dist_from_env
+from compress.cli.train import dist_from_env
 
 _ROWS = [("params", "params"), ("gflops", "GFLOPs"), ("size_mb", "weights MB"), ("latency_ms", "CPU latency ms"),
          ("map50", "mAP@.5"), ("map50_95", "mAP@.5:.95")]

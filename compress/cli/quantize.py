@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import click
 
-from ..jobs import QuantizeJob
-from ..quant.pipeline import QuantVerifyError
-from ..quant.config import ACT_SCHEMES, METHOD_CONFIGS, SAFE_RANGES, make_config
-from ..quant.weights import W_CLIPS
-from ..report import format_stage_table
-from . import cli
-from .common import letterbox_option, val_option
-from .common import device_option, exist_ok_option, model_options, out_option, report_option, run
-from .train import dist_from_env
+from compress.jobs import QuantizeJob
+from compress.quant.pipeline import QuantVerifyError
+from compress.quant.config import ACT_SCHEMES, METHOD_CONFIGS, SAFE_RANGES, make_config
+from compress.quant.weights import W_CLIPS
+from compress.darknet.summary import format_stage_table
+from compress.cli import cli
+from compress.cli.common import letterbox_option, val_option
+from compress.cli.common import device_option, exist_ok_option, model_options, out_option, report_option, run
+from compress.cli.train import dist_from_env
 
 _ROWS = [("fp32", "fp32 (input)"), ("fakequant", "fake-quant (torch)"), ("int8_onnx", "int8 QDQ ONNX"),
          ("darknet", "Darknet pair (weights on grid)")]

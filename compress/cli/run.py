@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import click
 
-from ..jobs import RecipeJob
-from ..recipe import RunConfig, stage_table
-from . import cli
-from .common import run
+from compress.jobs import RecipeJob
+from compress.recipe import RunConfig, stage_table
+from compress.cli import cli
+from compress.cli.common import run
 
 
 def lookup_command(path: str) -> click.Command | None:

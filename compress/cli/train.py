@@ -7,16 +7,16 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from ..cfg import read_cfg
-from ..jobs import TrainJob
-from ..losses import LOSSES
-from ..report import format_stage_table
-from ..train import DistConfig
-from ..train.hyp import resolve_train_config
-from ..train.optim import SCHEDULERS
-from . import cli
-from .common import val_option
-from .common import (FIT_OPTION_NAMES, device_option, exist_ok_option, fit_options, model_options, out_option,
+from compress.darknet.cfg import read_cfg
+from compress.jobs import TrainJob
+from compress.detection.losses import LOSSES
+from compress.darknet.summary import format_stage_table
+from compress.train import DistConfig
+from compress.train.hyp import resolve_train_config
+from compress.train.optim import SCHEDULERS
+from compress.cli import cli
+from compress.cli.common import val_option
+from compress.cli.common import (FIT_OPTION_NAMES, device_option, exist_ok_option, fit_options, model_options, out_option,
                      report_option, run)
 
 TABLE_KEYS = [("epochs", "epochs"), ("final_loss", "final loss"), ("map50", "mAP@0.5"),

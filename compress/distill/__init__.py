@@ -15,17 +15,17 @@ from pathlib import Path
 
 import torch
 
-from ..data import DataSpec
-from ..model import DarknetModel
-from ..persist import load, save
-from ..report import stage_figures
-from ..train import DistConfig, TrainConfig, TrainResult, fit
-from ..train import distributed as D
-from .calibrate import Calibrator
-from .config import DEFAULT_RATIOS, DEFAULT_STRATEGY, DEFAULT_WEIGHTS, TERMS, DistillConfig, parse_pairs
-from .features import check_compatible, pair_by_stride, pair_heads, stride_features
-from .hook import DistillHook
-from .losses import STRATEGIES, HeadPositives, KDInputs
+from compress.data.dataset import DataSpec
+from compress.darknet.model import DarknetModel
+from compress.darknet.persist import load, save
+from compress.darknet.summary import stage_figures
+from compress.train import DistConfig, TrainConfig, TrainResult, fit
+from compress.train import distributed as D
+from compress.distill.calibrate import Calibrator
+from compress.distill.config import DEFAULT_RATIOS, DEFAULT_STRATEGY, DEFAULT_WEIGHTS, TERMS, DistillConfig, parse_pairs
+from compress.distill.features import check_compatible, pair_by_stride, pair_heads, stride_features
+from compress.distill.hook import DistillHook
+from compress.distill.losses import STRATEGIES, HeadPositives, KDInputs
 
 __all__ = ["distill", "DistillResult", "DistillConfig", "DistillHook", "STRATEGIES", "DEFAULT_WEIGHTS",
            "DEFAULT_RATIOS", "DEFAULT_STRATEGY", "Calibrator",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 
-from .config import DEFAULT_WEIGHTS, TERMS, DistillConfig
+from compress.distill.config import DEFAULT_WEIGHTS, TERMS, DistillConfig
 
 __all__ = ["Calibrator"]
 

@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..errors import DistillError
+from compress.base.errors import DistillError
 
 __all__ = ["DistillConfig", "DEFAULT_WEIGHTS", "DEFAULT_RATIOS", "TERMS", "LOGIT_MODES", "FEATURE_MODES",
            "DEFAULT_STRATEGY", "parse_pairs"]

@@ -7,8 +7,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..errors import DistillError
-from ..model import DarknetModel
+from compress.base.errors import DistillError
+from compress.darknet.model import DarknetModel
 
 __all__ = ["check_compatible", "stride_features", "pair_by_stride", "validate_pairs", "pair_heads", "FeatureTap"]
 

@@ -11,17 +11,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..errors import DistillError
-from ..fileio import write_bytes_atomic, write_text_atomic
-from ..losses import LossConfig, YoloLoss, build_targets
-from ..model import DarknetModel
-from ..train.distributed import group_size
-from ..train.hooks import Hook
-from .calibrate import Calibrator
-from .config import TERMS, DistillConfig
-from .features import FeatureTap, check_compatible, pair_by_stride, pair_heads, validate_pairs
-from .imitate import LstsqAdapter
-from .losses import STRATEGIES, HeadPositives, KDInputs
+from compress.base.errors import DistillError
+from compress.base.fileio import write_bytes_atomic, write_text_atomic
+from compress.detection.losses import LossConfig, YoloLoss, build_targets
+from compress.darknet.model import DarknetModel
+from compress.train.distributed import group_size
+from compress.train.hooks import Hook
+from compress.distill.calibrate import Calibrator
+from compress.distill.config import TERMS, DistillConfig
+from compress.distill.features import FeatureTap, check_compatible, pair_by_stride, pair_heads, validate_pairs
+from compress.distill.imitate import LstsqAdapter
+from compress.distill.losses import STRATEGIES, HeadPositives, KDInputs
 
 __all__ = ["DistillHook", "METRIC_KEYS", "STATE_FILE"]
 

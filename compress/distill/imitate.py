@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..train.distributed import group_size
+from compress.train.distributed import group_size
 
 __all__ = ["LstsqAdapter", "cells"]
 

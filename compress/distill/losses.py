@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..losses import decode_cell_boxes
-from .config import DistillConfig
-from .imitate import LstsqAdapter
+from compress.detection.losses import decode_cell_boxes
+from compress.distill.config import DistillConfig
+from compress.distill.imitate import LstsqAdapter
 
 __all__ = ["HeadPositives", "KDInputs", "STRATEGIES", "register_strategy", "soft_kl", "sigmoid_kl", "kd_logit_loss",
            "kd_sigmoid_loss", "decode_positive_boxes", "kd_box_teacher_bounded", "kd_box_mimic", "attention_map",

@@ -9,9 +9,9 @@ See `contract.py` for the steps `run_job` takes, and docs/design.md ("Job contra
 """
 from __future__ import annotations
 
-from .contract import JOBS, REPORT_NAME, JobKind, job_kind, job_paths, register_job, run_job, write_report
-from .training import DistillJob, PruneJob, QuantizeJob, SparseTrainJob, TrainJob
-from .tools import AnchorsJob, ConvertConfig, DetectJob, EvalJob, ExportJob, InfoJob, RecipeJob, SynthJob
+from compress.jobs.contract import JOBS, REPORT_NAME, JobKind, job_kind, job_paths, register_job, run_job, write_report
+from compress.jobs.training import DistillJob, PruneJob, QuantizeJob, SparseTrainJob, TrainJob
+from compress.jobs.tools import AnchorsJob, ConvertConfig, DetectJob, EvalJob, ExportJob, InfoJob, RecipeJob, SynthJob
 
 __all__ = ["run_job", "job_paths", "job_kind", "register_job", "write_report", "JobKind", "JOBS", "REPORT_NAME",
            "TrainJob", "DistillJob", "PruneJob", "QuantizeJob", "SparseTrainJob", "InfoJob", "EvalJob", "DetectJob",

@@ -3,7 +3,7 @@
 A job is a frozen dataclass holding a command's inputs, outputs and options (built by the CLI from its flags,
 or by a Python user). Its `JobKind` (registered once per job type) says which paths it reads and writes and
 how to run it. `run_job` is the only way a command runs:
-1. the output guard (`compress.guard`) on the declared inputs/outputs (+ the report path), before any work;
+1. the output guard (`compress.base.guard`) on the declared inputs/outputs (+ the report path), before any work;
 2. the run function, which returns the report dict (`{}` on torchrun ranks > 0: rank 0 writes);
 3. `OUT/report.json` (when the job has an output folder) and `report_path`, written atomically;
 4. an optional post-report check (quantize's verification: it fails after the report and artifacts exist).
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from ..errors import CompressError
-from ..fileio import write_text_atomic
-from ..guard import JobPaths, Output, check_job_paths
+from compress.base.errors import CompressError
+from compress.base.fileio import write_text_atomic
+from compress.base.guard import JobPaths, Output, check_job_paths
 
 __all__ = ["JobKind", "JOBS", "register_job", "job_kind", "job_paths", "run_job", "write_report", "REPORT_NAME"]
 

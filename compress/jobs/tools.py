@@ -6,14 +6,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..anchors import AnchorConfig
-from ..convert import ConvertConfig
-from ..errors import DataError
-from ..evaluate import EvalConfig
-from ..export import ExportConfig
-from ..guard import Output
-from .contract import JobKind, register_job
-from .training import _data_path
+from compress.detection.anchors import AnchorConfig
+from compress.data.convert import ConvertConfig
+from compress.base.errors import DataError
+from compress.detection.evaluate import EvalConfig
+from compress.deploy.export import ExportConfig
+from compress.base.guard import Output
+from compress.jobs.contract import JobKind, register_job
+from compress.jobs.training import _data_path
 
 __all__ = ["InfoJob", "EvalJob", "DetectJob", "ExportJob", "AnchorsJob", "SynthJob", "ConvertConfig", "RecipeJob"]
 
@@ -34,8 +34,8 @@ class InfoJob:
 
 
 def _run_info(job: InfoJob) -> dict:
-    from ..persist import load
-    from ..report import bn_gammas, file_size_mb, gamma_stats, plot_gamma_histogram, summarize
+    from compress.darknet.persist import load
+    from compress.darknet.summary import bn_gammas, file_size_mb, gamma_stats, plot_gamma_histogram, summarize
     model = load(job.cfg, job.weights, cutoff=job.cutoff)
     summary = summarize(model, (job.img_size, job.img_size) if job.img_size else None)
     if job.gamma_plot:
@@ -77,8 +77,8 @@ class EvalJob:
 
 
 def _run_eval(job: EvalJob) -> dict:
-    from ..evaluate import evaluate, save_detections
-    from ..runtimes import inference_size, load_for_inference
+    from compress.detection.evaluate import evaluate, save_detections
+    from compress.deploy.runtimes import inference_size, load_for_inference
     model = load_for_inference(job.cfg, job.weights, job.device)
     config = job.eval_config(inference_size(model, job.cfg, job.img_size))
     result = evaluate(model, job.data, config, device=job.device)
@@ -114,9 +114,9 @@ class DetectJob:
 
 
 def _run_detect(job: DetectJob) -> dict:
-    from ..data import read_names
-    from ..detect import DetectConfig, check_names, detect_to_dir
-    from ..persist import load
+    from compress.data.dataset import read_names
+    from compress.detection.detect import DetectConfig, check_names, detect_to_dir
+    from compress.darknet.persist import load
     model = load(job.cfg, job.weights, device=job.device)
     config = DetectConfig(img_size=job.img_size or model.cfg.width, conf_thres=job.conf_thres,
                           iou_thres=job.iou_thres, letterbox=job.letterbox)
@@ -144,8 +144,8 @@ class ExportJob:
 
 
 def _run_export(job: ExportJob) -> dict:
-    from ..export import export
-    from ..persist import load
+    from compress.deploy.export import export
+    from compress.darknet.persist import load
     result = export(load(job.cfg, job.weights), job.out, job.config)
     return {"cfg": _str(job.cfg), "weights": _str(job.weights), **result.to_dict()}
 
@@ -164,7 +164,7 @@ class AnchorsJob:
 
 
 def _run_anchors(job: AnchorsJob) -> dict:
-    from ..anchors import compute_anchors
+    from compress.detection.anchors import compute_anchors
     result = compute_anchors(job.data, job.config)
     return {"data": _str(job.data), "n": job.config.n, "img_size": job.config.img_size, **result.to_dict()}
 
@@ -190,7 +190,7 @@ class SynthJob:
 
 
 def _run_synth(job: SynthJob) -> dict:
-    from ..synth import SYNTH_NAMES, synthesize
+    from compress.data.synth import SYNTH_NAMES, synthesize
     data = synthesize(job.out, n_train=job.n_train, n_valid=job.n_valid, img_size=job.img_size, seed=job.seed)
     return {"data": str(data), "n_train": job.n_train, "n_valid": job.n_valid, "img_size": job.img_size,
             "seed": job.seed, "names": list(SYNTH_NAMES)}
@@ -201,7 +201,7 @@ register_job(SynthJob, JobKind("data synth", _run_synth, inputs=lambda j: (),
 
 
 def _run_convert(job: ConvertConfig) -> dict:
-    from ..convert import convert
+    from compress.data.convert import convert
     return convert(job).to_dict()
 
 
@@ -230,17 +230,17 @@ class RecipeJob:
 
 
 def _run_recipe(job: RecipeJob) -> dict:
-    from ..recipe import Plan, render_commands, run_plan
+    from compress.recipe import Plan, render_commands, run_plan
     result = run_plan(job.config, job.commands, job.context_obj)
     if isinstance(result, Plan):
         return {"dry_run": True, "out": str(result.out), "commands": render_commands(result)}
-    from ..recipe import stage_rows
+    from compress.recipe import stage_rows
     return {"out": str(result.plan.out), "wall_s": round(result.seconds, 2), "stages": stage_rows(result),
             "steps": len(result.records)}
 
 
 def _recipe_out(job: RecipeJob) -> Path:
-    from ..recipe import out_dir
+    from compress.recipe import out_dir
     return out_dir(job.config)
 
 

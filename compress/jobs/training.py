@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..distill.config import DistillConfig
-from ..guard import Output
-from ..prune.pipeline import PruneJob, run_prune
-from ..quant.pipeline import QuantizeJob, check_verified, output_paths, quantize
-from ..sparsity import SparseTrainJob, run_sparse_train
-from ..train.config import DistConfig, TrainConfig
-from .contract import JobKind, register_job
+from compress.distill.config import DistillConfig
+from compress.base.guard import Output
+from compress.prune.pipeline import PruneJob, run_prune
+from compress.quant.pipeline import QuantizeJob, check_verified, output_paths, quantize
+from compress.prune.sparsity import SparseTrainJob, run_sparse_train
+from compress.train.config import DistConfig, TrainConfig
+from compress.jobs.contract import JobKind, register_job
 
 __all__ = ["TrainJob", "DistillJob", "PruneJob", "QuantizeJob", "SparseTrainJob"]
 
@@ -53,8 +53,8 @@ class TrainJob:
 
 
 def _run_train(job: TrainJob) -> dict:
-    from ..data import load_data_spec
-    from ..train import train_model
+    from compress.data.dataset import load_data_spec
+    from compress.train import train_model
     data = load_data_spec(job.data, job.val, training=True)
     return train_model(job.cfg, job.weights, data, job.config, job.out, job.device, job.cutoff, job.distributed)[1]
 
@@ -86,10 +86,10 @@ class DistillJob:
 
 
 def _run_distill(job: DistillJob) -> dict:
-    from ..data import load_data_spec
-    from ..distill import distill
-    from ..persist import load
-    from ..train.checkpoint import seed_all
+    from compress.data.dataset import load_data_spec
+    from compress.distill import distill
+    from compress.darknet.persist import load
+    from compress.train.checkpoint import seed_all
     data = load_data_spec(job.data, job.val, training=True)
     seed_all(job.train.seed)  # a student without --weights starts from --seed's initialisation
     student, teacher = load(job.cfg, job.weights, device=job.device), load(job.t_cfg, job.t_weights, device=job.device)

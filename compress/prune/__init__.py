@@ -16,11 +16,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import PruneError
-from ..model import DarknetModel
-from .coupling import Coupling, build_coupling
-from .mask import ChannelMask, apply_floor, merge_coupled, round_masks, validate_mask
-from .surgery import apply_channel_mask
+from compress.base.errors import PruneError
+from compress.darknet.model import DarknetModel
+from compress.prune.coupling import Coupling, build_coupling
+from compress.prune.mask import ChannelMask, apply_floor, merge_coupled, round_masks, validate_mask
+from compress.prune.surgery import apply_channel_mask
 
 __all__ = ["PruneConfig", "PruneResult", "Pruner", "METHODS", "register_pruner", "prune", "select_mask"]
 
@@ -118,7 +118,7 @@ def _run_channel(model: DarknetModel, config: PruneConfig, pruner: Pruner) -> Pr
 
 
 def _run_layer(model: DarknetModel, config: PruneConfig, pruner: Pruner) -> PruneResult:
-    from .blocks import remove_units
+    from compress.prune.blocks import remove_units
     units, info = pruner.fn(model, build_coupling(model.graph), config)
     new, dropped = remove_units(model, units, config.compensate)
     return PruneResult(new, {}, tuple(sorted(dropped)), info)
@@ -140,7 +140,7 @@ def prune(model: DarknetModel, config: PruneConfig) -> PruneResult:
 
 
 def _register_methods() -> None:
-    from . import normal, regular, shortcut, slim, layer, layer_channel, tp  # noqa: F401
+    from compress.prune import normal, regular, shortcut, slim, layer, layer_channel, tp  # noqa: F401
 
 
 _register_methods()

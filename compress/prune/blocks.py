@@ -11,11 +11,11 @@ import logging
 
 import torch
 
-from ..cfg import Block
-from ..errors import PruneError
-from ..model import DarknetModel, build_model
-from .coupling import residual_units
-from .surgery import channel_offsets, copy_layer
+from compress.darknet.cfg import Block
+from compress.base.errors import PruneError
+from compress.darknet.model import DarknetModel, build_model
+from compress.prune.coupling import residual_units
+from compress.prune.surgery import channel_offsets, copy_layer
 
 __all__ = ["remove_blocks", "remove_units"]
 

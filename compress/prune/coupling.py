@@ -22,7 +22,7 @@ from functools import cached_property
 
 import numpy as np
 
-from ..graph import LayerGraph
+from compress.darknet.graph import LayerGraph
 
 __all__ = ["Coupling", "build_coupling", "prunable_layers", "residual_units", "MODES"]
 

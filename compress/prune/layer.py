@@ -2,11 +2,11 @@
 the lowest mean |gamma| (reference 4.5); the removed branch's constant is folded into the next conv."""
 from __future__ import annotations
 
-from ..errors import PruneError
-from ..model import DarknetModel
-from ..report import bn_gammas
-from . import PruneConfig, register_pruner
-from .coupling import Coupling, prunable_layers, residual_units
+from compress.base.errors import PruneError
+from compress.darknet.model import DarknetModel
+from compress.darknet.summary import bn_gammas
+from compress.prune import PruneConfig, register_pruner
+from compress.prune.coupling import Coupling, prunable_layers, residual_units
 
 __all__ = ["select"]
 

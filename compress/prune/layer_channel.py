@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..model import DarknetModel
-from . import PruneConfig, PruneResult, prune, register_pruner
+from compress.darknet.model import DarknetModel
+from compress.prune import PruneConfig, PruneResult, prune, register_pruner
 
 __all__ = ["run"]
 

@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from ..errors import PruneError
-from .coupling import Coupling
+from compress.base.errors import PruneError
+from compress.prune.coupling import Coupling
 
 __all__ = ["ChannelMask", "global_threshold", "safe_percent", "top_k", "threshold_masks", "merge_coupled",
            "apply_floor", "round_masks", "validate_mask", "check_not_emptied"]

@@ -1,11 +1,11 @@
 """normal: global |gamma| threshold over the mode-0 prune set (residual-stream convs excluded; reference 4.1)."""
 from __future__ import annotations
 
-from ..model import DarknetModel
-from ..report import bn_gammas
-from . import PruneConfig, finalize_mask, register_pruner
-from .coupling import Coupling, prunable_layers
-from .mask import ChannelMask, check_not_emptied, global_threshold, safe_percent, threshold_masks
+from compress.darknet.model import DarknetModel
+from compress.darknet.summary import bn_gammas
+from compress.prune import PruneConfig, finalize_mask, register_pruner
+from compress.prune.coupling import Coupling, prunable_layers
+from compress.prune.mask import ChannelMask, check_not_emptied, global_threshold, safe_percent, threshold_masks
 
 __all__ = ["select"]
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import PruneError
-from ..model import DarknetModel
-from ..persist import load, save
-from ..report import stage_figures
-from . import PruneConfig, PruneResult, prune
+from compress.base.errors import PruneError
+from compress.darknet.model import DarknetModel
+from compress.darknet.persist import load, save
+from compress.darknet.summary import stage_figures
+from compress.prune import PruneConfig, PruneResult, prune
 
 __all__ = ["PruneJob", "run_prune"]
 
@@ -47,7 +47,7 @@ class PruneJob:
 def _evaluate(model: DarknetModel, job: PruneJob, size: int) -> dict:
     if not job.data:
         return {}
-    from ..evaluate import EvalConfig, evaluate
+    from compress.detection.evaluate import EvalConfig, evaluate
     result = evaluate(model, job.data, EvalConfig(img_size=size, progress=False, letterbox=job.letterbox),
                       job.device)
     return {"map50": result.map50, "map50_95": result.map50_95}

@@ -2,11 +2,11 @@
 (default 8), clamped to [N, width]; an emptied layer keeps N channels (reference 4.2, without its wrap bug)."""
 from __future__ import annotations
 
-from ..model import DarknetModel
-from ..report import bn_gammas
-from . import PruneConfig, finalize_mask, register_pruner
-from .coupling import Coupling, prunable_layers
-from .mask import ChannelMask, global_threshold, safe_percent, threshold_masks
+from compress.darknet.model import DarknetModel
+from compress.darknet.summary import bn_gammas
+from compress.prune import PruneConfig, finalize_mask, register_pruner
+from compress.prune.coupling import Coupling, prunable_layers
+from compress.prune.mask import ChannelMask, global_threshold, safe_percent, threshold_masks
 
 __all__ = ["select"]
 

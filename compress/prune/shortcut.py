@@ -2,11 +2,11 @@
 (the stage's first conv; reference 4.3). An emptied layer is an error naming the largest safe percent."""
 from __future__ import annotations
 
-from ..model import DarknetModel
-from ..report import bn_gammas
-from . import PruneConfig, finalize_mask, register_pruner
-from .coupling import Coupling, prunable_layers
-from .mask import ChannelMask, check_not_emptied, global_threshold, merge_coupled, safe_percent, threshold_masks
+from compress.darknet.model import DarknetModel
+from compress.darknet.summary import bn_gammas
+from compress.prune import PruneConfig, finalize_mask, register_pruner
+from compress.prune.coupling import Coupling, prunable_layers
+from compress.prune.mask import ChannelMask, check_not_emptied, global_threshold, merge_coupled, safe_percent, threshold_masks
 
 __all__ = ["select"]
 

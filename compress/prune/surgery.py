@@ -1,6 +1,6 @@
 """The shared pruning core: apply a channel mask to a model and return a NEW, compact model.
 
-1. Output-channel masks are propagated by each section's flow rule (`compress.sections`: route concat and
+1. Output-channel masks are propagated by each section's flow rule (`compress.darknet.sections`: route concat and
    `groups/group_id` slices, shortcut overlap, pass-through blocks), so every conv knows which input columns
    survive. A depthwise conv is cut with its producer: its rows are sliced, it has no columns to slice.
 2. With `compensate`, each removed channel's constant activation `a = act(beta)` (exact when its gamma is 0)
@@ -18,10 +18,10 @@ from typing import Callable
 
 import torch
 
-from ..graph import LayerGraph
-from ..model import DarknetModel, build_model
-from .coupling import build_coupling
-from .mask import ChannelMask, validate_mask
+from compress.darknet.graph import LayerGraph
+from compress.darknet.model import DarknetModel, build_model
+from compress.prune.coupling import build_coupling
+from compress.prune.mask import ChannelMask, validate_mask
 
 __all__ = ["apply_channel_mask", "propagate", "channel_offsets", "copy_layer"]
 

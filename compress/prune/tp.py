@@ -22,10 +22,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..model import DarknetModel
-from . import PruneConfig, finalize_mask, register_pruner
-from .coupling import Coupling, prunable_layers
-from .mask import ChannelMask, apply_floor, global_threshold, threshold_masks
+from compress.darknet.model import DarknetModel
+from compress.prune import PruneConfig, finalize_mask, register_pruner
+from compress.prune.coupling import Coupling, prunable_layers
+from compress.prune.mask import ChannelMask, apply_floor, global_threshold, threshold_masks
 
 __all__ = ["build_dependency_graph", "tp_scores", "CRITERIA"]
 

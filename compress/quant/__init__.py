@@ -17,13 +17,13 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..errors import QuantError
-from ..layers import ConvBNAct, MaxPool, Route, Shortcut, Upsample, YOLOLayer
-from ..model import DarknetModel, build_model
-from .config import DorefaConfig, GoogleConfig, LayerQuant, QuantConfig, config_to_dict, make_config
-from .fake_quant import ActQuant
-from .fold import fold_bn, fold_model, folded_cfg
-from .modules import QConvBNAct, QuantOut
+from compress.base.errors import QuantError
+from compress.darknet.layers import ConvBNAct, MaxPool, Route, Shortcut, Upsample, YOLOLayer
+from compress.darknet.model import DarknetModel, build_model
+from compress.quant.config import DorefaConfig, GoogleConfig, LayerQuant, QuantConfig, config_to_dict, make_config
+from compress.quant.fake_quant import ActQuant
+from compress.quant.fold import fold_bn, fold_model, folded_cfg
+from compress.quant.modules import QConvBNAct, QuantOut
 
 __all__ = ["prepare_qat", "calibrate", "convert", "to_darknet", "QATModel", "DorefaConfig", "GoogleConfig",
            "make_config", "config_to_dict", "fold_bn", "fold_model", "QConvBNAct", "QuantOut", "ActQuant",
@@ -118,7 +118,7 @@ def calibrate(model: QATModel, batches: Iterable[torch.Tensor], device: str | to
     """Post-training calibration: run `batches` (uint8 loader batches or floats in [0, 1]) with only the observers in
     training mode (BN keeps its running statistics). Returns the number of images seen."""
     model.eval()
-    from ..data import to_input
+    from compress.data.dataset import to_input
     observers = [m for m in model.modules() if isinstance(m, ActQuant)]
     for m in observers:
         m.train()

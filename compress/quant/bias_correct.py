@@ -13,8 +13,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from ..data import to_input
-from .modules import QConvBNAct
+from compress.data.dataset import to_input
+from compress.quant.modules import QConvBNAct
 
 __all__ = ["input_means", "correct_biases", "bias_correction"]
 

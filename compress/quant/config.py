@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional, Union
 
-from ..errors import QuantError
-from .weights import W_CLIPS
+from compress.base.errors import QuantError
+from compress.quant.weights import W_CLIPS
 
 __all__ = ["ACT_SCHEMES", "SAFE_RANGES", "DorefaConfig", "GoogleConfig", "QuantConfig", "LayerQuant", "METHOD_CONFIGS", "make_config",
            "config_to_dict"]

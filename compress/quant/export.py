@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..fileio import write_bytes_atomic, write_text_atomic
-from .config import config_to_dict
-from .fake_quant import ActQuant, QParams, pow2_exponent
-from .modules import QConvBNAct, QuantOut
+from compress.base.fileio import write_bytes_atomic, write_text_atomic
+from compress.quant.config import config_to_dict
+from compress.quant.fake_quant import ActQuant, QParams, pow2_exponent
+from compress.quant.modules import QConvBNAct, QuantOut
 
 __all__ = ["quant_layers", "write_quant_json", "write_int_weights", "code_dtype"]
 

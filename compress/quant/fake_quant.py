@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..train.distributed import group_size
-from .qdq import qdq_symbolic
+from compress.train.distributed import group_size
+from compress.quant.qdq import qdq_symbolic
 
 __all__ = ["round_ste", "fake_quant", "quantize", "pow2_round", "pow2_exponent", "QParams", "affine_qparams",
            "symmetric_qparams", "ActQuant", "FakeQuantFn"]

@@ -6,10 +6,10 @@ import copy
 import torch
 from torch import nn
 
-from ..cfg import Cfg
-from ..layers import ConvBNAct
-from ..model import DarknetModel, build_model
-from ..sections import lookup
+from compress.darknet.cfg import Cfg
+from compress.darknet.layers import ConvBNAct
+from compress.darknet.model import DarknetModel, build_model
+from compress.darknet.sections import lookup
 
 __all__ = ["fold_bn", "fold_model", "folded_cfg"]
 

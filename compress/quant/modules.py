@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import ConvBNAct
-from ..train.distributed import group_size
-from .config import LayerQuant
-from .fake_quant import ActQuant, QParams
-from .weights import PAIR_SUM_MAX, REDUCED_MAX_CODE, WeightQ, quantize_weight
+from compress.darknet.layers import ConvBNAct
+from compress.train.distributed import group_size
+from compress.quant.config import LayerQuant
+from compress.quant.fake_quant import ActQuant, QParams
+from compress.quant.weights import PAIR_SUM_MAX, REDUCED_MAX_CODE, WeightQ, quantize_weight
 
 __all__ = ["QConvBNAct", "QuantOut", "FoldedConv"]
 

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fileio import write_bytes_atomic
-from ..onnx_io import OnnxPredictor, onnx_latency, torch_to_onnx
-from ..onnx_io import session as _session
-from .fake_quant import ActQuant, Holder, QParams
-from .modules import QConvBNAct
-from .qdq import const as _const
-from .qdq import qdq_symbolic
+from compress.base.fileio import write_bytes_atomic
+from compress.deploy.onnx_io import OnnxPredictor, onnx_latency, torch_to_onnx
+from compress.deploy.onnx_io import session as _session
+from compress.quant.fake_quant import ActQuant, Holder, QParams
+from compress.quant.modules import QConvBNAct
+from compress.quant.qdq import const as _const
+from compress.quant.qdq import qdq_symbolic
 
 __all__ = ["export_qdq_onnx", "qdq_symbolic", "QConvExport", "exportable", "OnnxPredictor", "onnx_latency",
            "optimized_op_counts"]

@@ -18,18 +18,18 @@ from typing import Any
 
 import torch
 
-from ..errors import QuantError
-from ..persist import load, save
-from ..report import file_size_mb, stage_figures
-from ..train import distributed as D
-from ..train.config import DistConfig
-from . import calibrate, config_to_dict, prepare_qat
-from .config import QuantConfig
-from .bias_correct import bias_correction
-from .cpuinfo import cpu_flags
-from .export import write_int_weights, write_quant_json
-from .onnx_qdq import OnnxPredictor, export_qdq_onnx, onnx_latency
-from .qat import QATHook, check_resume_config, freeze_epochs, resume_checkpoint, run_qat
+from compress.base.errors import QuantError
+from compress.darknet.persist import load, save
+from compress.darknet.summary import file_size_mb, stage_figures
+from compress.train import distributed as D
+from compress.train.config import DistConfig
+from compress.quant import calibrate, config_to_dict, prepare_qat
+from compress.quant.config import QuantConfig
+from compress.quant.bias_correct import bias_correction
+from compress.quant.cpuinfo import cpu_flags
+from compress.quant.export import write_int_weights, write_quant_json
+from compress.quant.onnx_qdq import OnnxPredictor, export_qdq_onnx, onnx_latency
+from compress.quant.qat import QATHook, check_resume_config, freeze_epochs, resume_checkpoint, run_qat
 
 __all__ = ["QuantizeJob", "quantize", "QATHook", "output_paths", "check_verified", "QuantVerifyError"]
 
@@ -102,14 +102,14 @@ def _bits(config: QuantConfig) -> int:
 
 
 def _calibration_batches(spec: Any, img: int, job: QuantizeJob):
-    from ..data import make_loader
+    from compress.data.dataset import make_loader
 
     loader = make_loader(spec, img, job.batch_size, augment=False, workers=0, split="train")
     return (imgs for imgs, *_ in itertools.islice(loader, job.calib_batches))
 
 
 def _evaluate(model_or_fn: Any, spec: Any, img: int, job: QuantizeJob, device: str) -> dict:
-    from ..evaluate import EvalConfig, evaluate
+    from compress.detection.evaluate import EvalConfig, evaluate
 
     r = evaluate(model_or_fn, spec, EvalConfig(img_size=img, batch_size=job.batch_size, progress=False, workers=0,
                                                    letterbox=job.letterbox),
@@ -134,8 +134,8 @@ def quantize(job: QuantizeJob, device: str | None = None, distributed: DistConfi
 
 
 def _run(job: QuantizeJob, device: str, dist: DistConfig) -> dict:
-    from ..data import load_data_spec
-    from ..export import ExportConfig, export_onnx
+    from compress.data.dataset import load_data_spec
+    from compress.deploy.export import ExportConfig, export_onnx
 
     paths = output_paths(job)
     if job.resume:
@@ -143,7 +143,7 @@ def _run(job: QuantizeJob, device: str, dist: DistConfig) -> dict:
         check_resume_config(job)
     model = load(job.cfg, job.weights, device=device)
     img = job.img_size or model.cfg.width
-    from ..evaluate import input_letterbox
+    from compress.detection.evaluate import input_letterbox
     # one input geometry for every subject: the ONNX predictor has no cfg to read it from
     job = dataclasses.replace(job, letterbox=input_letterbox(model, job.letterbox))
     spec = load_data_spec(job.data, job.val, training=True)
@@ -261,7 +261,7 @@ def _set_sync_bn(qmodel: torch.nn.Module, job: QuantizeJob, dist: DistConfig) ->
         return
     if dist.world_size <= 1:
         log.warning("--sync-bn: one process, nothing to synchronise (run under torchrun)")
-    from .modules import QConvBNAct
+    from compress.quant.modules import QConvBNAct
     for m in qmodel.modules():
         if isinstance(m, QConvBNAct):
             m.sync_bn = True

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .fake_quant import QParams
+    from compress.quant.fake_quant import QParams
 
 __all__ = ["qdq_symbolic", "const", "zp_tensor"]
 

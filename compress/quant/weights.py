@@ -17,8 +17,8 @@ from typing import Callable
 
 import torch
 
-from ..errors import QuantError
-from .fake_quant import QParams, fake_quant, pow2_round, quantize, round_ste
+from compress.base.errors import QuantError
+from compress.quant.fake_quant import QParams, fake_quant, pow2_round, quantize, round_ste
 
 __all__ = ["WeightQ", "WEIGHT_QUANTIZERS", "register_weight_quantizer", "quantize_weight", "symmetric_weight",
            "dorefa_weight", "W_CLIPS", "REDUCED_MAX_CODE", "PAIR_SUM_MAX"]

@@ -14,13 +14,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import RecipeError
-from ..guard import JobPaths, Output, check_job_paths
-from .plan import CommandLookup, Plan, PlannedStep, plan_recipe
-from .runner import MANIFEST, RunResult, StepRecord, execute_plan, render_commands
-from .spec import Recipe, load_recipe, parse_recipe
-from .steps import MODEL_REFS, STEPS, StepKind, register_step
-from .summary import STAGE_KEYS, stage_rows, stage_table, write_summary
+from compress.base.errors import RecipeError
+from compress.base.guard import JobPaths, Output, check_job_paths
+from compress.recipe.plan import CommandLookup, Plan, PlannedStep, plan_recipe
+from compress.recipe.runner import MANIFEST, RunResult, StepRecord, execute_plan, render_commands
+from compress.recipe.spec import Recipe, load_recipe, parse_recipe
+from compress.recipe.steps import MODEL_REFS, STEPS, StepKind, register_step
+from compress.recipe.summary import STAGE_KEYS, stage_rows, stage_table, write_summary
 
 __all__ = ["RunConfig", "RunResult", "StepRecord", "Recipe", "Plan", "PlannedStep", "STEPS", "StepKind",
            "MODEL_REFS", "STAGE_KEYS", "register_step", "load_recipe", "parse_recipe", "prepare", "run_recipe",

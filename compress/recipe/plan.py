@@ -13,10 +13,10 @@ from typing import Callable, Union
 
 import click
 
-from ..device import parse_device
-from ..errors import DeviceError, RecipeError
-from .spec import Recipe, StepSpec, Tracked, to_plain
-from .steps import STEPS, ConvertedStep, StepKind, convert_options, find_param, required_missing
+from compress.base.device import parse_device
+from compress.base.errors import DeviceError, RecipeError
+from compress.recipe.spec import Recipe, StepSpec, Tracked, to_plain
+from compress.recipe.steps import STEPS, ConvertedStep, StepKind, convert_options, find_param, required_missing
 
 __all__ = ["PlannedStep", "Plan", "plan_recipe", "ModelSource", "CommandLookup", "SYNTH_STEP"]
 

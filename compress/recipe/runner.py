@@ -22,9 +22,9 @@ from typing import Any
 import click
 import yaml
 
-from ..errors import CompressError, RecipeError
-from ..fileio import write_text_atomic
-from .plan import Plan, PlannedStep, ModelSource
+from compress.base.errors import CompressError, RecipeError
+from compress.base.fileio import write_text_atomic
+from compress.recipe.plan import Plan, PlannedStep, ModelSource
 
 __all__ = ["StepRecord", "RunResult", "execute_plan", "render_commands", "sha256_file", "MANIFEST"]
 

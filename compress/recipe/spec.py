@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import RecipeError
+from compress.base.errors import RecipeError
 
 __all__ = ["Tracked", "StepSpec", "Recipe", "load_recipe", "parse_recipe", "apply_overrides", "to_plain"]
 

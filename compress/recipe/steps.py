@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 import click
 
-from ..errors import RecipeError
-from .spec import StepSpec, Tracked
+from compress.base.errors import RecipeError
+from compress.recipe.spec import StepSpec, Tracked
 
 __all__ = ["StepKind", "STEPS", "register_step", "MODEL_REFS", "find_param", "convert_options", "ConvertedStep",
            "valid_keys", "required_missing"]

@@ -5,9 +5,9 @@ import json
 import logging
 from pathlib import Path
 
-from ..fileio import atomic_write, write_text_atomic
-from ..report import format_stage_table
-from .runner import RunResult
+from compress.base.fileio import atomic_write, write_text_atomic
+from compress.darknet.summary import format_stage_table
+from compress.recipe.runner import RunResult
 
 __all__ = ["STAGE_KEYS", "stage_rows", "write_summary", "stage_table"]
 

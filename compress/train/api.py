@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-from ..data import load_data_spec
-from ..losses import init_head_biases
-from ..persist import load
-from ..report import stage_figures
-from .checkpoint import seed_all
-from .config import DistConfig, TrainConfig, TrainError
-from .hooks import Hook
-from .loop import TrainResult, fit
+from compress.data.dataset import load_data_spec
+from compress.detection.losses import init_head_biases
+from compress.darknet.persist import load
+from compress.darknet.summary import stage_figures
+from compress.train.checkpoint import seed_all
+from compress.train.config import DistConfig, TrainConfig, TrainError
+from compress.train.hooks import Hook
+from compress.train.loop import TrainResult, fit
 
 __all__ = ["train_model"]
 

@@ -1,6 +1,6 @@
 """Resumable training checkpoints (`last.pt`): model, optimizer, EMA, AMP scaler, progress, RNG states.
 
-Written atomically through `compress.persist.save_checkpoint`, so the file embeds the cfg text and is
+Written atomically through `compress.darknet.persist.save_checkpoint`, so the file embeds the cfg text and is
 also a loadable `.pt` model (`compress.load(None, "last.pt")`).
 """
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cfg import format_cfg
-from ..persist import read_checkpoint, save_checkpoint
-from .config import TrainConfig, TrainError
-from .hooks import TrainState
+from compress.darknet.cfg import format_cfg
+from compress.darknet.persist import read_checkpoint, save_checkpoint
+from compress.train.config import TrainConfig, TrainError
+from compress.train.hooks import TrainState
 
 __all__ = ["save_train_checkpoint", "restore_train_checkpoint", "rng_state", "set_rng_state", "seed_all"]
 

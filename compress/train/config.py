@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..augment import AugmentConfig
-from ..errors import CompressError
+from compress.data.augment import AugmentConfig
+from compress.base.errors import CompressError
 
 __all__ = ["TrainConfig", "DistConfig", "TrainError"]
 
@@ -22,11 +22,11 @@ class TrainConfig:
     `accumulate` micro-batches make one optimizer step. Weight decay applies to conv/linear weights only
     (BN and biases are never decayed) and is scaled by batch_size * accumulate / 64 (nominal batch 64).
     `optimizer`/`scheduler` name entries of `compress.train.optim.OPTIMIZERS` / `SCHEDULERS`, `loss` one of
-    `compress.losses.LOSSES` ("darknet": the cfg's [yolo] keys; "v5": box/obj/cls/anchor_t/iou_kind below).
+    `compress.detection.losses.LOSSES` ("darknet": the cfg's [yolo] keys; "v5": box/obj/cls/anchor_t/iou_kind below).
     BatchNorm: `freeze_bn_stats` keeps the running mean/var fixed (BN layers normalise with them while
     training, as at inference); `bn_momentum` (None = the model's) sets how fast they follow the batches;
     `sync_bn` uses SyncBatchNorm under DDP on CUDA (refused for CPU processes; see train.distributed).
-    hsv_h ... mosaic: the augmentation (`compress.augment.AugmentConfig`), used when `augment`.
+    hsv_h ... mosaic: the augmentation (`compress.data.augment.AugmentConfig`), used when `augment`.
     """
     epochs: int = 100
     batch_size: int = 16
@@ -71,12 +71,12 @@ class TrainConfig:
     cache_dir: str | None = None    # disk cache folder (None: OUT/cache)
 
     def __post_init__(self) -> None:
-        from ..losses import LOSSES
+        from compress.detection.losses import LOSSES
         try:  # the augmentation keys are validated where they are defined
             self.augment_config()
         except CompressError as exc:
             raise TrainError(str(exc).replace("augmentation ", "train option ", 1)) from None
-        from .optim import OPTIMIZERS, SCHEDULERS
+        from compress.train.optim import OPTIMIZERS, SCHEDULERS
 
         positive = ("epochs", "batch_size", "img_size", "accumulate", "eval_every", "lr0", "lrf")
         for name in positive:

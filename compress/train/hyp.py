@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import TrainConfig, TrainError
+from compress.train.config import TrainConfig, TrainError
 
 __all__ = ["HYP_KEYS", "IGNORED_KEYS", "load_hyp", "finetune_defaults", "resolve_train_config"]
 

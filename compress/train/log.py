@@ -5,7 +5,7 @@ import csv
 import io
 from pathlib import Path
 
-from ..fileio import atomic_write, write_text_atomic
+from compress.base.fileio import atomic_write, write_text_atomic
 
 __all__ = ["write_results_csv", "plot_results"]
 

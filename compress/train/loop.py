@@ -13,16 +13,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..data import DataSpec, DetectionDataset, collate, to_input
-from ..losses import build_loss
-from ..persist import save
-from . import distributed as D
-from .checkpoint import restore_train_checkpoint, rng_state, save_train_checkpoint, seed_all, set_rng_state
-from .config import DistConfig, TrainConfig, TrainError
-from .ema import ModelEMA
-from .hooks import Hook, HookList, TrainState
-from .log import plot_results, write_results_csv
-from .optim import build_optimizer, lr_factor, warmup_step
+from compress.data.dataset import DataSpec, DetectionDataset, collate, to_input
+from compress.detection.losses import build_loss
+from compress.darknet.persist import save
+from compress.train import distributed as D
+from compress.train.checkpoint import restore_train_checkpoint, rng_state, save_train_checkpoint, seed_all, set_rng_state
+from compress.train.config import DistConfig, TrainConfig, TrainError
+from compress.train.ema import ModelEMA
+from compress.train.hooks import Hook, HookList, TrainState
+from compress.train.log import plot_results, write_results_csv
+from compress.train.optim import build_optimizer, lr_factor, warmup_step
 
 __all__ = ["fit", "TrainResult", "NOMINAL_BATCH"]
 
@@ -126,7 +126,7 @@ class _Trainer:
                                 world_size=dist_cfg.world_size, config=config, ema=ema, scaler=scaler)
         self.hooks = HookList(hooks)
         self._data_wait_s = 0.0  # seconds the last epoch's loop waited for batches
-        from ..evaluate import input_letterbox
+        from compress.detection.evaluate import input_letterbox
         self.dataset = DetectionDataset(spec.train, config.img_size, config.augment, spec.nc,
                                         aug=config.augment_config() if config.augment else None, seed=config.seed,
                                         source=f"{spec.source or 'data'} [train]",
@@ -266,7 +266,7 @@ class _Trainer:
         D.barrier(self.dist)
 
     def _evaluate(self) -> dict:
-        from ..evaluate import EvalConfig, evaluate
+        from compress.detection.evaluate import EvalConfig, evaluate
 
         if self._valid is None:
             self._valid = DetectionDataset(self.spec.valid, self.cfg.img_size, num_classes=self.spec.nc,
