@@ -225,7 +225,9 @@ def test_int8_qdq_onnx_runs_in_openvino_like_onnxruntime(tmp_path):
     assert score < 0.05 and box < 0.05 * max(hw)  # a few int8 steps apart at most
     assert _diff(ov, ref)[1] < 0.1
     direct = load_predictor(tmp_path / "int8.onnx", runtime="openvino")  # OpenVINO reads the ONNX itself
-    assert type(direct).__name__ == "OpenVinoPredictor" and _diff(direct(x), ov) == (0.0, 0.0)
+    # the same graph either way; OpenVINO 2026.4 fuses the two differently by a few float32 ulps
+    box, score = _diff(direct(x), ov)
+    assert type(direct).__name__ == "OpenVinoPredictor" and box < 1e-4 * max(hw) and score < 1e-5
 
 
 def test_cli_nms_export_checks_detections_on_a_real_image(tmp_path):
