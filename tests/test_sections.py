@@ -284,20 +284,30 @@ def test_share_index_reuses_an_earlier_convs_weights(tmp_path: Path) -> None:
                               + HEAD))
 
 
-def test_table_quant_rule_agrees_with_the_quant_package() -> None:
-    """The table's output-quantization rule is the one compress/quant applies to the built modules."""
-    from compress.quant import _output_rule
-    from compress.darknet.sections import output_quant_rule
-    from conftest import TINY_CFGS
+def test_quantized_outputs_follow_each_sections_rule() -> None:
+    """prepare_qat wraps pooling, upsampling and one-input routes on their producer's grid, gives joins (shortcut,
+    multi-input route) an own observer and leaves heads and other blocks float (the rule lives in the table)."""
     from compress.darknet.cfg import read_cfg
+    from compress.quant import GoogleConfig, QuantOut, QConvBNAct, prepare_qat
+    from conftest import TINY_CFGS
     checked = 0
     for path in TINY_CFGS:
         model = build_model(read_cfg(path))
-        for i, (layer, section) in enumerate(zip(model.layers, model.graph.sections)):
-            if section.conv or section.head:
+        q = prepare_qat(model, GoogleConfig(bits=8))
+        for i, layer in enumerate(q.layers):
+            name, n = model.cfg.blocks[i].type, len(model.graph.inputs[i])
+            if name in ("convolutional", "depthwise"):
+                assert isinstance(layer, QConvBNAct), (path.name, i)
                 continue
-            n = len(model.graph.inputs[i])
-            assert output_quant_rule(section, n) == _output_rule(layer, n), (path.name, i, section.name)
+            producer = q.layers[model.graph.inputs[i][0]]
+            fed = isinstance(producer, (QConvBNAct, QuantOut))
+            keeps = name in ("maxpool", "upsample") or (name == "route" and n == 1)
+            if name == "shortcut" or (name == "route" and n > 1):
+                assert isinstance(layer, QuantOut) and layer.quant is not None, (path.name, i, name)
+            elif keeps and fed:
+                assert isinstance(layer, QuantOut) and layer.quant is None, (path.name, i, name)
+            else:
+                assert not isinstance(layer, QuantOut), (path.name, i, name)
             checked += 1
     assert checked > 10
 

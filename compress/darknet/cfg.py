@@ -1,9 +1,11 @@
-"""Darknet `.cfg` text <-> `Cfg` (an immutable list of `Block`s). No torch import.
+"""Darknet `.cfg` text <-> `Cfg` (the `[net]` block and an immutable list of `Block`s).
 
 Blocks keep their options in file order as raw strings, so keys we do not interpret (`jitter`,
 `nms_kind`, `stopbackward`, ...) survive a parse -> write round trip. The writer is canonical
 (`key=value`, LF, one blank line between sections) because Darknet forks reject anything fancier.
-Which sections exist is the section table's business (`compress.darknet.sections`). A cfg is read in a
+Which sections exist, their canonical names, `[header]` spellings and parse-time checks are the section
+table's business (`compress.darknet.sections`, which this module sits above: the table and the torch modules
+read `compress.darknet.block.Block`, never this module). A cfg is read in a
 dialect: `darknet`, or `reference` (the reference compression project: [depthwise], [se] filters=,
 activation=none, ASFF heads, [net] channels ignored); it is detected unless given, and written back
 in the same dialect.
@@ -17,116 +19,13 @@ from typing import Iterable
 
 from compress.base.errors import CfgError
 from compress.base.fileio import write_text_atomic
+from compress.darknet.block import Block
 from compress.darknet import sections as _sections
-from compress.darknet.sections.heads import check_yolo_block
 
 __all__ = ["Block", "Cfg", "SUPPORTED_SECTIONS", "parse_cfg", "read_cfg", "format_cfg", "write_cfg"]
 
 SUPPORTED_SECTIONS = _sections.supported_sections()
 _NET_NAMES = ("net", "network")
-
-
-@dataclass(frozen=True)
-class Block:
-    """One `[section]` of a cfg; `line` is its header line for error messages."""
-
-    type: str
-    options: tuple[tuple[str, str], ...] = ()
-    line: int = 0
-    source: str = field(default="<cfg>", compare=False)
-    option_lines: tuple[int, ...] = field(default=(), compare=False)
-
-    def where(self, key: str | None = None) -> str:
-        line = self.line
-        for (k, _), n in zip(self.options, self.option_lines):
-            if k == key:
-                line = n
-        return f"{self.source}:{line}"
-
-    def has(self, key: str) -> bool:
-        return any(k == key for k, _ in self.options)
-
-    def get(self, key: str, default: str | None = None) -> str | None:
-        value = default
-        for k, v in self.options:
-            if k == key:
-                value = v
-        return value
-
-    def _bad(self, key: str, value: str, kind: str) -> CfgError:
-        return CfgError(f"{self.where(key)}: [{self.type}] {key}={value!r} is not {kind}; fix the value in the cfg")
-
-    def _default(self, key: str, default):
-        if default is None:
-            raise CfgError(f"{self.where()}: [{self.type}] needs `{key}=`; add it to the cfg")
-        return default
-
-    def get_int(self, key: str, default: int | None = None) -> int:
-        raw = self.get(key)
-        if raw is None:
-            return self._default(key, default)
-        try:
-            return int(raw)
-        except ValueError:
-            try:
-                as_float = float(raw)
-            except ValueError:
-                raise self._bad(key, raw, "an integer") from None
-            if as_float != int(as_float):
-                raise self._bad(key, raw, "an integer") from None
-            return int(as_float)
-
-    def get_float(self, key: str, default: float | None = None) -> float:
-        raw = self.get(key)
-        if raw is None:
-            return self._default(key, default)
-        try:
-            return float(raw)
-        except ValueError:
-            raise self._bad(key, raw, "a number") from None
-
-    def get_ints(self, key: str, default: tuple[int, ...] | None = None) -> tuple[int, ...]:
-        raw = self.get(key)
-        if raw is None:
-            return self._default(key, default)
-        try:
-            return tuple(int(p) for p in raw.split(",") if p.strip())
-        except ValueError:
-            raise self._bad(key, raw, "a comma-separated list of integers") from None
-
-    def get_floats(self, key: str, default: tuple[float, ...] | None = None) -> tuple[float, ...]:
-        raw = self.get(key)
-        if raw is None:
-            return self._default(key, default)
-        try:
-            return tuple(float(p) for p in raw.split(",") if p.strip())
-        except ValueError:
-            raise self._bad(key, raw, "a comma-separated list of numbers") from None
-
-    def replace(self, **changes: object) -> "Block":
-        """New block with keys changed (None removes a key); order kept, new keys appended."""
-        opts = []
-        seen = set()
-        for k, v in self.options:
-            if k in changes:
-                if k in seen or changes[k] is None:
-                    continue
-                seen.add(k)
-                opts.append((k, _fmt(changes[k])))
-            else:
-                opts.append((k, v))
-        for k, v in changes.items():
-            if k not in seen and v is not None and not self.has(k):
-                opts.append((k, _fmt(v)))
-        return Block(self.type, tuple(opts), self.line, self.source)  # option lines no longer apply
-
-
-def _fmt(value: object) -> str:
-    if isinstance(value, (list, tuple)):
-        return ",".join(_fmt(v) for v in value)
-    if isinstance(value, bool):
-        return str(int(value))
-    return str(value)
 
 
 @dataclass(frozen=True)
@@ -218,8 +117,9 @@ def parse_cfg(text: str, source: str = "<cfg>", dialect: str | None = None) -> C
         raise CfgError(f"{source}: dialect={dialect!r} is not one of {', '.join(_sections.DIALECTS)}")
     cfg = Cfg(net, tuple(blocks), source, dialect)
     for b in cfg.blocks:
-        if b.type == "yolo":
-            check_yolo_block(b)
+        check = _sections.lookup(b).check
+        if check is not None:
+            check(b)
     return cfg
 
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.darknet.cfg import Block
+from compress.darknet.block import Block
+from compress.darknet.geometry import maxpool_geometry, strides
 from compress.darknet.layers import YOLOLayer, _grid_and_stride
-from compress.darknet.sections import maxpool_geometry, strides
 
 __all__ = ["LocalAvgPool", "Reorg", "GaussianYOLOLayer", "ASFFYOLOLayer"]
 
@@ -43,13 +43,13 @@ def _reorg_index(c: int, h: int, w: int, s: int) -> torch.Tensor:
 
 class Reorg(nn.Module):
     """[reorg] (Darknet's reorg_old: reorg_cpu on the input's own w, h, c) and [reorg3d] (reorg_cpu on the
-    output's w, h, c: a plain space-to-depth). `identity` for the reference dialect's [reorg3d]."""
+    output's w, h, c: a plain space-to-depth). `old`: [reorg]; `identity` for the reference dialect's [reorg3d]."""
 
-    def __init__(self, block: Block, identity: bool = False) -> None:
+    def __init__(self, block: Block, identity: bool = False, old: bool = False) -> None:
         super().__init__()
         self.stride = block.get_int("stride", 1)
         self.reverse = bool(block.get_int("reverse", 0))
-        self.old = block.type == "reorg"
+        self.old = old
         self.identity = identity or self.stride == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

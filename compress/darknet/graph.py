@@ -1,4 +1,4 @@
-"""Static layer graph of a cfg: who feeds whom, channel counts and spatial sizes. No torch import.
+"""Static layer graph of a cfg: who feeds whom, channel counts and spatial sizes (no tensors).
 
 Darknet's relative indices (`from=-3`, `layers=-1,61`) are resolved to absolute block indices here,
 once; every other module (builder, pruning, layer removal, distillation) asks this graph instead of

@@ -1,7 +1,8 @@
 """Torch modules for Darknet sections, plus the activation registry.
 
 Every module with weights implements `darknet_tensors()`: its tensors in `.weights` file order, so
-reading, writing and counting weights share one definition.
+reading, writing and counting weights share one definition. Each section entry (`compress.darknet.sections`)
+builds its module from here; this module reads blocks through `block`/`geometry` only and never imports the table.
 """
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress.darknet.cfg import Block
 from compress.base.errors import CfgError
-from compress.darknet.sections import conv_geometry, maxpool_geometry, strides
-from compress.darknet.sections.heads import yolo_anchors, yolo_mask
+from compress.darknet.block import Block
+from compress.darknet.geometry import conv_geometry, maxpool_geometry, strides, yolo_anchors, yolo_mask
 
 __all__ = ["ACTIVATIONS", "register_activation", "make_activation", "ConvBNAct", "Route", "Shortcut", "Upsample",
            "MaxPool", "GlobalAvgPool", "ScaleChannels", "SAM", "Dropout", "SE", "CBAM", "ECA", "YOLOLayer",
@@ -104,10 +104,10 @@ class Shortcut(nn.Module):
     shortcut_multilayer_cpu), optionally weighted per input (per_feature) or per input and channel
     (per_channel), the weights normalized by relu or softmax (+1e-4 in the denominator, as Darknet)."""
 
-    def __init__(self, block: Block, in_channels: list[int] | None = None) -> None:
+    def __init__(self, block: Block, in_channels: list[int] | None = None, weights_type: str = "none") -> None:
         super().__init__()
         self.act = make_activation(block, "linear")
-        kind = (block.get("weights_type", "none") or "none").lower()
+        kind = weights_type  # read by the [shortcut] entry (sections.joins.weights_type)
         self.norm = (block.get("weights_normalization", "none") or "none").lower().replace("avg_relu", "relu")
         n, c = len(in_channels or (0, 0)), (in_channels or (1,))[0]
         self.weight = None

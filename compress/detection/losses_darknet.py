@@ -83,7 +83,7 @@ def head_options(model: nn.Module) -> list[DarknetHeadOptions]:
     out = []
     for i, layer in zip(model.graph.heads, model.heads):
         block = model.cfg.blocks[i]
-        if block.type != "yolo":
+        if not model.graph.sections[i].darknet_loss:
             raise CompressError(f"{block.where()}: [{block.type}] heads (YOLOv2) cannot be trained with the "
                                 "darknet loss; use a cfg with [yolo] heads")
         flat = block.get_floats("anchors")

@@ -41,8 +41,8 @@ def stride_features(model: DarknetModel, img_hw: tuple[int, int]) -> dict[Stride
     strides = _strides(model, img_hw)
     pred_convs = {g.inputs[h][0] for h in g.heads}
     chosen: dict[Stride, int] = {}
-    for i, b in enumerate(blocks):
-        if b.type == "convolutional" and i not in pred_convs and strides[i] is not None:
+    for i, section in enumerate(g.sections):
+        if section.conv and i not in pred_convs and strides[i] is not None:
             chosen[strides[i]] = i
     for h in g.heads:  # prefer the feature each head predicts from
         src = g.inputs[g.inputs[h][0]]

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from compress.darknet.cfg import Block
+from compress.darknet.block import Block
 from compress.base.errors import PruneError
 from compress.darknet.model import DarknetModel, build_model
 from compress.prune.coupling import residual_units
@@ -32,7 +32,7 @@ def _resolver(model: DarknetModel, drop: set[int]):
     def resolve(j: int, user: int) -> int:
         seen = j
         while j in drop:
-            if graph.cfg.blocks[j].type != "shortcut" or graph.inputs[j][0] not in drop:
+            if graph.sections[j].residual is None or graph.inputs[j][0] not in drop:
                 raise PruneError(f"layer {user} reads layer {seen}, which is being removed and is not a residual "
                                  "shortcut; keep it or remove its readers too")
             j = graph.inputs[j][1]
@@ -76,7 +76,7 @@ def remove_blocks(model: DarknetModel, drop: set[int], keep: dict[int, torch.Ten
     offsets = channel_offsets(model, keep or {}) if compensate else {}
     new = build_model(model.cfg.with_blocks(new_blocks)).to(next(model.parameters()).device)
     for i in kept:
-        copy_layer(new.layers[new_index[i]], model.layers[i], offset=offsets.get(i))
+        copy_layer(graph.sections[i], new.layers[new_index[i]], model.layers[i], offset=offsets.get(i))
     new.header = model.header
     log.info("removed %d blocks: %s", len(drop), sorted(drop))
     return new.train(model.training)

@@ -149,7 +149,7 @@ def residual_units(graph: LayerGraph) -> dict[int, tuple[int, ...]]:
     source's width, so removing the unit leaves the identity path."""
     out = {}
     for s, (b, section) in enumerate(zip(graph.cfg.blocks, graph.sections)):
-        if b.type != "shortcut" or len(graph.inputs[s]) != 2 or b.get("weights_type", "none") != "none":
+        if section.residual is None or len(graph.inputs[s]) != 2 or not section.residual(b):
             continue
         prev, src = graph.inputs[s]
         chain = tuple(range(src + 1, s))
@@ -159,22 +159,18 @@ def residual_units(graph: LayerGraph) -> dict[int, tuple[int, ...]]:
         if not graph.sections[s - 1].conv or not last.get_int("batch_normalize", 0):
             continue
         if all(graph.inputs[j] == (j - 1,) and graph.consumers[j] == (j + 1,)
-               and (graph.sections[j].conv or graph.sections[j].name in _UNIT_PASSENGERS) for j in chain):
+               and (graph.sections[j].conv or graph.sections[j].unit_passenger) for j in chain):
             out[s] = chain + (s,)
     return out
 
 
-_UNIT_PASSENGERS = ("se", "eca", "cbam", "dropout")
-
-
 def _reference_excluded(graph: LayerGraph) -> set[int]:
-    """Reference rules 3 and 4: the conv right before [upsample], the conv feeding SPP ([maxpool] then [route])."""
+    """Reference rules 3 and 4: the conv right before [upsample], the conv feeding SPP ([maxpool] then [route]);
+    each section says whether it guards its producer (`Section.guards_producer`)."""
     blocks, out = graph.cfg.blocks, set()
     for i in range(len(blocks) - 1):
-        nxt = blocks[i + 1].type
-        if nxt == "upsample":
-            out.add(i)
-        if nxt == "maxpool" and i + 2 < len(blocks) and blocks[i + 2].type == "route":
+        guards = graph.sections[i + 1].guards_producer
+        if guards is not None and guards(blocks, i + 1):
             out.add(i)
     return out
 

@@ -8,8 +8,8 @@
    `offset_o = sum_c (sum of kernel taps W[o, c]) * a_c`, subtracted from the BN running mean (or added to the
    conv bias of a conv without BN). Constants add up along shortcut chains and pass through routes, maxpool and
    upsample. Exact for 1x1 consumers; for kxk consumers exact away from the zero-padded border.
-3. New cfg via each section's `resize` (filters=, and groups= of a depthwise conv), `build_model`, then the
-   sliced tensors are copied.
+3. New cfg via each section's `resize` (filters=, and groups= of a depthwise conv), `build_model`, then each
+   section's `copy_pruned` copies its sliced tensors (sections without weights to slice are copied whole).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import torch
 
 from compress.darknet.graph import LayerGraph
 from compress.darknet.model import DarknetModel, build_model
+from compress.darknet.sections import Section
 from compress.prune.coupling import build_coupling
 from compress.prune.mask import ChannelMask, validate_mask
 
@@ -105,28 +106,14 @@ def channel_offsets(model: DarknetModel, keep: ChannelMask) -> dict[int, torch.T
     return out
 
 
-def copy_layer(dst: torch.nn.Module, src: torch.nn.Module, out_idx: torch.Tensor | None = None,
-               in_idx: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> None:
-    """Copy `src` into `dst`; for a ConvBNAct, slice output rows / input columns and fold `offset`."""
-    if not hasattr(src, "bn"):
+def copy_layer(section: Section, dst: torch.nn.Module, src: torch.nn.Module, out_idx: torch.Tensor | None = None,
+               in_keep: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> None:
+    """Copy `src` into its resized `dst` by the section's slicing rule (`Section.copy_pruned`: output rows
+    `out_idx`, the input channels `in_keep` marks, `offset` folded in); a section without one copies whole."""
+    if section.copy_pruned is None:
         dst.load_state_dict(src.state_dict())
         return
-    with torch.no_grad():
-        w = src.conv.weight
-        w = w if out_idx is None else w[out_idx.to(w.device)]
-        w = w if in_idx is None else w[:, in_idx.to(w.device)]
-        dst.conv.weight.copy_(w)
-        if src.bn is None:
-            bias = src.conv.bias + (0 if offset is None else offset.to(src.conv.bias))
-            dst.conv.bias.copy_(bias if out_idx is None else bias[out_idx.to(bias.device)])
-        else:
-            state = dict(src.bn.state_dict())
-            if offset is not None:
-                state["running_mean"] = state["running_mean"] - offset.to(state["running_mean"])
-            for k, v in state.items():
-                if v.dim() and out_idx is not None:
-                    state[k] = v[out_idx.to(v.device)]
-            dst.bn.load_state_dict(state)
+    section.copy_pruned(dst, src, out_idx, in_keep, offset)
 
 
 def apply_channel_mask(model: DarknetModel, mask: ChannelMask, compensate: bool = True) -> DarknetModel:
@@ -148,10 +135,8 @@ def apply_channel_mask(model: DarknetModel, mask: ChannelMask, compensate: bool 
     new.to(device)
     for i, (dst, src) in enumerate(zip(new.layers, model.layers)):
         s = graph.inputs[i][0]
-        grouped = not hasattr(src, "bn") or src.conv.groups > 1
-        in_idx = None if s < 0 or grouped or bool(keep[s].all()) else keep[s].nonzero().flatten()
         out_idx = mask[i].nonzero().flatten() if i in mask else None
-        copy_layer(dst, src, out_idx, in_idx, offsets.get(i))
+        copy_layer(graph.sections[i], dst, src, out_idx, None if s < 0 else keep[s], offsets.get(i))
     new.header = model.header
     log.info("pruned %d layers; %d -> %d conv channels", len(mask), sum(graph.channels[i] for i in mask),
              sum(int(m.sum()) for m in mask.values()))

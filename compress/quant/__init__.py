@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from compress.base.errors import QuantError
-from compress.darknet.layers import ConvBNAct, MaxPool, Route, Shortcut, Upsample, YOLOLayer
+from compress.darknet.layers import ConvBNAct
 from compress.darknet.model import DarknetModel, build_model
 from compress.quant.config import DorefaConfig, GoogleConfig, LayerQuant, QuantConfig, config_to_dict, make_config
 from compress.quant.fake_quant import ActQuant
@@ -43,23 +43,9 @@ class QATModel(DarknetModel):
 
 def edge_convs(model: DarknetModel) -> set[int]:
     """The first conv and the convs that feed a detection head (the first/last policy applies to them)."""
-    convs = [i for i, b in enumerate(model.cfg.blocks) if b.type == "convolutional"]
+    convs = [i for i, section in enumerate(model.graph.sections) if section.conv]
     heads = {p for h in model.graph.heads for p in model.graph.inputs[h]}
     return ({convs[0]} if convs else set()) | (heads & set(convs))
-
-
-# Non-conv layers: how their output is quantized. "keep": the input's grid (re-quantize with the producer's
-# params, exact); "new": an own observer (joins of differently scaled tensors).
-_GRID_KEEPING = (MaxPool, Upsample)
-_JOINS = (Shortcut,)
-
-
-def _output_rule(layer: nn.Module, n_inputs: int) -> str | None:
-    if isinstance(layer, _GRID_KEEPING) or (isinstance(layer, Route) and n_inputs == 1):
-        return "keep"
-    if isinstance(layer, _JOINS) or (isinstance(layer, Route) and n_inputs > 1):
-        return "new"
-    return None
 
 
 def prepare_qat(model: DarknetModel, config: QuantConfig, skip: Iterable[int] | None = None) -> QATModel:
@@ -80,15 +66,15 @@ def prepare_qat(model: DarknetModel, config: QuantConfig, skip: Iterable[int] | 
     head_inputs = {p for h in g.heads for p in g.inputs[h]}
     sources: dict[int, ActQuant | None] = {-1: None}
     for i, layer in enumerate(q.layers):
-        srcs = g.inputs[i]
-        if isinstance(layer, ConvBNAct):
+        srcs, section = g.inputs[i], g.sections[i]
+        if section.conv:
             spec = config.layer(i in edges)
             if i in head_inputs:  # head maps stay float: the [yolo] decode runs in float
                 spec = dataclasses.replace(spec, a_bits=None)
             q.layers[i] = _make_qconv(layer, spec, sources.get(srcs[0]), srcs[0], config)
             sources[i] = q.layers[i].act_quant
             continue
-        rule = None if isinstance(layer, YOLOLayer) else _output_rule(layer, len(srcs))
+        rule = section.quant(len(srcs))  # the section's rule: keep its input's grid, a new observer, or float
         if rule == "keep" and sources.get(srcs[0]) is not None:
             q.layers[i] = QuantOut(layer, shared=sources[srcs[0]])
         elif rule == "new":

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from compress.darknet.cfg import Cfg
-from compress.darknet.layers import ConvBNAct
 from compress.darknet.model import DarknetModel, build_model
 from compress.darknet.sections import lookup
 
@@ -38,8 +37,8 @@ def folded_cfg(cfg: Cfg) -> Cfg:
 def fold_model(model: DarknetModel) -> DarknetModel:
     """A new DarknetModel (new cfg, batch_normalize=0) whose eval output equals `model`'s."""
     new = build_model(folded_cfg(model.cfg)).to(next(model.parameters()).device)
-    for old_layer, new_layer in zip(model.layers, new.layers):
-        if isinstance(old_layer, ConvBNAct) and old_layer.bn is not None:
+    for section, old_layer, new_layer in zip(model.graph.sections, model.layers, new.layers):
+        if section.conv and old_layer.bn is not None:
             folded = fold_bn(old_layer.conv, old_layer.bn)
             new_layer.conv.weight.copy_(folded.weight)
             new_layer.conv.bias.copy_(folded.bias)

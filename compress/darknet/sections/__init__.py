@@ -1,33 +1,28 @@
 """The section table: every cfg section the toolkit reads, one `Section` entry each (see `base.py`).
 
-`cfg`, `graph`, `model`, `weights`, `report` and the pruning core read everything section-specific from
-here; adding a section means registering one entry (plus its torch module and tests).
+`cfg`, `graph`, `model`, `weights`, `summary`, the pruning core, quantization, distillation and the darknet
+loss read everything section-specific from here; adding a section means registering one entry (plus its torch
+module and tests). Imports go one way: `block`, `geometry` <- `layers`, `extra_layers` <- this table <- `cfg`
+(the parser) <- `graph` <- `model`; the torch modules never import the table that builds them.
 """
 from __future__ import annotations
 
 from typing import Iterable
 
-from compress.darknet.sections.base import (DIALECTS, SECTIONS, Ctx, FlowOps, Key, Section, Shape, block_inputs, canonical, check_keys,
-                   lookup, register, resolve_refs, strides)
+from compress.darknet.geometry import conv_geometry, maxpool_geometry, strides
+from compress.darknet.sections.base import (DIALECTS, SECTIONS, Ctx, FlowOps, Key, Section, Shape, block_inputs,
+                                            canonical, check_keys, lookup, register, resolve_refs)
 from compress.darknet.sections import conv, joins, spatial, attention, heads  # noqa: F401,E402 - each registers its entries
-from compress.darknet.sections.conv import conv_geometry, conv_groups, is_depthwise
-from compress.darknet.sections.spatial import maxpool_geometry
+from compress.darknet.sections.conv import conv_groups, is_depthwise
 
 __all__ = ["DIALECTS", "SECTIONS", "Ctx", "FlowOps", "Key", "Section", "Shape", "block_inputs", "canonical",
            "check_keys", "lookup", "register", "resolve_refs", "conv_geometry", "conv_groups", "is_depthwise",
-           "maxpool_geometry", "strides", "output_quant_rule", "supported_sections", "detect_dialect", "header_of", "supported_sections_markdown"]
+           "maxpool_geometry", "strides", "supported_sections", "detect_dialect", "header_of",
+           "supported_sections_markdown"]
 
 
 def supported_sections() -> tuple[str, ...]:
     return tuple(SECTIONS)
-
-
-def output_quant_rule(section: Section, n_inputs: int) -> str | None:
-    """How a non-conv block's output is quantized: "keep" its input's grid (pooling, upsample, a one-input
-    route), "new" observer for joins of differently scaled tensors (concat, residual add), None otherwise."""
-    if section.quant == "keep" or (section.quant == "join" and n_inputs == 1):
-        return "keep"
-    return "new" if section.quant == "join" else None
 
 
 def header_of(name: str) -> str:

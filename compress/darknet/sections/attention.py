@@ -1,18 +1,17 @@
 """Channel-attention sections on the previous layer: [se], [cbam], [eca] (weights sized by the channel count)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from compress.base.errors import CfgError
+from compress.darknet.block import Block
+from compress.darknet.layers import CBAM, ECA, SE
 from compress.darknet.sections.base import Ctx, FlowOps, Key, Section, register
-
-if TYPE_CHECKING:
-    from compress.darknet.cfg import Block
 
 __all__ = ["se_hidden"]
 
 
-def se_hidden(block: "Block", channels: int, ctx: Ctx) -> int:
+def se_hidden(block: Block, channels: int, ctx: Ctx) -> int:
     """Hidden width of the SE/CBAM MLP. Ours: max(1, C // reduction), reduction 16. The reference dialect
     (its `SE` module): C // reduction with reduction 4, `filters=` naming C."""
     if ctx.dialect == "reference" and block.type == "se":
@@ -20,7 +19,7 @@ def se_hidden(block: "Block", channels: int, ctx: Ctx) -> int:
     return max(1, channels // block.get_int("reduction", 16))
 
 
-def _se_channels(block: "Block", ins: list[int], ctx: Ctx) -> int:
+def _se_channels(block: Block, ins: list[int], ctx: Ctx) -> int:
     if block.has("filters") and block.get_int("filters") != ins[0]:
         raise CfgError(f"{block.where('filters')}: [{block.type}] filters={block.get_int('filters')} but the "
                        f"previous layer gives {ins[0]} channels; set filters={ins[0]}")
@@ -30,28 +29,25 @@ def _se_channels(block: "Block", ins: list[int], ctx: Ctx) -> int:
     return ins[0]
 
 
-def _keep_inputs(block: "Block", i: int, ins: list, ops: FlowOps) -> Any:
+def _keep_inputs(block: Block, i: int, ins: list, ops: FlowOps) -> Any:
     ops.keep_whole(ins[0])  # the MLP/1-D conv mixes channels: cutting one changes the others' gates
     return ins[0]
 
 
-def _weights_macs(block: "Block", module: Any, ins: list, out: Any) -> int:
+def _weights_macs(block: Block, module: Any, ins: list, out: Any) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _build_se(block: "Block", ins: list[int], ctx: Ctx) -> Any:
-    from compress.darknet.layers import SE
+def _build_se(block: Block, ins: list[int], ctx: Ctx) -> Any:
     gate = "hard_sigmoid" if ctx.dialect == "reference" else "sigmoid"
     return SE(block, ins[0], hidden=se_hidden(block, ins[0], ctx), gate=gate)
 
 
-def _build_cbam(block: "Block", ins: list[int], ctx: Ctx) -> Any:
-    from compress.darknet.layers import CBAM
+def _build_cbam(block: Block, ins: list[int], ctx: Ctx) -> Any:
     return CBAM(block, ins[0])
 
 
-def _build_eca(block: "Block", ins: list[int], ctx: Ctx) -> Any:
-    from compress.darknet.layers import ECA
+def _build_eca(block: Block, ins: list[int], ctx: Ctx) -> Any:
     return ECA(block)
 
 
@@ -62,17 +58,18 @@ register(Section(
     "(4, hard-sigmoid gate)", _build_se, keys=(Key("reduction", min=1), Key("filters", min=1)),
     channels=_se_channels, flow=_keep_inputs, macs=_weights_macs,
     params=lambda b, ins, c, ctx: 2 * c * se_hidden(b, c, ctx), resize=_RESIZE_SE,
-    dialects=("yolo-compress", "reference"),
+    unit_passenger=True, dialects=("yolo-compress", "reference"),
     weights="fc1, fc2 (no bias)", pruning="input stays whole (the MLP mixes channels)"))
 
 register(Section(
     "cbam", "channel then spatial attention: reduction=16, kernel=7", _build_cbam,
     keys=(Key("reduction", min=1), Key("kernel", min=1)), channels=_se_channels, flow=_keep_inputs,
-    macs=_weights_macs, dialects=("yolo-compress",),
+    macs=_weights_macs, unit_passenger=True, dialects=("yolo-compress",),
     params=lambda b, ins, c, ctx: 2 * c * se_hidden(b, c, ctx) + 2 * b.get_int("kernel", 7) ** 2,
     weights="fc1, fc2, spatial conv (no bias)", pruning="input stays whole"))
 
 register(Section(
     "eca", "efficient channel attention: a 1-D conv of size= across channels", _build_eca,
-    keys=(Key("size", min=1),), flow=_keep_inputs, macs=_weights_macs, dialects=("yolo-compress",),
+    keys=(Key("size", min=1),), flow=_keep_inputs, macs=_weights_macs, unit_passenger=True,
+    dialects=("yolo-compress",),
     params=lambda b, ins, c, ctx: b.get_int("size", 3), weights="the 1-D kernel", pruning="input stays whole"))

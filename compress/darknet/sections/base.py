@@ -3,20 +3,20 @@
 An entry says everything the rest of the toolkit needs to know about a section: its keys (types,
 defaults, bounds; checked with `file:line` errors), which keys hold layer references, its inputs, its
 output channels and shape, how to build its torch module, how channels flow through it (for coupling
-and surgery), its weights and FLOPs, and its pruning/quantization rules. Adding a section = one entry.
+and surgery), how its weights are sliced when pruning, its weights and FLOPs, and its pruning/quantization
+rules. Adding a section = one entry; code outside `sections/` asks the entry, never the section's name.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 from compress.base.errors import CfgError
-
-if TYPE_CHECKING:  # cfg.py imports this package; Block is only needed for annotations
-    from compress.darknet.cfg import Block
+from compress.darknet.block import Block
+from compress.darknet.geometry import strides
 
 __all__ = ["Key", "Ctx", "Section", "FlowOps", "Shape", "SECTIONS", "register", "lookup", "check_keys",
-           "DIALECTS", "resolve_refs", "block_inputs", "canonical", "strides"]
+           "DIALECTS", "resolve_refs", "block_inputs", "canonical", "strides", "quant_keep", "quant_join"]
 
 Shape = tuple[int, int, int]
 V = TypeVar("V")
@@ -57,25 +57,19 @@ class FlowOps(Protocol[V]):
     def fresh(self, i: int) -> V: ...                    # block i's channels, new and never cut
 
 
-def strides(block: "Block") -> tuple[int, int]:
-    """(stride_y, stride_x): Darknet's stride_x=/stride_y= override stride= for convs and pools."""
-    stride = block.get_int("stride", 1)
-    return block.get_int("stride_y", stride), block.get_int("stride_x", stride)
-
-
-def _same_channels(block: "Block", ins: list[int], ctx: Ctx) -> int:
+def _same_channels(block: Block, ins: list[int], ctx: Ctx) -> int:
     return ins[0]
 
 
-def _same_shape(block: "Block", ins: list[Shape], c: int, ctx: Ctx) -> Shape:
+def _same_shape(block: Block, ins: list[Shape], c: int, ctx: Ctx) -> Shape:
     return c, ins[0][1], ins[0][2]
 
 
-def _flow_pass(block: "Block", i: int, ins: list, ops: FlowOps) -> Any:
+def _flow_pass(block: Block, i: int, ins: list, ops: FlowOps) -> Any:
     return ins[0]
 
 
-def _flow_fixed(block: "Block", i: int, ins: list, ops: FlowOps) -> Any:
+def _flow_fixed(block: Block, i: int, ins: list, ops: FlowOps) -> Any:
     for v in ins:
         ops.keep_whole(v)
     return ops.fresh(i)
@@ -83,6 +77,21 @@ def _flow_fixed(block: "Block", i: int, ins: list, ops: FlowOps) -> Any:
 
 def _zero(*_: Any) -> int:
     return 0
+
+
+# Output quantization rules (`Section.quant`): what a non-conv block's output is quantized on, given its number of
+# inputs. "keep": its input's grid (the producer's params; exact for pooling, upsampling, a one-input route),
+# "new": an own observer (joins of differently scaled tensors), None: left float.
+def _quant_none(n_inputs: int) -> str | None:
+    return None
+
+
+def quant_keep(n_inputs: int) -> str | None:
+    return "keep"
+
+
+def quant_join(n_inputs: int) -> str | None:
+    return "keep" if n_inputs == 1 else "new"
 
 
 @dataclass(frozen=True)
@@ -96,7 +105,16 @@ class Section:
     * macs(block, module, in_shapes, out_shape) -> multiply-adds of one image;
     * params(block, in_channels, out_channels, ctx) -> floats in `.weights` (estimated before allocating);
     * resize(block, kept_out) -> the block rewritten for `kept_out` output channels after pruning;
-    * bind(block, i, graph, layers) -> None: link modules once all exist (a conv sharing another's weights).
+    * copy_pruned(dst, src, out_idx, in_keep, offset) -> None: copy the module `src` into its resized `dst`
+      (output rows `out_idx`, the input channels kept by the bool vector `in_keep`, the removed channels'
+      constant `offset` folded in); None copies the whole state dict;
+    * bind(block, i, graph, layers) -> None: link modules once all exist (a conv sharing another's weights);
+    * check(block) -> None: parse-time checks beyond `keys` (raise CfgError naming `file:line`);
+    * quant(n_inputs) -> "keep" | "new" | None: how a non-conv block's output is quantized;
+    * residual(block) -> bool, only on sections whose output is the previous layer plus its from= layers:
+      whether this block is a plain (unweighted) add, so a residual unit it closes can be removed;
+    * guards_producer(blocks, i) -> bool: the reference keeps block i-1 out of the prune set because block i
+      follows it (its rules 3 and 4: the conv before [upsample], the conv feeding SPP).
     """
 
     name: str
@@ -112,10 +130,16 @@ class Section:
     macs: Callable = _zero
     params: Callable = _zero
     resize: Callable | None = None
+    copy_pruned: Callable | None = None   # (dst, src, out_idx, in_keep, offset): slices weights for pruning
     bind: Callable | None = None      # (block, i, graph, layers) after all modules exist (share_index)
+    check: Callable | None = None     # (block) parse-time checks beyond `keys`
+    quant: Callable[[int], str | None] = _quant_none   # (n_inputs) output quantization, see quant_keep/join
+    residual: Callable | None = None  # (block) -> plain add? Set on sections adding from= layers to the previous
+    guards_producer: Callable | None = None   # (blocks, i) -> the reference does not prune block i-1
     head: bool = False                # a detection head (YOLOLayer-like)
+    darknet_loss: bool = False        # a head carrying Darknet's training keys: the darknet loss trains it
     conv: bool = False                # a ConvBNAct: its output channels can be masked by pruning
-    quant: str | None = None          # output quantization: "keep" the input grid, "new" observer, None
+    unit_passenger: bool = False      # one input, same channels and size: may sit inside a removable residual unit
     dialects: tuple[str, ...] = ("darknet",)   # where it comes from: darknet, reference, yolo-compress
     aliases: tuple[str, ...] = ()
     header: str = ""                  # spelling written back when it is not the name ([Gaussian_yolo])
@@ -138,14 +162,14 @@ def canonical(name: str) -> str:
     return _ALIASES.get(name, name)
 
 
-def lookup(block: "Block") -> Section:
+def lookup(block: Block) -> Section:
     try:
         return SECTIONS[canonical(block.type)]
     except KeyError:
         raise CfgError(f"{block.where()}: unsupported section [{block.type}]") from None
 
 
-def _check_value(block: "Block", key: Key) -> None:
+def _check_value(block: Block, key: Key) -> None:
     if key.kind == "str":
         raw = (block.get(key.name) or "").lower()
         if key.choices and raw not in key.choices:
@@ -164,14 +188,14 @@ def _check_value(block: "Block", key: Key) -> None:
                            f"<= {key.max:g}; fix the value in the cfg")
 
 
-def check_keys(block: "Block", section: Section) -> None:
+def check_keys(block: Block, section: Section) -> None:
     """Type- and bound-check every declared key present in the block (unknown keys are kept, as Darknet does)."""
     for key in section.keys:
         if block.has(key.name):
             _check_value(block, key)
 
 
-def resolve_refs(block: "Block", i: int, key: str) -> tuple[int, ...]:
+def resolve_refs(block: Block, i: int, key: str) -> tuple[int, ...]:
     """Absolute indices of the layers named by `key` (Darknet: negative = relative to this layer)."""
     refs = block.get_ints(key)
     if not refs:
@@ -186,7 +210,7 @@ def resolve_refs(block: "Block", i: int, key: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def block_inputs(block: "Block", section: Section, i: int) -> tuple[int, ...]:
+def block_inputs(block: Block, section: Section, i: int) -> tuple[int, ...]:
     """Absolute producer indices of block i (-1 = the image): previous layer first, then its references."""
     if section.inputs is not None:
         return section.inputs(block, i)

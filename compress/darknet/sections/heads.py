@@ -7,68 +7,32 @@ number of listed pairs.
 from __future__ import annotations
 
 import logging
-import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from compress.base.errors import CfgError
+from compress.darknet import extra_layers, layers
+from compress.darknet.block import Block
+from compress.darknet.geometry import anchor_count, anchor_values, yolo_anchors, yolo_mask
 from compress.darknet.sections.base import Ctx, FlowOps, Key, Section, register, resolve_refs
-
-if TYPE_CHECKING:
-    from compress.darknet.cfg import Block
 
 __all__ = ["anchor_values", "yolo_anchors", "yolo_mask", "head_outputs", "check_yolo_block"]
 
 log = logging.getLogger(__name__)
-_NUMBER = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _EXTRA = {"yolo": 5, "gaussian_yolo": 9}   # per-anchor entries besides the class scores
 
 
-def anchor_values(block: "Block") -> list[float]:
-    """The numbers of `anchors=` (Darknet's atof on each comma-separated item; empty items skipped)."""
-    raw = block.get("anchors")
-    if raw is None:
-        return []
-    out = []
-    for item in raw.split(","):
-        if not item.strip():
-            continue
-        m = _NUMBER.match(item)
-        if m is None:
-            raise CfgError(f"{block.where('anchors')}: [{block.type}] anchors={raw!r} is not a comma-separated list "
-                           "of numbers; fix the value in the cfg")
-        out.append(float(m.group(0)))
-    return out
-
-
-def _num(block: "Block", values: list[float]) -> int:
-    return block.get_int("num", max(1, len(values) // 2)) if block.has("num") or values else 1
-
-
-def yolo_anchors(block: "Block") -> list[tuple[float, float]]:
-    """All `num` anchor pairs (w, h) in pixels; pairs beyond the listed ones are (0.5, 0.5) like Darknet."""
-    values = anchor_values(block)
-    total = _num(block, values)
-    values = (values + [0.5] * (2 * total))[:2 * total]
-    return [(values[2 * k], values[2 * k + 1]) for k in range(total)]
-
-
-def yolo_mask(block: "Block") -> tuple[int, ...]:
-    total = _num(block, anchor_values(block))
-    return block.get_ints("mask", tuple(range(total))) if block.type != "region" else tuple(range(total))
-
-
-def head_outputs(block: "Block") -> int:
+def head_outputs(block: Block) -> int:
     """Channels a head reads: anchors x (classes + 5), +4 uncertainties for [Gaussian_yolo], coords for [region]."""
     classes = block.get_int("classes", 20)
     if block.type == "region":
-        return _num(block, anchor_values(block)) * (classes + block.get_int("coords", 4) + 1)
+        return anchor_count(block, anchor_values(block)) * (classes + block.get_int("coords", 4) + 1)
     return len(yolo_mask(block)) * (classes + _EXTRA[block.type])
 
 
-def check_yolo_block(block: "Block") -> None:
+def check_yolo_block(block: Block) -> None:
     """Parse-time checks of a [yolo]/[Gaussian_yolo] (anchors, num, mask), with file:line errors."""
     values = anchor_values(block)
-    total = _num(block, values)
+    total = anchor_count(block, values)
     if total < 1:
         raise CfgError(f"{block.where('num')}: [{block.type}] num={total} must be >= 1")
     if not block.has("num") and len(values) % 2:
@@ -86,7 +50,7 @@ def check_yolo_block(block: "Block") -> None:
         raise CfgError(f"{block.where('classes')}: [{block.type}] classes={block.get_int('classes', 20)} must be >= 1")
 
 
-def _head_inputs(block: "Block", i: int) -> tuple[int, ...]:
+def _head_inputs(block: Block, i: int) -> tuple[int, ...]:
     if block.type == "yolo" and block.has("from"):    # reference ASFF head: reads every level
         return resolve_refs(block, i, "from")
     if i == 0:
@@ -94,11 +58,11 @@ def _head_inputs(block: "Block", i: int) -> tuple[int, ...]:
     return (i - 1,)
 
 
-def _asff(block: "Block") -> int:
+def _asff(block: Block) -> int:
     return len(block.get_ints("from")) if block.type == "yolo" and block.has("from") else 0
 
 
-def _head_channels(block: "Block", ins: list[int], ctx: Ctx) -> int:
+def _head_channels(block: Block, ins: list[int], ctx: Ctx) -> int:
     n = _asff(block)
     need = head_outputs(block) + n
     own = ctx.head_index if n else 0
@@ -113,38 +77,40 @@ def _head_channels(block: "Block", ins: list[int], ctx: Ctx) -> int:
     return ins[own]
 
 
-def _head_shape(block: "Block", ins: list, c: int, ctx: Ctx) -> Any:
+def _head_shape(block: Block, ins: list, c: int, ctx: Ctx) -> Any:
     return ins[ctx.head_index] if _asff(block) else ins[0]
 
 
-def _head_flow(block: "Block", i: int, ins: list, ops: FlowOps) -> Any:
+def _head_flow(block: Block, i: int, ins: list, ops: FlowOps) -> Any:
     for v in ins:
         ops.keep_whole(v)
     return ins[0]
 
 
-def _build_head(block: "Block", ins: list[int], ctx: Ctx) -> Any:
-    from compress.darknet import extra_layers, layers
-    if block.type == "region":
-        return layers.RegionLayer(block)
-    if block.type == "gaussian_yolo":
-        return extra_layers.GaussianYOLOLayer(block)
-    if _asff(block):
-        return extra_layers.ASFFYOLOLayer(block, ctx.head_index)
-    return layers.YOLOLayer(block)
+def _build_yolo(block: Block, ins: list[int], ctx: Ctx) -> Any:
+    return extra_layers.ASFFYOLOLayer(block, ctx.head_index) if _asff(block) else layers.YOLOLayer(block)
+
+
+def _build_gaussian(block: Block, ins: list[int], ctx: Ctx) -> Any:
+    return extra_layers.GaussianYOLOLayer(block)
+
+
+def _build_region(block: Block, ins: list[int], ctx: Ctx) -> Any:
+    return layers.RegionLayer(block)
 
 
 _HEAD_KEYS = (Key("classes", min=1), Key("num", min=1), Key("mask", "ints", min=0), Key("scale_x_y", "float", min=0),
               Key("new_coords", min=0, max=1))
 register(Section(
     "yolo", "YOLOv3/v4 head (mask=, anchors=, num=, scale_x_y=, new_coords=); reference dialect: from= (ASFF)",
-    _build_head, keys=_HEAD_KEYS, refs=("from",), inputs=_head_inputs, channels=_head_channels,
-    shape=_head_shape, flow=_head_flow, head=True, dialects=("darknet", "reference"), pruning="input stays whole"))
+    _build_yolo, keys=_HEAD_KEYS, refs=("from",), inputs=_head_inputs, channels=_head_channels,
+    shape=_head_shape, flow=_head_flow, check=check_yolo_block, head=True, darknet_loss=True,
+    dialects=("darknet", "reference"), pruning="input stays whole"))
 register(Section(
     "gaussian_yolo", "Gaussian YOLOv3 head: box means and uncertainties; confidence x (1 - mean uncertainty)",
-    _build_head, keys=_HEAD_KEYS, inputs=_head_inputs, channels=_head_channels, shape=_head_shape,
+    _build_gaussian, keys=_HEAD_KEYS, inputs=_head_inputs, channels=_head_channels, shape=_head_shape,
     flow=_head_flow, head=True, header="Gaussian_yolo", pruning="input stays whole"))
 register(Section(
-    "region", "YOLOv2 head (inference): anchors in grid cells, softmax classes", _build_head,
+    "region", "YOLOv2 head (inference): anchors in grid cells, softmax classes", _build_region,
     keys=(Key("classes", min=1), Key("num", min=1), Key("coords", min=4, max=4)), inputs=_head_inputs,
     channels=_head_channels, shape=_head_shape, flow=_head_flow, head=True, pruning="input stays whole"))

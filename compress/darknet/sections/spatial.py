@@ -1,13 +1,14 @@
 """Sections that move pixels, not channels: pooling, upsampling, reorg, dropout."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Sequence
 
 from compress.base.errors import CfgError
-from compress.darknet.sections.base import Ctx, FlowOps, Key, Section, Shape, _flow_fixed, register, strides
-
-if TYPE_CHECKING:
-    from compress.darknet.cfg import Block
+from compress.darknet.block import Block
+from compress.darknet.extra_layers import LocalAvgPool, Reorg
+from compress.darknet.geometry import maxpool_geometry, strides
+from compress.darknet.layers import Dropout, GlobalAvgPool, MaxPool, Upsample
+from compress.darknet.sections.base import Ctx, FlowOps, Key, Section, Shape, _flow_fixed, quant_keep, register
 
 __all__ = ["maxpool_geometry"]
 
@@ -15,19 +16,11 @@ _POOL_KEYS = (Key("size", min=1), Key("stride", min=1), Key("stride_x", min=1), 
               Key("padding", min=0))
 
 
-def maxpool_geometry(block: "Block") -> tuple[int, int, int]:
-    """(size, stride, total padding) of a [maxpool]/[local_avgpool]; Darknet pads `size-1` in total by default."""
-    stride = block.get_int("stride", 1)
-    size = block.get_int("size", stride)
-    padding = block.get_int("padding", size - 1)
-    return size, stride, padding
-
-
-def _depth(block: "Block") -> bool:
+def _depth(block: Block) -> bool:
     return block.type == "maxpool" and bool(block.get_int("maxpool_depth", 0))
 
 
-def _pool_shape(block: "Block", ins: list[Shape], c: int, ctx: Ctx) -> Shape:
+def _pool_shape(block: Block, ins: list[Shape], c: int, ctx: Ctx) -> Shape:
     _, h, w = ins[0]
     if _depth(block):
         return c, h, w
@@ -40,17 +33,20 @@ def _pool_shape(block: "Block", ins: list[Shape], c: int, ctx: Ctx) -> Shape:
     return c, oh, ow
 
 
-def _pool_flow(block: "Block", i: int, ins: list, ops: FlowOps) -> Any:
+def _feeds_spp(blocks: Sequence[Block], i: int) -> bool:
+    """Reference rule 4: a [maxpool] followed by a [route] is SPP; the conv feeding it is not pruned."""
+    return i + 1 < len(blocks) and blocks[i + 1].type == "route"
+
+
+def _pool_flow(block: Block, i: int, ins: list, ops: FlowOps) -> Any:
     return _flow_fixed(block, i, ins, ops) if _depth(block) else ins[0]
 
 
-def _build_maxpool(block: "Block", ins: list[int], ctx: Ctx) -> Any:
-    from compress.darknet.layers import MaxPool
+def _build_maxpool(block: Block, ins: list[int], ctx: Ctx) -> Any:
     return MaxPool(block, zero_pad=ctx.dialect == "reference")
 
 
-def _build_local_avg(block: "Block", ins: list[int], ctx: Ctx) -> Any:
-    from compress.darknet.extra_layers import LocalAvgPool
+def _build_local_avg(block: Block, ins: list[int], ctx: Ctx) -> Any:
     return LocalAvgPool(block)
 
 
@@ -59,7 +55,7 @@ register(Section(
     "size=2 stride=1); maxpool_depth=1 pools channels",
     _build_maxpool, keys=_POOL_KEYS + (Key("out_channels", min=1), Key("maxpool_depth", min=0, max=1)),
     channels=lambda b, ins, ctx: b.get_int("out_channels", 1) if _depth(b) else ins[0],
-    shape=_pool_shape, flow=_pool_flow, quant="keep", aliases=("max",),
+    shape=_pool_shape, flow=_pool_flow, quant=quant_keep, guards_producer=_feeds_spp, aliases=("max",),
     pruning="passes channels through; maxpool_depth: input stays whole"))
 
 register(Section(
@@ -67,8 +63,7 @@ register(Section(
     _build_local_avg, keys=_POOL_KEYS, shape=_pool_shape, aliases=("local_avg",)))
 
 
-def _build_avgpool(block: "Block", ins: list[int], ctx: Ctx) -> Any:
-    from compress.darknet.layers import GlobalAvgPool
+def _build_avgpool(block: Block, ins: list[int], ctx: Ctx) -> Any:
     return GlobalAvgPool()
 
 
@@ -77,8 +72,7 @@ register(Section(
     shape=lambda b, ins, c, ctx: (c, 1, 1), aliases=("avg",)))
 
 
-def _build_upsample(block: "Block", ins: list[int], ctx: Ctx) -> Any:
-    from compress.darknet.layers import Upsample
+def _build_upsample(block: Block, ins: list[int], ctx: Ctx) -> Any:
     return Upsample(block)
 
 
@@ -86,27 +80,26 @@ register(Section(
     "upsample", "nearest-neighbour upsampling by stride=, output times scale=", _build_upsample,
     keys=(Key("stride", min=1), Key("scale", "float")),
     shape=lambda b, ins, c, ctx: (c, ins[0][1] * b.get_int("stride", 2), ins[0][2] * b.get_int("stride", 2)),
-    quant="keep"))
+    quant=quant_keep, guards_producer=lambda blocks, i: True))
 
 
-def _build_dropout(block: "Block", ins: list[int], ctx: Ctx) -> Any:
-    from compress.darknet.layers import Dropout
+def _build_dropout(block: Block, ins: list[int], ctx: Ctx) -> Any:
     return Dropout(block)
 
 
 register(Section(
     "dropout", "dropout while training, identity at inference", _build_dropout,
-    keys=(Key("probability", "float", min=0, max=1),)))
+    keys=(Key("probability", "float", min=0, max=1),), unit_passenger=True))
 
 
 # --- [reorg] (YOLOv2, Darknet's reorg_old) and [reorg3d] (space-to-depth) ---------------------------------------
 
-def _reorg_identity(block: "Block", ctx: Ctx) -> bool:
+def _reorg_identity(block: Block, ctx: Ctx) -> bool:
     """The reference project builds [reorg3d] as an empty module: channels and size pass through."""
     return block.type == "reorg3d" and ctx.dialect == "reference"
 
 
-def _reorg_channels(block: "Block", ins: list[int], ctx: Ctx) -> int:
+def _reorg_channels(block: Block, ins: list[int], ctx: Ctx) -> int:
     if _reorg_identity(block, ctx):
         return ins[0]
     s2 = block.get_int("stride", 1) ** 2
@@ -118,7 +111,7 @@ def _reorg_channels(block: "Block", ins: list[int], ctx: Ctx) -> int:
     return ins[0] * s2
 
 
-def _reorg_shape(block: "Block", ins: list[Shape], c: int, ctx: Ctx) -> Shape:
+def _reorg_shape(block: Block, ins: list[Shape], c: int, ctx: Ctx) -> Shape:
     _, h, w = ins[0]
     if _reorg_identity(block, ctx):
         return c, h, w
@@ -131,12 +124,11 @@ def _reorg_shape(block: "Block", ins: list[Shape], c: int, ctx: Ctx) -> Shape:
     return c, h // s, w // s
 
 
-def _build_reorg(block: "Block", ins: list[int], ctx: Ctx) -> Any:
-    from compress.darknet.extra_layers import Reorg
-    return Reorg(block, identity=_reorg_identity(block, ctx))
+def _build_reorg(block: Block, ins: list[int], ctx: Ctx) -> Any:
+    return Reorg(block, identity=_reorg_identity(block, ctx), old=block.type == "reorg")
 
 
-def _reorg_flow(block: "Block", i: int, ins: list, ops: FlowOps) -> Any:
+def _reorg_flow(block: Block, i: int, ins: list, ops: FlowOps) -> Any:
     return _flow_fixed(block, i, ins, ops) if block.get_int("stride", 1) > 1 else ins[0]
 
 
