@@ -286,7 +286,7 @@ def test_share_index_reuses_an_earlier_convs_weights(tmp_path: Path) -> None:
 
 def test_table_quant_rule_agrees_with_the_quant_package() -> None:
     """The table's output-quantization rule is the one compress/quant applies to the built modules."""
-    from compress.quant import _output_rule
+    from compress.quant.prepare import _output_rule
     from compress.darknet.sections import output_quant_rule
     from conftest import TINY_CFGS
     from compress.darknet.cfg import read_cfg

@@ -31,7 +31,7 @@ __all__ = ["build_dependency_graph", "tp_scores", "CRITERIA"]
 
 
 def _tp():
-    import torch_pruning
+    import torch_pruning  # a heavy import that only the torch-pruning methods need
     return torch_pruning
 
 
