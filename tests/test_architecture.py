@@ -214,7 +214,8 @@ def test_the_cycle_check_fails_on_a_cycle():
 def test_the_layer_check_fails_on_an_upward_or_sideways_import():
     graph = {"compress.data.x": {"compress.train.y", "compress.base.z"}, "compress.quant.q": {"compress.prune.p"},
              "compress": {"compress.cli.c"}}
-    assert layer_violations(graph) == {("compress.data.x", "compress.train.y"), ("compress.quant.q", "compress.prune.p")}
+    assert layer_violations(graph) == {("compress.data.x", "compress.train.y"),
+                                       ("compress.quant.q", "compress.prune.p")}
 
 
 def test_no_import_cycles():
@@ -228,7 +229,8 @@ def test_every_package_has_a_floor():
 
 def test_no_module_imports_a_higher_floor():
     bad = layer_violations(GRAPH) - KNOWN_LAYER_VIOLATIONS
-    order = " < ".join("{prune, quant, distill}" if f == "prune" else f for f in FLOORS if f not in ("quant", "distill"))
+    order = " < ".join("{prune, quant, distill}" if f == "prune" else f
+                       for f in FLOORS if f not in ("quant", "distill"))
     assert not bad, f"imports that go up the floors ({order}):\n" + "\n".join(
         f"{a} -> {b}" for a, b in sorted(bad))
 

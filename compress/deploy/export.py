@@ -161,7 +161,8 @@ def export(model: DarknetModel, out: str | os.PathLike, config: ExportConfig = E
     use_letterbox = bool(cfg_letterbox(model))
     meta = {"format": config.format, "cfg": str(model.cfg.path), "classes": model.num_classes,
             "letterbox": use_letterbox, "img_size": list(hw), "dynamic": config.dynamic,
-            "dynamic_batch": config.dynamic_batch, "half": config.half, "nms": None if config.nms is None else vars(config.nms)}
+            "dynamic_batch": config.dynamic_batch, "half": config.half,
+            "nms": None if config.nms is None else vars(config.nms)}
     files = WRITERS[config.format](graph, Path(out), hw, config, meta)
     log.info("%s (%dx%d) -> %s", config.format, hw[1], hw[0], files[0])
     parity = None
