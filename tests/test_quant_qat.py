@@ -7,6 +7,7 @@ import torch
 from compress.darknet.cfg import read_cfg
 from compress.darknet.model import build_model
 from compress.quant import ActQuant, DorefaConfig, QConvBNAct, prepare_qat, to_darknet
+from compress.quant import qat
 from compress.quant.pipeline import QATHook
 from compress.data.synth import synthesize
 
@@ -68,7 +69,7 @@ def test_quantize_act_drop_is_on_during_qat_only(tmp_path, monkeypatch):
         result = real_fit(model, *a, **k)
         seen.append("done")
         return result
-    monkeypatch.setattr(train, "fit", spy)
+    monkeypatch.setattr(qat, "fit", spy)  # the name run_qat calls
     job = QuantizeJob(str(DEMO_CFG), None, str(data), str(tmp_path / "q"), make_config(None, 4), epochs=1,
                       batch_size=4, img_size=64, act_drop=0.25, evaluate=False, latency_runs=1)
     figures = quantize(job)

@@ -7,8 +7,8 @@ import torch
 from compress.base.errors import ExportError
 from compress.deploy.export import ExportConfig, export
 from compress.deploy.onnx_io import OnnxPredictor, session, torch_to_onnx
-from compress.darknet.persist import load
-from compress.deploy.runtimes import inference_size, is_exported, load_for_inference, load_predictor
+from compress.darknet.persist import EXPORTED_SUFFIXES, load
+from compress.deploy.runtimes import RUNTIMES, inference_size, is_exported, load_for_inference, load_predictor
 
 from conftest import DATA, randomize_bn
 
@@ -55,6 +55,7 @@ def test_load_predictor_errors(tmp_path):
         load_predictor(tmp_path / "m.param")
     assert is_exported("a/b.ONNX") and is_exported("m.param") and not is_exported("m.weights")
     assert not is_exported(None)
+    assert set(RUNTIMES) == set(EXPORTED_SUFFIXES)  # persist refuses exactly the files a runtime runs
 
 
 def test_eval_helpers_refuse_nms_graphs_and_size_mismatch(tiny, tmp_path):

@@ -14,10 +14,18 @@ from compress.darknet.cfg import Cfg, format_cfg, parse_cfg, read_cfg, write_cfg
 from compress.base.errors import WeightsError
 from compress.base.fileio import atomic_write
 from compress.darknet.model import DarknetModel, build_model
-from compress.deploy.runtimes import is_exported
 from compress.darknet.weights import read_weights, write_weights
 
-__all__ = ["load", "save", "save_checkpoint", "read_checkpoint"]
+__all__ = ["load", "save", "save_checkpoint", "read_checkpoint", "is_exported", "EXPORTED_SUFFIXES"]
+
+# The file types of exported models (ONNX, OpenVINO IR, ncnn): `load` refuses them, and
+# compress.deploy.runtimes.RUNTIMES keys its runtimes by exactly these (it sits above this module and imports it).
+EXPORTED_SUFFIXES = (".onnx", ".xml", ".param")
+
+
+def is_exported(path: str | os.PathLike | None) -> bool:
+    """Whether `path` names an exported model (as opposed to Darknet .weights or a .pt checkpoint)."""
+    return path is not None and Path(path).suffix.lower() in EXPORTED_SUFFIXES
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from tabulate import tabulate
 
+from compress.base.fileio import atomic_write
 from compress.darknet.sections import conv_geometry
 from compress.darknet.model import DarknetModel
 
@@ -90,11 +91,9 @@ def gamma_stats(gammas: dict[int, torch.Tensor]) -> dict:
 
 
 def plot_gamma_histogram(gammas: dict[int, torch.Tensor], path: str | os.PathLike, title: str = "") -> None:
-    import matplotlib
+    import matplotlib  # optional and slow to import (~0.5 s): only the gamma plot needs it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from compress.base.fileio import atomic_write
 
     g = torch.cat(list(gammas.values())).numpy() if gammas else np.zeros(1)
     fig, ax = plt.subplots(figsize=(7, 4))

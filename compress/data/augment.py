@@ -14,7 +14,7 @@ copy); boxes travel as pixel `(n, 5)` = cls, x1, y1, x2, y2.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -22,10 +22,7 @@ import numpy as np
 from compress.base.errors import DataError
 from compress.data.imageio import PAD_VALUE, geometry, reduce_factor, split_into
 
-if TYPE_CHECKING:
-    from compress.data.dataset import DetectionDataset
-
-__all__ = ["AugmentConfig", "augment_item", "hsv_jitter", "flip_lr", "draw", "transform_labels",
+__all__ = ["AugmentConfig", "Source", "augment_item", "hsv_jitter", "flip_lr", "draw", "transform_labels",
            "finish_labels"]
 
 
@@ -59,6 +56,20 @@ class AugmentConfig:
             return cls(**{k: float(v) for k, v in values.items() if k in known})
         except (TypeError, ValueError) as exc:
             raise DataError(f"{source}: augmentation values must be numbers ({exc})") from None
+
+
+class Source(Protocol):
+    """What augmentation reads from a dataset (`compress.data.dataset.DetectionDataset` is one). A protocol, so
+    this module stays below the dataset that calls it."""
+    img_size: int
+    letterbox: bool
+    aug: AugmentConfig
+    shapes: list[tuple[int, int]]
+    labels: list[np.ndarray]
+
+    def __len__(self) -> int: ...
+
+    def load_bgr(self, index: int, reduce: int = 1, scratch: bool = False) -> np.ndarray: ...
 
 
 _LEVELS = np.arange(256, dtype=np.float32)
@@ -154,7 +165,7 @@ def _random_affine(rng: np.random.Generator, size: int, centre: float, cfg: Augm
     return m
 
 
-def _draw_source(ds: "DetectionDataset", i: int, m: np.ndarray, out: np.ndarray,
+def _draw_source(ds: Source, i: int, m: np.ndarray, out: np.ndarray,
                  luts: tuple[np.ndarray, ...] | None) -> np.ndarray | None:
     """Draw dataset image i into `out` through `m` (original pixels -> output); its boxes in output pixels,
     or None when it does not show (then it is not even decoded). The scale is known before decoding: a
@@ -175,7 +186,7 @@ def _visible(m: np.ndarray, h0: int, w0: int, size: int) -> bool:
     return xs[1] > 0.5 and xs[0] < size - 0.5 and ys[1] > 0.5 and ys[0] < size - 0.5
 
 
-def _canvas(ds: "DetectionDataset", luts: tuple[np.ndarray, ...] | None) -> np.ndarray:
+def _canvas(ds: Source, luts: tuple[np.ndarray, ...] | None) -> np.ndarray:
     """The (3, S, S) output filled with the padding colour (after HSV: grey has hue 0 and saturation 0, so
     only the value table changes it)."""
     pad = PAD_VALUE if luts is None else int(luts[2][PAD_VALUE])
@@ -185,13 +196,13 @@ def _canvas(ds: "DetectionDataset", luts: tuple[np.ndarray, ...] | None) -> np.n
 Plan = list[tuple[int, np.ndarray]]  # (dataset index, original pixels -> output matrix) per source image
 
 
-def _single(ds: "DetectionDataset", index: int, rng: np.random.Generator) -> Plan:
+def _single(ds: Source, index: int, rng: np.random.Generator) -> Plan:
     s = ds.img_size
     (rw, rh), (pw, ph), _ = geometry(*ds.shapes[index], s, ds.letterbox)
     return [(index, _random_affine(rng, s, s / 2, ds.aug) @ _affine(rw, rh, pw, ph))]
 
 
-def _mosaic(ds: "DetectionDataset", index: int, rng: np.random.Generator) -> Plan:
+def _mosaic(ds: Source, index: int, rng: np.random.Generator) -> Plan:
     """Four images (index + 3 random) tiled around a random centre of a virtual 2S x 2S canvas (long side
     S each, aspect kept), then the random affine of that canvas."""
     s = ds.img_size
@@ -220,7 +231,7 @@ def finish_labels(boxes: np.ndarray, size: int, cfg: AugmentConfig) -> np.ndarra
     return np.hstack([boxes[keep, :1], centre, wh[keep] / size]).astype(np.float32)
 
 
-def augment_item(ds: "DetectionDataset", index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def augment_item(ds: Source, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One training sample: (RGB uint8 planes (3, S, S), labels (n,5) cls,cx,cy,w,h normalised).
 
     The geometry of every source is drawn first (so decoding knows its scale), then the HSV gains; each

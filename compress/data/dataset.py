@@ -20,6 +20,7 @@ from compress.data.dataspec import (IMG_EXTS, DataSpec, find_names, label_path, 
 from compress.base.errors import DataError
 from compress.data.imageio import PAD_VALUE, decode_bgr, fit_image, letterbox, load_image, rgb_planes, tune_allocator
 from compress.data.imcache import ImageCache, index_images
+from compress.data.augment import AugmentConfig, augment_item
 
 __all__ = ["DataSpec", "load_data_spec", "DetectionDataset", "collate", "make_loader", "to_input", "letterbox",
            "load_image", "label_path", "find_names", "read_names", "read_labels", "list_images", "IMG_EXTS",
@@ -65,7 +66,7 @@ class DetectionDataset(Dataset):
     """
 
     def __init__(self, images: Sequence[str | os.PathLike], img_size: int = 416, augment: bool = False,
-                 num_classes: int | None = None, aug: "object | None" = None, seed: int = 0,
+                 num_classes: int | None = None, aug: AugmentConfig | None = None, seed: int = 0,
                  source: str = "", letterbox: bool = True, cache: str | None = None,
                  cache_dir: str | os.PathLike | None = None, ram_budget: int | None = None) -> None:
         if img_size <= 0:
@@ -73,7 +74,6 @@ class DetectionDataset(Dataset):
         self.img_size, self.augment, self.seed, self.epoch = img_size, augment, seed, 0
         self.num_classes, self.letterbox = num_classes, bool(letterbox)
         if augment and aug is None:
-            from compress.data.augment import AugmentConfig
             aug = AugmentConfig()
         self.aug = aug
         self.report = LabelReport()
@@ -118,7 +118,6 @@ class DetectionDataset(Dataset):
         tune_allocator()
         path, (h0, w0) = self.images[index], self.shapes[index]
         if self.augment:
-            from compress.data.augment import augment_item
             rng = np.random.default_rng([self.seed, epoch, index])
             chw, labels = augment_item(self, index, rng)
             geom = ((1.0, 1.0), (0, 0))

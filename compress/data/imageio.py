@@ -15,7 +15,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
+
+from compress.base.errors import DataError
 
 try:  # a declared dependency; without it (no wheel for the platform) OpenCV decodes everything
     import simplejpeg
@@ -82,7 +84,6 @@ def decode_bgr(path: str | os.PathLike, reduce: int = 1, scratch: bool = False) 
     if img is None:  # formats OpenCV lacks (or odd paths): fall back to Pillow
         try:
             with Image.open(path) as im:
-                from PIL import ImageOps
                 im = ImageOps.exif_transpose(im) if jpeg else im
                 img = np.ascontiguousarray(np.asarray(im.convert("RGB"))[..., ::-1])
         except Exception:  # noqa: BLE001 - any decoder failure means "undecodable"
@@ -181,7 +182,6 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     """RGB uint8 (H, W, 3), EXIF orientation applied."""
     img = decode_bgr(path)
     if img is None:
-        from compress.base.errors import DataError
         raise DataError(f"{path}: cannot decode image; remove it from the list")
     return np.ascontiguousarray(img[..., ::-1])
 

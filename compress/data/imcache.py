@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from compress.base.errors import DataError
+from compress.base.fileio import write_text_atomic
 from compress.data.imageio import decode_bgr, image_info
 
 __all__ = ["CACHE_MODES", "ImageCache", "index_images", "available_memory", "cache_size"]
@@ -70,7 +71,6 @@ def _read_index(cache_dir: Path | None) -> dict:
 
 
 def _write_index(cache_dir: Path, index: dict) -> None:
-    from compress.base.fileio import write_text_atomic
     try:
         write_text_atomic(cache_dir / _INDEX_FILE, json.dumps(index))
     except OSError as exc:

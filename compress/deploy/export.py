@@ -34,6 +34,10 @@ from compress.darknet.model import DarknetModel
 from compress.deploy.onnx_io import INPUT_NAME, OUTPUT_NAME, fp16_graph, session, set_metadata, simplify, torch_to_onnx
 from compress.deploy.onnx_nms import NMS_OUTPUTS, EndToEnd, NmsConfig
 from compress.deploy.runtimes import METADATA_NAME, load_predictor
+from compress.deploy.runtimes.ncnn import to_ncnn          # both import their runtime package only when called
+from compress.deploy.runtimes.openvino import to_openvino
+from compress.data.dataset import letterbox, load_image
+from compress.data.imageio import cfg_letterbox
 
 __all__ = ["FORMATS", "ExportConfig", "ExportResult", "ParityResult", "NmsConfig", "export", "export_onnx",
            "check_export", "check_onnx", "onnx_session", "fp16_arithmetic_diff"]
@@ -154,11 +158,11 @@ def export(model: DarknetModel, out: str | os.PathLike, config: ExportConfig = E
     graph = _onnx_graph(model, hw, config)
     if config.half and config.format == "onnx":
         graph = fp16_graph(graph, _fp32_node(model))
-    from compress.data.imageio import cfg_letterbox
-    letterbox = bool(cfg_letterbox(model))
-    meta = {"format": config.format, "cfg": str(model.cfg.path), "classes": model.num_classes, "letterbox": letterbox,
-            "img_size": list(hw), "dynamic": config.dynamic, "dynamic_batch": config.dynamic_batch,
-            "half": config.half, "nms": None if config.nms is None else vars(config.nms)}
+    use_letterbox = bool(cfg_letterbox(model))
+    meta = {"format": config.format, "cfg": str(model.cfg.path), "classes": model.num_classes,
+            "letterbox": use_letterbox, "img_size": list(hw), "dynamic": config.dynamic,
+            "dynamic_batch": config.dynamic_batch, "half": config.half,
+            "nms": None if config.nms is None else vars(config.nms)}
     files = WRITERS[config.format](graph, Path(out), hw, config, meta)
     log.info("%s (%dx%d) -> %s", config.format, hw[1], hw[0], files[0])
     parity = None
@@ -172,7 +176,7 @@ def export(model: DarknetModel, out: str | os.PathLike, config: ExportConfig = E
         _enforce_tolerance(parity, config, files[0])
     size = sum(f.stat().st_size for f in files) / 1e6
     return ExportResult(files[0], config.format, config.opset, hw, config.dynamic, config.dynamic_batch, size,
-                        tuple(files), config.half, config.nms, parity, letterbox)
+                        tuple(files), config.half, config.nms, parity, use_letterbox)
 
 
 def export_onnx(model: DarknetModel, path: str | os.PathLike, config: ExportConfig = ExportConfig(),
@@ -193,8 +197,6 @@ def _input_hw(model: DarknetModel, img_size: int | None) -> tuple[int, int]:
 def _image_tensor(path: str | os.PathLike, hw: tuple[int, int]) -> torch.Tensor:
     """(1, 3, H, W) float in [0, 1]: letterboxed like `evaluate` does (resized when H != W)."""
     from PIL import Image
-
-    from compress.data.dataset import letterbox, load_image
 
     try:
         img = load_image(Path(path))
@@ -256,14 +258,10 @@ def _write_folder(convert: Callable[[Path], None], out: Path, names: tuple[str, 
 
 
 def _write_openvino(graph: bytes, out: Path, hw, config: ExportConfig, meta: dict) -> list[Path]:
-    from compress.deploy.runtimes.openvino import to_openvino
-
     return _write_folder(lambda xml: to_openvino(graph, xml, config.half), out, _FILES["openvino"], meta)
 
 
 def _write_ncnn(graph: bytes, out: Path, hw, config: ExportConfig, meta: dict) -> list[Path]:
-    from compress.deploy.runtimes.ncnn import to_ncnn
-
     return _write_folder(lambda param: to_ncnn(graph, param, hw, config.half), out, _FILES["ncnn"], meta)
 
 

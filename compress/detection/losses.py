@@ -27,6 +27,7 @@ Losses are a registry: `LOSSES[name](model, train_config) -> loss`, `build_loss(
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, NamedTuple, Sequence
 
@@ -35,6 +36,8 @@ from torch import nn
 
 from compress.detection.boxes import bbox_iou
 from compress.base.errors import CompressError
+from compress.detection import losses_darknet  # noqa: F401  (registers "darknet", so build_loss sees every loss)
+from compress.detection.loss_registry import LOSSES, register_loss
 
 __all__ = ["LossConfig", "YoloLoss", "decode_cell_boxes", "HeadTargets", "build_targets", "head_strides",
            "init_head_biases", "LOSSES", "register_loss", "build_loss"]
@@ -42,16 +45,6 @@ __all__ = ["LossConfig", "YoloLoss", "decode_cell_boxes", "HeadTargets", "build_
 log = logging.getLogger(__name__)
 
 DEFAULT_BALANCE = (4.0, 1.0, 0.4, 0.06, 0.02)
-
-# name -> factory(model, train_config) -> callable(heads, targets, img_hw) -> (total, parts)
-LOSSES: dict[str, Callable[[nn.Module, Any], Callable]] = {}
-
-
-def register_loss(name: str) -> Callable:
-    def deco(f: Callable) -> Callable:
-        LOSSES[name] = f
-        return f
-    return deco
 
 
 def build_loss(name: str, model: nn.Module, config: Any = None) -> Callable:
@@ -197,8 +190,6 @@ def init_head_biases(model: nn.Module, img_size: int | None = None, start: int =
     """Prior-initialise the conv biases feeding each [yolo] head (for training from scratch, YOLOv5 style):
     objectness ~ 8 objects per 640x640 image, class scores ~ 0.6 / nc. Only convs with index >= `start`
     (those not loaded from weights, e.g. after a `cutoff`) are touched."""
-    import math
-
     model = _unwrap(model)
     img = img_size or model.cfg.width
     shapes = model.graph.shapes(img, img)
@@ -234,5 +225,3 @@ def _v5(model: nn.Module, config: Any = None) -> YoloLoss:
 def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
-
-from compress.detection import losses_darknet  # noqa: E402,F401  (registers "darknet"; it imports register_loss from here)

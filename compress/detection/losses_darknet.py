@@ -39,7 +39,7 @@ from torch import nn
 
 from compress.detection.boxes import bbox_iou, box_iou, xywh2xyxy
 from compress.base.errors import CompressError
-from compress.detection.losses import register_loss
+from compress.detection.loss_registry import register_loss
 
 __all__ = ["DarknetHeadOptions", "DarknetLoss", "head_options"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from compress.base.errors import PruneError
 from compress.darknet.model import DarknetModel
 from compress.darknet.summary import bn_gammas
-from compress.prune import PruneConfig, register_pruner
 from compress.prune.coupling import Coupling, prunable_layers, residual_units
+from compress.prune.registry import PruneConfig, register_pruner
 
 __all__ = ["select"]
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from compress.darknet.model import DarknetModel
-from compress.prune import PruneConfig, PruneResult, prune, register_pruner
+from compress.prune.api import prune
+from compress.prune.registry import PruneConfig, PruneResult, register_pruner
 
 __all__ = ["run"]
 

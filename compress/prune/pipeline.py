@@ -11,7 +11,9 @@ from compress.base.errors import PruneError
 from compress.darknet.model import DarknetModel
 from compress.darknet.persist import load, save
 from compress.darknet.summary import stage_figures
-from compress.prune import PruneConfig, PruneResult, prune
+from compress.detection.evaluate import EvalConfig, evaluate
+from compress.prune.api import prune
+from compress.prune.registry import PruneConfig, PruneResult
 
 __all__ = ["PruneJob", "run_prune"]
 
@@ -47,7 +49,6 @@ class PruneJob:
 def _evaluate(model: DarknetModel, job: PruneJob, size: int) -> dict:
     if not job.data:
         return {}
-    from compress.detection.evaluate import EvalConfig, evaluate
     result = evaluate(model, job.data, EvalConfig(img_size=size, progress=False, letterbox=job.letterbox),
                       job.device)
     return {"map50": result.map50, "map50_95": result.map50_95}

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from compress.darknet.model import DarknetModel
 from compress.darknet.summary import bn_gammas
-from compress.prune import PruneConfig, finalize_mask, register_pruner
+from compress.prune.api import finalize_mask
 from compress.prune.coupling import Coupling, prunable_layers
 from compress.prune.mask import ChannelMask, check_not_emptied, global_threshold, merge_coupled, safe_percent, threshold_masks
+from compress.prune.registry import PruneConfig, register_pruner
 
 __all__ = ["select"]
 

@@ -33,9 +33,15 @@ from typing import Callable
 import torch
 
 from compress.base.errors import PruneError
+from compress.base.fileio import write_text_atomic
 from compress.darknet.model import DarknetModel
-from compress.darknet.summary import bn_gammas, gamma_stats, plot_gamma_histogram
-from compress.train import Hook, TrainState
+from compress.darknet.persist import load, save
+from compress.darknet.summary import bn_gammas, gamma_stats, plot_gamma_histogram, stage_figures
+from compress.data.dataset import load_data_spec
+from compress.train import Hook, TrainConfig, TrainState, fit
+from compress.train.checkpoint import seed_all
+from compress.prune.coupling import build_coupling, prunable_layers
+from compress.prune.mask import safe_percent
 
 __all__ = ["SparsityConfig", "BNL1Hook", "SCHEDULES", "UPDATES", "ZERO", "sparsity_layers", "sparse_train",
            "SparseTrainJob", "run_sparse_train"]
@@ -134,7 +140,6 @@ def resolve_update(name: str, optimizer: torch.optim.Optimizer) -> str:
 
 def sparsity_layers(model: DarknetModel, mode: int) -> list[int]:
     """The BN convs penalised for `--prune mode` (the reference's prune set of that mode)."""
-    from compress.prune.coupling import build_coupling, prunable_layers
     return prunable_layers(build_coupling(model.graph), mode)
 
 
@@ -223,7 +228,6 @@ class BNL1Hook(Hook):
     def _figures(gammas: dict[int, torch.Tensor]) -> dict:
         """gamma statistics; `layer_safe_percent`: the largest --percent that empties no layer; `safe_percent`:
         the largest that also cuts only |gamma| < 1e-2 (what a prune without fine-tuning can afford)."""
-        from compress.prune.mask import safe_percent
         out = gamma_stats(gammas)
         if gammas:
             out["layer_safe_percent"], out["limiting_layer"] = safe_percent(gammas)
@@ -244,7 +248,6 @@ class BNL1Hook(Hook):
                          target, self.s)
 
     def _save_state(self, path: Path, step: int) -> None:
-        from compress.base.fileio import write_text_atomic
         entry = {"step": step, "scale": self.scale, "steps_per_epoch": self.steps_per_epoch,
                  "reached": self.reached, "history": self.history}
         write_text_atomic(path, json.dumps({"entries": self._entries(path)[-1:] + [entry]}, default=float) + "\n")
@@ -296,7 +299,6 @@ def sparse_train(model: DarknetModel, data_spec, config: SparsityConfig, train_c
                  out_dir: str | Path | None = None, distributed=None) -> tuple[object, BNL1Hook]:
     """`fit()` plus a `BNL1Hook` on the mode's layer set. Returns (TrainResult, hook); call
     `hook.summary(saved_model)` for the figures of what was saved."""
-    from compress.train import fit
     steps = _steps_per_epoch(len(data_spec.train), train_config, distributed)
     hook = BNL1Hook(config, sparsity_layers(model, config.mode), steps)
     if not hook.layers:
@@ -315,7 +317,7 @@ class SparseTrainJob:
     data: str
     out: str
     sparsity: SparsityConfig = SparsityConfig()
-    train: "TrainConfig | None" = None  # default: TrainConfig() at the cfg's size
+    train: TrainConfig | None = None  # default: TrainConfig() at the cfg's size
     device: str = "cpu"
     distributed: object = None          # a compress.train.DistConfig under torchrun
     val: str | None = None              # replaces the data's valid split (--val)
@@ -324,11 +326,6 @@ class SparseTrainJob:
 def run_sparse_train(job: SparseTrainJob) -> dict:
     """Returns the report dict ({} on torchrun ranks > 0). Figures are of the saved (EMA) model.
     `compress.jobs.run_job(job)` guards the outputs first and writes OUT/report.json."""
-    from compress.data.dataset import load_data_spec
-    from compress.darknet.persist import load, save
-    from compress.darknet.summary import stage_figures
-    from compress.train import TrainConfig
-    from compress.train.checkpoint import seed_all
     seed_all(job.train.seed if job.train else TrainConfig.seed)  # without --weights: --seed's initialisation
     model = load(job.cfg, job.weights, device=job.device)
     out = Path(job.out)

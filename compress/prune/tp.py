@@ -23,15 +23,16 @@ from typing import Callable, Iterator
 import torch
 
 from compress.darknet.model import DarknetModel
-from compress.prune import PruneConfig, finalize_mask, register_pruner
+from compress.prune.api import finalize_mask
 from compress.prune.coupling import Coupling, prunable_layers
 from compress.prune.mask import ChannelMask, apply_floor, global_threshold, threshold_masks
+from compress.prune.registry import PruneConfig, register_pruner
 
 __all__ = ["build_dependency_graph", "tp_scores", "CRITERIA"]
 
 
 def _tp():
-    import torch_pruning
+    import torch_pruning  # a heavy import that only the torch-pruning methods need
     return torch_pruning
 
 

@@ -7,7 +7,6 @@ Conventions (match ONNX QuantizeLinear, so torch and onnxruntime agree): `q = cl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -15,6 +14,7 @@ from torch import nn
 
 from compress.train.distributed import group_size
 from compress.quant.qdq import qdq_symbolic
+from compress.quant.qparams import QParams
 
 __all__ = ["round_ste", "fake_quant", "quantize", "pow2_round", "pow2_exponent", "QParams", "affine_qparams",
            "symmetric_qparams", "ActQuant", "FakeQuantFn"]
@@ -45,34 +45,6 @@ def pow2_round(scale: torch.Tensor, rounding: str = "ceil") -> torch.Tensor:
 def pow2_exponent(scale: torch.Tensor) -> torch.Tensor:
     """n with scale = 2^-n (integers for pow2 scales)."""
     return (-torch.log2(scale)).round().long()
-
-
-@dataclass(frozen=True)
-class QParams:
-    """Frozen quantization parameters of one tensor (per-tensor: 0-d scale; per-channel: (C,) along axis)."""
-    scale: torch.Tensor
-    zero_point: torch.Tensor
-    qmin: int
-    qmax: int
-    axis: int | None = None
-
-    @property
-    def signed(self) -> bool:
-        return self.qmin < 0
-
-    def view(self, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.axis is None:
-            return self.scale, self.zero_point
-        shape = [1] * ndim
-        shape[self.axis] = -1
-        return self.scale.view(shape), self.zero_point.view(shape)
-
-    def to_dict(self) -> dict:
-        d = {"scale": self.scale.tolist(), "zero_point": self.zero_point.long().tolist(), "qmin": self.qmin,
-             "qmax": self.qmax}
-        if self.axis is not None:
-            d["axis"] = self.axis
-        return d
 
 
 class Holder:

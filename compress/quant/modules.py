@@ -45,7 +45,9 @@ def batch_moments(y: torch.Tensor, sync: bool = False) -> tuple[torch.Tensor, to
     c = y.shape[1]
     if not (sync and group_size() > 1):
         return y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False), y.numel() / c
-    from torch.distributed.nn.functional import all_reduce  # autograd-aware: gradients see the global batch
+    # autograd-aware all-reduce (gradients see the global batch); lazy: torch.distributed.nn is only needed, and
+    # only importable on builds with distributed support, when a process group runs
+    from torch.distributed.nn.functional import all_reduce
     count = torch.full((1,), y.numel() / c, dtype=y.dtype, device=y.device)
     total = all_reduce(torch.cat([y.sum((0, 2, 3)), (y * y).sum((0, 2, 3)), count]))
     n = total[-1]

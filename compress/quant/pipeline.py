@@ -21,14 +21,18 @@ import torch
 from compress.base.errors import QuantError
 from compress.darknet.persist import load, save
 from compress.darknet.summary import file_size_mb, stage_figures
+from compress.data.dataset import load_data_spec, make_loader
+from compress.detection.evaluate import EvalConfig, evaluate, input_letterbox
+from compress.deploy.export import ExportConfig, export_onnx
 from compress.train import distributed as D
 from compress.train.config import DistConfig
-from compress.quant import calibrate, config_to_dict, prepare_qat
-from compress.quant.config import QuantConfig
 from compress.quant.bias_correct import bias_correction
+from compress.quant.config import QuantConfig, config_to_dict
 from compress.quant.cpuinfo import cpu_flags
 from compress.quant.export import write_int_weights, write_quant_json
+from compress.quant.modules import QConvBNAct
 from compress.quant.onnx_qdq import OnnxPredictor, export_qdq_onnx, onnx_latency
+from compress.quant.prepare import calibrate, prepare_qat
 from compress.quant.qat import QATHook, check_resume_config, freeze_epochs, resume_checkpoint, run_qat
 
 __all__ = ["QuantizeJob", "quantize", "QATHook", "output_paths", "check_verified", "QuantVerifyError"]
@@ -102,15 +106,11 @@ def _bits(config: QuantConfig) -> int:
 
 
 def _calibration_batches(spec: Any, img: int, job: QuantizeJob):
-    from compress.data.dataset import make_loader
-
     loader = make_loader(spec, img, job.batch_size, augment=False, workers=0, split="train")
     return (imgs for imgs, *_ in itertools.islice(loader, job.calib_batches))
 
 
 def _evaluate(model_or_fn: Any, spec: Any, img: int, job: QuantizeJob, device: str) -> dict:
-    from compress.detection.evaluate import EvalConfig, evaluate
-
     r = evaluate(model_or_fn, spec, EvalConfig(img_size=img, batch_size=job.batch_size, progress=False, workers=0,
                                                    letterbox=job.letterbox),
                  device)
@@ -134,16 +134,12 @@ def quantize(job: QuantizeJob, device: str | None = None, distributed: DistConfi
 
 
 def _run(job: QuantizeJob, device: str, dist: DistConfig) -> dict:
-    from compress.data.dataset import load_data_spec
-    from compress.deploy.export import ExportConfig, export_onnx
-
     paths = output_paths(job)
     if job.resume:
         resume_checkpoint(job.out)
         check_resume_config(job)
     model = load(job.cfg, job.weights, device=device)
     img = job.img_size or model.cfg.width
-    from compress.detection.evaluate import input_letterbox
     # one input geometry for every subject: the ONNX predictor has no cfg to read it from
     job = dataclasses.replace(job, letterbox=input_letterbox(model, job.letterbox))
     spec = load_data_spec(job.data, job.val, training=True)
@@ -261,7 +257,6 @@ def _set_sync_bn(qmodel: torch.nn.Module, job: QuantizeJob, dist: DistConfig) ->
         return
     if dist.world_size <= 1:
         log.warning("--sync-bn: one process, nothing to synchronise (run under torchrun)")
-    from compress.quant.modules import QConvBNAct
     for m in qmodel.modules():
         if isinstance(m, QConvBNAct):
             m.sync_bn = True

@@ -16,9 +16,10 @@ import torch
 
 from compress.base.errors import QuantError
 from compress.base.fileio import write_text_atomic
-from compress.train import Hook
+from compress.train import Hook, TrainConfig, fit
 from compress.train.config import DistConfig
-from compress.quant import config_to_dict, freeze_bn, freeze_observers, set_act_drop
+from compress.quant.config import config_to_dict
+from compress.quant.prepare import freeze_bn, freeze_observers, set_act_drop
 
 __all__ = ["QATHook", "run_qat", "resume_checkpoint", "check_resume_config"]
 
@@ -82,8 +83,6 @@ def check_resume_config(job: Any) -> None:
 
 def run_qat(qmodel: torch.nn.Module, spec: Any, img: int, job: Any, device: str, dist: DistConfig) -> dict:
     """QAT epochs through `fit` (Adam, no warm-up, no EMA: the fake-quant weights are the model)."""
-    from compress.train import TrainConfig, fit
-
     if dist.is_main and not job.resume:
         qat_dir(job.out).mkdir(parents=True, exist_ok=True)
         write_text_atomic(qat_dir(job.out) / CONFIG_NAME, json.dumps(_config_record(job), indent=2) + "\n")

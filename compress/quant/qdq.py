@@ -4,12 +4,9 @@ Kept apart from `onnx_qdq` so that `fake_quant` can name it without importing th
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from compress.quant.fake_quant import QParams
+from compress.quant.qparams import QParams
 
 __all__ = ["qdq_symbolic", "const", "zp_tensor"]
 
@@ -18,11 +15,11 @@ def const(g, t: torch.Tensor):  # type: ignore[no-untyped-def]
     return g.op("Constant", value_t=t)
 
 
-def zp_tensor(qp: "QParams", dtype: torch.dtype) -> torch.Tensor:
+def zp_tensor(qp: QParams, dtype: torch.dtype) -> torch.Tensor:
     return qp.zero_point.detach().cpu().round().to(dtype)
 
 
-def qdq_symbolic(g, x, qp: "QParams"):  # type: ignore[no-untyped-def]
+def qdq_symbolic(g, x, qp: QParams):  # type: ignore[no-untyped-def]
     """QuantizeLinear (uint8 if qmin >= 0 else int8) -> Clip to [qmin, qmax] when narrower -> DequantizeLinear."""
     dtype, full = (torch.int8, (-128, 127)) if qp.signed else (torch.uint8, (0, 255))
     kw = {"axis_i": qp.axis} if qp.axis is not None else {}

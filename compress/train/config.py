@@ -6,6 +6,8 @@ from typing import Any
 
 from compress.data.augment import AugmentConfig
 from compress.base.errors import CompressError
+from compress.detection.losses import LOSSES
+from compress.train.optim import OPTIMIZERS, SCHEDULERS
 
 __all__ = ["TrainConfig", "DistConfig", "TrainError"]
 
@@ -71,12 +73,10 @@ class TrainConfig:
     cache_dir: str | None = None    # disk cache folder (None: OUT/cache)
 
     def __post_init__(self) -> None:
-        from compress.detection.losses import LOSSES
         try:  # the augmentation keys are validated where they are defined
             self.augment_config()
         except CompressError as exc:
             raise TrainError(str(exc).replace("augmentation ", "train option ", 1)) from None
-        from compress.train.optim import OPTIMIZERS, SCHEDULERS
 
         positive = ("epochs", "batch_size", "img_size", "accumulate", "eval_every", "lr0", "lrf")
         for name in positive:

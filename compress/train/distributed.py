@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from compress.data.dataset import EpochSampler
 from compress.train.config import DistConfig, TrainError
 
 __all__ = ["setup", "wrap", "make_train_loader", "broadcast_buffers", "barrier", "all_mean", "check_sync_bn",
@@ -123,7 +124,7 @@ def make_train_loader(dataset: Dataset, batch_size: int, workers: int, seed: int
         raise TrainError(f"train option batch_size {batch_size} must be a multiple of the process count "
                          f"{cfg.world_size}")
     sampler = SkipSampler(dataset, num_replicas=cfg.world_size, rank=cfg.rank, shuffle=True, seed=seed)
-    from compress.data.dataset import EpochSampler  # (epoch, index) items: persistent workers follow the epoch
+    # EpochSampler yields (epoch, index) items, so persistent workers follow the epoch
     loader = DataLoader(dataset, batch_size=batch_size // cfg.world_size, sampler=EpochSampler(sampler),
                         num_workers=workers, collate_fn=collate_fn, pin_memory=False, drop_last=False,
                         persistent_workers=workers > 0)

@@ -35,7 +35,7 @@ def _fmt(v: object) -> object:
 
 def plot_results(path: Path, history: list[dict]) -> None:
     """Loss parts (left) and mAP (right) per epoch, matplotlib Agg, written atomically."""
-    import matplotlib
+    import matplotlib  # optional and slow to import (~0.5 s): only the results plot needs it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

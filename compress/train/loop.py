@@ -23,6 +23,7 @@ from compress.train.ema import ModelEMA
 from compress.train.hooks import Hook, HookList, TrainState
 from compress.train.log import plot_results, write_results_csv
 from compress.train.optim import build_optimizer, lr_factor, warmup_step
+from compress.detection.evaluate import EvalConfig, evaluate, input_letterbox
 
 __all__ = ["fit", "TrainResult", "NOMINAL_BATCH"]
 
@@ -126,7 +127,6 @@ class _Trainer:
                                 world_size=dist_cfg.world_size, config=config, ema=ema, scaler=scaler)
         self.hooks = HookList(hooks)
         self._data_wait_s = 0.0  # seconds the last epoch's loop waited for batches
-        from compress.detection.evaluate import input_letterbox
         self.dataset = DetectionDataset(spec.train, config.img_size, config.augment, spec.nc,
                                         aug=config.augment_config() if config.augment else None, seed=config.seed,
                                         source=f"{spec.source or 'data'} [train]",
@@ -266,8 +266,6 @@ class _Trainer:
         D.barrier(self.dist)
 
     def _evaluate(self) -> dict:
-        from compress.detection.evaluate import EvalConfig, evaluate
-
         if self._valid is None:
             self._valid = DetectionDataset(self.spec.valid, self.cfg.img_size, num_classes=self.spec.nc,
                                            source=f"{self.spec.source or 'data'} [valid]")

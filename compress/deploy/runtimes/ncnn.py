@@ -16,14 +16,14 @@ import numpy as np
 import torch
 
 from compress.base.errors import ExportError
-from compress.deploy.runtimes import run_per_image
+from compress.deploy.runtimes.predictor import read_metadata, run_per_image
 
 __all__ = ["NcnnPredictor", "to_ncnn"]
 
 
 def to_ncnn(onnx_model: bytes, param_path: str | os.PathLike, img_hw: tuple[int, int], half: bool = False) -> Path:
     """Convert ONNX bytes (fixed input 1x3xHxW) to `param_path` and the .bin beside it."""
-    import pnnx
+    import pnnx  # optional extra (pip install pnnx): only the ncnn export needs it
 
     param_path = Path(param_path)
     with tempfile.TemporaryDirectory(prefix="pnnx-") as tmp:
@@ -56,9 +56,7 @@ class NcnnPredictor:
     """Callable (N,3,H,W) float tensor in [0,1] -> (N, boxes, 5+C); runs image by image (ncnn has no batch)."""
 
     def __init__(self, path: str | os.PathLike, threads: int = 1) -> None:
-        import ncnn
-
-        from compress.deploy.runtimes import read_metadata
+        import ncnn  # optional extra (pip install ncnn): imported only when a .param model is loaded
 
         path = Path(path)
         if not path.with_suffix(".bin").is_file():

@@ -13,14 +13,14 @@ import numpy as np
 import torch
 
 from compress.base.errors import ExportError
-from compress.deploy.runtimes import run_per_image
+from compress.deploy.runtimes.predictor import run_per_image
 
 __all__ = ["OpenVinoPredictor", "to_openvino"]
 
 
 def to_openvino(onnx_model: bytes | str | os.PathLike, xml_path: str | os.PathLike, half: bool = False) -> Path:
     """Convert an ONNX model (bytes or file) to `xml_path` + its .bin; `half` stores the weights in fp16."""
-    import openvino as ov
+    import openvino as ov  # optional extra (pip install openvino): only this export needs it
 
     src = onnx_model if isinstance(onnx_model, (str, os.PathLike)) else _as_file(onnx_model, Path(xml_path))
     try:
@@ -44,7 +44,7 @@ class OpenVinoPredictor:
     """Callable (N,3,H,W) float tensor in [0,1] -> first output as a tensor, on OpenVINO's CPU plugin."""
 
     def __init__(self, path: str | os.PathLike, threads: int = 1) -> None:
-        import openvino as ov
+        import openvino as ov  # optional extra: imported only when an .xml model is loaded
 
         core = ov.Core()
         config = {"INFERENCE_NUM_THREADS": max(1, int(threads)), "INFERENCE_PRECISION_HINT": "f32",

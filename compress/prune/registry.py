@@ -1,0 +1,81 @@
+"""The pruning method registry and the types every method shares: `METHODS` (name -> `Pruner`), filled by
+`@register_pruner(name, kind)` in each method's module; `PruneConfig` (validated against the registry) and
+`PruneResult`. The dispatch (`prune`, `select_mask`) is in `api`; the methods import this module, never the
+package, so the package can import them all without a cycle.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from compress.base.errors import PruneError
+from compress.darknet.model import DarknetModel
+from compress.prune.mask import ChannelMask
+
+__all__ = ["Pruner", "METHODS", "register_pruner", "PruneConfig", "PruneResult"]
+
+
+@dataclass(frozen=True)
+class Pruner:
+    name: str
+    kind: str            # "channel" | "layer" | "model"
+    fn: Callable
+    default_round_to: int = 1
+
+
+METHODS: dict[str, Pruner] = {}
+
+
+def register_pruner(name: str, kind: str = "channel", default_round_to: int = 1) -> Callable:
+    def deco(fn: Callable) -> Callable:
+        METHODS[name] = Pruner(name, kind, fn, default_round_to)
+        return fn
+    return deco
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """method: a METHODS key. percent: global share of prunable BN channels to cut (channel methods).
+    shortcuts: residual blocks to remove (layer methods). round_to: kept counts rounded up to a multiple
+    (None = the method's default: 8 for regular, else 1). min_keep: per-layer floor as a fraction of the
+    width (0 = normal/shortcut raise instead of emptying a layer). layer_keep: slim's per-layer floor.
+    compensate: fold removed channels' act(beta) into consumers. img_size: probe size for torch-pruning."""
+
+    method: str = "slim"
+    percent: float = 0.5
+    shortcuts: int = 0
+    round_to: int | None = None
+    min_keep: float = 0.0
+    layer_keep: float = 0.01
+    compensate: bool = True
+    img_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise PruneError(f"--method {self.method!r} is unknown; choose one of {', '.join(sorted(METHODS))}")
+        if not 0.0 <= self.percent < 1.0:
+            raise PruneError(f"--percent {self.percent} must be in [0, 1); e.g. --percent 0.5 cuts half the channels")
+        for name in ("min_keep", "layer_keep"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise PruneError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a fraction in [0, 1]")
+        if self.round_to is not None and self.round_to < 1:
+            raise PruneError(f"--round-to {self.round_to} must be >= 1")
+        if self.shortcuts < 0:
+            raise PruneError(f"--shortcuts {self.shortcuts} must be >= 0")
+
+    @property
+    def rounding(self) -> int:
+        return self.round_to if self.round_to is not None else METHODS[self.method].default_round_to
+
+
+@dataclass
+class PruneResult:
+    model: DarknetModel
+    mask: ChannelMask = field(default_factory=dict)
+    removed_blocks: tuple[int, ...] = ()
+    info: dict = field(default_factory=dict)
+
+    def channel_rows(self, before: DarknetModel) -> list[tuple[int, str, int, int]]:
+        """(layer, type, channels before, after) for every conv whose width changed (channel methods)."""
+        return [(i, before.cfg.blocks[i].type, before.graph.channels[i], int(m.sum())) for i, m in
+                sorted(self.mask.items())]
