@@ -31,8 +31,8 @@ REPORT_NAME = "report.json"
 # A path option. CLI strings are kept as typed (report.json echoes them); `from_dict` gives Paths.
 PathLike = Union[str, os.PathLike]
 # Click parameters that are not job fields: where the report goes and whether a full folder may be written are
-# `run_job` arguments; --debug is the group's.
-CLI_ONLY = frozenset({"report_path", "exist_ok", "debug"})
+# `run_job` arguments; --debug is the group's; sparse-train's hidden `-sr` is accepted for the reference only.
+CLI_ONLY = frozenset({"report_path", "exist_ok", "debug", "sr_flag"})
 
 
 @dataclass(frozen=True)
@@ -127,13 +127,16 @@ class Job:
 
     @classmethod
     def from_dict(cls: type[J], values: Mapping[str, Any], where: str = "", base: Path | None = None) -> J:
-        """The job from plain YAML values (recipes): keys are option names (dashes accepted), values coerced to
+        """The job from plain YAML values (recipes): keys are option names (dashes accepted; a `flags` spelling such
+        as `json` for `json_path` too), values coerced to
         the option's type (list -> tuple, str -> Path; relative paths resolved against `base`)."""
         types = cls.option_types()
+        by_flag = {flag.lstrip("-").replace("-", "_"): name for name, flag in cls.flags.items()}
         prefix = f"{where}: " if where else ""
         options = {}
         for raw, value in values.items():
-            key = str(raw).replace("-", "_")
+            key = str(raw).lstrip("-").replace("-", "_")
+            key = by_flag.get(key, key)
             if key not in types:
                 valid = ", ".join(sorted(types))
                 raise CompressError(f"{prefix}`{cls.command}` has no option `{raw}`; valid options: {valid}")
