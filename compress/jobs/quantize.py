@@ -33,7 +33,7 @@ class QuantizeJob(Job):
     false_flags: ClassVar[Mapping[str, str]] = {"reduce_range": "--full-range"}
 
     cfg: PathLike
-    weights: PathLike
+    weights: PathLike | None
     data: PathLike
     out: PathLike
     train: TrainConfig | None = None
