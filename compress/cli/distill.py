@@ -27,7 +27,7 @@ SHARE_ROWS = [("epoch", "epoch"), ("det", "detection"), *[(k, k) for k in TERMS]
 @val_option
 @out_option()
 @click.option("--kd", "--KDstr", "kd", type=click.Choice([str(k) for k in sorted(STRATEGIES)]),
-              default=str(DEFAULT_STRATEGY), show_default=True, callback=lambda ctx, param, value: int(value),  # the job's kd is an int
+              default=str(DEFAULT_STRATEGY), show_default=True, callback=lambda ctx, param, value: int(value),  # DistillJob.kd: an int
               help="1 logits, 2 +teacher-bounded box, 3 +box mimic, 4 +feature imitation, 5 +GT-masked "
               "feature imitation.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True),
