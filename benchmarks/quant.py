@@ -1,5 +1,5 @@
 """Quantization accuracy figures: mAP@.5 of fp32, fake-quant, int8 QDQ ONNX (onnxruntime, this CPU) and the
-Darknet pair for a list of named runs, each a `compress.quant.pipeline.QuantizeJob`.
+Darknet pair for a list of named runs, each a `compress.quant.pipeline.quantize` call.
 
     # demo model (recipes/demo.cfg trained on `yolo-compress data synth`), 4-bit QAT, with and without pow2
     .venv/bin/python benchmarks/quant.py --runs demo-w4 demo-w4-pow2 --demo-weights runs/demo-train/best.weights \
@@ -18,21 +18,22 @@ import json
 import logging
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from tabulate import tabulate
 
 from compress.base.fileio import write_text_atomic
 from compress.quant.config import make_config
-from compress.quant.pipeline import QuantizeJob, quantize
+from compress.darknet.cfg import read_cfg
+from compress.quant.pipeline import QuantOutputs, QuantSettings, quantize
+from compress.quant.qat import qat_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", ROOT.parent / "shared" / "assets"))
 V4T = ("yolov4-tiny", 320)
 JOB_KEYS = ("bias_correction", "act_drop")
 
-# name -> (model, img size or None for the cfg's, make_config kwargs (+ QuantizeJob's in JOB_KEYS), QAT?)
+# name -> (model, img size or None for the cfg's, make_config kwargs (+ QuantSettings' in JOB_KEYS), QAT?)
 RUNS: dict[str, tuple[str, int | None, dict, bool]] = {
     "demo-w4": ("demo", None, {"bits": 4}, True),
     "demo-w4-pow2": ("demo", None, {"bits": 4, "pow2": True}, True),
@@ -76,14 +77,15 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     cfg, weights, data = _model(model, args)
     kw = dict(kwargs)
     job_kw = {k: kw.pop(k) for k in JOB_KEYS if k in kw}
-    config = make_config(kw.pop("method", None), kw.pop("bits"), **kw)
-    job = QuantizeJob(cfg, weights, data, str(Path(args.work) / name), config, epochs=args.epochs if qat else 0,
-                      calib_batches=args.calib_batches, batch_size=args.batch_size, img_size=img,
-                      latency_runs=5, verify=False, **job_kw)
-    if qat and args.lr0:
-        job = replace(job, lr0=args.lr0)
+    bits = kw.pop("bits")
+    config = make_config(kw.pop("method", None), bits, **kw)
+    outputs = QuantOutputs.in_dir(Path(args.work) / name, f"{Path(cfg).stem}-q{bits}")
+    settings = QuantSettings(calib_batches=args.calib_batches, batch_size=args.batch_size, img_size=img,
+                             latency_runs=5, verify=False, **job_kw)
+    train = qat_train_config(args.epochs, args.batch_size, img or read_cfg(cfg).width, args.lr0 or 1e-4, 0, False,
+                             False) if qat and args.epochs else None
     t0 = time.perf_counter()
-    figures = quantize(job)
+    figures = quantize(cfg, weights, data, config, outputs, settings, train)
     figures.update(run=name, wall_s=round(time.perf_counter() - t0, 1))
     return figures
 

@@ -1,6 +1,6 @@
-"""The job contract (compress/jobs): every command is a registered job; `run_job` guards before any work (for
-Python callers too, not only the CLI), writes OUT/report.json and --report itself, and keeps torchrun rank 0
-the only writer."""
+"""The job contract (compress/jobs): every command is one registered job whose fields are its options; `run_job`
+guards before any work (for Python callers too, not only the CLI), writes OUT/report.json and --report itself,
+and keeps torchrun rank 0 the only writer."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,22 +13,17 @@ import click
 import pytest
 import torch
 
-from compress.darknet.cfg import read_cfg
-from compress.cli import cli
-from compress.data.convert import ConvertConfig
-from compress.distill import DistillConfig
 from compress.base.errors import CompressError, GuardError
-from compress.deploy.export import ExportConfig
-from compress.jobs import (JOBS, AnchorsJob, DetectJob, DistillJob, EvalJob, ExportJob, InfoJob, JobKind, PruneJob,
-                           QuantizeJob, RecipeJob, SparseTrainJob, SynthJob, TrainJob, job_paths, register_job,
-                           run_job)
+from compress.cli import cli
+from compress.cli.run import lookup_command
+from compress.darknet.cfg import read_cfg
 from compress.darknet.model import build_model
 from compress.darknet.persist import load, save
-from compress.prune import PruneConfig
-from compress.quant.config import make_config
-from compress.recipe import RunConfig
 from compress.data.synth import synthesize
-from compress.train import DistConfig, TrainConfig
+from compress.jobs import (CLI_ONLY, JOBS, AnchorsJob, ConvertJob, DetectJob, DistillJob, EvalJob, ExportJob, InfoJob,
+                           Job, PruneJob, QuantizeJob, RecipeJob, Report, SparseTrainJob, SynthJob, TrainJob,
+                           job_paths, register_job, run_job)
+from compress.train import TrainConfig
 
 from conftest import DEMO_CFG
 
@@ -48,11 +43,6 @@ def files(tmp_path_factory) -> dict[str, Path]:
             "img": root / "img", "recipe": recipe, "root": root}
 
 
-def _lookup(name: str) -> click.Command | None:
-    from compress.cli.run import lookup_command
-    return lookup_command(name)
-
-
 # job type -> a job whose declared output is (or would replace) one of its inputs, and the message
 HOSTILE = {
     "train": lambda f: (TrainJob(f["cfg"], f["weights"], f["data"], f["cfg"].parent, TrainConfig(epochs=1)),
@@ -60,18 +50,18 @@ HOSTILE = {
     "sparse-train": lambda f: (SparseTrainJob(str(f["cfg"]), str(f["weights"]), str(f["data"]), str(f["cfg"].parent)),
                                "holds the input"),
     "prune": lambda f: (PruneJob(str(f["cfg"]), str(f["weights"]), str(f["cfg"].parent)), "holds the input"),
-    "quantize": lambda f: (QuantizeJob(str(f["cfg"]), str(f["weights"]), str(f["data"]), str(f["cfg"].parent),
-                                       make_config("google", 8)), "holds the input"),
+    "quantize": lambda f: (QuantizeJob(str(f["cfg"]), str(f["weights"]), str(f["data"]), str(f["cfg"].parent)),
+                           "holds the input"),
     "distill": lambda f: (DistillJob(f["cfg"], f["weights"], f["cfg"], f["weights"], f["data"], f["cfg"].parent,
-                                     DistillConfig(strategy=1)), "holds the input"),
+                                     kd=1), "holds the input"),
     "info": lambda f: (InfoJob(f["cfg"], f["weights"], gamma_plot=f["weights"]), "is an input"),
     "eval": lambda f: (EvalJob(f["cfg"], f["weights"], f["data"], json_path=f["cfg"]), "is an input"),
     "detect": lambda f: (DetectJob(f["cfg"], f["weights"], f["img"], f["img"]), "input folder"),
-    "export": lambda f: (ExportJob(f["cfg"], f["weights"], f["weights"], ExportConfig()), "is an input"),
+    "export": lambda f: (ExportJob(f["cfg"], f["weights"], f["weights"]), "is an input"),
     "anchors": lambda f: (AnchorsJob(f["data"]), "is an input"),          # its one output: the report
     "data synth": lambda f: (SynthJob(f["root"] / "s"), "already holds an earlier run"),  # no inputs to hit
-    "data convert": lambda f: (ConvertConfig("voc", f["img"], f["img"]), "is an input folder"),
-    "run": lambda f: (RecipeJob(RunConfig(f["recipe"], f["cfg"].parent), _lookup), "holds the input"),
+    "data convert": lambda f: (ConvertJob("voc", f["img"], f["img"]), "is an input folder"),
+    "run": lambda f: (RecipeJob(f["recipe"], f["cfg"].parent), "holds the input"),
 }
 
 
@@ -84,8 +74,18 @@ def _leaf_commands(group: click.Group, prefix: str = "") -> list[str]:
 
 
 def test_every_cli_command_is_one_registered_job():
-    registered = sorted(kind.command for kind in JOBS.values())
-    assert registered == sorted(_leaf_commands(cli)) == sorted(HOSTILE)
+    assert sorted(JOBS) == sorted(_leaf_commands(cli)) == sorted(HOSTILE)
+    assert all(job.command == name for name, job in JOBS.items())
+
+
+@pytest.mark.parametrize("command", sorted(HOSTILE))
+def test_click_options_are_the_job_fields(command):
+    """One to one: the command's parameters are the job's fields (the training options in place of `train`),
+    apart from the CLI-only ones (--report, --exist-ok, ...)."""
+    job = JOBS[command]
+    fields = {f.name for f in dataclasses.fields(job)} - {"train"} | set(job.train_options)
+    params = {p.name for p in lookup_command(command).params}
+    assert params - (CLI_ONLY - fields) == fields
 
 
 def _digests(folder: Path) -> dict[Path, str]:
@@ -95,17 +95,63 @@ def _digests(folder: Path) -> dict[Path, str]:
 @pytest.mark.parametrize("command", sorted(HOSTILE))
 def test_run_job_refuses_an_output_onto_an_input_before_any_work(command, files, monkeypatch):
     job, says = HOSTILE[command](files)
-    kind = JOBS[type(job)]
-    assert kind.command == command
+    assert JOBS[command] is type(job)
     report = files["data"] if command == "anchors" else None
     declared = job_paths(job, report)
     assert declared.outputs, f"{command}: no declared outputs"
-    # the run function must never be reached: the guard comes first
-    monkeypatch.setitem(JOBS, type(job), dataclasses.replace(kind, run=lambda j: pytest.fail("ran")))
+    # the run method must never be reached: the guard comes first
+    monkeypatch.setattr(type(job), "run", lambda j: pytest.fail("ran"))
     before = _digests(files["root"])
     with pytest.raises(GuardError, match=says):
         run_job(job, report)
     assert _digests(files["root"]) == before
+
+
+@pytest.mark.parametrize("command", sorted(set(HOSTILE) - {"run"}))
+def test_to_argv_parses_back_into_the_same_job(command, files):
+    job, _ = HOSTILE[command](files)
+    argv = job.to_argv()
+    assert argv[:len(command.split())] == command.split()
+    click_command = lookup_command(command)
+    ctx = click_command.make_context(command, argv[len(command.split()):])
+    options = {k: v for k, v in ctx.params.items() if k not in CLI_ONLY}
+    given = {k for k in ctx.params if ctx.get_parameter_source(k).name == "COMMANDLINE"}
+    with ctx:
+        again = type(job).from_options(options, given)
+    assert again.to_argv() == argv
+
+
+def test_from_dict_is_strict_and_resolves_paths(files, tmp_path):
+    with pytest.raises(CompressError, match=r"recipe.yaml:12: `prune` has no option `percnt`; valid options: .*percent"):
+        JOBS["prune"].from_dict({"cfg": "m.cfg", "percnt": 0.3}, where="recipe.yaml:12")
+    with pytest.raises(CompressError, match=r"recipe.yaml:3: `prune` needs option\(s\) out"):
+        JOBS["prune"].from_dict({"cfg": "m.cfg", "weights": None}, where="recipe.yaml:3")
+    root = files["cfg"].parent
+    job = JOBS["distill"].from_dict({"cfg": "demo.cfg", "weights": "demo.weights", "t-cfg": "demo.cfg",
+                                     "t_weights": "demo.weights", "data": str(files["data"]), "out": "kd",
+                                     "epochs": 2, "lr0": 1, "sync-bn": True, "kd": 1}, where="r.yaml:1", base=root)
+    assert job.cfg == root / "demo.cfg" and job.out == root / "kd" and job.data == files["data"]
+    assert (job.train.epochs, job.train.lr0, job.train.sync_bn, job.kd) == (2, 1.0, True, 1)
+    assert isinstance(job.train.lr0, float) and job.train.img_size == read_cfg(files["cfg"]).width
+    export = JOBS["export"].from_dict({"cfg": "demo.cfg", "weights": None, "out": "m.onnx", "check": False,
+                                       "check-image": ["a.png"]}, base=root)
+    assert export.runtime_check is False and export.check_images == (root / "a.png",)
+    with pytest.raises(CompressError, match="`eval` option `batch_size`: 'x' is not a int"):
+        JOBS["eval"].from_dict({"cfg": "a", "weights": None, "data": "d", "batch_size": "x"})
+
+
+def test_train_options_keep_their_precedence(files, tmp_path):
+    """Fine-tune defaults < --hyp < options the user gave, whichever way the job is built."""
+    hyp = tmp_path / "hyp.yaml"
+    hyp.write_text("lr0: 0.002\nbox: 0.07\n")
+    base = {"cfg": files["cfg"], "weights": files["weights"], "data": files["data"], "out": tmp_path / "t"}
+    tuned = TrainJob.from_dict(base)
+    assert (tuned.train.lr0, tuned.train.loss, tuned.train.freeze_bn_stats) == (4e-5, "darknet", True)
+    assert TrainJob.from_dict({**base, "hyp": hyp}).train.lr0 == 0.002
+    job = TrainJob.from_dict({**base, "hyp": hyp, "lr0": 0.003})
+    assert (job.train.lr0, job.train.box) == (0.003, 0.07)
+    argv = job.to_argv()
+    assert argv[argv.index("--hyp") + 1] == str(hyp) and argv[argv.index("--lr0") + 1] == "0.003"
 
 
 def test_run_job_refuses_a_report_onto_an_input(files):
@@ -114,12 +160,13 @@ def test_run_job_refuses_a_report_onto_an_input(files):
 
 
 def test_the_library_writes_report_json(files, tmp_path):
-    """Python API, no CLI: OUT/report.json and report_path hold the returned report; cfg/weights name the output."""
+    """Python API, no CLI: OUT/report.json and report_path hold the returned Report; cfg/weights name the output."""
     out = tmp_path / "p"
-    job = PruneJob(str(files["cfg"]), str(files["weights"]), str(out), PruneConfig(method="slim", percent=0.3))
+    job = PruneJob(str(files["cfg"]), str(files["weights"]), str(out), method="slim", percent=0.3)
     report = run_job(job, tmp_path / "copy.json")
+    assert isinstance(report, Report) and report.command == "prune"
     on_disk = json.loads((out / "report.json").read_text())
-    assert on_disk == json.loads((tmp_path / "copy.json").read_text()) == json.loads(json.dumps(report))
+    assert on_disk == json.loads((tmp_path / "copy.json").read_text()) == json.loads(json.dumps(report.to_dict()))
     model = load(on_disk["cfg"], on_disk["weights"])  # the pruned pair, as the recipes read it
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in load(files["cfg"]).parameters())
     with pytest.raises(GuardError, match="already holds an earlier run"):
@@ -131,37 +178,44 @@ def test_the_library_writes_report_json(files, tmp_path):
 
 def test_synth_and_eval_reports(files, tmp_path):
     synth = run_job(SynthJob(tmp_path / "d", n_train=2, n_valid=2, img_size=64))
-    assert json.loads((tmp_path / "d" / "report.json").read_text())["data"] == synth["data"]
-    ev = run_job(EvalJob(files["cfg"], files["weights"], synth["data"], img_size=64, progress=False, workers=0),
+    assert json.loads((tmp_path / "d" / "report.json").read_text()) == synth.to_dict()
+    ev = run_job(EvalJob(files["cfg"], files["weights"], synth["data"], img_size=64, no_progress=True, workers=0),
                  tmp_path / "eval.json")
     assert ev["images"] == 2 and json.loads((tmp_path / "eval.json").read_text())["map50"] == ev["map50"]
-
-
-@dataclasses.dataclass(frozen=True)
-class _Fake:
-    out: Path
-    distributed: DistConfig | None = None
 
 
 class _Refused(CompressError):
     pass
 
 
-def _refuse(job, report, written):
-    raise _Refused(f"figures in {written}")
+@dataclasses.dataclass(frozen=True)
+class _Fake(Job):
+    command = "fake"
+    out: Path
+
+    def out_dir(self) -> Path:
+        return self.out
+
+    def run(self) -> Report:
+        return self.report({"cfg": "x"})
+
+    def check(self, report: Report, written: Path | None) -> None:
+        raise _Refused(f"figures in {written}")
 
 
-def test_post_report_check_runs_after_writing_and_later_ranks_write_nothing(tmp_path):
-    register_job(_Fake, JobKind("fake", lambda j: {"cfg": "x"}, inputs=lambda j: (),
-                                outputs=lambda j: (), out_dir=lambda j: j.out, check=_refuse))
+def test_post_report_check_runs_after_writing_and_later_ranks_write_nothing(tmp_path, monkeypatch):
+    register_job(_Fake)
     try:
         with pytest.raises(_Refused, match="report.json") as info:  # e.g. quantize's verification
             run_job(_Fake(tmp_path / "a"))
-        assert info.value.report == {"cfg": "x"} and (tmp_path / "a" / "report.json").is_file()
-        assert run_job(_Fake(tmp_path / "b", DistConfig(rank=1, world_size=2))) == {"cfg": "x"}
+        assert info.value.report.to_dict() == {"cfg": "x"} and (tmp_path / "a" / "report.json").is_file()
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "1")
+        monkeypatch.setattr(_Fake, "run", lambda self: self.report({"cfg": "x"}, rank=1))
+        assert run_job(_Fake(tmp_path / "b")).to_dict() == {"cfg": "x"}
         assert not (tmp_path / "b").exists()  # rank 0 writes
     finally:
-        del JOBS[_Fake]
+        del JOBS["fake"]
 
 
 def test_unregistered_job_type_is_named(tmp_path):

@@ -7,7 +7,6 @@ import torch
 from compress.darknet.cfg import read_cfg
 from compress.darknet.model import build_model
 from compress.quant import ActQuant, DorefaConfig, QConvBNAct, prepare_qat, to_darknet
-from compress.quant import qat
 from compress.quant.pipeline import QATHook
 from compress.data.synth import synthesize
 
@@ -58,8 +57,7 @@ def test_act_drop_skips_fake_quant_on_that_share_in_training_only():
 
 def test_quantize_act_drop_is_on_during_qat_only(tmp_path, monkeypatch):
     """`--act-drop` reaches every observer while `fit` trains and is off again for evaluation and export."""
-    from compress.quant.config import make_config
-    from compress.quant.pipeline import QuantizeJob, quantize
+    from compress.jobs import QuantizeJob
     data = synthesize(tmp_path / "synth", n_train=8, n_valid=4, img_size=64)
     seen = []
     real_fit = train.fit
@@ -69,12 +67,12 @@ def test_quantize_act_drop_is_on_during_qat_only(tmp_path, monkeypatch):
         result = real_fit(model, *a, **k)
         seen.append("done")
         return result
-    monkeypatch.setattr(qat, "fit", spy)  # the name run_qat calls
-    job = QuantizeJob(str(DEMO_CFG), None, str(data), str(tmp_path / "q"), make_config(None, 4), epochs=1,
-                      batch_size=4, img_size=64, act_drop=0.25, evaluate=False, latency_runs=1)
-    figures = quantize(job)
+    monkeypatch.setattr(train, "fit", spy)
+    job = QuantizeJob.from_dict({"cfg": str(DEMO_CFG), "weights": None, "data": str(data), "out": str(tmp_path / "q"),
+                                 "bits": 4, "epochs": 1, "batch_size": 4, "img_size": 64, "act_drop": 0.25,
+                                 "no_eval": True})
+    figures = job.run()
     assert seen[-1] == "done" and seen[:-1] and set(seen[:-1]) == {0.25}
     assert figures["qat_act_drop"] == 0.25
     with pytest.raises(Exception, match="--act-drop 1.0 must be in"):
-        QuantizeJob(str(DEMO_CFG), None, str(data), str(tmp_path / "q2"), make_config(None, 4), epochs=1,
-                    act_drop=1.0)
+        QuantizeJob(str(DEMO_CFG), None, str(data), str(tmp_path / "q2"), bits=4, act_drop=1.0)

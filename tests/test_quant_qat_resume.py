@@ -2,6 +2,7 @@
 trains data-parallel with one output and observer ranges that agree with a single process on the whole batch."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -15,8 +16,7 @@ from compress.cli import cli
 from compress.base.errors import QuantError
 from compress.darknet.model import build_model
 from compress.darknet.persist import load, read_checkpoint, save
-from compress.quant import make_config
-from compress.quant.pipeline import QuantizeJob, quantize
+from compress.jobs import QuantizeJob
 from compress.quant.qat import QATHook
 from compress.data.synth import synthesize
 from conftest import DEMO_CFG, free_port, randomize_bn
@@ -33,9 +33,13 @@ def setup(tmp_path_factory):
 
 def _job(tmp, data, out, **kw) -> QuantizeJob:
     base = dict(epochs=2, calib_batches=1, batch_size=4, img_size=64, lr0=1e-3, freeze_observers_after=1,
-                freeze_bn_after=1, evaluate=False, latency_runs=1)
-    return QuantizeJob(str(tmp / "m.cfg"), str(tmp / "m.weights"), data, str(tmp / out), make_config("google", 4),
-                       **{**base, **kw})
+                freeze_bn_after=1, no_eval=True, bits=4)
+    return QuantizeJob.from_dict({"cfg": str(tmp / "m.cfg"), "weights": str(tmp / "m.weights"), "data": data,
+                                  "out": str(tmp / out), **base, **kw})
+
+
+def quantize(job: QuantizeJob):
+    return job.run()  # the library run, no report.json
 
 
 def _history(out) -> list[list[str]]:
@@ -80,7 +84,7 @@ def test_resume_needs_a_run_with_the_same_options(setup):
     quantize(_job(tmp, data, "c", epochs=1))
     job = _job(tmp, data, "c", epochs=1, resume=True)
     with pytest.raises(QuantError, match=r"bits: 4 -> 8"):
-        quantize(QuantizeJob(**{**job.__dict__, "config": make_config("google", 8)}))
+        quantize(dataclasses.replace(job, bits=8))
     with pytest.raises(QuantError, match="--epochs N"):
         _job(tmp, data, "c", epochs=0, resume=True)
 
@@ -133,6 +137,6 @@ def _calibrated(tmp, data) -> dict[str, torch.Tensor]:
     from compress.quant import calibrate, prepare_qat
     from compress.quant.pipeline import _calibration_batches
     job = _job(tmp, data, "unused")
-    q = prepare_qat(load(tmp / "m.cfg", tmp / "m.weights"), job.config)
-    calibrate(q, _calibration_batches(load_data_spec(data), 64, job))
+    q = prepare_qat(load(tmp / "m.cfg", tmp / "m.weights"), job.quant_config())
+    calibrate(q, _calibration_batches(load_data_spec(data), 64, job.settings()))
     return {k: v for k, v in q.state_dict().items() if k.endswith(("min_val", "max_val"))}

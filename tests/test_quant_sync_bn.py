@@ -61,13 +61,11 @@ def test_sync_bn_option_reaches_every_folded_conv(tmp_path):
     from compress.quant import prepare_qat
     from compress.quant.config import make_config
     from compress.quant.modules import QConvBNAct
-    from compress.quant.pipeline import QuantizeJob, _set_sync_bn
+    from compress.quant.pipeline import _set_sync_bn
     from compress.train.config import DistConfig
 
     qmodel = prepare_qat(load("recipes/demo.cfg"), make_config("google", 4))
-    job = QuantizeJob("recipes/demo.cfg", "w", "d", str(tmp_path), make_config("google", 4), epochs=1,
-                      sync_bn=True)
-    _set_sync_bn(qmodel, job, DistConfig())
+    _set_sync_bn(qmodel, True, DistConfig())
     convs = [m for m in qmodel.modules() if isinstance(m, QConvBNAct)]
     assert convs and all(m.sync_bn for m in convs)
     assert QConvBNAct.sync_bn is False  # the class default stays off for other models

@@ -1,55 +1,9 @@
-"""The click command tree. Each command parses its options into one job, calls `compress.jobs.run_job` (which
-guards the outputs, runs the job and writes report.json), and prints the returned report."""
+"""The click command tree. Each command maps its options one to one onto its job (`compress.jobs`), runs it with
+`compress.jobs.run_job` (guard, run, report.json) and prints the returned Report. The group lives in `group.py`;
+importing a command module attaches its commands."""
 from __future__ import annotations
 
-import logging
-import sys
-
-import click
-
-from compress.base.errors import CompressError
-from compress.cli.common import AppContext
+from compress.cli.group import cli, main
+from compress.cli import data, distill, export, info, prune, quantize, run, train  # noqa: F401  (registers)
 
 __all__ = ["cli", "main"]
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug logs).")
-@click.version_option(package_name="yolo-compress")
-@click.pass_context
-def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
-    """Compress Darknet YOLO detectors: cfg + weights in, cfg + weights out."""
-    level = logging.WARNING - 10 * min(verbose + 1, 2)
-    logging.basicConfig(level=level, format="%(message)s")
-    for noisy in ("PIL", "matplotlib"):  # their debug logs drown ours
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    ctx.obj = AppContext(debug=debug)
-
-
-def _register() -> None:
-    # Importing a command module attaches its commands to `cli`.
-    from compress.cli import info, train, prune, quantize, distill, export, run, data  # noqa: F401
-
-
-_register()
-
-
-def main(argv: list[str] | None = None) -> None:
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    try:
-        cli.main(args=argv, prog_name="yolo-compress", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except CompressError as exc:
-        if debug:
-            raise
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
-        sys.exit(130)

@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import click
+from click.core import ParameterSource
 
 from compress.base.device import DEVICE_HELP, resolve_device
+from compress.jobs import Job, Report, run_job
+from compress.jobs.training import TrainingJob
+from compress.train.distributed import SYNC_BN_HELP
+from compress.train.optim import OPTIMIZERS
 
 __all__ = ["AppContext", "model_options", "report_option", "device_option", "out_option", "exist_ok_option", "run",
-           "echo_table", "letterbox_option", "val_option"]
+           "echo_table", "letterbox_option", "val_option", "fit_options"]
 
 
 @dataclass
@@ -69,38 +74,36 @@ def exist_ok_option(f: Callable) -> Callable:
 EXIST_OK_HELP = "Write into a non-empty output folder (an earlier run's files of the same name are replaced)."
 
 
-def run(job: Any, report_path: str | None = None, exist_ok: bool = False) -> dict:
-    """The one call of every command body: `compress.jobs.run_job` (guard, run, report.json)."""
-    from compress.jobs import run_job
-    return run_job(job, report_path, exist_ok=exist_ok)
+def run(job_type: type[Job], options: Mapping[str, Any], report_path: str | None = None,
+        exist_ok: bool = False) -> Report:
+    """The one call of every command body: the job from the command's options (one to one; the options typed on
+    the command line take precedence in `train`), run by `compress.jobs.run_job` (guard, run, report.json)."""
+    ctx = click.get_current_context()
+    given = {k for k in ctx.params if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+    return run_job(job_type.from_options(options, given), report_path, exist_ok=exist_ok)
 
 
 def echo_table(text: str) -> None:
     click.echo(text)
 
 
-FIT_OPTION_NAMES = ("epochs", "batch_size", "img_size", "lr0", "optimizer", "warmup_epochs", "workers", "seed",
-                    "letterbox", "cache", "cache_dir", "sync_bn")
-
-
-def fit_options(epochs: int = 100, lr0: float = 0.01, optimizer: str = "sgd", warmup_epochs: float = 3.0) -> Callable:
-    """The training-loop options shared by train, sparse-train and distill (defaults differ per command)."""
-    from compress.train.distributed import SYNC_BN_HELP
-    from compress.train.optim import OPTIMIZERS
-
+def fit_options(job_type: type[TrainingJob]) -> Callable:
+    """The training-loop options shared by train, sparse-train and distill (defaults: the job type's)."""
+    default = job_type.train_default
     options = [
-        click.option("--epochs", default=epochs, show_default=True, type=click.IntRange(1)),
-        click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1),
+        click.option("--epochs", default=default("epochs"), show_default=True, type=click.IntRange(1)),
+        click.option("--batch-size", default=default("batch_size"), show_default=True, type=click.IntRange(1),
                      help="Total over processes."),
         click.option("--img-size", type=click.IntRange(32), help="Square training size (multiple of 32); "
                      "default: the cfg's."),
-        click.option("--lr0", default=lr0, show_default=True, type=click.FloatRange(0, min_open=True)),
-        click.option("--optimizer", default=optimizer, show_default=True, type=click.Choice(sorted(OPTIMIZERS))),
-        click.option("--warmup-epochs", default=warmup_epochs, show_default=True, type=click.FloatRange(0),
-                     help="Epochs of linear lr warm-up."),
-        click.option("--workers", default=2, show_default=True, type=click.IntRange(0),
+        click.option("--lr0", default=default("lr0"), show_default=True, type=click.FloatRange(0, min_open=True)),
+        click.option("--optimizer", default=default("optimizer"), show_default=True,
+                     type=click.Choice(sorted(OPTIMIZERS))),
+        click.option("--warmup-epochs", default=default("warmup_epochs"), show_default=True,
+                     type=click.FloatRange(0), help="Epochs of linear lr warm-up."),
+        click.option("--workers", default=default("workers"), show_default=True, type=click.IntRange(0),
                      help="Data-loading processes."),
-        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--seed", default=default("seed"), show_default=True, type=int),
         click.option("--letterbox/--no-letterbox", "letterbox", default=None,
                      help="Input geometry (training and validation); default: the cfg's [net] letter_box."),
         click.option("--cache", type=click.Choice(["ram", "disk"]), help="Keep decoded training images in RAM "
@@ -117,16 +120,3 @@ def fit_options(epochs: int = 100, lr0: float = 0.01, optimizer: str = "sgd", wa
             f = option(f)
         return f
     return deco
-
-
-def fit_config(cfg_path: str, opts: dict, **extra: Any):
-    """Pop the fit_options from a command's kwargs and build the TrainConfig (img size defaults to the cfg's)."""
-    from compress.darknet.cfg import read_cfg
-    from compress.train import TrainConfig
-
-    values = {k: opts.pop(k) for k in FIT_OPTION_NAMES}
-    values["img_size"] = values["img_size"] or read_cfg(cfg_path).width
-    mosaic = opts.pop("mosaic")
-    if mosaic is not None:
-        extra["mosaic"] = mosaic
-    return TrainConfig(**values, **extra)

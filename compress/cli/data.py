@@ -1,14 +1,15 @@
 """`yolo-compress eval | detect | anchors | data synth | data convert`: accuracy, inference, anchors, data."""
 from __future__ import annotations
 
+from typing import Any
+
 import click
 from tabulate import tabulate
 
-from compress.detection.anchors import AnchorConfig
-from compress.data.convert import CONVERTERS, ConvertConfig
-from compress.jobs import AnchorsJob, DetectJob, EvalJob, SynthJob
-from compress.cli import cli
 from compress.cli.common import device_option, exist_ok_option, letterbox_option, model_options, report_option, run
+from compress.cli.group import cli
+from compress.data.convert import CONVERTERS
+from compress.jobs import AnchorsJob, ConvertJob, DetectJob, EvalJob, SynthJob
 
 _DATA = click.option("--data", required=True, type=click.Path(exists=True),
                      help="Darknet .data, Ultralytics data.yaml (its valid split is used) or a folder of images "
@@ -32,11 +33,9 @@ def _fmt(v: float | None) -> str:
 @letterbox_option
 @report_option
 @device_option
-def eval_command(cfg, weights, data, img_size, batch_size, conf_thres, iou_thres, workers, json_path,
-                 no_progress, letterbox, report_path, device) -> None:
+def eval_command(report_path: str | None, **options: Any) -> None:
     """mAP@0.5, mAP@0.5:0.95 (pycocotools), P/R at conf 0.25 and per-class AP on a dataset."""
-    r = run(EvalJob(cfg, weights, data, img_size, batch_size, conf_thres, iou_thres, workers, not no_progress,
-                    letterbox, json_path, device), report_path)
+    r = run(EvalJob, options, report_path)
     rows = [[c["name"], c["instances"], _fmt(c["ap50"]), _fmt(c["ap50_95"])] for c in r["per_class"] if c["instances"]]
     click.echo(tabulate(rows + [["all", r["instances"], _fmt(r["map50"]), _fmt(r["map50_95"])]], tablefmt="github",
                         headers=["class", "instances", "AP@0.5", "AP@0.5:0.95"]))
@@ -44,8 +43,8 @@ def eval_command(cfg, weights, data, img_size, batch_size, conf_thres, iou_thres
     click.echo(f"\n{r['images']} images at {r['img_size']}: mAP@0.5 {r['map50']:.4f}, mAP@0.5:0.95 "
                f"{r['map50_95']:.4f}, P {r['precision']:.3f} R {r['recall']:.3f} (conf {r['pr_conf']}); "
                f"ms/img: pre {t['preprocess']:.1f}, infer {t['inference']:.1f}, nms {t['nms']:.1f}")
-    if json_path:
-        click.echo(f"detections -> {json_path}")
+    if options["json_path"]:
+        click.echo(f"detections -> {options['json_path']}")
 
 
 @cli.command("detect")
@@ -61,14 +60,12 @@ def eval_command(cfg, weights, data, img_size, batch_size, conf_thres, iou_thres
 @report_option
 @device_option
 @exist_ok_option
-def detect_command(cfg, weights, source, out, img_size, conf_thres, iou_thres, names, letterbox, report_path,
-                   device, exist_ok) -> None:
+def detect_command(report_path: str | None, exist_ok: bool, **options: Any) -> None:
     """Draw labelled boxes on images; writes the images and detections.json to --out."""
-    r = run(DetectJob(cfg, weights, source, out, img_size, conf_thres, iou_thres, names, letterbox, device),
-            report_path, exist_ok)
+    r = run(DetectJob, options, report_path, exist_ok)
     click.echo(tabulate([[i["image"], i["boxes"], ", ".join(i["classes"])] for i in r["per_image"]],
                         tablefmt="github", headers=["image", "boxes", "classes"]))
-    click.echo(f"\n{r['images']} images -> {out}")
+    click.echo(f"\n{r['images']} images -> {options['out']}")
 
 
 @cli.command("anchors")
@@ -78,9 +75,9 @@ def detect_command(cfg, weights, source, out, img_size, conf_thres, iou_thres, n
 @click.option("--split", type=click.Choice(["train", "valid"]), default="train", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @report_option
-def anchors_command(data, n, img_size, split, seed, report_path) -> None:
+def anchors_command(report_path: str | None, **options: Any) -> None:
     """k-means anchors (1 - IoU distance) of the label boxes, printed in cfg syntax."""
-    r = run(AnchorsJob(data, AnchorConfig(n=n, img_size=img_size, seed=seed, split=split)), report_path)
+    r = run(AnchorsJob, options, report_path)
     click.echo(tabulate([[i, f"{w:.1f}", f"{h:.1f}"] for i, (w, h) in enumerate(r["anchors"])],
                         tablefmt="github", headers=["anchor", "w", "h"]))
     click.echo(f"\nanchors = {r['anchors_cfg']}\nmean best IoU {r['mean_iou']:.4f} over {r['boxes']} boxes")
@@ -99,11 +96,11 @@ def data_group() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @report_option
 @exist_ok_option
-def synth_command(out, n_train, n_valid, img_size, seed, report_path, exist_ok) -> None:
+def synth_command(report_path: str | None, exist_ok: bool, **options: Any) -> None:
     """Write a deterministic synthetic dataset (circle, square, triangle) with a synth.data file."""
-    r = run(SynthJob(out, n_train, n_valid, img_size, seed), report_path, exist_ok)
-    click.echo(tabulate([["train", n_train], ["valid", n_valid], ["img_size", img_size], ["data", r["data"]]],
-                        tablefmt="github", headers=["synth", "value"]))
+    r = run(SynthJob, options, report_path, exist_ok)
+    click.echo(tabulate([["train", r["n_train"]], ["valid", r["n_valid"]], ["img_size", r["img_size"]],
+                         ["data", r["data"]]], tablefmt="github", headers=["synth", "value"]))
 
 
 @data_group.command("convert")
@@ -120,13 +117,10 @@ def synth_command(out, n_train, n_valid, img_size, seed, report_path, exist_ok) 
 @click.option("--copy", is_flag=True, help="Copy the images instead of symlinking them.")
 @report_option
 @exist_ok_option
-def convert_command(source, src, out, split, images, names, copy, report_path, exist_ok) -> None:
+def convert_command(report_path: str | None, exist_ok: bool, **options: Any) -> None:
     """Convert a COCO json or Pascal VOC xml dataset into images/ + labels/ + a .data file."""
-    from pathlib import Path
-    config = ConvertConfig(source, Path(src), Path(out), split, Path(images) if images else None,
-                           Path(names) if names else None, copy)
-    r = run(config, report_path, exist_ok)
+    r = run(ConvertJob, options, report_path, exist_ok)
     click.echo(tabulate([["images", r["images"]], ["boxes", r["boxes"]], ["classes", r["classes"]]]
                         + [[f"skipped {k}", v] for k, v in r["skipped"].items()],
-                        tablefmt="github", headers=[split, "count"]))
+                        tablefmt="github", headers=[options["split"], "count"]))
     click.echo(f"\n-> {r['data']}")

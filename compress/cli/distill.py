@@ -5,15 +5,13 @@ from typing import Any
 
 import click
 
-from compress.distill import DEFAULT_RATIOS, DEFAULT_STRATEGY, STRATEGIES, TERMS, DistillConfig, parse_pairs
-from compress.distill.config import FEATURE_MODES, LOGIT_MODES
-from compress.jobs import DistillJob
+from compress.cli.common import (device_option, exist_ok_option, fit_options, model_options, out_option, report_option,
+                                 run, val_option)
+from compress.cli.group import cli
 from compress.darknet.summary import format_stage_table
-from compress.cli import cli
-from compress.cli.common import val_option
-from compress.cli.common import (device_option, exist_ok_option, fit_config, fit_options, model_options, out_option,
-                     report_option, run)
-from compress.cli.train import dist_from_env
+from compress.distill import DEFAULT_RATIOS, DEFAULT_STRATEGY, STRATEGIES, TERMS
+from compress.distill.config import FEATURE_MODES, LOGIT_MODES
+from compress.jobs import DistillJob, Report
 
 ROWS = [("run", "run"), ("map50", "mAP@0.5"), ("map50_95", "mAP@0.5:0.95")]
 SHARE_ROWS = [("epoch", "epoch"), ("det", "detection"), *[(k, k) for k in TERMS]]
@@ -29,7 +27,7 @@ SHARE_ROWS = [("epoch", "epoch"), ("det", "detection"), *[(k, k) for k in TERMS]
 @val_option
 @out_option()
 @click.option("--kd", "--KDstr", "kd", type=click.Choice([str(k) for k in sorted(STRATEGIES)]),
-              default=str(DEFAULT_STRATEGY), show_default=True,
+              default=str(DEFAULT_STRATEGY), show_default=True, callback=lambda ctx, param, value: int(value),  # DistillJob.kd: an int
               help="1 logits, 2 +teacher-bounded box, 3 +box mimic, 4 +feature imitation, 5 +GT-masked "
               "feature imitation.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True),
@@ -46,7 +44,7 @@ SHARE_ROWS = [("epoch", "epoch"), ("det", "detection"), *[(k, k) for k in TERMS]
               "least-squares 1x1 adapter (default); at: L2-normalised attention maps; softmax: the reference's.")
 @click.option("--reference", is_flag=True, help="The reference's formulation: softmax terms at T=3 and its "
               "absolute weights (no calibration), for comparison.")
-@fit_options(epochs=30)
+@fit_options(DistillJob)
 @click.option("--baseline", is_flag=True, help="Also train without KD (same epochs and seed) and report both.")
 @click.option("--pairs", help="Feature pairs 'student:teacher,...' for --kd 4/5 (default: one per stride).")
 @click.option("--w-soft", type=click.FloatRange(0), help="Fixed logit-KD weight (instead of calibration).")
@@ -57,28 +55,14 @@ SHARE_ROWS = [("epoch", "epoch"), ("det", "detection"), *[(k, k) for k in TERMS]
 @device_option
 @report_option
 @exist_ok_option
-def distill_command(cfg: str, weights: str | None, t_cfg: str, t_weights: str, data: str, val: str | None,
-                    out: str, kd: str,
-                    temperature: float | None, ratio_soft: float | None, ratio_box: float | None,
-                    ratio_feat: float | None, logit_kd: str | None, feature_kd: str | None, reference: bool,
-                    baseline: bool, pairs: str | None, w_soft: float | None, w_box: float | None,
-                    w_feat: float | None, reference_kd1: bool, resume: bool, device: str,
-                    report_path: str | None, exist_ok: bool, **fit: Any) -> None:
+def distill_command(report_path: str | None, exist_ok: bool, **options: Any) -> None:
     """Fine-tune --cfg/--weights with a --t_cfg/--t_weights teacher; writes OUT/distilled.cfg/.weights."""
-    given = dict(temperature=temperature, logits=logit_kd, feature=feature_kd)
-    options = dict(w_soft=w_soft, w_box=w_box, w_feat=w_feat, ratios=(ratio_soft, ratio_box, ratio_feat),
-                   pairs=parse_pairs(pairs), baseline=baseline, reference_kd1=reference_kd1,
-                   **{k: v for k, v in given.items() if v is not None})
-    config = (DistillConfig.reference(int(kd), **options) if reference else DistillConfig(strategy=int(kd), **options))
-    train = fit_config(cfg, fit, resume=resume)
-    dist, device = dist_from_env(device)
-    report = run(DistillJob(cfg, weights, t_cfg, t_weights, data, out, config, train, device, dist, val=val),
-                 report_path, exist_ok)
-    if report:  # {} on torchrun ranks > 0
+    report = run(DistillJob, options, report_path, exist_ok)
+    if report.is_main:  # torchrun ranks > 0 print nothing
         _echo(report)
 
 
-def _echo(d: dict) -> None:
+def _echo(d: Report) -> None:
     rows = [{"run": f"KD strategy {d['strategy']}", "map50": d["map50_kd"], "map50_95": d["map50_95_kd"]}]
     if d["map50_baseline"] is not None:
         rows.append({"run": "no KD (baseline)", "map50": d["map50_baseline"], "map50_95": d["map50_95_baseline"]})

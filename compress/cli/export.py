@@ -1,18 +1,20 @@
 """`yolo-compress export`: the decoded model as ONNX, OpenVINO IR or ncnn, checked in its runtime against torch."""
 from __future__ import annotations
 
+from typing import Any
+
 import click
 from tabulate import tabulate
 
-from compress.deploy.export import FORMATS, SUPPORTED_OPSETS, ExportConfig, NmsConfig
-from compress.jobs import ExportJob
-from compress.cli import cli
 from compress.cli.common import exist_ok_option, model_options, report_option, run
+from compress.cli.group import cli
+from compress.deploy.export import FORMATS, SUPPORTED_OPSETS
+from compress.jobs import ExportJob
 
 
 @cli.command("export")
 @model_options()
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="onnx", show_default=True,
+@click.option("--format", "format", type=click.Choice(FORMATS), default="onnx", show_default=True,
               help="onnx: one file; openvino (model.xml + .bin) and ncnn (model.param + .bin): a folder.")
 @click.option("--out", type=click.Path(), required=True, help="model.onnx, or the folder for openvino/ncnn.")
 @click.option("--img-size", type=click.IntRange(32, 4096), help="Input size (square); default: the cfg's.")
@@ -29,20 +31,15 @@ from compress.cli.common import exist_ok_option, model_options, report_option, r
 @click.option("--max-det", type=click.IntRange(1), default=100, show_default=True, help="--nms: boxes per image.")
 @click.option("--opset", type=click.IntRange(SUPPORTED_OPSETS.start, SUPPORTED_OPSETS.stop - 1), default=17,
               show_default=True, help="ONNX opset (13 and 17 are tested).")
-@click.option("--check/--no-check", default=True, show_default=True,
+@click.option("--check/--no-check", "runtime_check", default=True, show_default=True,
               help="Run the written model in its runtime and fail if it differs from torch "
                    "(boxes > 1 px or scores > 0.01; with --half 3 px / 0.05).")
 @click.option("--check-image", "check_images", multiple=True, type=click.Path(exists=True, dir_okay=False),
               help="Also check on this image (repeatable); a random image rarely has detections for --nms.")
 @report_option
 @exist_ok_option
-def export_command(cfg, weights, fmt, out, img_size, dynamic, dynamic_batch, simplify, half, nms, iou_thres,
-                   score_thres, max_det, opset, check, check_images, report_path, exist_ok) -> None:
+def export_command(report_path: str | None, exist_ok: bool, **options: Any) -> None:
     """Export the eval-mode model (boxes in pixels, sigmoid scores): input `images`, output `output`."""
-    nms_config = NmsConfig(iou_thres, score_thres, max_det) if nms else None
-    config = ExportConfig(format=fmt, img_size=img_size, dynamic=dynamic, dynamic_batch=dynamic_batch,
-                          opset=opset, simplify=simplify, half=half, nms=nms_config, check=check,
-                          check_images=tuple(check_images))
-    figures = run(ExportJob(cfg, weights, out, config), report_path, exist_ok)
+    figures = run(ExportJob, options, report_path, exist_ok).to_dict()
     shown = {k: v for k, v in figures.items() if v is not None and k not in ("files", "onnx")}
     click.echo(tabulate(list(shown.items()), tablefmt="github", headers=["export", "value"]))

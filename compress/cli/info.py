@@ -1,12 +1,14 @@
 """`yolo-compress info`: layers, params, FLOPs, BN-gamma statistics."""
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
-from compress.jobs import InfoJob
-from compress.darknet.summary import LayerRow, ModelSummary
-from compress.cli import cli
 from compress.cli.common import model_options, report_option, run
+from compress.cli.group import cli
+from compress.darknet.summary import LayerRow, ModelSummary
+from compress.jobs import InfoJob
 
 
 @cli.command("info")
@@ -15,18 +17,17 @@ from compress.cli.common import model_options, report_option, run
 @click.option("--gamma-plot", type=click.Path(dir_okay=False), help="Write a BN-gamma histogram PNG here.")
 @click.option("--cutoff", type=click.IntRange(1), help="Load weights of the first N layers only.")
 @report_option
-def info_command(cfg: str, weights: str | None, img_size: int | None, gamma_plot: str | None,
-                 cutoff: int | None, report_path: str | None) -> None:
+def info_command(report_path: str | None, **options: Any) -> None:
     """Per-layer table, totals (params, GFLOPs, size) and BN-gamma summary of a model."""
-    r = run(InfoJob(cfg, weights, img_size, gamma_plot, cutoff), report_path)
+    r = run(InfoJob, options, report_path)
     rows = tuple(LayerRow(**row) for row in r["layers"])
     click.echo(ModelSummary(rows, r["params"], r["gflops"], tuple(r["img_size"])).table())
     h, w = r["img_size"]
     click.echo(f"\n{len(rows)} layers, {r['params']:,} params, {r['gflops']:.3f} GFLOPs at {w}x{h}"
-               + (f", weights {r['weights_mb']:.2f} MB" if weights else ""))
+               + (f", weights {r['weights_mb']:.2f} MB" if options["weights"] else ""))
     stats = r["gamma"]
     if stats["count"]:
         click.echo("BN |gamma|: " + ", ".join(f"{k}={v:.4g}" for k, v in stats.items() if k != "count")
                    + f" over {stats['count']} channels")
-    if gamma_plot:
-        click.echo(f"gamma histogram -> {gamma_plot}")
+    if options["gamma_plot"]:
+        click.echo(f"gamma histogram -> {options['gamma_plot']}")

@@ -7,15 +7,13 @@ from typing import Any
 import click
 from tabulate import tabulate
 
-from compress.jobs import PruneJob, SparseTrainJob
-from compress.prune import METHODS, PruneConfig
+from compress.cli.common import (device_option, exist_ok_option, fit_options, letterbox_option, model_options, out_option,
+                                 report_option, run, val_option)
+from compress.cli.group import cli
 from compress.darknet.summary import format_stage_table
-from compress.prune.sparsity import SCHEDULES, UPDATES, SparsityConfig
-from compress.cli import cli
-from compress.cli.common import letterbox_option, val_option
-from compress.cli.common import (device_option, exist_ok_option, fit_config, fit_options, model_options, out_option, report_option,
-                     run)
-from compress.cli.train import dist_from_env
+from compress.jobs import PruneJob, Report, SparseTrainJob
+from compress.prune import METHODS
+from compress.prune.sparsity import SCHEDULES, UPDATES
 
 _ROWS = [("params", "params"), ("gflops", "GFLOPs"), ("size_mb", "weights MB"), ("latency_ms", "CPU latency ms"),
          ("map50", "mAP@.5"), ("map50_95", "mAP@.5:.95")]
@@ -27,7 +25,7 @@ _SPARSE_KEYS = [("params", "params"), ("gflops", "GFLOPs"), ("map50", "mAP@.5"),
                 ("safe_percent_reached_epoch", "target reached (epoch)")]
 
 
-def _before_after(report: dict) -> str:
+def _before_after(report: Report) -> str:
     rows = [{"figure": head, "before": report[f"{k}_before"], "after": report[f"{k}_after"]} for k, head in _ROWS]
     return format_stage_table(rows, [("figure", "figure"), ("before", "before"), ("after", "after")])
 
@@ -54,20 +52,14 @@ def _before_after(report: dict) -> str:
 @device_option
 @report_option
 @exist_ok_option
-def prune_command(cfg: str, weights: str | None, out: str, method: str, percent: float, shortcuts: int,
-                  round_to: int | None, min_keep: float, layer_keep: float, no_compensate: bool, data: str | None,
-                  img_size: int | None, letterbox: bool | None, dry_run: bool, latency: bool, device: str,
-                  report_path: str | None, exist_ok: bool) -> None:
+def prune_command(report_path: str | None, exist_ok: bool, **options: Any) -> None:
     """Channel or layer pruning of a Darknet model -> DIR/<cfg>-<method>.cfg/.weights + report.json."""
-    config = PruneConfig(method=method, percent=percent, shortcuts=shortcuts, round_to=round_to, min_keep=min_keep,
-                         layer_keep=layer_keep, compensate=not no_compensate)
-    report = run(PruneJob(cfg, weights, out, config, data, img_size, dry_run, device, 5 if latency else 0,
-                          letterbox=letterbox), report_path, exist_ok)
-    if dry_run:
+    report = run(PruneJob, options, report_path, exist_ok)
+    if report["dry_run"]:
         click.echo(tabulate([[c["layer"], c["type"], c["before"], c["after"]] for c in report["channels"]],
                             headers=["#", "type", "before", "after"], tablefmt="github"))
     click.echo(_before_after(report))
-    if not dry_run:
+    if not report["dry_run"]:
         click.echo(f"-> {report['cfg']}, {report['weights']}")
 
 
@@ -79,7 +71,7 @@ def prune_command(cfg: str, weights: str | None, out: str, method: str, percent:
 @click.option("--s", "--sr", "s", type=click.FloatRange(0), default=1e-3, show_default=True,
               help="L1 strength on BN gammas (reference --s).")
 @click.option("-sr", "sr_flag", is_flag=True, hidden=True, help="Accepted for the reference; implied.")
-@click.option("--prune", "mode", type=click.IntRange(0, 2), default=0, show_default=True,
+@click.option("--prune", type=click.IntRange(0, 2), default=0, show_default=True,
               help="Layer set: 0 normal/regular, 1 shortcut/slim, 2 layer pruning.")
 @click.option("--s-schedule", type=click.Choice(sorted(SCHEDULES)), default="constant", show_default=True)
 @click.option("--l1-update", type=click.Choice(["auto", *sorted(UPDATES)]), default="auto", show_default=True,
@@ -89,22 +81,13 @@ def prune_command(cfg: str, weights: str | None, out: str, method: str, percent:
 @click.option("--s-growth", type=click.FloatRange(1, 100, min_open=True), default=2.0, show_default=True,
               help="Factor on s per epoch while below --target-sparsity.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out from its last.pt.")
-@fit_options()
+@fit_options(SparseTrainJob)
 @device_option
 @report_option
 @exist_ok_option
-def sparse_train_command(cfg: str, weights: str | None, data: str, val: str | None, out: str, s: float,
-                         sr_flag: bool, mode: int, s_schedule: str, l1_update: str, target_sparsity: float | None,
-                         s_growth: float, resume: bool, device: str, report_path: str | None, exist_ok: bool,
-                         **fit: Any) -> None:
+def sparse_train_command(report_path: str | None, exist_ok: bool, sr_flag: bool, **options: Any) -> None:
     """Train with an L1 penalty on BN gammas (network slimming) so that `prune` can cut channels."""
-    dist, device = dist_from_env(device)
-    sparsity = SparsityConfig(s=s, mode=mode, schedule=s_schedule, update=l1_update, target=target_sparsity,
-                              growth=s_growth)
-    job = SparseTrainJob(cfg, weights, data, out, sparsity, fit_config(cfg, fit, progress=False, resume=resume),
-                         device=device, distributed=dist, val=val)
-    report = run(job, report_path, exist_ok)
-    if not report:
-        return
-    click.echo(format_stage_table([report], _SPARSE_KEYS))
-    click.echo(json.dumps(report["gamma"], indent=None))
+    report = run(SparseTrainJob, options, report_path, exist_ok)
+    if report.is_main:
+        click.echo(format_stage_table([report.to_dict()], _SPARSE_KEYS))
+        click.echo(json.dumps(report["gamma"], indent=None))

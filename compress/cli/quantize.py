@@ -1,23 +1,24 @@
 """`yolo-compress quantize`: DoReFa (k-bit) or Google (int8) fake quantization, PTQ or QAT."""
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
-from compress.jobs import QuantizeJob
-from compress.quant.pipeline import QuantVerifyError
-from compress.quant.config import ACT_SCHEMES, METHOD_CONFIGS, SAFE_RANGES, make_config
-from compress.quant.weights import W_CLIPS
+from compress.cli.common import (device_option, exist_ok_option, letterbox_option, model_options, out_option,
+                                 report_option, run, val_option)
+from compress.cli.group import cli
 from compress.darknet.summary import format_stage_table
-from compress.cli import cli
-from compress.cli.common import letterbox_option, val_option
-from compress.cli.common import device_option, exist_ok_option, model_options, out_option, report_option, run
-from compress.cli.train import dist_from_env
+from compress.jobs import QuantizeJob, Report
+from compress.quant.config import ACT_SCHEMES, METHOD_CONFIGS, SAFE_RANGES
+from compress.quant.pipeline import QuantVerifyError
+from compress.quant.weights import W_CLIPS
 
 _ROWS = [("fp32", "fp32 (input)"), ("fakequant", "fake-quant (torch)"), ("int8_onnx", "int8 QDQ ONNX"),
          ("darknet", "Darknet pair (weights on grid)")]
 
 
-def _table(r: dict) -> str:
+def _table(r: Report) -> str:
     rows = [{"stage": head, "map50": r.get(f"map50_{k}"), "map50_95": r.get(f"map50_95_{k}")} for k, head in _ROWS]
     rows[0].update(size=r["size_mb_fp32"], lat=r["latency_ms_fp32_onnx"])
     rows[2].update(size=r["size_mb_int8"], lat=r["latency_ms_int8_onnx"])
@@ -77,35 +78,18 @@ def _table(r: dict) -> str:
 @device_option
 @report_option
 @exist_ok_option
-def quantize_command(cfg: str, weights: str, data: str, val: str | None, letterbox: bool | None, out: str,
-                     method: str | None, bits: int, a_bits: int | None,
-                     bn_fold: bool, pow2: bool, per_tensor: bool, first_last_bits: int, act_scheme: str,
-                     reduce_range: bool, weight_clip: str | None, epochs: int, freeze_observers_after: int | None,
-                     freeze_bn_after: int | None, calib_batches: int, batch_size: int,
-                     lr0: float, img_size: int | None, resume: bool, seed: int, sync_bn: bool, act_drop: float,
-                     bias_correction: bool, safe_range: str, no_eval: bool, no_verify: bool, device: str, report_path: str | None,
-                     exist_ok: bool) -> None:
+def quantize_command(report_path: str | None, exist_ok: bool, **options: Any) -> None:
     """Quantize -> DIR/<cfg>-q<bits>.cfg/.weights (folded, on the grid), quant.json, weights_int.npz,
     model-int8.onnx (QDQ), model-fp32.onnx and report.json."""
-    config = make_config(method, bits, a_bits, bn_fold=bn_fold, pow2=pow2, per_channel=not per_tensor,
-                         first_last_bits=first_last_bits, act_scheme=act_scheme, reduce_range=reduce_range,
-                         w_clip=weight_clip, safe_range=safe_range)
-    dist, device = dist_from_env(device)
-    job = QuantizeJob(cfg, weights, data, out, config, epochs, calib_batches, batch_size,
-                      img_size, lr0, freeze_observers_after=freeze_observers_after, freeze_bn_after=freeze_bn_after,
-                      evaluate=not no_eval, verify=not no_verify, letterbox=letterbox, device=device, val=val,
-                      resume=resume, seed=seed, bias_correction=bias_correction, distributed=dist,
-                      sync_bn=sync_bn, act_drop=act_drop)
     try:
-        report = run(job, report_path, exist_ok)
+        report = run(QuantizeJob, options, report_path, exist_ok)
     except QuantVerifyError as exc:  # raised after report.json and the artifacts were written: show them
         _echo(exc.report)
         raise
-    if dist is not None and not dist.is_main:  # rank 0 prints and writes
-        return
-    _echo(report)
+    if report.is_main:  # rank 0 prints and writes
+        _echo(report)
 
 
-def _echo(report: dict) -> None:
+def _echo(report: Report) -> None:
     click.echo(_table(report))
     click.echo(f"-> {report['cfg']}, {report['weights']}, {report['onnx']}")

@@ -1,12 +1,14 @@
 """`yolo-compress run RECIPE.yaml`: run a recipe's steps (the CLI commands themselves) and tabulate the stages."""
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
-from compress.jobs import RecipeJob
-from compress.recipe import RunConfig, stage_table
-from compress.cli import cli
+from compress.cli.group import cli
 from compress.cli.common import run
+from compress.jobs import RecipeJob
+from compress.recipe import stage_table
 
 
 def lookup_command(path: str) -> click.Command | None:
@@ -30,12 +32,9 @@ def lookup_command(path: str) -> click.Command | None:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the stage table as JSON.")
 @click.option("--exist-ok", is_flag=True, help="Run into a non-empty --out that is not an earlier run of a recipe "
               "(a folder holding manifest.json is resumed without it).")
-@click.pass_obj
-def run_command(obj: object, recipe: str, out: str | None, overrides: tuple[str, ...], dry_run: bool,
-                report_path: str | None, exist_ok: bool) -> None:
+def run_command(report_path: str | None, **options: Any) -> None:
     """Run RECIPE.yaml: each step is a yolo-compress command; models thread through the steps' report.json."""
-    r = run(RecipeJob(RunConfig(recipe, out, overrides, dry_run, exist_ok), lookup_command, obj), report_path,
-            exist_ok)
+    r = run(RecipeJob, options, report_path, options["exist_ok"])
     if r.get("dry_run"):
         click.echo(r["commands"])
         return

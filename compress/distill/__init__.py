@@ -7,14 +7,14 @@ against the detection loss, see `calibrate.py`) and, with `baseline=True`, the s
 """
 from __future__ import annotations
 
-from compress.distill.api import DistillResult, distill
+from compress.distill.api import DistillResult, distill, distilled_pair
 from compress.distill.calibrate import Calibrator
 from compress.distill.config import DEFAULT_RATIOS, DEFAULT_STRATEGY, DEFAULT_WEIGHTS, TERMS, DistillConfig, parse_pairs
 from compress.distill.features import check_compatible, pair_by_stride, pair_heads, stride_features
 from compress.distill.hook import DistillHook
 from compress.distill.losses import STRATEGIES, HeadPositives, KDInputs
 
-__all__ = ["distill", "DistillResult", "DistillConfig", "DistillHook", "STRATEGIES", "DEFAULT_WEIGHTS",
+__all__ = ["distill", "distilled_pair", "DistillResult", "DistillConfig", "DistillHook", "STRATEGIES", "DEFAULT_WEIGHTS",
            "DEFAULT_RATIOS", "DEFAULT_STRATEGY", "TERMS", "Calibrator",
            "HeadPositives", "KDInputs", "parse_pairs", "check_compatible", "pair_by_stride", "pair_heads",
            "stride_features"]

@@ -25,7 +25,7 @@ from compress.distill.config import TERMS, DistillConfig
 from compress.distill.features import check_compatible
 from compress.distill.hook import DistillHook
 
-__all__ = ["distill", "DistillResult", "OUT_NAME"]
+__all__ = ["distill", "distilled_pair", "DistillResult", "OUT_NAME"]
 
 log = logging.getLogger(__name__)
 OUT_NAME = "distilled"
@@ -64,11 +64,12 @@ class DistillResult:
 
 def distill(student: DarknetModel, teacher: DarknetModel, data_spec: DataSpec, config: DistillConfig = DistillConfig(),
             train_config: TrainConfig = TrainConfig(), device: str = "cpu",
-            out_dir: str | os.PathLike | None = None, distributed: DistConfig | None = None) -> DistillResult:
+            out_dir: str | os.PathLike | None = None, distributed: DistConfig | None = None,
+            outputs: tuple[Path, Path] | None = None) -> DistillResult:
     """Train `student` in place with knowledge distilled from `teacher` (frozen, eval mode, no_grad).
 
     With `out_dir`: training runs in `out_dir/kd` (and `out_dir/baseline`), and the final student (EMA when
-    `train_config.ema`) is written as `out_dir/distilled.cfg` + `.weights`. `train_config.resume` continues
+    `train_config.ema`) is written as `outputs` (cfg, weights; default `distilled_pair(out_dir)`). `train_config.resume` continues
     both runs from their `last.pt` (and the calibrated KD weights from `kd/kd_state.json`). `distributed`
     (one process of a torchrun job): DDP training, only rank 0 writes files and reports figures.
 
@@ -84,7 +85,8 @@ def distill(student: DarknetModel, teacher: DarknetModel, data_spec: DataSpec, c
     D.check_sync_bn(train_config.sync_bn, dist_cfg, torch.device(device))  # before the process group
     created = D.setup(dist_cfg, torch.device(device))  # one process group for the KD and the baseline runs
     try:
-        return _run(student, teacher, data_spec, config, train_config, device, out_dir, dist_cfg)
+        pair = outputs or (distilled_pair(out_dir) if out_dir is not None else None)
+        return _run(student, teacher, data_spec, config, train_config, device, out_dir, dist_cfg, pair)
     finally:
         D.barrier(dist_cfg)
         D.teardown(created)
@@ -92,7 +94,7 @@ def distill(student: DarknetModel, teacher: DarknetModel, data_spec: DataSpec, c
 
 def _run(student: DarknetModel, teacher: DarknetModel, data_spec: DataSpec, config: DistillConfig,
          train_config: TrainConfig, device: str, out_dir: str | os.PathLike | None,
-         dist_cfg: DistConfig) -> DistillResult:
+         dist_cfg: DistConfig, pair: tuple[Path, Path] | None) -> DistillResult:
     out = Path(out_dir) if out_dir is not None else None
     base_model = copy.deepcopy(student) if config.baseline else None
     hook = DistillHook(teacher, config)
@@ -115,7 +117,7 @@ def _run(student: DarknetModel, teacher: DarknetModel, data_spec: DataSpec, conf
                   world_size=dist_cfg.world_size)
     if not dist_cfg.is_main:
         return DistillResult(student.eval(), config, kd, baseline, **extras)
-    model, cfg_path, weights_path = _output(student, kd, out, device)
+    model, cfg_path, weights_path = _output(student, kd, pair, device)
     img = (train_config.img_size, train_config.img_size)
     figures = stage_figures(model, cfg_path, weights_path, kd.metrics, img)
     return DistillResult(model, config, kd, baseline, cfg_path, weights_path, figures, **extras)
@@ -136,12 +138,16 @@ def _fields(config: DistillConfig) -> dict:
     return {k: getattr(config, k) for k in config.__dataclass_fields__ if not k.startswith("_")}
 
 
-def _output(student: DarknetModel, kd: TrainResult, out: Path | None,
+def distilled_pair(out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Where the distilled student goes in `out_dir` (the distill command's output pair)."""
+    return Path(out_dir) / f"{OUT_NAME}.cfg", Path(out_dir) / f"{OUT_NAME}.weights"
+
+
+def _output(student: DarknetModel, kd: TrainResult, pair: tuple[Path, Path] | None,
             device: str) -> tuple[DarknetModel, Path | None, Path | None]:
-    """The final student: fit's saved last model (EMA) copied to out/distilled.*, else the trained module."""
-    if out is None or kd.last_cfg is None:
+    """The final student: fit's saved last model (EMA) copied to `pair`, else the trained module."""
+    if pair is None or kd.last_cfg is None:
         return student.eval(), None, None
     model = load(kd.last_cfg, kd.last_weights, device=device)
-    cfg_path, weights_path = out / f"{OUT_NAME}.cfg", out / f"{OUT_NAME}.weights"
-    save(model, cfg_path, weights_path)
-    return model, cfg_path, weights_path
+    save(model, *pair)
+    return model, *pair

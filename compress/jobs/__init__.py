@@ -1,18 +1,25 @@
-"""One job contract for every command: a frozen job, one registry, `run_job(job) -> report`.
+"""One job per command: a frozen job whose fields are the command's options, one registry, `run_job`.
 
 Example (the Python equivalent of `yolo-compress prune --cfg m.cfg --weights m.weights --out runs/p`):
     >>> from compress.jobs import PruneJob, run_job
-    >>> report = run_job(PruneJob("m.cfg", "m.weights", "runs/p"))   # guarded; writes runs/p/report.json
+    >>> report = run_job(PruneJob("m.cfg", "m.weights", "runs/p", method="slim", percent=0.5))
     >>> report["cfg"], report["weights"]                              # the pruned pair
 
-See `contract.py` for the steps `run_job` takes, and docs/design.md ("Job contract").
+`JOBS["prune"].from_dict({...}, where="recipe.yaml:12")` builds a job from plain option values (recipes).
+See `base.py` for the steps `run_job` takes, and docs/design.md ("Job contract", "Adding a command").
 """
 from __future__ import annotations
 
-from compress.jobs.contract import JOBS, REPORT_NAME, JobKind, job_kind, job_paths, register_job, run_job, write_report
-from compress.jobs.training import DistillJob, PruneJob, QuantizeJob, SparseTrainJob, TrainJob
-from compress.jobs.tools import AnchorsJob, ConvertConfig, DetectJob, EvalJob, ExportJob, InfoJob, RecipeJob, SynthJob
+from compress.jobs.base import CLI_ONLY, JOBS, REPORT_NAME, Job, Report, job_paths, register_job, run_job, write_report
+from compress.jobs.data import ConvertJob, SynthJob
+from compress.jobs.distill import DistillJob
+from compress.jobs.export import ExportJob
+from compress.jobs.inspect import AnchorsJob, DetectJob, EvalJob, InfoJob
+from compress.jobs.prune import PruneJob, SparseTrainJob
+from compress.jobs.quantize import QuantizeJob
+from compress.jobs.recipe import RecipeJob
+from compress.jobs.train import TrainJob
 
-__all__ = ["run_job", "job_paths", "job_kind", "register_job", "write_report", "JobKind", "JOBS", "REPORT_NAME",
-           "TrainJob", "DistillJob", "PruneJob", "QuantizeJob", "SparseTrainJob", "InfoJob", "EvalJob", "DetectJob",
-           "ExportJob", "AnchorsJob", "SynthJob", "ConvertConfig", "RecipeJob"]
+__all__ = ["run_job", "job_paths", "register_job", "write_report", "Job", "Report", "JOBS", "REPORT_NAME", "CLI_ONLY",
+           "TrainJob", "SparseTrainJob", "PruneJob", "QuantizeJob", "DistillJob", "InfoJob", "EvalJob", "DetectJob",
+           "ExportJob", "AnchorsJob", "SynthJob", "ConvertJob", "RecipeJob"]

@@ -1,147 +1,99 @@
-"""Jobs of the model-producing commands: train, sparse-train, prune, quantize, distill.
+"""The training options: one `train: TrainConfig` for train, sparse-train, distill (and QAT in quantize).
 
-Each writes its output Darknet pair into its `out` folder and the report's `cfg`/`weights` name that pair (the
-OUTPUT CONVENTION in docs/design.md; recipes thread models through these keys).
+Their CLI options (`--epochs`, `--lr0`, `--no-ema`, ...) are not job fields: `from_options` / `from_dict` hand
+them to the job's `make_train`, which builds the TrainConfig once. An option is a TrainConfig field of the same
+name, or a negated flag (`no_ema` -> `ema=False`). `to_argv` renders a training job's `train` back into the
+options that differ from what the job builds without any.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+import dataclasses
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Mapping
 
-from compress.distill.config import DistillConfig
 from compress.base.guard import Output
-from compress.prune.pipeline import PruneJob, run_prune
-from compress.quant.pipeline import QuantizeJob, check_verified, output_paths, quantize
-from compress.prune.sparsity import SparseTrainJob, run_sparse_train
-from compress.train.config import DistConfig, TrainConfig
-from compress.jobs.contract import JobKind, register_job
+from compress.darknet.cfg import read_cfg
+from compress.jobs.base import Job, PathLike
+from compress.train.config import TrainConfig
 
-__all__ = ["TrainJob", "DistillJob", "PruneJob", "QuantizeJob", "SparseTrainJob"]
+__all__ = ["FIT_OPTIONS", "NEGATED", "TrainingJob", "train_values", "train_option_types", "data_path"]
+
+# The loop options every training command has (compress.cli.common.fit_options), in CLI order.
+FIT_OPTIONS = ("epochs", "batch_size", "img_size", "lr0", "optimizer", "warmup_epochs", "workers", "seed",
+               "letterbox", "cache", "cache_dir", "mosaic", "sync_bn")
+NEGATED = {"no_ema": "ema", "no_augment": "augment"}   # flag -> the TrainConfig field it turns off
 
 
-def _data_path(data: Any) -> str | os.PathLike | None:
+def train_option_types(names: tuple[str, ...]) -> dict[str, Any]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {n: bool if n in NEGATED else hints[n] for n in names}
+
+
+def train_values(options: Mapping[str, Any]) -> dict[str, Any]:
+    """TrainConfig keyword arguments from training options: unset (None) options are left to the defaults,
+    negated flags become their field."""
+    values = {}
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name in NEGATED:
+            values[NEGATED[name]] = not value
+        else:
+            values[name] = value
+    return values
+
+
+def data_path(data: Any) -> PathLike | None:
     """A data argument that is a path (a DataSpec built in Python has no file to protect)."""
-    return data if isinstance(data, (str, os.PathLike)) else None
+    return data if isinstance(data, (str, Path)) or hasattr(data, "__fspath__") else None
 
 
-def _out(job: Any, *files: Path) -> tuple[Output, ...]:
-    return (Output(Path(job.out), "dir", "--out"), *(Output(f, "file", "--out") for f in files))
+class TrainingJob(Job):
+    """A job with `train: TrainConfig` built from `FIT_OPTIONS` + resume (subclasses add options). `train`
+    None at construction: the TrainConfig the job builds without training options."""
 
+    train_options: ClassVar[tuple[str, ...]] = FIT_OPTIONS + ("resume",)
+    train_defaults: ClassVar[Mapping[str, Any]] = {}   # this command's defaults (the CLI shows the same)
+    train_extra: ClassVar[Mapping[str, Any]] = {}      # fixed TrainConfig values that are no option
 
-def _cache_dir(train: TrainConfig | None) -> tuple[Output, ...]:
-    return (Output(Path(train.cache_dir), "dir", "--cache-dir"),) if train and train.cache_dir else ()
+    def __post_init__(self) -> None:
+        if self.train is None:
+            object.__setattr__(self, "train", type(self).make_train(self._own_options(), {}, set()))
 
+    def _own_options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "train"}
 
-@dataclass(frozen=True)
-class TrainJob:
-    """`yolo-compress train`: cfg (+ weights, the first `cutoff` layers) trained on `data` (`val` replaces its
-    valid split) into `out` (best/last pairs, last.pt, results.csv). `hyp`: the YAML `config` was resolved
-    from (declared so no output can replace it)."""
+    @classmethod
+    def train_default(cls, name: str) -> Any:
+        """The default of training option `name` for this command (what the CLI shows)."""
+        if name in NEGATED:
+            return False
+        return cls.train_defaults.get(name, getattr(TrainConfig, name))
 
-    cfg: str | os.PathLike
-    weights: str | os.PathLike | None
-    data: Any
-    out: str | os.PathLike
-    config: TrainConfig = field(default_factory=TrainConfig)
-    device: str = "cpu"
-    cutoff: int | None = None
-    distributed: DistConfig | None = None
-    val: str | os.PathLike | None = None
-    hyp: str | os.PathLike | None = None
+    @classmethod
+    def option_types(cls) -> dict[str, Any]:
+        return {**super().option_types(), **train_option_types(cls.train_options)}
 
+    @classmethod
+    def make_train(cls, options: Mapping[str, Any], train: Mapping[str, Any], given: set[str]) -> TrainConfig:
+        values = {**cls.train_defaults, **train_values(train), **cls.train_extra}
+        values.setdefault("img_size", read_cfg(options["cfg"]).width)  # default: the cfg's size
+        return TrainConfig(**values)
 
-def _run_train(job: TrainJob) -> dict:
-    from compress.data.dataset import load_data_spec
-    from compress.train import train_model
-    data = load_data_spec(job.data, job.val, training=True)
-    return train_model(job.cfg, job.weights, data, job.config, job.out, job.device, job.cutoff, job.distributed)[1]
+    def resumes(self) -> bool:
+        return self.train.resume
 
+    def train_argv_values(self) -> dict[str, Any]:
+        plain = type(self).make_train(self._own_options(), {}, set())
+        values = {}
+        for name in self.train_options:
+            field = NEGATED.get(name, name)
+            mine, default = getattr(self.train, field), getattr(plain, field)
+            if mine != default:
+                values[name] = (not mine) if name in NEGATED else mine
+        return values
 
-register_job(TrainJob, JobKind(
-    "train", _run_train,
-    inputs=lambda j: (j.cfg, j.weights, _data_path(j.data), j.val, j.hyp),
-    outputs=lambda j: _out(j, *(Path(j.out) / f"{n}.{e}" for n in ("best", "last") for e in ("cfg", "weights")))
-    + _cache_dir(j.config),
-    out_dir=lambda j: j.out))
-
-
-@dataclass(frozen=True)
-class DistillJob:
-    """`yolo-compress distill`: the student cfg/weights fine-tuned with the teacher t_cfg/t_weights on `data`;
-    writes `out/distilled.cfg` + `.weights` (training runs in `out/kd`, `out/baseline`)."""
-
-    cfg: str | os.PathLike
-    weights: str | os.PathLike | None
-    t_cfg: str | os.PathLike
-    t_weights: str | os.PathLike
-    data: Any
-    out: str | os.PathLike
-    config: DistillConfig = field(default_factory=DistillConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    device: str = "cpu"
-    distributed: DistConfig | None = None
-    val: str | os.PathLike | None = None
-
-
-def _run_distill(job: DistillJob) -> dict:
-    from compress.data.dataset import load_data_spec
-    from compress.distill import distill
-    from compress.darknet.persist import load
-    from compress.train.checkpoint import seed_all
-    data = load_data_spec(job.data, job.val, training=True)
-    seed_all(job.train.seed)  # a student without --weights starts from --seed's initialisation
-    student, teacher = load(job.cfg, job.weights, device=job.device), load(job.t_cfg, job.t_weights, device=job.device)
-    result = distill(student, teacher, data, job.config, job.train, job.device, job.out, job.distributed)
-    return {} if job.distributed is not None and not job.distributed.is_main else result.to_dict()
-
-
-register_job(DistillJob, JobKind(
-    "distill", _run_distill,
-    inputs=lambda j: (j.cfg, j.weights, j.t_cfg, j.t_weights, _data_path(j.data), j.val),
-    outputs=lambda j: _out(j, Path(j.out) / "distilled.cfg", Path(j.out) / "distilled.weights")
-    + _cache_dir(j.train),
-    out_dir=lambda j: j.out))
-
-
-def _run_sparse(job: SparseTrainJob) -> dict:
-    return run_sparse_train(job)
-
-
-def _sparse_outputs(job: SparseTrainJob) -> tuple[Output, ...]:
-    stem = Path(job.cfg).stem
-    return _out(job, Path(job.out) / f"{stem}-sparse.cfg", Path(job.out) / f"{stem}-sparse.weights") \
-        + _cache_dir(job.train)
-
-
-register_job(SparseTrainJob, JobKind(
-    "sparse-train", _run_sparse,
-    inputs=lambda j: (j.cfg, j.weights, _data_path(j.data), getattr(j, "val", None)),
-    outputs=_sparse_outputs, out_dir=lambda j: j.out))
-
-
-def _run_prune(job: PruneJob) -> dict:
-    report, result, model = run_prune(job)
-    types = {i: t for i, t, _, _ in result.channel_rows(model)}
-    report["channels"] = [{**c, "type": types.get(c["layer"])} for c in report["channels"]]
-    return report
-
-
-register_job(PruneJob, JobKind(
-    "prune", _run_prune,
-    inputs=lambda j: (j.cfg, j.weights, j.data),
-    outputs=lambda j: _out(j, *j.outputs),
-    out_dir=lambda j: None if j.dry_run else j.out))
-
-
-def _run_quantize(job: QuantizeJob) -> dict:
-    return quantize(job, getattr(job, "device", None) or "cpu")
-
-
-register_job(QuantizeJob, JobKind(
-    "quantize", _run_quantize,
-    inputs=lambda j: (j.cfg, j.weights, _data_path(j.data), getattr(j, "val", None)),
-    outputs=lambda j: _out(j, *output_paths(j).values()),
-    out_dir=lambda j: j.out,
-    check=lambda j, report, written: check_verified(report, written)))
+    def cache_output(self) -> tuple[Output, ...]:
+        cache = self.train.cache_dir
+        return (Output(Path(cache), "dir", "--cache-dir"),) if cache else ()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,18 +34,14 @@ from typing import Callable
 import torch
 
 from compress.base.errors import PruneError
-from compress.base.fileio import write_text_atomic
 from compress.darknet.model import DarknetModel
 from compress.darknet.persist import load, save
 from compress.darknet.summary import bn_gammas, gamma_stats, plot_gamma_histogram, stage_figures
-from compress.data.dataset import load_data_spec
-from compress.train import Hook, TrainConfig, TrainState, fit
+from compress.train import Hook, TrainState
 from compress.train.checkpoint import seed_all
-from compress.prune.coupling import build_coupling, prunable_layers
-from compress.prune.mask import safe_percent
 
 __all__ = ["SparsityConfig", "BNL1Hook", "SCHEDULES", "UPDATES", "ZERO", "sparsity_layers", "sparse_train",
-           "SparseTrainJob", "run_sparse_train"]
+           "run_sparse_train"]
 
 log = logging.getLogger(__name__)
 ZERO = 1e-2            # a gamma below this counts as pruned-to-be (the `share_below_1e-2` statistic)
@@ -140,6 +137,7 @@ def resolve_update(name: str, optimizer: torch.optim.Optimizer) -> str:
 
 def sparsity_layers(model: DarknetModel, mode: int) -> list[int]:
     """The BN convs penalised for `--prune mode` (the reference's prune set of that mode)."""
+    from compress.prune.coupling import build_coupling, prunable_layers
     return prunable_layers(build_coupling(model.graph), mode)
 
 
@@ -228,6 +226,7 @@ class BNL1Hook(Hook):
     def _figures(gammas: dict[int, torch.Tensor]) -> dict:
         """gamma statistics; `layer_safe_percent`: the largest --percent that empties no layer; `safe_percent`:
         the largest that also cuts only |gamma| < 1e-2 (what a prune without fine-tuning can afford)."""
+        from compress.prune.mask import safe_percent
         out = gamma_stats(gammas)
         if gammas:
             out["layer_safe_percent"], out["limiting_layer"] = safe_percent(gammas)
@@ -248,6 +247,7 @@ class BNL1Hook(Hook):
                          target, self.s)
 
     def _save_state(self, path: Path, step: int) -> None:
+        from compress.base.fileio import write_text_atomic
         entry = {"step": step, "scale": self.scale, "steps_per_epoch": self.steps_per_epoch,
                  "reached": self.reached, "history": self.history}
         write_text_atomic(path, json.dumps({"entries": self._entries(path)[-1:] + [entry]}, default=float) + "\n")
@@ -299,6 +299,7 @@ def sparse_train(model: DarknetModel, data_spec, config: SparsityConfig, train_c
                  out_dir: str | Path | None = None, distributed=None) -> tuple[object, BNL1Hook]:
     """`fit()` plus a `BNL1Hook` on the mode's layer set. Returns (TrainResult, hook); call
     `hook.summary(saved_model)` for the figures of what was saved."""
+    from compress.train import fit
     steps = _steps_per_epoch(len(data_spec.train), train_config, distributed)
     hook = BNL1Hook(config, sparsity_layers(model, config.mode), steps)
     if not hook.layers:
@@ -308,39 +309,22 @@ def sparse_train(model: DarknetModel, data_spec, config: SparsityConfig, train_c
     return result, hook
 
 
-@dataclass(frozen=True)
-class SparseTrainJob:
-    """What `yolo-compress sparse-train` runs: load, fit with BNL1Hook, save DIR/<cfgstem>-sparse pair + report.
-    With `train.resume`, continues the interrupted run in `out` from its last.pt."""
-    cfg: str
-    weights: str | None
-    data: str
-    out: str
-    sparsity: SparsityConfig = SparsityConfig()
-    train: TrainConfig | None = None  # default: TrainConfig() at the cfg's size
-    device: str = "cpu"
-    distributed: object = None          # a compress.train.DistConfig under torchrun
-    val: str | None = None              # replaces the data's valid split (--val)
-
-
-def run_sparse_train(job: SparseTrainJob) -> dict:
-    """Returns the report dict ({} on torchrun ranks > 0). Figures are of the saved (EMA) model.
-    `compress.jobs.run_job(job)` guards the outputs first and writes OUT/report.json."""
-    seed_all(job.train.seed if job.train else TrainConfig.seed)  # without --weights: --seed's initialisation
-    model = load(job.cfg, job.weights, device=job.device)
-    out = Path(job.out)
-    train_config = job.train or TrainConfig(img_size=model.cfg.width, progress=False)
-    data = load_data_spec(job.data, job.val, training=True)
-    result, hook = sparse_train(model, data, job.sparsity, train_config, job.device, out, job.distributed)
-    if job.distributed is not None and job.distributed.rank != 0:
+def run_sparse_train(cfg: str | os.PathLike, weights: str | os.PathLike | None, data_spec, sparsity: SparsityConfig,
+                     train_config, outputs: tuple[Path, Path], out_dir: str | os.PathLike, device="cpu",
+                     distributed=None) -> dict:
+    """Load cfg/weights, `sparse_train` in `out_dir` (with `train_config.resume`: continue its last.pt), save the
+    final (EMA) model as `outputs` (cfg, weights) and return the report figures ({} on torchrun ranks > 0:
+    rank 0 writes). `compress.jobs.run_job(SparseTrainJob(...))` guards the outputs first and writes report.json."""
+    seed_all(train_config.seed)  # without --weights: --seed's initialisation
+    model = load(cfg, weights, device=device)
+    result, hook = sparse_train(model, data_spec, sparsity, train_config, device, Path(out_dir), distributed)
+    if distributed is not None and distributed.rank != 0:
         return {}  # rank 0 writes the pair and the report
     final = load(result.last_cfg, result.last_weights) if result.last_weights else model
     summary = hook.summary(final)
-    cfg_out, weights_out = out / f"{Path(job.cfg).stem}-sparse.cfg", out / f"{Path(job.cfg).stem}-sparse.weights"
-    save(final, cfg_out, weights_out)
+    save(final, *outputs)
     size = (train_config.img_size, train_config.img_size)
-    report = {**stage_figures(final, cfg_out, weights_out, result.metrics, size),
-              **{k: v for k, v in summary.items() if k != "history"}, "s": job.sparsity.s,
-              "prune": job.sparsity.mode, "s_schedule": job.sparsity.schedule, "epochs": train_config.epochs,
-              "gamma_history": summary["history"]}
-    return report
+    return {**stage_figures(final, *outputs, result.metrics, size),
+            **{k: v for k, v in summary.items() if k != "history"}, "s": sparsity.s,
+            "prune": sparsity.mode, "s_schedule": sparsity.schedule, "epochs": train_config.epochs,
+            "gamma_history": summary["history"]}

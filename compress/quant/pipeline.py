@@ -1,4 +1,4 @@
-"""`quantize(job)`: the whole `yolo-compress quantize` run as one library call.
+"""`quantize(...)`: the whole `yolo-compress quantize` run as one library call.
 
 load -> prepare_qat -> calibrate on a few batches -> (QAT through `compress.train.fit` when epochs > 0) ->
 write the folded Darknet pair (weights on the grid), quant.json, weights_int.npz, model-int8.onnx (QDQ)
@@ -8,7 +8,6 @@ artifacts against the fake-quant model (`figures["verify"]`; `check_verified` ra
 from __future__ import annotations
 
 import dataclasses
-
 import itertools
 import logging
 import os
@@ -22,63 +21,72 @@ from compress.base.errors import QuantError
 from compress.darknet.persist import load, save
 from compress.darknet.summary import file_size_mb, stage_figures
 from compress.data.dataset import load_data_spec, make_loader
-from compress.detection.evaluate import EvalConfig, evaluate, input_letterbox
 from compress.deploy.export import ExportConfig, export_onnx
+from compress.detection.evaluate import EvalConfig, evaluate, input_letterbox
 from compress.train import distributed as D
-from compress.train.config import DistConfig
+from compress.train.config import DistConfig, TrainConfig
+from compress.quant import calibrate, config_to_dict, prepare_qat
+from compress.quant.config import QuantConfig
 from compress.quant.bias_correct import bias_correction
-from compress.quant.config import QuantConfig, config_to_dict
 from compress.quant.cpuinfo import cpu_flags
 from compress.quant.export import write_int_weights, write_quant_json
 from compress.quant.modules import QConvBNAct
 from compress.quant.onnx_qdq import OnnxPredictor, export_qdq_onnx, onnx_latency
-from compress.quant.prepare import calibrate, prepare_qat
-from compress.quant.qat import QATHook, check_resume_config, freeze_epochs, resume_checkpoint, run_qat
+from compress.quant.qat import QATHook, check_resume_config, resume_checkpoint, run_qat
 
-__all__ = ["QuantizeJob", "quantize", "QATHook", "output_paths", "check_verified", "QuantVerifyError"]
+__all__ = ["QuantOutputs", "QuantSettings", "quantize", "QATHook", "check_verified", "QuantVerifyError",
+           "check_img_size"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class QuantizeJob:
-    """Inputs and knobs of one quantization run (built by the CLI or a recipe)."""
-    cfg: str
-    weights: str | None
-    data: str
-    out: str
-    config: QuantConfig
-    epochs: int = 0
+class QuantOutputs:
+    """The files one quantize run writes (named once by the caller: `QuantOutputs.in_dir`); `qat` is QAT's run
+    folder."""
+    cfg: Path
+    weights: Path
+    quant_json: Path
+    weights_int: Path
+    onnx: Path
+    onnx_fp32: Path
+
+    @classmethod
+    def in_dir(cls, out: str | os.PathLike, stem: str) -> "QuantOutputs":
+        out = Path(out)
+        return cls(out / f"{stem}.cfg", out / f"{stem}.weights", out / "quant.json", out / "weights_int.npz",
+                   out / "model-int8.onnx", out / "model-fp32.onnx")
+
+    @property
+    def qat(self) -> Path:
+        return self.cfg.parent / "qat"
+
+    def to_dict(self) -> dict[str, Path]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """How a run calibrates, trains (QAT, with a TrainConfig), measures and verifies."""
     calib_batches: int = 8
     batch_size: int = 8
-    img_size: int | None = None
-    lr0: float = 1e-4
-    freeze_observers_after: int | None = None  # epochs; None: half of them (rounded up)
-    freeze_bn_after: int | None = None  # epochs; None: 80% of them (rounded up)
+    img_size: int | None = None         # None: the cfg's width
+    letterbox: bool | None = None       # eval input geometry; None: the cfg's [net] letter_box
     evaluate: bool = True
-    latency_runs: int = 20
-    threads: int = 1
-    letterbox: bool | None = None   # eval input geometry; None: the cfg's [net] letter_box
     verify: bool = True
     verify_tolerance: float = 0.01
-    device: str = "cpu"                 # quantize(job) runs here unless a device is passed
-    val: str | None = None              # replaces the data's valid split (--val)
-    resume: bool = False  # continue the interrupted QAT run in `out` (OUT/qat/last.pt)
-    seed: int = 0  # QAT data order and augmentation
-    bias_correction: bool = True  # PTQ (epochs 0): Nagel et al. 2019 empirical bias correction
-    distributed: DistConfig | None = None  # torchrun: QAT data-parallel, rank 0 writes
-    sync_bn: bool = False  # QAT under torchrun: BatchNorm statistics over the global batch
-    act_drop: float = 0.0  # QAT: QDrop share of activation elements left unquantized (Wei et al. 2022)
+    latency_runs: int = 20
+    threads: int = 1
+    bias_correction: bool = True        # PTQ: Nagel et al. 2019 empirical bias correction
+    sync_bn: bool = False               # QAT under torchrun: BatchNorm statistics over the global batch
+    act_drop: float = 0.0               # QAT: QDrop share of activation elements left unquantized (Wei et al. 2022)
+    freeze_observers_after: int | None = None  # QAT epochs; None: half of them (rounded up)
+    freeze_bn_after: int | None = None  # QAT epochs; None: 80% of them (rounded up)
 
     def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise QuantError(f"--epochs {self.epochs} must be >= 0 (0 = post-training calibration only)")
-        if self.resume and not self.epochs:
-            raise QuantError("--resume continues an interrupted QAT run: pass the run's --epochs N (N > 0)")
         if self.calib_batches < 1 or self.batch_size < 1:
             raise QuantError("--calib-batches and the batch size must be >= 1")
-        if self.img_size is not None and (self.img_size < 32 or self.img_size % 32):
-            raise QuantError(f"--img-size {self.img_size} must be a positive multiple of 32, e.g. 416")
+        check_img_size(self.img_size)
         if not 0.0 <= self.act_drop < 1.0:
             raise QuantError(f"--act-drop {self.act_drop} must be in [0, 1), e.g. 0.5")
         if not 0.0 <= self.verify_tolerance <= 1.0:
@@ -88,110 +96,107 @@ class QuantizeJob:
                 raise QuantError(f"{name}={getattr(self, name)} must be a number of epochs >= 0 "
                                  f"(--{name.replace('_', '-')})")
 
-    def freeze_epochs(self) -> tuple[int, int]:
-        """(observers, BN) freeze points in completed epochs."""
-        return freeze_epochs(self)
+
+def check_img_size(img_size: int | None) -> None:
+    if img_size is not None and (img_size < 32 or img_size % 32):
+        raise QuantError(f"--img-size {img_size} must be a positive multiple of 32, e.g. 416")
 
 
-def output_paths(job: QuantizeJob) -> dict[str, Path]:
-    out, bits = Path(job.out), _bits(job.config)
-    stem = f"{Path(job.cfg).stem}-q{bits}"
-    return {"cfg": out / f"{stem}.cfg", "weights": out / f"{stem}.weights", "quant_json": out / "quant.json",
-            "weights_int": out / "weights_int.npz", "onnx": out / "model-int8.onnx",
-            "onnx_fp32": out / "model-fp32.onnx"}
+def _calibration_batches(spec: Any, img: int, settings: QuantSettings):
+    loader = make_loader(spec, img, settings.batch_size, augment=False, workers=0, split="train")
+    return (imgs for imgs, *_ in itertools.islice(loader, settings.calib_batches))
 
 
-def _bits(config: QuantConfig) -> int:
-    return getattr(config, "w_bits", getattr(config, "bits", 8))
-
-
-def _calibration_batches(spec: Any, img: int, job: QuantizeJob):
-    loader = make_loader(spec, img, job.batch_size, augment=False, workers=0, split="train")
-    return (imgs for imgs, *_ in itertools.islice(loader, job.calib_batches))
-
-
-def _evaluate(model_or_fn: Any, spec: Any, img: int, job: QuantizeJob, device: str) -> dict:
-    r = evaluate(model_or_fn, spec, EvalConfig(img_size=img, batch_size=job.batch_size, progress=False, workers=0,
-                                                   letterbox=job.letterbox),
-                 device)
+def _evaluate(model_or_fn: Any, spec: Any, img: int, settings: QuantSettings, device: str) -> dict:
+    r = evaluate(model_or_fn, spec, EvalConfig(img_size=img, batch_size=settings.batch_size, progress=False,
+                                               workers=0, letterbox=settings.letterbox), device)
     return {"map50": r.map50, "map50_95": r.map50_95}
 
 
-def quantize(job: QuantizeJob, device: str | None = None, distributed: DistConfig | None = None) -> dict:
-    """Run the job (on `device`, default `job.device`); returns the report figures (paths, mAPs, sizes,
-    latencies). Writes no report.json: `compress.jobs.run_job(job)` guards the outputs and writes it.
+def quantize(cfg: str | os.PathLike, weights: str | os.PathLike | None, data: Any, config: QuantConfig,
+             outputs: QuantOutputs, settings: QuantSettings = QuantSettings(), train: TrainConfig | None = None,
+             device: str = "cpu", distributed: DistConfig | None = None,
+             val: str | os.PathLike | None = None) -> dict:
+    """Quantize cfg/weights (PTQ; QAT through `fit` with `train`) calibrating on `data` (a path or DataSpec;
+    `val` replaces its valid split),
+    write `outputs` and return the report figures (paths, mAPs, sizes, latencies). Writes no report.json:
+    `compress.jobs.run_job(QuantizeJob(...))` guards the outputs and writes it.
 
-    `distributed` (default `job.distributed`, from torchrun): QAT runs data-parallel (observer ranges agree
-    across processes: each batch's min/max is all-reduced); only rank 0 writes and evaluates, the other ranks
-    return `{"world_size", "rank"}` after training."""
-    device = device or job.device
-    dist = distributed or job.distributed or DistConfig()
+    `distributed` (torchrun): QAT runs data-parallel (observer ranges agree across processes: each batch's
+    min/max is all-reduced); only rank 0 writes and evaluates, the other ranks return `{"world_size", "rank"}`
+    after training."""
+    dist = distributed or DistConfig()
     created = D.setup(dist, torch.device(device))
     try:
-        return _run(job, device, dist)
+        return _run(cfg, weights, (data, val), config, outputs, settings, train, device, dist)
     finally:
         D.teardown(created)
 
 
-def _run(job: QuantizeJob, device: str, dist: DistConfig) -> dict:
-    paths = output_paths(job)
-    if job.resume:
-        resume_checkpoint(job.out)
-        check_resume_config(job)
-    model = load(job.cfg, job.weights, device=device)
-    img = job.img_size or model.cfg.width
+def _run(cfg: Any, weights: Any, data: Any, config: QuantConfig, paths: QuantOutputs, settings: QuantSettings,
+         train: TrainConfig | None, device: str, dist: DistConfig) -> dict:
+    resume = train is not None and train.resume
+    if resume:
+        resume_checkpoint(paths.qat)
+        check_resume_config(paths.qat, cfg, config)
+    model = load(cfg, weights, device=device)
+    img = settings.img_size or model.cfg.width
     # one input geometry for every subject: the ONNX predictor has no cfg to read it from
-    job = dataclasses.replace(job, letterbox=input_letterbox(model, job.letterbox))
-    spec = load_data_spec(job.data, job.val, training=True)
-    qmodel = prepare_qat(model, job.config)
-    _set_sync_bn(qmodel, job, dist)
+    settings = dataclasses.replace(settings, letterbox=input_letterbox(model, settings.letterbox))
+    spec = load_data_spec(*data, training=True)
+    qmodel = prepare_qat(model, config)
+    _set_sync_bn(qmodel, settings.sync_bn, dist)
     # a resumed run takes its ranges from the checkpoint (calibrated, then moved by QAT)
-    seen = 0 if job.resume else calibrate(qmodel, _calibration_batches(spec, img, job), device)
-    corrected = bias_correction(qmodel, _calibration_batches(spec, img, job), device) \
-        if job.bias_correction and not job.epochs else 0
-    figures: dict[str, Any] = {"method": job.config.method, "quant_config": config_to_dict(job.config),
+    seen = 0 if resume else calibrate(qmodel, _calibration_batches(spec, img, settings), device)
+    corrected = bias_correction(qmodel, _calibration_batches(spec, img, settings), device) \
+        if settings.bias_correction and train is None else 0
+    figures: dict[str, Any] = {"method": config.method, "quant_config": config_to_dict(config),
                                "calib_images": seen, "img_size": img, "cpu": cpu_flags(),
                                "onnxruntime": _ort_version(), "world_size": dist.world_size,
                                "bias_corrected_convs": corrected}
-    if job.epochs:
-        figures.update(run_qat(qmodel, spec, img, job, device, dist))
+    if train is not None:
+        figures.update(run_qat(qmodel, spec, train, settings, paths.qat, (cfg, config), device, dist))
         qmodel.eval()
     D.barrier(dist)
     if not dist.is_main:
         return {"world_size": dist.world_size, "rank": dist.rank}
-    save(qmodel, paths["cfg"], paths["weights"])
-    write_quant_json(qmodel, paths["quant_json"], {"img_size": img, "source_cfg": str(job.cfg)})
-    write_int_weights(qmodel, paths["weights_int"])
-    export_qdq_onnx(qmodel, paths["onnx"], (img, img))
-    export_onnx(load(job.cfg, job.weights), paths["onnx_fp32"], ExportConfig(img_size=img, dynamic_batch=True,
-                                                                              opset=13))
-    figures.update({k: str(v) for k, v in paths.items()})
-    figures.update(size_mb_fp32=round(file_size_mb(job.weights), 4) if job.weights else None,
-                   size_mb_int8=round(file_size_mb(paths["weights_int"]), 4),
-                   size_mb=round(file_size_mb(paths["weights"]), 4),
-                   latency_ms_fp32_onnx=round(onnx_latency(paths["onnx_fp32"], (img, img), job.latency_runs,
-                                                           threads=job.threads), 3),
-                   latency_ms_int8_onnx=round(onnx_latency(paths["onnx"], (img, img), job.latency_runs,
-                                                           threads=job.threads), 3))
-    out_model = load(paths["cfg"], paths["weights"], device=device)
-    figures.update(_accuracy(model, qmodel, out_model, paths["onnx"], spec, img, job, device))
-    figures["verify"] = _verify(figures, job)
-    stage = stage_figures(out_model, paths["cfg"], paths["weights"], None, (img, img))
+    _write(qmodel, cfg, weights, paths, img)
+    figures.update({k: str(v) for k, v in paths.to_dict().items()})
+    figures.update(size_mb_fp32=round(file_size_mb(weights), 4) if weights else None,
+                   size_mb_int8=round(file_size_mb(paths.weights_int), 4),
+                   size_mb=round(file_size_mb(paths.weights), 4),
+                   latency_ms_fp32_onnx=round(onnx_latency(paths.onnx_fp32, (img, img), settings.latency_runs,
+                                                           threads=settings.threads), 3),
+                   latency_ms_int8_onnx=round(onnx_latency(paths.onnx, (img, img), settings.latency_runs,
+                                                           threads=settings.threads), 3))
+    out_model = load(paths.cfg, paths.weights, device=device)
+    figures.update(_accuracy(model, qmodel, out_model, paths.onnx, spec, img, settings, device))
+    figures["verify"] = _verify(figures, settings)
+    stage = stage_figures(out_model, paths.cfg, paths.weights, None, (img, img))
     figures.update({k: v for k, v in stage.items() if k not in ("map50", "map50_95")})
     return figures
 
 
+def _write(qmodel: torch.nn.Module, cfg: Any, weights: Any, paths: QuantOutputs, img: int) -> None:
+    """The Darknet pair (weights on the grid), quant.json, the integer weights and both ONNX graphs."""
+    save(qmodel, paths.cfg, paths.weights)
+    write_quant_json(qmodel, paths.quant_json, {"img_size": img, "source_cfg": str(cfg)})
+    write_int_weights(qmodel, paths.weights_int)
+    export_qdq_onnx(qmodel, paths.onnx, (img, img))
+    export_onnx(load(cfg, weights), paths.onnx_fp32, ExportConfig(img_size=img, dynamic_batch=True, opset=13))
+
+
 def _accuracy(model: torch.nn.Module, qmodel: torch.nn.Module, out_model: torch.nn.Module, onnx_path: os.PathLike,
-              spec: Any, img: int, job: QuantizeJob, device: str) -> dict:
+              spec: Any, img: int, settings: QuantSettings, device: str) -> dict:
     """mAP of fp32, fake-quant (weights + activations), int8 ONNX and the written Darknet pair (weights on
     the grid, float activations). `map50`/`map50_95` describe the written pair, as for every command."""
     tags = ("fp32", "fakequant", "int8_onnx", "darknet")
-    if not job.evaluate:
+    if not settings.evaluate:
         return {f"map50{s}_{t}": None for t in tags for s in ("", "_95")} | {"map50": None, "map50_95": None}
     out = {}
-    subjects = (model, qmodel, OnnxPredictor(onnx_path, job.threads), out_model)
+    subjects = (model, qmodel, OnnxPredictor(onnx_path, settings.threads), out_model)
     for tag, subject in zip(tags, subjects):
-        r = _evaluate(subject, spec, img, job, device)
+        r = _evaluate(subject, spec, img, settings, device)
         out[f"map50_{tag}"], out[f"map50_95_{tag}"] = r["map50"], r["map50_95"]
         log.info("%s: mAP@0.5 %.4f, mAP@0.5:0.95 %.4f", tag, r["map50"], r["map50_95"])
     out["map50"], out["map50_95"] = out["map50_darknet"], out["map50_95_darknet"]
@@ -213,20 +218,20 @@ def _ort_version() -> str | None:
     return onnxruntime.__version__
 
 
-def _verify(figures: dict, job: QuantizeJob) -> dict:
+def _verify(figures: dict, settings: QuantSettings) -> dict:
     """Each written artifact's mAP@.5 against the fake-quant model's (what QAT/calibration promised)."""
-    if not job.evaluate:
+    if not settings.evaluate:
         return {"skipped": "evaluation off (--no-eval)"}
     ref = figures["map50_fakequant"]
     checks = {}
     for tag in _ARTIFACTS:
         drop = ref - figures[f"map50_{tag}"]
-        checks[tag] = {"map50": figures[f"map50_{tag}"], "drop": round(drop, 4), "ok": drop <= job.verify_tolerance}
+        checks[tag] = {"map50": figures[f"map50_{tag}"], "drop": round(drop, 4), "ok": drop <= settings.verify_tolerance}
     passed = all(c["ok"] for c in checks.values())
-    if not passed and not job.verify:
+    if not passed and not settings.verify:
         log.warning("verification failed but --no-verify was given: %s", checks)
-    return {"reference": "fakequant", "map50_reference": ref, "tolerance": job.verify_tolerance, "checks": checks,
-            "passed": passed, "enforced": job.verify}
+    return {"reference": "fakequant", "map50_reference": ref, "tolerance": settings.verify_tolerance,
+            "checks": checks, "passed": passed, "enforced": settings.verify}
 
 
 def check_verified(figures: dict, report_path: str | os.PathLike | None = None) -> None:
@@ -250,14 +255,13 @@ def check_verified(figures: dict, report_path: str | os.PathLike | None = None) 
                            f"{where}.{hint} Pass --no-verify to accept them anyway.")
 
 
-def _set_sync_bn(qmodel: torch.nn.Module, job: QuantizeJob, dist: DistConfig) -> None:
+def _set_sync_bn(qmodel: torch.nn.Module, sync_bn: bool, dist: DistConfig) -> None:
     """--sync-bn: folded BNs (the default) all-reduce their batch moments themselves (gloo or nccl); without
     --bn-fold the plain BatchNorms go through the trainer's SyncBatchNorm (CUDA only)."""
-    if not job.sync_bn:
+    if not sync_bn:
         return
     if dist.world_size <= 1:
         log.warning("--sync-bn: one process, nothing to synchronise (run under torchrun)")
     for m in qmodel.modules():
         if isinstance(m, QConvBNAct):
             m.sync_bn = True
-

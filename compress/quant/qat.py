@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,12 @@ import torch
 
 from compress.base.errors import QuantError
 from compress.base.fileio import write_text_atomic
-from compress.train import Hook, TrainConfig, fit
-from compress.train.config import DistConfig
-from compress.quant.config import config_to_dict
-from compress.quant.prepare import freeze_bn, freeze_observers, set_act_drop
+from compress.train import Hook
+from compress.train.config import DistConfig, TrainConfig
+from compress.quant import config_to_dict, freeze_bn, freeze_observers, set_act_drop
+from compress.quant.config import QuantConfig
 
-__all__ = ["QATHook", "run_qat", "resume_checkpoint", "check_resume_config"]
+__all__ = ["QATHook", "run_qat", "qat_train_config", "resume_checkpoint", "check_resume_config", "freeze_epochs"]
 
 CONFIG_NAME = "quant_config.json"
 
@@ -50,61 +51,65 @@ class QATHook(Hook):
             metrics["bn_frozen"] = 1
 
 
-def qat_dir(out: str | Path) -> Path:
-    return Path(out) / "qat"
-
-
-def resume_checkpoint(out: str | Path) -> Path:
+def resume_checkpoint(qat_dir: Path) -> Path:
     """The checkpoint `quantize --resume` continues from; a clear error when there is none."""
-    path = qat_dir(out) / "last.pt"
+    path = qat_dir / "last.pt"
     if not path.is_file():
-        raise QuantError(f"--resume: {path} does not exist; run `quantize --epochs N` into --out {out} first "
-                         "(or drop --resume)")
+        raise QuantError(f"--resume: {path} does not exist; run `quantize --epochs N` into --out {qat_dir.parent} "
+                         "first (or drop --resume)")
     return path
 
 
-def _config_record(job: Any) -> dict:
-    return {"cfg_stem": Path(job.cfg).stem, "quant_config": config_to_dict(job.config)}
+def _config_record(cfg: str | os.PathLike, config: QuantConfig) -> dict:
+    return {"cfg_stem": Path(cfg).stem, "quant_config": config_to_dict(config)}
 
 
-def check_resume_config(job: Any) -> None:
+def check_resume_config(qat_dir: Path, cfg: str | os.PathLike, config: QuantConfig) -> None:
     """The resumed model must be built like the interrupted one (same grids, same layers quantized)."""
-    path = qat_dir(job.out) / CONFIG_NAME
+    path, out = qat_dir / CONFIG_NAME, qat_dir.parent
     if not path.is_file():
-        raise QuantError(f"--resume: {path} is missing, so {job.out} is not a QAT run of this version; "
+        raise QuantError(f"--resume: {path} is missing, so {out} is not a QAT run of this version; "
                          "start again without --resume")
-    old, new = json.loads(path.read_text()), _config_record(job)
+    old, new = json.loads(path.read_text()), _config_record(cfg, config)
     diff = [k for k in new["quant_config"] if old["quant_config"].get(k) != new["quant_config"][k]]
     if diff or old["cfg_stem"] != new["cfg_stem"]:
         what = ", ".join(f"{k}: {old['quant_config'].get(k)} -> {new['quant_config'][k]}" for k in diff) or "--cfg"
-        raise QuantError(f"--resume: the quantization options differ from the interrupted run in {job.out} ({what}); "
+        raise QuantError(f"--resume: the quantization options differ from the interrupted run in {out} ({what}); "
                          "resume with the same --method/--bits/... options")
 
 
-def run_qat(qmodel: torch.nn.Module, spec: Any, img: int, job: Any, device: str, dist: DistConfig) -> dict:
-    """QAT epochs through `fit` (Adam, no warm-up, no EMA: the fake-quant weights are the model)."""
-    if dist.is_main and not job.resume:
-        qat_dir(job.out).mkdir(parents=True, exist_ok=True)
-        write_text_atomic(qat_dir(job.out) / CONFIG_NAME, json.dumps(_config_record(job), indent=2) + "\n")
-    tc = TrainConfig(epochs=job.epochs, batch_size=job.batch_size, img_size=img, lr0=job.lr0, optimizer="adam",
-                     warmup_epochs=0.0, ema=False, workers=0, progress=False, eval_every=max(job.epochs, 1),
-                     resume=job.resume, seed=job.seed,
-                     sync_bn=bool(getattr(job, "sync_bn", False)) and not job.config.bn_fold)  # folded BNs sync themselves
-    obs, bn = freeze_epochs(job)
-    act_drop = float(getattr(job, "act_drop", 0.0))
-    set_act_drop(qmodel, act_drop)
+def qat_train_config(epochs: int, batch_size: int, img_size: int, lr0: float, seed: int, resume: bool,
+                     sync_bn: bool) -> TrainConfig:
+    """QAT's loop: Adam from the pretrained weights, no warm-up, no EMA (the fake-quant weights are the model),
+    one evaluation at the end. `sync_bn` only for plain BatchNorms (folded ones synchronise themselves)."""
+    return TrainConfig(epochs=epochs, batch_size=batch_size, img_size=img_size, lr0=lr0, optimizer="adam",
+                       warmup_epochs=0.0, ema=False, workers=0, progress=False, eval_every=max(epochs, 1),
+                       resume=resume, seed=seed, sync_bn=sync_bn)
+
+
+def run_qat(qmodel: torch.nn.Module, spec: Any, train: TrainConfig, settings: Any, qat_dir: Path,
+            source: tuple[str | os.PathLike, QuantConfig], device: str, dist: DistConfig) -> dict:
+    """QAT epochs through `fit` with `train` in `qat_dir`; `settings` (a QuantSettings) gives the freeze points
+    and act_drop; `source` (cfg, quant config) is recorded for --resume."""
+    from compress.train import fit  # looked up at call time (tests spy on it)
+
+    if dist.is_main and not train.resume:
+        qat_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(qat_dir / CONFIG_NAME, json.dumps(_config_record(*source), indent=2) + "\n")
+    obs, bn = freeze_epochs(train.epochs, settings.freeze_observers_after, settings.freeze_bn_after)
+    set_act_drop(qmodel, settings.act_drop)
     try:
-        result = fit(qmodel, spec, tc, hooks=[QATHook(bn, obs)], device=device, out_dir=qat_dir(job.out),
+        result = fit(qmodel, spec, train, hooks=[QATHook(bn, obs)], device=device, out_dir=qat_dir,
                      distributed=dist)
     finally:
         set_act_drop(qmodel, 0.0)  # calibration, evaluation and export quantize every element
-    return {"qat_epochs": result.epochs, "qat_final_loss": result.final_loss, "qat_lr0": job.lr0,
-            "qat_freeze_observers_after": obs, "qat_freeze_bn_after": bn, "qat_resumed": job.resume,
-            "qat_act_drop": act_drop}
+    return {"qat_epochs": result.epochs, "qat_final_loss": result.final_loss, "qat_lr0": train.lr0,
+            "qat_freeze_observers_after": obs, "qat_freeze_bn_after": bn, "qat_resumed": train.resume,
+            "qat_act_drop": float(settings.act_drop)}
 
 
-def freeze_epochs(job: Any) -> tuple[int, int]:
+def freeze_epochs(epochs: int, observers_after: int | None, bn_after: int | None) -> tuple[int, int]:
     """(observers, BN) freeze points in completed epochs (defaults: half and 80% of the epochs, rounded up)."""
-    obs = job.freeze_observers_after if job.freeze_observers_after is not None else math.ceil(job.epochs / 2)
-    bn = job.freeze_bn_after if job.freeze_bn_after is not None else math.ceil(0.8 * job.epochs)
+    obs = observers_after if observers_after is not None else math.ceil(epochs / 2)
+    bn = bn_after if bn_after is not None else math.ceil(0.8 * epochs)
     return obs, bn

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from compress.data.dataset import load_data_spec
+from compress.data.dataset import DataSpec, load_data_spec
 from compress.detection.losses import init_head_biases
 from compress.darknet.persist import load
 from compress.darknet.summary import stage_figures
@@ -21,12 +21,12 @@ __all__ = ["train_model"]
 log = logging.getLogger(__name__)
 
 
-def train_model(cfg: str | os.PathLike, weights: str | os.PathLike | None, data: str | os.PathLike,
+def train_model(cfg: str | os.PathLike, weights: str | os.PathLike | None, data: str | os.PathLike | DataSpec,
                 config: TrainConfig, out_dir: str | os.PathLike, device: str | torch.device = "cpu",
                 cutoff: int | None = None, distributed: DistConfig | None = None,
-                hooks: tuple[Hook, ...] = ()) -> tuple[TrainResult, dict]:
-    """Load cfg (+ weights, the first `cutoff` layers only if given), train on `data`, write the output
-    convention files to `out_dir`, and return (result, report); the report is {} on torchrun ranks > 0.
+                hooks: tuple[Hook, ...] = ()) -> dict:
+    """Load cfg (+ weights, the first `cutoff` layers only if given), train on `data`, write `TrainFiles(out_dir)`
+    and return the report figures ({} on torchrun ranks > 0: rank 0 writes and measures).
     Without weights the detection-head biases get prior initialisation (training from scratch).
     `compress.jobs.run_job(TrainJob(...))` is the whole command: it guards the outputs first and writes
     `out_dir/report.json`."""
@@ -38,11 +38,10 @@ def train_model(cfg: str | os.PathLike, weights: str | os.PathLike | None, data:
     if spec.nc != model.num_classes:
         raise TrainError(f"{cfg}: [yolo] classes={model.num_classes} but {data} has {spec.nc} classes; "
                          "set classes= (and the filters before each [yolo]) to match the data")
-    out = Path(out_dir)
-    result = fit(model, spec, config, hooks=hooks, device=device, out_dir=out, distributed=distributed)
+    result = fit(model, spec, config, hooks=hooks, device=device, out_dir=Path(out_dir), distributed=distributed)
     if distributed is not None and not distributed.is_main:
-        return result, {}
-    return result, _report(result, config, device)
+        return {}
+    return _report(result, config, device)
 
 
 def _report(result: TrainResult, config: TrainConfig, device: str | torch.device) -> dict:

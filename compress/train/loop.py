@@ -25,10 +25,36 @@ from compress.train.log import plot_results, write_results_csv
 from compress.train.optim import build_optimizer, lr_factor, warmup_step
 from compress.detection.evaluate import EvalConfig, evaluate, input_letterbox
 
-__all__ = ["fit", "TrainResult", "NOMINAL_BATCH"]
+__all__ = ["fit", "TrainResult", "TrainFiles", "NOMINAL_BATCH"]
 
 log = logging.getLogger(__name__)
 NOMINAL_BATCH = 64  # weight decay is scaled by batch_size * accumulate / NOMINAL_BATCH
+
+
+@dataclass(frozen=True)
+class TrainFiles:
+    """The files `fit` writes into its out_dir: named here once, for the writer and for the output guard."""
+    folder: Path
+
+    @property
+    def best(self) -> tuple[Path, Path]:
+        return self.folder / "best.cfg", self.folder / "best.weights"
+
+    @property
+    def last(self) -> tuple[Path, Path]:
+        return self.folder / "last.cfg", self.folder / "last.weights"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / "last.pt"
+
+    @property
+    def results(self) -> tuple[Path, Path]:
+        return self.folder / "results.csv", self.folder / "results.png"
+
+    @property
+    def cache(self) -> Path:
+        return self.folder / "cache"
 
 
 @dataclass
@@ -115,6 +141,7 @@ class _Trainer:
         seed_all(config.seed)
         self.cfg, self.spec, self.dist, self.main = config, spec, dist_cfg, dist_cfg.is_main
         self.out = Path(out_dir) if out_dir is not None else None
+        self.files = TrainFiles(self.out) if self.out is not None else None
         model.to(device)
         set_bn_momentum(model, config.bn_momentum)
         set_train_mode(model, config.freeze_bn_stats)
@@ -131,7 +158,7 @@ class _Trainer:
                                         aug=config.augment_config() if config.augment else None, seed=config.seed,
                                         source=f"{spec.source or 'data'} [train]",
                                         letterbox=input_letterbox(model, config.letterbox), cache=config.cache,
-                                        cache_dir=config.cache_dir or (self.out / "cache" if self.out else None))
+                                        cache_dir=config.cache_dir or (self.files.cache if self.files else None))
         self.loader, self.sampler = D.make_train_loader(self.dataset, config.batch_size, config.workers,
                                                         config.seed, dist_cfg, collate)
         self.net = D.wrap(model, dist_cfg, device, config.sync_bn)
@@ -147,7 +174,7 @@ class _Trainer:
     def _resume(self) -> None:
         if self.out is None:
             raise TrainError("train option resume needs an out_dir holding last.pt")
-        done, progress = restore_train_checkpoint(self.out / "last.pt", self.state)
+        done, progress = restore_train_checkpoint(self.files.checkpoint, self.state)
         self.start_epoch, self.history, self.best = done, progress.get("history", []), progress.get("best")
         self.completed = done
         self._partial = progress.get("partial") or {}
@@ -167,7 +194,7 @@ class _Trainer:
         except KeyboardInterrupt:
             if self.main and self.out is not None:
                 self._save_interrupted()
-                log.warning("interrupted: checkpoint saved to %s; continue with resume", self.out / "last.pt")
+                log.warning("interrupted: checkpoint saved to %s; continue with resume", self.files.checkpoint)
             raise
         self._finish()
         self.hooks.on_fit_end(self.state)
@@ -275,13 +302,13 @@ class _Trainer:
         return {"map50": float(result.map50), "map50_95": float(result.map50_95)}
 
     def _save_epoch(self, done: int, row: dict) -> None:
-        out = self.out
-        write_results_csv(out / "results.csv", self.history)
-        plot_results(out / "results.png", self.history)
-        save(self.eval_model, out / "last.cfg", out / "last.weights")
+        files = self.files
+        write_results_csv(files.results[0], self.history)
+        plot_results(files.results[1], self.history)
+        save(self.eval_model, *files.last)
         if row.get("map50") is not None and (self.best is None or row["map50"] > self.best):
             self.best = row["map50"]
-            save(self.eval_model, out / "best.cfg", out / "best.weights")
+            save(self.eval_model, *files.best)
         self._save_checkpoint(done)
 
     def _set_mark(self, epoch: int, batch: int, sums: dict[str, float]) -> None:
@@ -301,25 +328,25 @@ class _Trainer:
         with torch.no_grad():
             for name, buf in self.state.model.named_buffers():
                 buf.copy_(mark["buffers"][name])
-        save_train_checkpoint(self.out / "last.pt", self.state, self.completed,
+        save_train_checkpoint(self.files.checkpoint, self.state, self.completed,
                               {"history": self.history, "best": self.best, "partial": partial}, rng=mark["rng"])
 
     def _save_checkpoint(self, done: int) -> None:
-        save_train_checkpoint(self.out / "last.pt", self.state, done, {"history": self.history, "best": self.best})
+        save_train_checkpoint(self.files.checkpoint, self.state, done, {"history": self.history, "best": self.best})
 
     def _finish(self) -> None:
         """Without any evaluation, best = last."""
         if self.main and self.out is not None and self.best is None:
-            save(self.eval_model, self.out / "best.cfg", self.out / "best.weights")
+            save(self.eval_model, *self.files.best)
 
     def _result(self) -> TrainResult:
-        out = self.out
         last = self.history[-1] if self.history else {}
         evaluated = [r for r in self.history if r.get("map50") is not None]
         metrics = {k: evaluated[-1][k] for k in ("map50", "map50_95")} if evaluated else {}
-        paths = {} if out is None or not self.main else {
-            "best_cfg": out / "best.cfg", "best_weights": out / "best.weights", "last_cfg": out / "last.cfg",
-            "last_weights": out / "last.weights", "checkpoint": out / "last.pt"}
+        files = self.files
+        paths = {} if files is None or not self.main else {
+            "best_cfg": files.best[0], "best_weights": files.best[1], "last_cfg": files.last[0],
+            "last_weights": files.last[1], "checkpoint": files.checkpoint}
         final = last.get("total")
         return TrainResult(len(self.history), None if final is None or math.isnan(final) else final,
                            self.history, self.best, metrics, **paths)

@@ -1,0 +1,82 @@
+"""Dataset jobs: `data synth` and `data convert`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Mapping
+
+from compress.base.errors import DataError
+from compress.base.guard import Output
+from compress.data.convert import ConvertConfig, convert
+from compress.data.synth import SYNTH_NAMES, synthesize
+from compress.jobs.base import Job, PathLike, Report, paths, register_job
+
+__all__ = ["SynthJob", "ConvertJob"]
+
+
+@register_job
+@dataclass(frozen=True)
+class SynthJob(Job):
+    """A deterministic synthetic dataset (circle, square, triangle) in `out`."""
+
+    command: ClassVar[str] = "data synth"
+
+    out: PathLike
+    n_train: int = 192
+    n_valid: int = 48
+    img_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_train < 1 or self.n_valid < 1 or self.img_size < 32:
+            raise DataError(f"data synth needs n_train, n_valid >= 1 and img_size >= 32, got {self.n_train}, "
+                            f"{self.n_valid}, {self.img_size}")
+
+    def outputs(self) -> tuple[Output, ...]:
+        return (Output(Path(self.out), "dir", "--out"),)
+
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    def run(self) -> Report:
+        data = synthesize(self.out, n_train=self.n_train, n_valid=self.n_valid, img_size=self.img_size,
+                          seed=self.seed)
+        return self.report({"data": str(data), "n_train": self.n_train, "n_valid": self.n_valid,
+                            "img_size": self.img_size, "seed": self.seed, "names": list(SYNTH_NAMES)})
+
+
+@register_job
+@dataclass(frozen=True)
+class ConvertJob(Job):
+    """A COCO json or Pascal VOC dataset (`source` = --from coco|voc) as images/ + labels/ + a .data file."""
+
+    command: ClassVar[str] = "data convert"
+    flags: ClassVar[Mapping[str, str]] = {"source": "--from"}
+
+    source: str
+    src: PathLike
+    out: PathLike
+    split: str = "train"
+    images: PathLike | None = None
+    names: PathLike | None = None
+    copy: bool = False
+
+    def __post_init__(self) -> None:
+        self.convert_config()
+
+    def convert_config(self) -> ConvertConfig:
+        return ConvertConfig(self.source, Path(self.src), Path(self.out), self.split,
+                             Path(self.images) if self.images else None, Path(self.names) if self.names else None,
+                             self.copy)
+
+    def inputs(self) -> tuple[Path, ...]:
+        return paths(self.src, self.images, self.names)
+
+    def outputs(self) -> tuple[Output, ...]:
+        return (Output(Path(self.out), "dir", "--out"),)
+
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    def run(self) -> Report:
+        return self.report(convert(self.convert_config()).to_dict())

@@ -1,0 +1,166 @@
+"""Jobs that read a model or a dataset and write no model: info, eval, detect, anchors."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Mapping
+
+from compress.base.guard import Output
+from compress.darknet.persist import load
+from compress.darknet.summary import bn_gammas, file_size_mb, gamma_stats, plot_gamma_histogram, summarize
+from compress.data.dataset import read_names
+from compress.deploy.runtimes import inference_size, load_for_inference
+from compress.detection.anchors import AnchorConfig, compute_anchors
+from compress.detection.detect import DetectConfig, check_names, detect_to_dir
+from compress.detection.evaluate import EvalConfig, evaluate, save_detections
+from compress.jobs.base import Job, PathLike, Report, as_str, files, paths, register_job
+from compress.jobs.training import data_path
+
+__all__ = ["InfoJob", "EvalJob", "DetectJob", "AnchorsJob"]
+
+
+@register_job
+@dataclass(frozen=True)
+class InfoJob(Job):
+    """Layers, params, FLOPs at `img_size` (None: the cfg's), BN-gamma statistics (+ a PNG histogram)."""
+
+    command: ClassVar[str] = "info"
+
+    cfg: PathLike
+    weights: PathLike | None = None
+    img_size: int | None = None
+    gamma_plot: PathLike | None = None
+    cutoff: int | None = None
+
+    def inputs(self) -> tuple[Path, ...]:
+        return paths(self.cfg, self.weights)
+
+    def outputs(self) -> tuple[Output, ...]:
+        return files(("--gamma-plot", self.gamma_plot))
+
+    def run(self) -> Report:
+        model = load(self.cfg, self.weights, cutoff=self.cutoff)
+        summary = summarize(model, (self.img_size, self.img_size) if self.img_size else None)
+        if self.gamma_plot:
+            plot_gamma_histogram(bn_gammas(model), self.gamma_plot)
+        return self.report({**summary.to_dict(), "gamma": gamma_stats(bn_gammas(model)), "cfg": str(self.cfg),
+                            "weights": None if self.weights is None else str(self.weights),
+                            "weights_mb": file_size_mb(self.weights) if self.weights else None})
+
+
+@register_job
+@dataclass(frozen=True)
+class EvalJob(Job):
+    """mAP of cfg/weights (Darknet, .pt, or an exported .onnx/.xml/.param) on `data`'s valid split; `img_size`
+    None: the exported model's fixed size, else the cfg's width. `json_path` (--json): COCO detections."""
+
+    command: ClassVar[str] = "eval"
+    flags: ClassVar[Mapping[str, str]] = {"json_path": "--json"}
+
+    cfg: PathLike | None
+    weights: PathLike | None
+    data: PathLike
+    img_size: int | None = None
+    batch_size: int = 8
+    conf_thres: float = 0.001
+    iou_thres: float = 0.6
+    workers: int | None = None      # None: EvalConfig's default
+    json_path: PathLike | None = None
+    no_progress: bool = False
+    letterbox: bool | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        self.eval_config(self.img_size or 416)  # EvalConfig's rules and messages
+
+    def eval_config(self, img_size: int) -> EvalConfig:
+        return EvalConfig(img_size=img_size, batch_size=self.batch_size, conf_thres=self.conf_thres,
+                          iou_thres=self.iou_thres, progress=not self.no_progress, letterbox=self.letterbox,
+                          **({} if self.workers is None else {"workers": self.workers}))
+
+    def inputs(self) -> tuple[Path, ...]:
+        return paths(self.cfg, self.weights, data_path(self.data))
+
+    def outputs(self) -> tuple[Output, ...]:
+        return files(("--json", self.json_path))
+
+    def run(self) -> Report:
+        model = load_for_inference(self.cfg, self.weights, self.device)
+        config = self.eval_config(inference_size(model, self.cfg, self.img_size))
+        result = evaluate(model, self.data, config, device=self.device)
+        if self.json_path:
+            save_detections(result, self.json_path)
+        return self.report({"cfg": as_str(self.cfg), "weights": as_str(self.weights), "data": as_str(self.data),
+                            "img_size": config.img_size, **result.to_dict(), "pr_conf": config.pr_conf,
+                            "detections_json": as_str(self.json_path)})
+
+
+@register_job
+@dataclass(frozen=True)
+class DetectJob(Job):
+    """Boxes drawn on `source` (an image or a folder) into `out` + detections.json. `names`: a class-names file
+    (one per class of the model; default: class ids)."""
+
+    command: ClassVar[str] = "detect"
+
+    cfg: PathLike
+    weights: PathLike | None
+    source: PathLike
+    out: PathLike
+    img_size: int | None = None
+    conf_thres: float = 0.25
+    iou_thres: float = 0.45
+    names: PathLike | None = None
+    letterbox: bool | None = None
+    device: str = "cpu"
+
+    def inputs(self) -> tuple[Path, ...]:
+        return paths(self.cfg, self.weights, self.source, self.names)
+
+    def outputs(self) -> tuple[Output, ...]:
+        return (Output(Path(self.out), "dir", "--out"),)
+
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    def run(self) -> Report:
+        model = load(self.cfg, self.weights, device=self.device)
+        config = DetectConfig(img_size=self.img_size or model.cfg.width, conf_thres=self.conf_thres,
+                              iou_thres=self.iou_thres, letterbox=self.letterbox)
+        names = read_names(self.names) if self.names else [str(i) for i in range(model.num_classes)]
+        check_names(names, model.num_classes, f"--names {self.names}")
+        records = detect_to_dir(model, self.source, self.out, names, config, device=self.device)
+        return self.report({
+            "cfg": as_str(self.cfg), "weights": as_str(self.weights), "source": as_str(self.source),
+            "out": as_str(self.out), "images": len(records), "boxes": sum(len(r["detections"]) for r in records),
+            "per_image": [{"image": r["image"], "boxes": len(r["detections"]),
+                           "classes": sorted({d["name"] for d in r["detections"]})} for r in records]})
+
+
+@register_job
+@dataclass(frozen=True)
+class AnchorsJob(Job):
+    """k-means anchors of `data`'s label boxes (`split`), for `img_size` inputs."""
+
+    command: ClassVar[str] = "anchors"
+
+    data: PathLike
+    n: int = 9
+    img_size: int = 416
+    split: str = "train"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.anchor_config()
+
+    def anchor_config(self) -> AnchorConfig:
+        return AnchorConfig(n=self.n, img_size=self.img_size, seed=self.seed, split=self.split)
+
+    def inputs(self) -> tuple[Path, ...]:
+        return paths(data_path(self.data))
+
+    def run(self) -> Report:
+        config = self.anchor_config()
+        result = compute_anchors(self.data, config)
+        return self.report({"data": as_str(self.data), "n": config.n, "img_size": config.img_size,
+                            **result.to_dict()})

@@ -1,0 +1,128 @@
+"""`yolo-compress prune` and `yolo-compress sparse-train`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from compress.base.guard import Output
+from compress.data.dataset import load_data_spec
+from compress.jobs.base import Job, PathLike, Report, out_folder, paths, register_job
+from compress.jobs.ranks import torchrun
+from compress.jobs.training import TrainingJob, data_path
+from compress.prune import PruneConfig
+from compress.prune.pipeline import Measure, prune_files
+from compress.prune.sparsity import SparsityConfig, run_sparse_train
+from compress.train.config import TrainConfig
+
+__all__ = ["PruneJob", "SparseTrainJob", "LATENCY_RUNS"]
+
+LATENCY_RUNS = 5  # --latency: CPU latency is the median of this many runs, before and after
+
+
+@register_job
+@dataclass(frozen=True)
+class PruneJob(Job):
+    """Channel or layer pruning of cfg/weights -> `out`/<cfg stem>-<method>.cfg/.weights (nothing with
+    `dry_run`); mAP before/after on `data` when given."""
+
+    command: ClassVar[str] = "prune"
+
+    cfg: PathLike
+    weights: PathLike | None
+    out: PathLike
+    method: str = "slim"
+    percent: float = 0.5
+    shortcuts: int = 0
+    round_to: int | None = None
+    min_keep: float = 0.0
+    layer_keep: float = 0.01
+    no_compensate: bool = False
+    data: PathLike | None = None
+    img_size: int | None = None
+    letterbox: bool | None = None
+    dry_run: bool = False
+    latency: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        self.prune_config(), self.measure()  # their rules and messages
+
+    def prune_config(self) -> PruneConfig:
+        return PruneConfig(method=self.method, percent=self.percent, shortcuts=self.shortcuts,
+                           round_to=self.round_to, min_keep=self.min_keep, layer_keep=self.layer_keep,
+                           compensate=not self.no_compensate)
+
+    def measure(self) -> Measure:
+        return Measure(self.data, self.img_size, self.letterbox, self.device, LATENCY_RUNS if self.latency else 0)
+
+    def pruned_pair(self) -> tuple[Path, Path]:
+        stem = f"{Path(self.cfg).stem}-{self.method}"
+        return Path(self.out) / f"{stem}.cfg", Path(self.out) / f"{stem}.weights"
+
+    def inputs(self) -> tuple[Path, ...]:
+        return paths(self.cfg, self.weights, self.data)
+
+    def outputs(self) -> tuple[Output, ...]:
+        return out_folder(self.out, *self.pruned_pair())
+
+    def out_dir(self) -> Path | None:
+        return None if self.dry_run else Path(self.out)
+
+    def writes_nothing(self) -> bool:
+        return self.dry_run
+
+    def run(self) -> Report:
+        outputs = None if self.dry_run else self.pruned_pair()
+        return self.report(prune_files(self.cfg, self.weights, self.prune_config(), outputs, self.measure()))
+
+
+@register_job
+@dataclass(frozen=True)
+class SparseTrainJob(TrainingJob):
+    """Training with an L1 penalty on BN gammas (network slimming) -> `out`/<cfg stem>-sparse.cfg/.weights."""
+
+    command: ClassVar[str] = "sparse-train"
+    train_extra: ClassVar[dict[str, object]] = {"progress": False}
+
+    cfg: PathLike
+    weights: PathLike | None
+    data: PathLike
+    out: PathLike
+    train: TrainConfig | None = None
+    val: PathLike | None = None
+    s: float = 1e-3
+    prune: int = 0
+    s_schedule: str = "constant"
+    l1_update: str = "auto"
+    target_sparsity: float | None = None
+    s_growth: float = 2.0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.sparsity()
+
+    def sparsity(self) -> SparsityConfig:
+        return SparsityConfig(s=self.s, mode=self.prune, schedule=self.s_schedule, update=self.l1_update,
+                              target=self.target_sparsity, growth=self.s_growth)
+
+    def sparse_pair(self) -> tuple[Path, Path]:
+        stem = f"{Path(self.cfg).stem}-sparse"
+        return Path(self.out) / f"{stem}.cfg", Path(self.out) / f"{stem}.weights"
+
+    def inputs(self) -> tuple[Path, ...]:
+        return paths(self.cfg, self.weights, data_path(self.data), self.val)
+
+    def outputs(self) -> tuple[Output, ...]:
+        return out_folder(self.out, *self.sparse_pair()) + self.cache_output()
+
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    def run(self) -> Report:
+        dist, device = torchrun(self.device)
+        data = load_data_spec(self.data, self.val, training=True)
+        figures = run_sparse_train(self.cfg, self.weights, data, self.sparsity(), self.train, self.sparse_pair(),
+                                   self.out, device, dist)
+        return self.report(figures, dist.rank if dist else 0)

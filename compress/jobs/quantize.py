@@ -1,0 +1,131 @@
+"""`yolo-compress quantize`: DoReFa (k-bit) or Google (int8) fake quantization, PTQ or QAT."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+from compress.base.errors import QuantError
+from compress.base.guard import Output
+from compress.darknet.cfg import read_cfg
+from compress.jobs.base import Job, PathLike, Report, out_folder, paths, register_job
+from compress.jobs.ranks import torchrun
+from compress.jobs.training import data_path, train_option_types
+from compress.quant.config import QuantConfig, make_config
+from compress.quant.pipeline import QuantOutputs, QuantSettings, check_img_size, check_verified, quantize
+from compress.quant.qat import qat_train_config
+from compress.train.config import TrainConfig
+
+__all__ = ["QuantizeJob"]
+
+
+@register_job
+@dataclass(frozen=True)
+class QuantizeJob(Job):
+    """Quantize cfg/weights -> `out`/<cfg stem>-q<bits>.cfg/.weights (folded, on the grid), quant.json,
+    weights_int.npz, model-int8.onnx (QDQ), model-fp32.onnx. `train`: the QAT loop (None: post-training
+    calibration); its options are --epochs (0: PTQ), --lr0, --resume, --seed."""
+
+    command: ClassVar[str] = "quantize"
+    train_options: ClassVar[tuple[str, ...]] = ("epochs", "lr0", "resume", "seed")
+    train_defaults: ClassVar[Mapping[str, Any]] = {"epochs": 0, "lr0": 1e-4, "resume": False, "seed": 0}
+    false_flags: ClassVar[Mapping[str, str]] = {"reduce_range": "--full-range"}
+
+    cfg: PathLike
+    weights: PathLike | None
+    data: PathLike
+    out: PathLike
+    train: TrainConfig | None = None
+    val: PathLike | None = None
+    letterbox: bool | None = None
+    method: str = "google"
+    bits: int = 8
+    a_bits: int | None = None
+    bn_fold: bool = True
+    pow2: bool = False
+    per_tensor: bool = False
+    first_last_bits: int = 8
+    act_scheme: str = "asymmetric"
+    reduce_range: bool = True
+    weight_clip: str | None = None
+    freeze_observers_after: int | None = None
+    freeze_bn_after: int | None = None
+    calib_batches: int = 8
+    batch_size: int = 8
+    img_size: int | None = None
+    sync_bn: bool = False
+    act_drop: float = 0.0
+    bias_correction: bool = True
+    safe_range: str = "half"
+    no_eval: bool = False
+    no_verify: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        self.quant_config(), self.settings()  # their rules and messages
+
+    @classmethod
+    def option_types(cls) -> dict[str, Any]:
+        return {**super().option_types(), **train_option_types(cls.train_options)}
+
+    @classmethod
+    def make_train(cls, options: Mapping[str, Any], train: Mapping[str, Any], given: set[str]) -> TrainConfig | None:
+        """The QAT loop from --epochs/--lr0/--resume/--seed and the job's batch size, input size and --sync-bn."""
+        values = {**cls.train_defaults, **{k: v for k, v in train.items() if v is not None}}
+        if values["epochs"] < 0:
+            raise QuantError(f"--epochs {values['epochs']} must be >= 0 (0 = post-training calibration only)")
+        if values["resume"] and not values["epochs"]:
+            raise QuantError("--resume continues an interrupted QAT run: pass the run's --epochs N (N > 0)")
+        if not values["epochs"]:
+            return None
+        option = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        option.update(options)
+        check_img_size(option["img_size"])
+        img = option["img_size"] or read_cfg(option["cfg"]).width
+        sync_bn = option["sync_bn"] and not option["bn_fold"]  # folded BNs synchronise themselves
+        return qat_train_config(values["epochs"], option["batch_size"], img, values["lr0"], values["seed"],
+                                values["resume"], sync_bn)
+
+    def quant_config(self) -> QuantConfig:
+        return make_config(self.method, self.bits, self.a_bits, bn_fold=self.bn_fold, pow2=self.pow2,
+                           per_channel=not self.per_tensor, first_last_bits=self.first_last_bits,
+                           act_scheme=self.act_scheme, reduce_range=self.reduce_range, w_clip=self.weight_clip,
+                           safe_range=self.safe_range)
+
+    def settings(self) -> QuantSettings:
+        return QuantSettings(calib_batches=self.calib_batches, batch_size=self.batch_size, img_size=self.img_size,
+                             letterbox=self.letterbox, evaluate=not self.no_eval, verify=not self.no_verify,
+                             bias_correction=self.bias_correction, sync_bn=self.sync_bn, act_drop=self.act_drop,
+                             freeze_observers_after=self.freeze_observers_after, freeze_bn_after=self.freeze_bn_after)
+
+    def files(self) -> QuantOutputs:
+        return QuantOutputs.in_dir(self.out, f"{Path(self.cfg).stem}-q{self.bits}")
+
+    def inputs(self) -> tuple[Path, ...]:
+        return paths(self.cfg, self.weights, data_path(self.data), self.val)
+
+    def outputs(self) -> tuple[Output, ...]:
+        return out_folder(self.out, *self.files().to_dict().values())
+
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    def resumes(self) -> bool:
+        return self.train is not None and self.train.resume
+
+    def train_argv_values(self) -> dict[str, Any]:
+        if self.train is None:
+            return {}
+        values = {"epochs": self.train.epochs, "lr0": self.train.lr0, "resume": self.train.resume,
+                  "seed": self.train.seed}
+        return {k: v for k, v in values.items() if v != self.train_defaults[k]}
+
+    def run(self) -> Report:
+        dist, device = torchrun(self.device)
+        figures = quantize(self.cfg, self.weights, self.data, self.quant_config(), self.files(), self.settings(),
+                           self.train, device, dist, val=self.val)
+        return self.report(figures, dist.rank if dist else 0)
+
+    def check(self, report: Report, written: Path | None) -> None:
+        check_verified(report.to_dict(), written)

@@ -1,0 +1,66 @@
+"""`yolo-compress train`: plain training / fine-tuning (single process or under torchrun)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+from compress.base.guard import Output
+from compress.darknet.cfg import read_cfg
+from compress.data.dataset import load_data_spec
+from compress.jobs.base import PathLike, Report, out_folder, paths, register_job
+from compress.jobs.ranks import torchrun
+from compress.jobs.training import FIT_OPTIONS, TrainingJob, data_path, train_values
+from compress.train.api import train_model
+from compress.train.config import TrainConfig
+from compress.train.hyp import resolve_train_config
+from compress.train.loop import TrainFiles
+
+__all__ = ["TrainJob"]
+
+
+@register_job
+@dataclass(frozen=True)
+class TrainJob(TrainingJob):
+    """cfg (+ weights, the first `cutoff` layers) trained on `data` (`val` replaces its valid split) into `out`
+    (best/last pairs, last.pt, results.csv). `hyp`: the YAML the training options were resolved with.
+
+    Training options (in `train`) take their precedence from `make_train`: TrainConfig defaults < fine-tune
+    defaults (with --weights) < the --hyp file < options the user gave."""
+
+    command: ClassVar[str] = "train"
+    train_options: ClassVar[tuple[str, ...]] = FIT_OPTIONS + (
+        "scheduler", "resume", "no_ema", "amp", "accumulate", "no_augment", "eval_every", "loss")
+
+    cfg: PathLike
+    weights: PathLike | None
+    data: PathLike
+    out: PathLike
+    train: TrainConfig | None = None
+    val: PathLike | None = None
+    device: str = "cpu"
+    cutoff: int | None = None
+    hyp: PathLike | None = None
+
+    @classmethod
+    def make_train(cls, options: Mapping[str, Any], train: Mapping[str, Any], given: set[str]) -> TrainConfig:
+        values = train_values(train)
+        values.setdefault("img_size", read_cfg(options["cfg"]).width)
+        pretrained = options.get("weights") is not None and options.get("cutoff") is None
+        return resolve_train_config(values, given, options.get("hyp"), pretrained=pretrained)
+
+    def inputs(self) -> tuple[Path, ...]:
+        return paths(self.cfg, self.weights, data_path(self.data), self.val, self.hyp)
+
+    def outputs(self) -> tuple[Output, ...]:
+        files = TrainFiles(Path(self.out))
+        return out_folder(self.out, *files.best, *files.last) + self.cache_output()
+
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    def run(self) -> Report:
+        dist, device = torchrun(self.device)
+        data = load_data_spec(self.data, self.val, training=True)
+        figures = train_model(self.cfg, self.weights, data, self.train, self.out, device, self.cutoff, dist)
+        return self.report(figures, dist.rank if dist else 0)
