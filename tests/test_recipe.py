@@ -9,14 +9,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import click
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
 import pytest
 import torch
 
-from compress.cli.run import lookup_command
+import compress
 from compress.base.errors import CompressError, PruneError, RecipeError
+from compress.base.guard import Output
 from compress.darknet.persist import load, save
-from compress.recipe import Plan, RunConfig, prepare, render_commands, run_recipe
+from compress.jobs import JOBS, Job, PathLike, Report
+from compress.recipe import Plan, prepare, render_commands, run_recipe
 from compress.recipe.runner import sha256_file
 from compress.darknet.summary import stage_figures
 
@@ -25,11 +30,11 @@ from conftest import DATA, ROOT, randomize_bn
 TINY = DATA / "tiny-shortcut.cfg"
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
-# ---------------------------------------------------------------- fake model-producing commands (fast, real files)
+# ---------------------------------------------------------------- fake model-producing jobs (fast, real files)
 CALLS: list[tuple[str, dict]] = []
 
 
-def _produce(name: str, cfg: str, weights: str | None, out: str, scale: float = 1.0, **extra) -> None:
+def _produce(name: str, cfg: str, weights: str | None, out: str, scale: float = 1.0, **extra) -> dict:
     model = load(cfg, weights)
     if weights is None:
         randomize_bn(model)
@@ -39,73 +44,111 @@ def _produce(name: str, cfg: str, weights: str | None, out: str, scale: float = 
                 m.weight.mul_(scale)
     cfg_out, w_out = Path(out) / f"{name}.cfg", Path(out) / f"{name}.weights"
     save(model, cfg_out, w_out)
-    report = {**stage_figures(model, cfg_out, w_out, latency_runs=1), **extra}
-    (Path(out) / "report.json").write_text(json.dumps(report))
+    return {**stage_figures(model, cfg_out, w_out, latency_runs=1), **extra}
 
 
-@click.command()
-@click.option("--cfg", type=click.Path(exists=True), required=True)
-@click.option("--weights", type=click.Path(exists=True))
-@click.option("--data", type=click.Path(exists=True), required=True)
-@click.option("--out", required=True)
-@click.option("--epochs", type=click.IntRange(1), default=3)
-@click.option("--lr0", type=float, default=0.01)
-def fake_train(**kw):
-    CALLS.append(("train", kw))
-    _produce("trained", kw["cfg"], kw["weights"], kw["out"])
+class Fake(Job):
+    """A fake command: records its options, writes into `out` when it has one."""
+
+    def inputs(self) -> tuple[Path, ...]:
+        return tuple(Path(getattr(self, n)) for n in ("cfg", "weights", "t_cfg", "t_weights", "data")
+                     if getattr(self, n, None))
+
+    def outputs(self) -> tuple[Output, ...]:
+        return (Output(Path(self.out), "dir", "--out"),) if getattr(self, "out", None) else ()
+
+    def out_dir(self) -> Path | None:
+        return Path(self.out) if getattr(self, "out", None) else None
+
+    def run(self) -> Report:
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        CALLS.append((self.command, {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}))
+        return self.report(self.produce())
 
 
-@click.command()
-@click.option("--cfg", type=click.Path(exists=True), required=True)
-@click.option("--weights", type=click.Path(exists=True))
-@click.option("--out", required=True)
-@click.option("--data", type=click.Path(exists=True))
-@click.option("--method", type=click.Choice(["slim", "regular"]), default="slim")
-@click.option("--percent", type=click.FloatRange(0, 1, max_open=True), default=0.5)
-@click.option("--round-to", type=click.IntRange(1))
-def fake_prune(**kw):
-    CALLS.append(("prune", kw))
-    _produce("pruned", kw["cfg"], kw["weights"], kw["out"], scale=1 - kw["percent"])
+@dataclass(frozen=True)
+class FakeTrain(Fake):
+    command: ClassVar[str] = "train"
+    produces_model: ClassVar[bool] = True
+    in_summary: ClassVar[bool] = True
+    cfg: PathLike
+    data: PathLike
+    out: PathLike
+    weights: PathLike | None = None
+    epochs: int = 3
+    lr0: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise CompressError("--epochs must be >= 1")
+
+    def produce(self) -> dict:
+        return _produce("trained", self.cfg, self.weights, self.out)
 
 
-@click.command()
-@click.option("--cfg", type=click.Path(exists=True), required=True)
-@click.option("--weights", type=click.Path(exists=True))
-@click.option("--t_cfg", "--t-cfg", "t_cfg", type=click.Path(exists=True), required=True)
-@click.option("--t_weights", "--t-weights", "t_weights", type=click.Path(exists=True), required=True)
-@click.option("--data", type=click.Path(exists=True), required=True)
-@click.option("--out", required=True)
-@click.option("--kd", type=click.Choice(["1", "2", "3"]), default="3")
-def fake_distill(**kw):
-    CALLS.append(("distill", kw))
-    _produce("distilled", kw["cfg"], kw["weights"], kw["out"], map50=0.4, map50_95=0.2)
+@dataclass(frozen=True)
+class FakePrune(Fake):
+    command: ClassVar[str] = "prune"
+    produces_model: ClassVar[bool] = True
+    in_summary: ClassVar[bool] = True
+    cfg: PathLike
+    out: PathLike
+    weights: PathLike | None = None
+    data: PathLike | None = None
+    method: str = "slim"
+    percent: float = 0.5
+    round_to: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.percent < 1:
+            raise CompressError(f"--percent {self.percent} is not in [0, 1)")
+
+    def produce(self) -> dict:
+        return _produce("pruned", self.cfg, self.weights, self.out, scale=1 - self.percent)
 
 
-@click.command()
-@click.option("--cfg", type=click.Path(exists=True), required=True)
-@click.option("--weights", type=click.Path(exists=True))
-@click.option("--data", type=click.Path(exists=True), required=True)
-@click.option("--report", "report_path")
-def fake_eval(**kw):
-    CALLS.append(("eval", kw))
-    Path(kw["report_path"]).write_text(json.dumps({"map50": 0.5, "map50_95": 0.25, "images": 4}))
+@dataclass(frozen=True)
+class FakeDistill(Fake):
+    command: ClassVar[str] = "distill"
+    produces_model: ClassVar[bool] = True
+    in_summary: ClassVar[bool] = True
+    cfg: PathLike
+    t_cfg: PathLike
+    t_weights: PathLike
+    data: PathLike
+    out: PathLike
+    weights: PathLike | None = None
+    kd: int = 3
+
+    def produce(self) -> dict:
+        return _produce("distilled", self.cfg, self.weights, self.out, map50=0.4, map50_95=0.2)
 
 
-@click.command()
-@click.option("--out", required=True)
-@click.option("--n-train", type=click.IntRange(1), default=8)
-def fake_synth(**kw):
-    CALLS.append(("data synth", kw))
-    Path(kw["out"]).mkdir(parents=True, exist_ok=True)
-    (Path(kw["out"]) / "synth.data").write_text(f"classes=3\n# n_train={kw['n_train']}\n")
+@dataclass(frozen=True)
+class FakeEval(Fake):
+    command: ClassVar[str] = "eval"
+    in_summary: ClassVar[bool] = True
+    cfg: PathLike
+    data: PathLike
+    weights: PathLike | None = None
+
+    def produce(self) -> dict:
+        return {"map50": 0.5, "map50_95": 0.25, "images": 4}
 
 
-FAKES = {"train": fake_train, "prune": fake_prune, "distill": fake_distill, "eval": fake_eval,
-         "data synth": fake_synth}
+@dataclass(frozen=True)
+class FakeSynth(Fake):
+    command: ClassVar[str] = "data synth"
+    out: PathLike
+    n_train: int = 8
+
+    def produce(self) -> dict:
+        Path(self.out).mkdir(parents=True, exist_ok=True)
+        (Path(self.out) / "synth.data").write_text(f"classes=3\n# n_train={self.n_train}\n")
+        return {"data": str(Path(self.out) / "synth.data")}
 
 
-def fake_lookup(name: str) -> click.Command | None:
-    return FAKES.get(name) or lookup_command(name)
+FAKES = {**JOBS, **{k.command: k for k in (FakeTrain, FakePrune, FakeDistill, FakeEval, FakeSynth)}}
 
 
 def _recipe(tmp_path: Path, text: str) -> Path:
@@ -131,7 +174,7 @@ steps:
 def test_pipeline_threads_models_writes_manifest_and_resumes(tmp_path):
     CALLS.clear()
     recipe, out = _recipe(tmp_path, PIPELINE), tmp_path / "out"
-    result = run_recipe(RunConfig(recipe, out), fake_lookup)
+    result = run_recipe(recipe, out=out, jobs=FAKES)
     calls = dict(CALLS)
     assert [c for c, _ in CALLS] == ["data synth", "train", "prune", "distill", "eval"]
     data = str(out / "00-data" / "synth.data")
@@ -160,28 +203,25 @@ def test_pipeline_threads_models_writes_manifest_and_resumes(tmp_path):
     assert summary[2]["map50"] == 0.4 and (out / "summary.png").stat().st_size > 1000
     assert len(result.records) == 6
 
-    resolved = prepare(RunConfig(out / "resolved.yaml"), fake_lookup)  # resolved.yaml is a runnable recipe
-    assert render_commands(resolved) == render_commands(prepare(RunConfig(recipe, out), fake_lookup))
+    resolved = prepare(out / "resolved.yaml", jobs=FAKES)  # resolved.yaml is a runnable recipe
+    assert render_commands(resolved) == render_commands(prepare(recipe, out=out, jobs=FAKES))
 
     CALLS.clear()  # unchanged re-run: everything reused
-    run_recipe(RunConfig(recipe, out), fake_lookup)
+    run_recipe(recipe, out=out, jobs=FAKES)
     assert CALLS == []
     assert {s["status"] for s in json.loads((out / "manifest.json").read_text())["steps"]} == {"reused"}
 
     CALLS.clear()  # a changed option re-runs that step and, through the changed hashes, everything downstream
-    run_recipe(RunConfig(recipe, out, ("steps.2.prune.percent=0.25",)), fake_lookup)
+    run_recipe(recipe, ("steps.2.prune.percent=0.25",), out=out, jobs=FAKES)
     assert [c for c, _ in CALLS] == ["prune", "distill", "eval"]
     assert [s["status"] for s in json.loads((out / "manifest.json").read_text())["steps"]] == \
         ["reused", "reused", "done", "done", "done", "done"]
 
 
-@click.command()
-@click.option("--cfg", required=True)
-@click.option("--weights")
-@click.option("--out", required=True)
-@click.option("--data")
-def failing_prune(**kw):
-    raise PruneError("layer 3: boom; use another --percent")
+@dataclass(frozen=True)
+class FailingPrune(FakePrune):
+    def produce(self) -> dict:
+        raise PruneError("layer 3: boom; use another --percent")
 
 
 def test_failed_step_names_the_recipe_line_and_resume_reuses_finished_steps(tmp_path):
@@ -189,13 +229,13 @@ def test_failed_step_names_the_recipe_line_and_resume_reuses_finished_steps(tmp_
     recipe = _recipe(tmp_path, "model: {cfg: net.cfg}\ndata: {synth: {}}\nsteps:\n  - train: {}\n  - prune: {}\n")
     out = tmp_path / "out"
     with pytest.raises(RecipeError, match=f"^{recipe}:5: step 2 `prune` failed: layer 3: boom"):
-        run_recipe(RunConfig(recipe, out), lambda n: failing_prune if n == "prune" else fake_lookup(n))
+        run_recipe(recipe, out=out, jobs={**FAKES, "prune": FailingPrune})
     manifest = json.loads((out / "manifest.json").read_text())["steps"]
     assert [(s["name"], s["status"]) for s in manifest] == [("data synth", "done"), ("train", "done"),
                                                              ("prune", "failed")]
     assert "boom" in manifest[2]["error"]
     CALLS.clear()
-    run_recipe(RunConfig(recipe, out), fake_lookup)
+    run_recipe(recipe, out=out, jobs=FAKES)
     assert [c for c, _ in CALLS] == ["prune"]
 
 
@@ -213,7 +253,7 @@ def test_failed_step_names_the_recipe_line_and_resume_reuses_finished_steps(tmp_
 def test_bad_step_is_a_recipe_error_with_file_and_line(tmp_path, bad, line, match):
     recipe = _recipe(tmp_path, "model: {cfg: net.cfg}\ndata: {synth: {}}\nsteps:\n  - train: {epochs: 1}\n" + bad)
     with pytest.raises(RecipeError, match=f"^{recipe}:{line}: {match}"):
-        run_recipe(RunConfig(recipe, tmp_path / "out", dry_run=True), fake_lookup)
+        run_recipe(recipe, out=tmp_path / "out", dry_run=True, jobs=FAKES)
     assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
 
 
@@ -230,7 +270,7 @@ def test_bad_step_is_a_recipe_error_with_file_and_line(tmp_path, bad, line, matc
 def test_bad_recipe_shape_or_file_names_the_line(tmp_path, text, line, match):
     recipe = _recipe(tmp_path, text)
     with pytest.raises(RecipeError, match=f"^{recipe}:{line}: {match}"):
-        run_recipe(RunConfig(recipe, tmp_path / "out", dry_run=True), fake_lookup)
+        run_recipe(recipe, out=tmp_path / "out", dry_run=True, jobs=FAKES)
 
 
 def test_overrides_are_typed_checked_and_relative_to_cwd(tmp_path, monkeypatch):
@@ -240,20 +280,20 @@ def test_overrides_are_typed_checked_and_relative_to_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "sub")
     overrides = ("model.cfg=other.cfg", "steps.prune.percent=0.7", "steps.3.distill.teacher=input",
                  "data=../net.cfg")
-    plan = run_recipe(RunConfig(recipe, "o", overrides, dry_run=True), fake_lookup)
+    plan = run_recipe(recipe, overrides, out="o", dry_run=True, jobs=FAKES)
     assert isinstance(plan, Plan)
     assert plan.input_model == (str(tmp_path / "sub" / "other.cfg"), None)
     assert plan.data == str(tmp_path / "net.cfg") and plan.out == tmp_path / "sub" / "o"
     prune = next(s for s in plan.steps if s.name == "prune")
-    assert prune.user.values["percent"] == 0.7 and prune.user.args[-2:] == ("--percent", "0.7")
+    assert prune.user.values["percent"] == 0.7 and prune.argv(lambda s: ("m.cfg", None), "d")[-2:] == ["--percent", "0.7"]
     assert next(s for s in plan.steps if s.name == "distill").refs["teacher"][0] == 0
     assert [s.index for s in plan.steps] == [1, 2, 3, 4, 5]  # no synth step once data is a path
     with pytest.raises(RecipeError, match=r"^--set steps.2.prune.percent: `prune.percent`: 1.5 is not in the range"):
-        run_recipe(RunConfig(recipe, "o", ("steps.2.prune.percent=1.5",), dry_run=True), fake_lookup)
+        run_recipe(recipe, ("steps.2.prune.percent=1.5",), out="o", dry_run=True, jobs=FAKES)
     with pytest.raises(RecipeError, match=r"--set steps.3.prune.percent: step 3 is `distill`.*`prune` is step 2"):
-        run_recipe(RunConfig(recipe, "o", ("steps.3.prune.percent=0.5",), dry_run=True), fake_lookup)
+        run_recipe(recipe, ("steps.3.prune.percent=0.5",), out="o", dry_run=True, jobs=FAKES)
     with pytest.raises(RecipeError, match=r"--set model.cfg: model cfg .*nope.cfg does not exist"):
-        run_recipe(RunConfig(recipe, "o", ("model.cfg=nope.cfg",), dry_run=True), fake_lookup)
+        run_recipe(recipe, ("model.cfg=nope.cfg",), out="o", dry_run=True, jobs=FAKES)
 
 
 # ------------------------------------------------------------------------------------ recipes <-> real CLI parity
@@ -271,9 +311,8 @@ def _stand_ins(recipe: Path, tmp_path: Path) -> tuple[str, ...]:
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
-def test_every_recipe_validates_against_the_real_cli(recipe, tmp_path):
-    plan = run_recipe(RunConfig(recipe, tmp_path / "out", _stand_ins(recipe, tmp_path), dry_run=True),
-                      lookup_command)
+def test_every_recipe_validates_against_the_real_jobs(recipe, tmp_path):
+    plan = run_recipe(recipe, _stand_ins(recipe, tmp_path), out=tmp_path / "out", dry_run=True)
     assert [s.name for s in plan.steps if s.index > 0] == [s.name for s in plan.recipe.steps]
 
 
@@ -282,7 +321,7 @@ def test_commands_sh_reproduces_the_run(tmp_path):
                                "  - export: {opset: 13, dynamic_batch: true}\n")
     save(randomize_bn(load(TINY)), tmp_path / "net.cfg", tmp_path / "net.weights")
     out = tmp_path / "out"
-    run_recipe(RunConfig(recipe, out), lookup_command)
+    run_recipe(recipe, out=out)
     onnx = out / "02-export" / "model.onnx"
     first = onnx.read_bytes()
     onnx.unlink()
@@ -295,12 +334,12 @@ def test_truncated_output_reruns_the_step_instead_of_reusing_it(tmp_path):
     CALLS.clear()
     recipe, out = _recipe(tmp_path, "model: {cfg: net.cfg}\ndata: {synth: {}}\nsteps:\n  - train: {}\n"
                                     "  - prune: {}\n"), tmp_path / "out"
-    run_recipe(RunConfig(recipe, out), fake_lookup)
+    run_recipe(recipe, out=out, jobs=FAKES)
     weights = Path(json.loads((out / "01-train" / "report.json").read_text())["weights"])
     whole = weights.read_bytes()
     weights.write_bytes(whole[: len(whole) // 2])  # e.g. a disk that filled up, or an interrupted copy
     CALLS.clear()
-    run_recipe(RunConfig(recipe, out), fake_lookup)
+    run_recipe(recipe, out=out, jobs=FAKES)
     assert [c for c, _ in CALLS][0] == "train"
     steps = json.loads((out / "manifest.json").read_text())["steps"]
     assert [s["status"] for s in steps][:2] == ["reused", "done"]
@@ -313,20 +352,20 @@ def test_run_refuses_a_foreign_non_empty_folder(tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(CompressError, match="already holds an earlier run"):
-        run_recipe(RunConfig(recipe, out), fake_lookup)
-    run_recipe(RunConfig(recipe, out, exist_ok=True), fake_lookup)
-    run_recipe(RunConfig(recipe, out), fake_lookup)  # now a recipe run (manifest.json): resumed
+        run_recipe(recipe, out=out, jobs=FAKES)
+    run_recipe(recipe, out=out, exist_ok=True, jobs=FAKES)
+    run_recipe(recipe, out=out, jobs=FAKES)  # now a recipe run (manifest.json): resumed
     assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_recipe_device_reaches_every_step_with_device(tmp_path):
     recipe = _recipe(tmp_path, "model: {cfg: net.cfg}\ndata: {synth: {}}\ndevice: cpu\nsteps:\n  - eval: {}\n"
                                "  - export: {}\n  - eval: {device: auto}\n")
-    lines = render_commands(run_recipe(RunConfig(recipe, tmp_path / "o", dry_run=True), lookup_command))
+    lines = render_commands(run_recipe(recipe, out=tmp_path / "o", dry_run=True))
     evals = [ln for ln in lines.splitlines() if ln.startswith("yolo-compress eval")]
     export = next(ln for ln in lines.splitlines() if ln.startswith("yolo-compress export"))
     assert "--device cpu" in evals[0] and "--device auto" in evals[1] and "--device cpu" not in evals[1]
     assert "--device" not in export
     bad = _recipe(tmp_path, "model: {cfg: net.cfg}\ndevice: banana\nsteps:\n  - export: {}\n")
     with pytest.raises(RecipeError, match=rf"^{bad}:2: --device banana: not a device"):
-        run_recipe(RunConfig(bad, tmp_path / "o", dry_run=True), lookup_command)
+        run_recipe(bad, out=tmp_path / "o", dry_run=True)

@@ -10,8 +10,7 @@ import pytest
 import yaml
 
 from compress.darknet.cfg import read_cfg
-from compress.cli.run import lookup_command
-from compress.recipe import RunConfig, run_recipe
+import compress
 
 from conftest import ROOT
 
@@ -46,7 +45,7 @@ def run(name: str, model: tuple[Path, Path | None], assets: Path, tmp_path: Path
     sets = (f"model.cfg={model[0]}", f"model.weights={model[1] or ''}", f"data={coco_data(assets, tmp_path)}",
             *shrink(recipe))
     out = tmp_path / "out"
-    result = run_recipe(RunConfig(recipe, out, sets), lookup_command)
+    result = compress.run_recipe(recipe, sets, out=out)  # the Python API: no click below it
     assert [r.status for r in result.records] == ["done"] * len(result.records)
     summary = json.loads((out / "summary.json").read_text())
     return {row["stage"].split("-", 1)[1]: row for row in summary["stages"]}, out

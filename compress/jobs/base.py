@@ -68,13 +68,19 @@ class Job:
     Class attributes a subclass may set: `command` (its CLI path); `train_options` (option names that build the
     `train: TrainConfig` field, see `make_train`); `flags` (field -> CLI flag where it is not `--field-name`);
     `false_flags` (bool field defaulting to True -> the flag that turns it off, default `--no-field-name`);
-    `resume_marker` (a file that makes an existing output folder this job's own resumable run)."""
+    `resume_marker` (a file that makes an existing output folder this job's own resumable run);
+    `produces_model`, `out_file`, `in_summary` (how a recipe threads it, see compress/recipe/steps.py)."""
 
     command: ClassVar[str]
     train_options: ClassVar[tuple[str, ...]] = ()
     flags: ClassVar[Mapping[str, str]] = {}
     false_flags: ClassVar[Mapping[str, str]] = {}
     resume_marker: ClassVar[str | None] = None
+    # how a recipe wires the job (compress/recipe/steps.py): its report's cfg/weights are the next step's model;
+    # its `out` names a file (this name inside the step folder) rather than a folder; a row of the stage table
+    produces_model: ClassVar[bool] = False
+    out_file: ClassVar[str | None] = None
+    in_summary: ClassVar[bool] = False
 
     # ---- what a job declares -------------------------------------------------------------------------------
     def inputs(self) -> tuple[Path, ...]:

@@ -1,27 +1,27 @@
-"""Turn a `Recipe` into a validated plan: one click command + argument template per step, before anything runs.
+"""Turn a `Recipe` into a validated plan: one job type + checked options per step, before anything runs.
 
-Models thread through the steps: a step whose command has `--cfg` gets the current model, and a model-producing
-step's `DIR/report.json` (`cfg`, `weights`) becomes the current model afterwards. A model is referred to by
+Models thread through the steps: a step whose job has a `cfg` field gets the current model, and a
+model-producing step's report (`cfg`, `weights`) becomes the current model afterwards. A model is referred to by
 `ModelSource`: 0 = the recipe's input model, N = the output of step N, or explicit paths.
 """
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Union
-
-import click
+from typing import Any, Callable, Mapping, Union
 
 from compress.base.device import parse_device
 from compress.base.errors import DeviceError, RecipeError
+from compress.jobs import JOBS, Job
 from compress.recipe.spec import Recipe, StepSpec, Tracked, to_plain
-from compress.recipe.steps import STEPS, ConvertedStep, StepKind, convert_options, find_param, required_missing
+from compress.recipe.steps import StepKind, UserOptions, build_job, job_type, step_kind, user_options
 
-__all__ = ["PlannedStep", "Plan", "plan_recipe", "ModelSource", "CommandLookup", "SYNTH_STEP"]
+__all__ = ["PlannedStep", "Plan", "plan_recipe", "ModelSource", "SYNTH_STEP"]
 
 ModelSource = Union[int, "tuple[str, str | None]"]  # step number (0 = input) or explicit (cfg, weights)
-CommandLookup = Callable[[str], Union[click.Command, None]]
+ModelPaths = Callable[[ModelSource], "tuple[str, str | None]"]
 SYNTH_STEP = "data synth"
 
 
@@ -29,15 +29,15 @@ SYNTH_STEP = "data synth"
 class PlannedStep:
     index: int                      # 0 = the `data synth` pre-step, then 1..n
     name: str
+    job_type: type[Job]
     kind: StepKind
-    command: click.Command
     dir: Path
-    user: ConvertedStep
-    model: ModelSource | None       # the model passed as --cfg/--weights (None: the command takes no model)
-    refs: dict[str, tuple[ModelSource, str, str | None]]  # teacher -> (source, --t_cfg, --t_weights)
-    data: bool                      # the runner passes --data
+    user: UserOptions
+    model: ModelSource | None       # the model given as cfg/weights (None: the job takes no model)
+    refs: dict[str, tuple[ModelSource, str, str]]  # teacher -> (source, cfg field, weights field)
+    data: bool                      # the runner passes the recipe's data
     where: str
-    device: str | None = None       # the recipe-wide device, passed as --device (None: the step's own/default)
+    device: str | None = None       # the recipe-wide device (None: the step's own/default)
 
     @property
     def label(self) -> str:
@@ -47,37 +47,45 @@ class PlannedStep:
     def report(self) -> Path:
         return self.dir / "report.json"
 
-    def args(self, model_paths: Callable[[ModelSource], tuple[str, str | None]], data: str | None) -> list[str]:
-        """The full argument list, given how to name a model's files and the data file."""
-        args: list[str] = []
+    def options(self, model_paths: ModelPaths, data: str | None) -> dict[str, Any]:
+        """Every option of the step's job: the runner's (model, data, out, device) and the user's."""
+        values: dict[str, Any] = {}
         if self.model is not None:
-            args += _model_args(model_paths(self.model), "--cfg", "--weights" if _has(self, "weights") else None)
-        for source, cfg_flag, w_flag in self.refs.values():
-            args += _model_args(model_paths(source), cfg_flag, w_flag)
+            values["cfg"], values["weights"] = model_paths(self.model)
+        for source, cfg_field, w_field in self.refs.values():
+            values[cfg_field], values[w_field] = model_paths(source)
         if self.data and data:
-            args += ["--data", data]
-        if _has(self, "out") and self.kind.out != "none":
-            args += ["--out", str(self.dir / self.kind.out_name if self.kind.out == "file" else self.dir)]
-        if _has(self, "report_path") and not self.kind.produces_model:
-            args += ["--report", str(self.report)]
+            values["data"] = data
+        if self.kind.out != "none":
+            values["out"] = str(self.dir / self.kind.out_name if self.kind.out == "file" else self.dir)
         if self.device is not None:
-            args += ["--device", self.device]
-        if _has(self, "exist_ok"):  # a re-run replaces the step's own earlier outputs
-            args += ["--exist-ok"]
-        return args + list(self.user.args)
+            values["device"] = self.device
+        return {**values, **self.user.values}
 
-    def shell(self, model_paths: Callable[[ModelSource], tuple[str, str | None]], data: str | None) -> str:
-        words = ["yolo-compress", *self.name.split(), *self.args(model_paths, data)]
+    def job(self, model_paths: ModelPaths, data: str | None) -> Job:
+        return build_job(self.job_type, self.options(model_paths, data), self.where)
+
+    def report_path(self, job: Job) -> Path | None:
+        """Where `run_job` writes a copy of the report: the step folder's report.json unless the job's own
+        output folder is the step folder already."""
+        out = job.out_dir()
+        return None if out is not None and Path(out) == self.dir else self.report
+
+    def shell(self, model_paths: ModelPaths, data: str | None) -> str:
+        """The step as one `yolo-compress ...` line (placeholders for models not produced yet stay unquoted)."""
+        words = ["yolo-compress", *self.argv(model_paths, data)[0:]]
         return " ".join(w if w.startswith('"$(') else shlex.quote(w) for w in words)
 
-
-def _has(step: PlannedStep, name: str) -> bool:
-    return any(p.name == name for p in step.command.params)
-
-
-def _model_args(paths: tuple[str, str | None], cfg_flag: str, w_flag: str | None) -> list[str]:
-    cfg, weights = paths
-    return [cfg_flag, cfg] + ([w_flag, weights] if w_flag and weights else [])
+    def argv(self, model_paths: ModelPaths, data: str | None) -> list[str]:
+        """The CLI arguments of the step's job (`Job.to_argv`); unknown models render as placeholders."""
+        options = self.options(model_paths, data)
+        pending = {k: v for k, v in options.items() if isinstance(v, str) and v.startswith('"$(')}
+        job = build_job(self.job_type, {**options, **{k: f"/{k}" for k in pending}}, self.where)
+        job = replace(job, **pending) if pending else job
+        argv = job.to_argv()
+        report = self.report_path(job)
+        return argv + (["--report", str(report)] if report is not None else []) + \
+            (["--exist-ok"] if self.kind.out == "dir" else [])
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,7 @@ class Plan:
     device: str | None = None       # the recipe-wide device
 
     def resolved(self) -> dict:
-        """The recipe with every path absolute and every option converted: itself a runnable recipe."""
+        """The recipe with every path absolute: itself a runnable recipe."""
         return {"out": str(self.out),
                 "model": {"cfg": self.input_model[0], "weights": self.input_model[1]},
                 **({"device": self.device} if self.device is not None else {}),
@@ -113,14 +121,14 @@ def _existing(t: Tracked, what: str) -> str:
     return str(p)
 
 
-def plan_recipe(recipe: Recipe, commands: CommandLookup, out: Path) -> Plan:
-    """Validate every step against its click command; RecipeError (file:line) on the first problem."""
+def plan_recipe(recipe: Recipe, out: Path, jobs: Mapping[str, type[Job]] = JOBS) -> Plan:
+    """Validate every step against its job; RecipeError (file:line) on the first problem."""
     out = out.resolve()
     model = (_existing(recipe.cfg, "model cfg"), _existing(recipe.weights, "model weights") if recipe.weights else None)
     steps: list[PlannedStep] = []
     data = None
     if recipe.data is not None and isinstance(recipe.data.value, dict):
-        steps.append(_synth_step(recipe.data, commands, out))
+        steps.append(_synth_step(recipe.data, out, jobs))
     elif recipe.data is not None:
         data = str(recipe.data.path())
         if not Path(data).exists():
@@ -129,14 +137,20 @@ def plan_recipe(recipe: Recipe, commands: CommandLookup, out: Path) -> Plan:
     current: ModelSource = 0
     device = _device(recipe.device)
     for spec in recipe.steps:
-        step = _plan_step(spec, commands, out, current, producers, has_data=recipe.data is not None)
-        if device is not None and find_param(step.command, "device") is not None and "device" not in step.user.names:
+        step = _plan_step(spec, out, current, producers, recipe.data is not None, jobs)
+        if device is not None and step.kind.takes_device and "device" not in step.user.names:
             step = replace(step, device=device)
+        _validate(step, model, data or str(out / "00-data" / "synth.data"))
         steps.append(step)
         if step.kind.produces_model:
             producers.add(spec.index)
             current = spec.index
     return Plan(recipe, out, tuple(steps), model, data, device)
+
+
+def _validate(step: PlannedStep, input_model: tuple[str, str | None], data: str) -> None:
+    """Build the step's job once with stand-in models, so a bad value fails before anything runs."""
+    step.job(lambda source: input_model if isinstance(source, int) else source, data)
 
 
 def _device(t: Tracked | None) -> str | None:
@@ -150,46 +164,38 @@ def _device(t: Tracked | None) -> str | None:
     return str(t.value)
 
 
-def _command(name: str, where: str, commands: CommandLookup) -> tuple[StepKind, click.Command]:
-    kind = STEPS.get(name)
-    if kind is None:
-        raise RecipeError(f"{where}: unknown step `{name}`; valid steps: {', '.join(sorted(STEPS))}")
-    command = commands(name)
-    if command is None:
-        raise RecipeError(f"{where}: step `{name}` has no `yolo-compress {name}` command in this installation; "
-                          f"update yolo-compress or remove the step")
-    return kind, command
-
-
-def _synth_step(data: Tracked, commands: CommandLookup, out: Path) -> PlannedStep:
+def _synth_step(data: Tracked, out: Path, jobs: Mapping[str, type[Job]]) -> PlannedStep:
     if set(data.value) != {"synth"}:
         raise RecipeError(f"{data.where}: `data:` is a path or {{synth: {{options}}}}, not {sorted(data.value)}")
     opts = data.value["synth"]
     if not isinstance(opts.value, (dict, type(None))):
         raise RecipeError(f"{opts.where}: `synth:` takes `data synth` options, e.g. {{synth: {{n_train: 256}}}}")
     spec = StepSpec(0, SYNTH_STEP, dict(opts.value or {}), data.where)
-    kind, command = _command(SYNTH_STEP, data.where, commands)
-    user = convert_options(spec, command)
-    return PlannedStep(0, SYNTH_STEP, kind, command, out / "00-data", user, None, {}, False, data.where)
+    kind = job_type(SYNTH_STEP, data.where, jobs)
+    step = PlannedStep(0, SYNTH_STEP, kind, step_kind(kind), out / "00-data", user_options(spec, kind), None, {},
+                       False, data.where)
+    step.job(lambda source: ("", None), None)
+    return step
 
 
-def _plan_step(spec: StepSpec, commands: CommandLookup, out: Path, current: ModelSource, producers: set[int],
-               has_data: bool) -> PlannedStep:
-    kind, command = _command(spec.name, spec.where, commands)
-    user = convert_options(spec, command)
-    refs = {k: (_source(t, spec, producers), cfg_f, w_f) for k, (t, cfg_f, w_f) in user.model_refs.items()}
-    takes_model = find_param(command, "cfg") is not None
-    data = find_param(command, "data") is not None and "data" not in user.names and has_data
-    given = set(user.names) | {"out", "report_path"} | ({"cfg", "weights"} if takes_model else set())
-    given |= {"data"} if data else set()
-    given |= {find_param(command, f).name for _, c, w in refs.values() for f in (c, w) if f}
-    missing = required_missing(command, given)
-    if missing:
-        hint = "add `data:` to the recipe" if "--data" in missing else f"add {missing[0].lstrip('-')}: ... to the step"
-        raise RecipeError(f"{spec.where}: `{spec.name}` needs {', '.join(missing)}; {hint}")
+def _plan_step(spec: StepSpec, out: Path, current: ModelSource, producers: set[int], has_data: bool,
+               jobs: Mapping[str, type[Job]]) -> PlannedStep:
+    kind = job_type(spec.name, spec.where, jobs)
+    wiring = step_kind(kind)
+    user = user_options(spec, kind)
+    refs = {k: (_source(t, spec, producers), c, w) for k, (t, c, w) in user.refs.items()}
+    data = wiring.takes_data and "data" not in user.names and has_data
+    if wiring.takes_data and not has_data and "data" not in user.names and _required(kind, "data"):
+        raise RecipeError(f"{spec.where}: `{spec.name}` needs --data; add `data:` to the recipe "
+                          f"(or data: ... to the step)")
     folder = out / f"{spec.index:02d}-{spec.name.replace(' ', '-')}"
-    return PlannedStep(spec.index, spec.name, kind, command, folder, user, current if takes_model else None, refs,
-                       data, spec.where)
+    return PlannedStep(spec.index, spec.name, kind, wiring, folder, user, current if wiring.takes_model else None,
+                       refs, data, spec.where)
+
+
+def _required(kind: type[Job], name: str) -> bool:
+    field = next(f for f in dataclasses.fields(kind) if f.name == name)
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
 
 def _source(t: Tracked, spec: StepSpec, producers: set[int]) -> ModelSource:

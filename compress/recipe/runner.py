@@ -1,8 +1,9 @@
-"""Execute a plan: invoke each click command, thread models through report.json, keep a manifest, resume.
+"""Execute a plan: build and run each step's job (`run_job`), thread models through its report, keep a manifest,
+resume.
 
-Files under `out/`: `resolved.yaml` (the recipe, paths absolute, options converted), `commands.sh` (the
-equivalent `yolo-compress ...` lines, one per step), `manifest.json` (per step: argv, inputs, sha256 of the input
-files, outputs, figures, status), `NN-<step>/` (each step's own outputs), `summary.json` + `summary.png`.
+Files under `out/`: `resolved.yaml` (the recipe, paths absolute), `commands.sh` (the equivalent
+`yolo-compress ...` lines, one per step), `manifest.json` (per step: argv, inputs, sha256 of the files the job
+reads, outputs, figures, status), `NN-<step>/` (each step's own outputs), `summary.json` + `summary.png`.
 
 Resume: a step is reused when its argv and the sha256 of its input files equal the manifest's record of a
 finished run and its output files still have the sha256 the manifest recorded (a truncated or edited output
@@ -19,12 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
 import yaml
 
 from compress.base.errors import CompressError, RecipeError
 from compress.base.fileio import write_text_atomic
-from compress.recipe.plan import Plan, PlannedStep, ModelSource
+from compress.base.device import resolve_device
+from compress.jobs import Job, run_job
+from compress.recipe.plan import ModelSource, Plan, PlannedStep
+from compress.recipe.steps import build_job
 
 __all__ = ["StepRecord", "RunResult", "execute_plan", "render_commands", "sha256_file", "MANIFEST"]
 
@@ -104,7 +107,7 @@ def render_commands(plan: Plan, state: _State | None = None) -> str:
     return SHELL_HEADER + "".join(s.shell(paths, data) + "\n" for s in plan.steps)
 
 
-def execute_plan(plan: Plan, context_obj: object = None) -> RunResult:
+def execute_plan(plan: Plan) -> RunResult:
     """Run (or reuse) every step in order; raises RecipeError naming the recipe line of a failing step."""
     t0 = time.perf_counter()
     plan.out.mkdir(parents=True, exist_ok=True)
@@ -123,7 +126,7 @@ def execute_plan(plan: Plan, context_obj: object = None) -> RunResult:
             record.output_sha256 = old["output_sha256"]
             log.info("[%s] unchanged since the last run; reusing %s", step.label, step.dir)
         else:
-            _run_step(step, record, context_obj, plan, records)
+            _run_step(step, record, state, plan, records)
         records.append(record)
         _advance(state, step, record)
         _write_manifest(plan, records)
@@ -132,7 +135,7 @@ def execute_plan(plan: Plan, context_obj: object = None) -> RunResult:
 
 
 def _record(step: PlannedStep, state: _State) -> StepRecord:
-    args = step.args(state.paths, state.data)
+    job = _job(step, state)
     inputs: dict[str, str | None] = {}
     if step.model is not None:
         inputs["cfg"], inputs["weights"] = state.paths(step.model)
@@ -140,23 +143,31 @@ def _record(step: PlannedStep, state: _State) -> StepRecord:
         inputs[f"{key}_cfg"], inputs[f"{key}_weights"] = state.paths(source)
     if step.data:
         inputs["data"] = state.data
-    files = [p for p in inputs.values() if p and Path(p).is_file()] + list(step.user.files)
-    return StepRecord(step.index, step.name, str(step.dir), ["yolo-compress", *step.name.split(), *args],
+    files = [str(p) for p in job.inputs() if Path(p).is_file()]
+    return StepRecord(step.index, step.name, str(step.dir), ["yolo-compress", *step.argv(state.paths, state.data)],
                       step.user.values, inputs, {p: sha256_file(p) for p in dict.fromkeys(files)})
 
 
-def _run_step(step: PlannedStep, record: StepRecord, context_obj: object, plan: Plan,
-              done: list[StepRecord]) -> None:
+def _job(step: PlannedStep, state: _State) -> Job:
+    """The step's job with the models and data known now; an `auto` device resolved as the CLI resolves it."""
+    options = step.options(state.paths, state.data)
+    if step.kind.takes_device:
+        options["device"] = str(resolve_device(options.get("device", "auto")))
+    return build_job(step.job_type, options, step.where)
+
+
+def _run_step(step: PlannedStep, record: StepRecord, state: _State, plan: Plan, done: list[StepRecord]) -> None:
     log.info("[%s] %s", step.label, " ".join(record.argv))
     step.dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        step.command.main(args=record.argv[1 + len(step.name.split()):], prog_name=f"yolo-compress {step.name}",
-                          standalone_mode=False, obj=context_obj)
+        job = _job(step, state)
+        # a re-run replaces the step's own earlier outputs: the folder is the runner's
+        run_job(job, step.report_path(job), exist_ok=True)
         record.outputs, record.figures = _collect(step)
         record.output_sha256 = {p: sha256_file(p) for p in record.outputs.values() if p and Path(p).is_file()}
-    except (CompressError, click.ClickException) as exc:
-        record.status, record.error = "failed", _message(exc)
+    except CompressError as exc:
+        record.status, record.error = "failed", str(exc)
         record.seconds = round(time.perf_counter() - t0, 2)
         _write_manifest(plan, [*done, record])
         raise RecipeError(f"{step.where}: step {step.index} `{step.name}` failed: {record.error} (re-run to "
@@ -166,10 +177,6 @@ def _run_step(step: PlannedStep, record: StepRecord, context_obj: object, plan: 
         _write_manifest(plan, [*done, record])
         raise
     record.status, record.seconds = "done", round(time.perf_counter() - t0, 2)
-
-
-def _message(exc: Exception) -> str:
-    return exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
 
 
 def _collect(step: PlannedStep) -> tuple[dict[str, str | None], dict[str, Any]]:
@@ -184,7 +191,7 @@ def _collect(step: PlannedStep) -> tuple[dict[str, str | None], dict[str, Any]]:
         outputs["weights"] = str(Path(weights).resolve()) if weights else None
     if step.kind.out == "file":
         outputs["file"] = str(step.dir / step.kind.out_name)
-    if step.name == "data synth":
+    if step.index == 0:  # the `data synth` pre-step
         outputs["data"] = _synth_data(step.dir, report)
     return outputs, report
 

@@ -1,165 +1,133 @@
-"""Step kinds and the translation of a recipe step into the argument list of its click command.
+"""A recipe step is a job: its options are the job's options (`Job.from_dict`), its wiring comes from the job type.
 
-The click command is the single source of truth for option names, types and required-ness: recipe options are
-matched against `command.params` and converted with each parameter's own click type, so a recipe can never
-drift from the CLI. The registry below only says how the runner threads models, data and outputs.
+The job registry (`compress.jobs.JOBS`, command name -> job type) is the single source of truth for step names,
+option names, types and validation; this module only says how the runner threads models, data and outputs
+through a job's fields:
+- a job with a `cfg` field gets the current model (`cfg`/`weights`); `produces_model` jobs become the current
+  model afterwards (their report's `cfg`/`weights`);
+- a job with a `data` field gets the recipe's data unless the step sets its own;
+- a job with an `out` field writes into the step folder (or `out_file` inside it); report.json always lands in
+  the step folder;
+- `teacher: input | step:N | {cfg:, weights:}` fills the job's `t_cfg`/`t_weights` fields (MODEL_REFS).
 """
 from __future__ import annotations
 
+import dataclasses
+import os
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
-import click
+from compress.base.errors import CompressError, RecipeError
+from compress.jobs import JOBS, Job
+from compress.recipe.spec import StepSpec, Tracked, to_plain
 
-from compress.base.errors import RecipeError
-from compress.recipe.spec import StepSpec, Tracked
+__all__ = ["StepKind", "step_kind", "job_type", "MODEL_REFS", "RUNNER_OWNED", "UserOptions", "user_options",
+           "build_job", "fields_of"]
 
-__all__ = ["StepKind", "STEPS", "register_step", "MODEL_REFS", "find_param", "convert_options", "ConvertedStep",
-           "valid_keys", "required_missing"]
+# recipe-only model-valued options: key -> (cfg field, weights field) of the job
+MODEL_REFS: dict[str, tuple[str, str]] = {"teacher": ("t_cfg", "t_weights")}
+# fields the runner fills: the model, the output folder (and, unless the step sets it, the data and device)
+RUNNER_OWNED = ("cfg", "weights", "out")
 
 
 @dataclass(frozen=True)
 class StepKind:
-    """How the runner wires a command: model in (--cfg/--weights), model out (DIR/report.json), output."""
+    """How the runner wires a job type (derived from its fields and class attributes, not from its name)."""
 
-    produces_model: bool = False
-    out: Literal["dir", "file", "none"] = "dir"
-    out_name: str = ""              # file name inside the step folder when out == "file"
-    in_summary: bool = False        # a row of the final stage table
+    produces_model: bool
+    out: Literal["dir", "file", "none"]
+    out_name: str                   # file name inside the step folder when out == "file"
+    in_summary: bool                # a row of the final stage table
+    takes_model: bool
+    takes_data: bool
+    takes_device: bool
 
 
-STEPS: dict[str, StepKind] = {}
+def fields_of(kind: type[Job]) -> set[str]:
+    return {f.name for f in dataclasses.fields(kind)}
 
 
-def register_step(name: str, kind: StepKind) -> StepKind:
-    STEPS[name] = kind
+def job_type(name: str, where: str, jobs: Mapping[str, type[Job]] = JOBS) -> type[Job]:
+    kind = jobs.get(name)
+    if kind is None or name == "run":
+        valid = ", ".join(sorted(n for n in jobs if n != "run"))
+        raise RecipeError(f"{where}: unknown step `{name}`; valid steps: {valid}")
     return kind
 
 
-for _name in ("train", "sparse-train", "prune", "distill", "quantize"):
-    register_step(_name, StepKind(produces_model=True, in_summary=True))
-register_step("eval", StepKind(out="dir", in_summary=True))
-register_step("export", StepKind(out="file", out_name="model.onnx"))
-register_step("info", StepKind(out="none"))
-register_step("data synth", StepKind(out="dir"))
-
-# recipe-only model-valued options: key -> (cfg option names, weights option names), first match wins
-MODEL_REFS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "teacher": (("t_cfg", "teacher_cfg"), ("t_weights", "teacher_weights")),
-}
-RUNNER_OWNED = ("cfg", "weights", "out", "report_path", "report")
-
-
-def _norm(name: str) -> str:
-    return name.lstrip("-").replace("-", "_")
-
-
-def find_param(command: click.Command, key: str) -> click.Parameter | None:
-    """The parameter named `key` (dashes or underscores), by its name or by any of its option strings."""
-    key = _norm(key)
-    for p in command.params:
-        if isinstance(p, click.Option) and (p.name == key or key in {_norm(o) for o in p.opts}):
-            return p
-    return None
-
-
-def _flag(p: click.Option) -> str:
-    longs = [o for o in p.opts if o.startswith("--")]
-    return longs[0] if longs else p.opts[0]
+def step_kind(kind: type[Job]) -> StepKind:
+    names = fields_of(kind)
+    out = "none" if "out" not in names else ("file" if kind.out_file else "dir")
+    return StepKind(kind.produces_model, out, kind.out_file or "", kind.in_summary, "cfg" in names,
+                    "data" in names, "device" in names)
 
 
 @dataclass(frozen=True)
-class ConvertedStep:
-    args: tuple[str, ...]           # the user's options as CLI arguments (without the runner-threaded ones)
-    values: dict[str, Any]          # option name -> converted value (for resolved.yaml / manifest)
-    model_refs: dict[str, tuple[Tracked, str, str | None]]  # key -> (ref, --cfg option, --weights option)
-    files: tuple[str, ...]          # paths of existing files named by options (hashed for resume)
-    names: frozenset[str] = frozenset()  # click parameter names the user set
+class UserOptions:
+    """A step's own options, checked against its job: plain values (paths absolute) and model references."""
+
+    values: dict[str, Any]                          # option name (underscores) -> plain value
+    refs: dict[str, tuple[Tracked, str, str]]       # teacher -> (its value, cfg field, weights field)
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(self.values)
 
 
-def convert_options(spec: StepSpec, command: click.Command, owned: tuple[str, ...] = RUNNER_OWNED) -> ConvertedStep:
-    """Check every option of `spec` against `command` and convert it with the option's click type."""
-    ctx = click.Context(command, info_name=spec.name)
-    args: list[str] = []
+def user_options(spec: StepSpec, kind: type[Job]) -> UserOptions:
+    """Check every option of `spec` against its job type (names now, values when the job is built)."""
     values: dict[str, Any] = {}
-    refs: dict[str, tuple[Tracked, str, str | None]] = {}
-    files: list[str] = []
-    names: set[str] = set()
+    refs: dict[str, tuple[Tracked, str, str]] = {}
+    names = fields_of(kind)
+    valid = set(kind.option_types())
     for key, tracked in spec.options.items():
-        if _norm(key) in MODEL_REFS:
-            refs[_norm(key)] = _model_ref(spec, command, _norm(key), tracked)
+        norm = key.lstrip("-").replace("-", "_")
+        if norm in MODEL_REFS:
+            cfg_field, w_field = MODEL_REFS[norm]
+            if cfg_field not in names:
+                raise RecipeError(f"{tracked.where}: `{spec.name}` takes no `{norm}` model (no --{cfg_field})")
+            refs[norm] = (tracked, cfg_field, w_field)
             continue
-        param = find_param(command, key)
-        if param is None:
-            raise RecipeError(f"{tracked.where}: `{spec.name}` has no option `{key}`; valid options: "
-                              f"{', '.join(valid_keys(command, owned))}")
-        if param.name in owned:
+        if norm in RUNNER_OWNED:
             raise RecipeError(f"{tracked.where}: `{key}` is set by the runner (model/data/out thread through the "
                               f"steps); remove it, or change `model:`/`out:` instead")
-        value = _convert(spec, ctx, param, key, tracked)
-        values[_norm(_flag(param))] = value  # keyed like the CLI option, so resolved.yaml reads like the CLI
-        names.add(param.name)
-        args += _render(param, value)
-        if isinstance(param.type, click.Path) and value is not None:
-            files += [str(v) for v in (value if isinstance(value, (list, tuple)) else [value]) if Path(v).is_file()]
-    return ConvertedStep(tuple(args), values, refs, tuple(files), frozenset(names))
+        if norm not in valid:
+            shown = sorted(valid - set(RUNNER_OWNED)) + [k for k, (c, _) in MODEL_REFS.items() if c in names]
+            raise RecipeError(f"{tracked.where}: `{spec.name}` has no option `{key}`; valid options: "
+                              f"{', '.join(shown)}")
+        if isinstance(tracked.value, dict):
+            raise RecipeError(f"{tracked.where}: `{spec.name}.{key}` takes a value, not a mapping")
+        values[norm] = _plain(tracked, kind.option_types()[norm])
+    return UserOptions(values, refs)
 
 
-def valid_keys(command: click.Command, owned: tuple[str, ...] = RUNNER_OWNED) -> list[str]:
-    keys = [_norm(_flag(p)) for p in command.params if isinstance(p, click.Option) and p.name not in owned
-            and not p.hidden]
-    return sorted(keys) + [k for k in MODEL_REFS if any(find_param(command, c) for c in MODEL_REFS[k][0])]
+def _plain(tracked: Tracked, hint: Any) -> Any:
+    """The YAML value, with path values made absolute against the recipe file (or the cwd for --set)."""
+    value = to_plain(tracked)
+    if not _is_path(hint) or value is None:
+        return value
+    if isinstance(value, list):
+        return [str((tracked.base / str(v)).resolve()) for v in value]
+    return str(tracked.path())
 
 
-def _convert(spec: StepSpec, ctx: click.Context, param: click.Parameter, key: str, tracked: Tracked) -> Any:
-    raw = tracked.value
-    if isinstance(raw, dict):
-        raise RecipeError(f"{tracked.where}: `{spec.name}.{key}` takes a value, not a mapping")
-    many = param.multiple or (param.nargs != 1)
-    if isinstance(raw, list) and not many:
-        raise RecipeError(f"{tracked.where}: `{spec.name}.{key}` takes one value, not a list")
-    items = [t.value for t in raw] if isinstance(raw, list) else raw
-    if isinstance(param.type, click.Path):
-        items = [str(Tracked(v, tracked.where, tracked.base).path()) for v in items] if isinstance(items, list) \
-            else (str(tracked.path()) if items is not None else None)
-    if many and not isinstance(items, list) and param.multiple:
-        items = [items]
+def _is_path(hint: Any) -> bool:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        return bool(args) and _is_path(args[0])
+    return hint is os.PathLike or os.PathLike in args
+
+
+def build_job(kind: type[Job], options: Mapping[str, Any], where: str) -> Job:
+    """The step's job from its (absolute-path) options; a refused value is a RecipeError naming the line."""
     try:
-        return param.type_cast_value(ctx, items)
-    except click.BadParameter as exc:
-        raise RecipeError(f"{tracked.where}: `{spec.name}.{key}`: {exc.message}") from None
+        return kind.from_dict(options, where=where)
+    except RecipeError:
+        raise
+    except CompressError as exc:
+        message = str(exc)
+        raise RecipeError(message if message.startswith(where) else f"{where}: {message}") from None
     except (TypeError, ValueError) as exc:
-        raise RecipeError(f"{tracked.where}: `{spec.name}.{key}`: invalid value {raw!r} ({exc})") from None
-
-
-def _render(param: click.Option, value: Any) -> list[str]:
-    if param.is_flag and not param.count:
-        if value:
-            return [_flag(param)] if param.opts else []
-        return [param.secondary_opts[0]] if param.secondary_opts else []
-    if value is None:
-        return []
-    if param.multiple:
-        return [a for v in value for a in _render_one(param, v)]
-    return _render_one(param, value)
-
-
-def _render_one(param: click.Option, value: Any) -> list[str]:
-    vals = value if isinstance(value, (list, tuple)) else [value]
-    return [_flag(param), *(str(v) for v in vals)]
-
-
-def _model_ref(spec: StepSpec, command: click.Command, key: str, tracked: Tracked) -> tuple[Tracked, str, str | None]:
-    cfg_names, w_names = MODEL_REFS[key]
-    cfg_p = next((p for n in cfg_names if (p := find_param(command, n))), None)
-    w_p = next((p for n in w_names if (p := find_param(command, n))), None)
-    if cfg_p is None:
-        raise RecipeError(f"{tracked.where}: `{spec.name}` takes no `{key}` model (no --{cfg_names[0]} option)")
-    return tracked, _flag(cfg_p), _flag(w_p) if w_p else None
-
-
-def required_missing(command: click.Command, given: set[str]) -> list[str]:
-    """Required options of `command` that neither the user nor the runner supplies."""
-    return [_flag(p) for p in command.params if isinstance(p, click.Option) and p.required and p.name not in given]
-
+        raise RecipeError(f"{where}: `{kind.command}`: {exc}") from None
