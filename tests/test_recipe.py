@@ -20,7 +20,8 @@ import compress
 from compress.base.errors import CompressError, PruneError, RecipeError
 from compress.base.guard import Output
 from compress.darknet.persist import load, save
-from compress.jobs import JOBS, Job, PathLike, Report
+from compress.jobs import JOBS, Job, Report
+from compress.jobs.base import PathLike
 from compress.recipe import Plan, prepare, render_commands, run_recipe
 from compress.recipe.runner import sha256_file
 from compress.darknet.summary import stage_figures
@@ -102,6 +103,8 @@ class FakePrune(Fake):
     def __post_init__(self) -> None:
         if not 0 <= self.percent < 1:
             raise CompressError(f"--percent {self.percent} is not in [0, 1)")
+        if self.method not in ("slim", "regular"):
+            raise CompressError(f"--method {self.method!r} is not one of slim, regular")
 
     def produce(self) -> dict:
         return _produce("pruned", self.cfg, self.weights, self.out, scale=1 - self.percent)
@@ -242,12 +245,12 @@ def test_failed_step_names_the_recipe_line_and_resume_reuses_finished_steps(tmp_
 # ------------------------------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("bad, line, match", [
     ("  - prune: {method: slim, precent: 0.5}\n", 5, "`prune` has no option `precent`; valid options: .*percent"),
-    ("  - prune: {method: slim, percent: 2}\n", 5, "`prune.percent`: 2(\\.0)? is not in the range"),
-    ("  - prune: {method: magic}\n", 5, "`prune.method`: 'magic' is not one of"),
+    ("  - prune: {method: slim, percent: 2}\n", 5, "--percent 2(\\.0)? is not in \\[0, 1\\)"),
+    ("  - prune: {method: magic}\n", 5, "--method 'magic' is not one of"),
     ("  - prun: {}\n", 5, "unknown step `prun`; valid steps: .*prune"),
     ("  - distill: {teacher: step:3}\n", 5, "`step:3` must name an earlier model-producing step"),
     ("  - prune: {cfg: x.cfg}\n", 5, "`cfg` is set by the runner"),
-    ("  - export: {img_size: [1, 2]}\n", 5, "`export.img_size`"),
+    ("  - export: {img_size: [1, 2]}\n", 5, "`export` option `img_size`: \\[1, 2\\] is not a"),
     ("  - eval: {}\n  - info: {gamma_plot: g.png, cutoff: 0}\n", 6, "`info.cutoff`: 0 is not in the range"),
 ])
 def test_bad_step_is_a_recipe_error_with_file_and_line(tmp_path, bad, line, match):

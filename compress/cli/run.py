@@ -1,4 +1,4 @@
-"""`yolo-compress run RECIPE.yaml`: run a recipe's steps (the CLI commands themselves) and tabulate the stages."""
+"""`yolo-compress run RECIPE.yaml`: run a recipe's steps (each a command's job) and tabulate the stages."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,19 +7,7 @@ import click
 
 from compress.cli.group import cli
 from compress.cli.common import run
-from compress.jobs import RecipeJob
-from compress.recipe import stage_table
-
-
-def lookup_command(path: str) -> click.Command | None:
-    """The click command at a command path like "prune" or "data synth" (None when it does not exist)."""
-    command: click.Command | None = cli
-    ctx = click.Context(cli)
-    for word in path.split():
-        if not isinstance(command, click.Group):
-            return None
-        command = command.get_command(ctx, word)
-    return None if command is cli or isinstance(command, click.Group) else command
+from compress.recipe import RecipeJob, stage_table
 
 
 @cli.command("run")

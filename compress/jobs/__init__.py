@@ -6,6 +6,7 @@ Example (the Python equivalent of `yolo-compress prune --cfg m.cfg --weights m.w
     >>> report["cfg"], report["weights"]                              # the pruned pair
 
 `JOBS["prune"].from_dict({...}, where="recipe.yaml:12")` builds a job from plain option values (recipes).
+The `run` command's job (`compress.recipe.RecipeJob`) lives with the recipes, above the jobs it runs.
 See `base.py` for the steps `run_job` takes, and docs/design.md ("Job contract", "Adding a command").
 """
 from __future__ import annotations
@@ -17,9 +18,8 @@ from compress.jobs.export import ExportJob
 from compress.jobs.inspect import AnchorsJob, DetectJob, EvalJob, InfoJob
 from compress.jobs.prune import PruneJob, SparseTrainJob
 from compress.jobs.quantize import QuantizeJob
-from compress.jobs.recipe import RecipeJob
 from compress.jobs.train import TrainJob
 
 __all__ = ["run_job", "job_paths", "register_job", "write_report", "Job", "Report", "JOBS", "REPORT_NAME", "CLI_ONLY",
            "TrainJob", "SparseTrainJob", "PruneJob", "QuantizeJob", "DistillJob", "InfoJob", "EvalJob", "DetectJob",
-           "ExportJob", "AnchorsJob", "SynthJob", "ConvertJob", "RecipeJob"]
+           "ExportJob", "AnchorsJob", "SynthJob", "ConvertJob"]

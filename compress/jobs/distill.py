@@ -26,6 +26,8 @@ class DistillJob(TrainingJob):
     `out`/distilled.cfg + .weights (training runs in `out`/kd, `out`/baseline)."""
 
     command: ClassVar[str] = "distill"
+    produces_model: ClassVar[bool] = True  # recipes continue from its report's cfg/weights
+    in_summary: ClassVar[bool] = True
     train_defaults: ClassVar[Mapping[str, Any]] = {"epochs": 30}
     flags: ClassVar[Mapping[str, str]] = {"t_cfg": "--t_cfg", "t_weights": "--t_weights"}
 

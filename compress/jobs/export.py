@@ -20,6 +20,7 @@ class ExportJob(Job):
     (iou_thres, score_thres, max_det); `runtime_check` (--check): run the written model and compare it with torch."""
 
     command: ClassVar[str] = "export"
+    out_file: ClassVar[str | None] = "model.onnx"  # a recipe step's --out inside its folder
     # `--check` is field `runtime_check`: `check` is the post-report hook every job has
     flags: ClassVar[Mapping[str, str]] = {"check_images": "--check-image", "runtime_check": "--check"}
     false_flags: ClassVar[Mapping[str, str]] = {"runtime_check": "--no-check"}

@@ -55,6 +55,7 @@ class EvalJob(Job):
     None: the exported model's fixed size, else the cfg's width. `json_path` (--json): COCO detections."""
 
     command: ClassVar[str] = "eval"
+    in_summary: ClassVar[bool] = True   # a recipe's stage table adds its mAP
     flags: ClassVar[Mapping[str, str]] = {"json_path": "--json"}
 
     cfg: PathLike | None

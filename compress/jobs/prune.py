@@ -27,6 +27,8 @@ class PruneJob(Job):
     `dry_run`); mAP before/after on `data` when given."""
 
     command: ClassVar[str] = "prune"
+    produces_model: ClassVar[bool] = True  # recipes continue from its report's cfg/weights
+    in_summary: ClassVar[bool] = True
 
     cfg: PathLike
     weights: PathLike | None
@@ -83,6 +85,8 @@ class SparseTrainJob(TrainingJob):
     """Training with an L1 penalty on BN gammas (network slimming) -> `out`/<cfg stem>-sparse.cfg/.weights."""
 
     command: ClassVar[str] = "sparse-train"
+    produces_model: ClassVar[bool] = True  # recipes continue from its report's cfg/weights
+    in_summary: ClassVar[bool] = True
     train_extra: ClassVar[dict[str, object]] = {"progress": False}
 
     cfg: PathLike

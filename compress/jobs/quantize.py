@@ -28,6 +28,8 @@ class QuantizeJob(Job):
     calibration); its options are --epochs (0: PTQ), --lr0, --resume, --seed."""
 
     command: ClassVar[str] = "quantize"
+    produces_model: ClassVar[bool] = True  # recipes continue from its report's cfg/weights
+    in_summary: ClassVar[bool] = True
     train_options: ClassVar[tuple[str, ...]] = ("epochs", "lr0", "resume", "seed")
     train_defaults: ClassVar[Mapping[str, Any]] = {"epochs": 0, "lr0": 1e-4, "resume": False, "seed": 0}
     false_flags: ClassVar[Mapping[str, str]] = {"reduce_range": "--full-range"}

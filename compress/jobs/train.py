@@ -29,6 +29,8 @@ class TrainJob(TrainingJob):
     defaults (with --weights) < the --hyp file < options the user gave."""
 
     command: ClassVar[str] = "train"
+    produces_model: ClassVar[bool] = True  # recipes continue from its report's cfg/weights
+    in_summary: ClassVar[bool] = True
     train_options: ClassVar[tuple[str, ...]] = FIT_OPTIONS + (
         "scheduler", "resume", "no_ema", "amp", "accumulate", "no_augment", "eval_every", "loss")
 

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Mapping
 
 from compress.base.guard import Output
-from compress.jobs import Job, PathLike, Report, register_job
+from compress.jobs import Job, Report, register_job
+from compress.jobs.base import PathLike
 from compress.recipe.api import out_dir, run_plan
 from compress.recipe.plan import Plan
 from compress.recipe.runner import MANIFEST, render_commands
@@ -18,25 +19,25 @@ __all__ = ["RecipeJob"]
 @register_job
 @dataclass(frozen=True)
 class RecipeJob(Job):
-    """`yolo-compress run RECIPE`: the recipe's steps into `out` (default: the recipe's `out:`, else
-    runs/<recipe name>); `overrides` are `--set key=value` strings; `dry_run` validates and lists the commands."""
+    """Runs `recipe`'s steps into `out` (default: the recipe's `out:`, else runs/<recipe name>); `overrides`
+    (--set) are `key.sub=value` strings; `dry_run` validates every step and lists the commands. `exist_ok` is
+    a field here too (the run folder may be foreign but non-empty); the steps always replace their own outputs."""
 
     command: ClassVar[str] = "run"
+    flags: ClassVar[Mapping[str, str]] = {"overrides": "--set"}
     resume_marker: ClassVar[str | None] = MANIFEST
 
     recipe: PathLike
     out: PathLike | None = None
     overrides: tuple[str, ...] = ()
     dry_run: bool = False
+    exist_ok: bool = False
 
     def inputs(self) -> tuple[Path, ...]:
         return (Path(self.recipe),)
 
     def outputs(self) -> tuple[Output, ...]:
-        return (Output(self.run_dir(), "dir", "--out"),)
-
-    def run_dir(self) -> Path:
-        return out_dir(self.recipe, self.overrides, self.out)
+        return (Output(out_dir(self.recipe, self.overrides, self.out), "dir", "--out"),)
 
     def writes_nothing(self) -> bool:
         return self.dry_run
@@ -47,3 +48,7 @@ class RecipeJob(Job):
             return self.report({"dry_run": True, "out": str(result.out), "commands": render_commands(result)})
         return self.report({"out": str(result.plan.out), "wall_s": round(result.seconds, 2),
                             "stages": stage_rows(result), "steps": len(result.records)})
+
+    def to_argv(self) -> list[str]:
+        command, _, recipe, *options = super().to_argv()  # RECIPE is the command's argument, not an option
+        return [command, recipe, *options]

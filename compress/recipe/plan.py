@@ -140,7 +140,7 @@ def plan_recipe(recipe: Recipe, out: Path, jobs: Mapping[str, type[Job]] = JOBS)
         step = _plan_step(spec, out, current, producers, recipe.data is not None, jobs)
         if device is not None and step.kind.takes_device and "device" not in step.user.names:
             step = replace(step, device=device)
-        _validate(step, model, data or str(out / "00-data" / "synth.data"))
+        _validate(step, model, data or str(out / "00-data" / "synth.data"), out)
         steps.append(step)
         if step.kind.produces_model:
             producers.add(spec.index)
@@ -148,9 +148,14 @@ def plan_recipe(recipe: Recipe, out: Path, jobs: Mapping[str, type[Job]] = JOBS)
     return Plan(recipe, out, tuple(steps), model, data, device)
 
 
-def _validate(step: PlannedStep, input_model: tuple[str, str | None], data: str) -> None:
-    """Build the step's job once with stand-in models, so a bad value fails before anything runs."""
-    step.job(lambda source: input_model if isinstance(source, int) else source, data)
+def _validate(step: PlannedStep, input_model: tuple[str, str | None], data: str, out: Path) -> None:
+    """Build the step's job once with stand-in models, so a bad value fails before anything runs (a model that
+    an earlier step will produce stands in as the input cfg with that step's weights file, not yet written)."""
+    def stand_in(source: ModelSource) -> tuple[str, str | None]:
+        if not isinstance(source, int):
+            return source
+        return input_model if source == 0 else (input_model[0], str(out / f"{source:02d}" / "model.weights"))
+    step.job(stand_in, data)
 
 
 def _device(t: Tracked | None) -> str | None:
