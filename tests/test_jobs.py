@@ -15,17 +15,25 @@ import torch
 
 from compress.base.errors import CompressError, GuardError
 from compress.cli import cli
-from compress.cli.run import lookup_command
 from compress.darknet.cfg import read_cfg
 from compress.darknet.model import build_model
 from compress.darknet.persist import load, save
 from compress.data.synth import synthesize
 from compress.jobs import (CLI_ONLY, JOBS, AnchorsJob, ConvertJob, DetectJob, DistillJob, EvalJob, ExportJob, InfoJob,
-                           Job, PruneJob, QuantizeJob, RecipeJob, Report, SparseTrainJob, SynthJob, TrainJob,
+                           Job, PruneJob, QuantizeJob, Report, SparseTrainJob, SynthJob, TrainJob,
                            job_paths, register_job, run_job)
-from compress.train import TrainConfig
+from compress.recipe import RecipeJob
+from compress.train import DistConfig, TrainConfig
 
 from conftest import DEMO_CFG
+
+
+def lookup_command(path: str) -> click.Command:
+    """The click command at a command path like "prune" or "data synth"."""
+    command = cli
+    for word in path.split():
+        command = command.commands[word]
+    return command
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +108,7 @@ def test_run_job_refuses_an_output_onto_an_input_before_any_work(command, files,
     declared = job_paths(job, report)
     assert declared.outputs, f"{command}: no declared outputs"
     # the run method must never be reached: the guard comes first
-    monkeypatch.setattr(type(job), "run", lambda j: pytest.fail("ran"))
+    monkeypatch.setattr(type(job), "run", lambda j, dist=None: pytest.fail("ran"))
     before = _digests(files["root"])
     with pytest.raises(GuardError, match=says):
         run_job(job, report)
@@ -196,7 +204,7 @@ class _Fake(Job):
     def out_dir(self) -> Path:
         return self.out
 
-    def run(self) -> Report:
+    def run(self, dist: DistConfig | None = None) -> Report:
         return self.report({"cfg": "x"})
 
     def check(self, report: Report, written: Path | None) -> None:
@@ -209,10 +217,8 @@ def test_post_report_check_runs_after_writing_and_later_ranks_write_nothing(tmp_
         with pytest.raises(_Refused, match="report.json") as info:  # e.g. quantize's verification
             run_job(_Fake(tmp_path / "a"))
         assert info.value.report.to_dict() == {"cfg": "x"} and (tmp_path / "a" / "report.json").is_file()
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        monkeypatch.setenv("RANK", "1")
-        monkeypatch.setattr(_Fake, "run", lambda self: self.report({"cfg": "x"}, rank=1))
-        assert run_job(_Fake(tmp_path / "b")).to_dict() == {"cfg": "x"}
+        later = DistConfig(rank=1, world_size=2, local_rank=1, init_method="tcp://127.0.0.1:1")
+        assert run_job(_Fake(tmp_path / "b"), dist=later).to_dict() == {"cfg": "x"}
         assert not (tmp_path / "b").exists()  # rank 0 writes
     finally:
         del JOBS["fake"]

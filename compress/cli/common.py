@@ -11,11 +11,12 @@ from click.core import ParameterSource
 from compress.base.device import DEVICE_HELP, resolve_device
 from compress.jobs import Job, Report, run_job
 from compress.jobs.training import TrainingJob
+from compress.train.config import DistConfig
 from compress.train.distributed import SYNC_BN_HELP
 from compress.train.optim import OPTIMIZERS
 
 __all__ = ["AppContext", "model_options", "report_option", "device_option", "out_option", "exist_ok_option", "run",
-           "echo_table", "letterbox_option", "val_option", "fit_options"]
+           "echo_table", "letterbox_option", "val_option", "fit_options", "torchrun_config"]
 
 
 @dataclass
@@ -39,10 +40,23 @@ def report_option(f: Callable) -> Callable:
                         help="Write the measured figures to this JSON file.")(f)
 
 
-def _device_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
-    """Resolve --device before any work (a missing device is one `Error:` line); torchrun ranks take their GPU."""
-    local = int(os.environ["LOCAL_RANK"]) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-    return str(resolve_device(value, local_rank=local))
+def torchrun_config() -> DistConfig | None:
+    """This process of a torchrun job, from the environment torchrun sets (None outside torchrun): the one reader
+    of RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; `run_job` gets it as `dist`."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    init = f"tcp://{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', '29500')}"
+    return DistConfig(rank=int(os.environ["RANK"]), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                      init_method=init)
+
+
+def _device_callback(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Check --device before any work (a missing device is one `Error:` line); the job resolves it when it runs
+    (auto: a GPU if one is visible; under torchrun a bare cuda is the process's own GPU)."""
+    dist = torchrun_config()
+    resolve_device(value, local_rank=dist.local_rank if dist else None)
+    return value
 
 
 def device_option(f: Callable) -> Callable:
@@ -80,7 +94,7 @@ def run(job_type: type[Job], options: Mapping[str, Any], report_path: str | None
     the command line take precedence in `train`), run by `compress.jobs.run_job` (guard, run, report.json)."""
     ctx = click.get_current_context()
     given = {k for k in ctx.params if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
-    return run_job(job_type.from_options(options, given), report_path, exist_ok=exist_ok)
+    return run_job(job_type.from_options(options, given), report_path, exist_ok=exist_ok, dist=torchrun_config())
 
 
 def echo_table(text: str) -> None:

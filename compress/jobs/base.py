@@ -17,12 +17,13 @@ import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Collection, Iterable, Mapping, TypeVar, Union
+from typing import Any, ClassVar, Collection, Mapping, TypeVar, Union
 
 from compress.base.errors import CompressError
 from compress.base.fileio import write_text_atomic
 from compress.base.guard import JobPaths, Output, check_job_paths
-from compress.jobs.ranks import process_rank
+from compress.jobs.ranks import rank_of
+from compress.train.config import DistConfig
 
 __all__ = ["Job", "Report", "JOBS", "register_job", "run_job", "job_paths", "write_report", "REPORT_NAME",
            "CLI_ONLY", "PathLike"]
@@ -92,7 +93,8 @@ class Job:
     def out_dir(self) -> Path | None:
         return None
 
-    def run(self) -> Report:
+    def run(self, dist: DistConfig | None = None) -> Report:
+        """Do the work; `dist`: this process of a torchrun job (None: the only process)."""
         raise NotImplementedError(f"{type(self).__name__}.run")
 
     def check(self, report: Report, written: Path | None) -> None:
@@ -132,18 +134,25 @@ class Job:
         return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != "train" or not cls.train_options}
 
     @classmethod
+    def option_name(cls, key: str) -> str | None:
+        """The option (field) a key names: dashes or underscores, or a flag's own spelling where it differs from
+        the field (`json` for `json_path`); None when the job has no such option."""
+        norm = str(key).lstrip("-").replace("-", "_")
+        by_flag = {flag.lstrip("-").replace("-", "_"): name for name, flag in cls.flags.items()}
+        name = by_flag.get(norm, norm)
+        return name if name in cls.option_types() else None
+
+    @classmethod
     def from_dict(cls: type[J], values: Mapping[str, Any], where: str = "", base: Path | None = None) -> J:
         """The job from plain YAML values (recipes): keys are option names (dashes accepted; a `flags` spelling such
         as `json` for `json_path` too), values coerced to
         the option's type (list -> tuple, str -> Path; relative paths resolved against `base`)."""
         types = cls.option_types()
-        by_flag = {flag.lstrip("-").replace("-", "_"): name for name, flag in cls.flags.items()}
         prefix = f"{where}: " if where else ""
         options = {}
         for raw, value in values.items():
-            key = str(raw).lstrip("-").replace("-", "_")
-            key = by_flag.get(key, key)
-            if key not in types:
+            key = cls.option_name(raw)
+            if key is None:
                 valid = ", ".join(sorted(types))
                 raise CompressError(f"{prefix}`{cls.command}` has no option `{raw}`; valid options: {valid}")
             options[key] = _coerce(types[key], value, base, f"{prefix}`{cls.command}` option `{raw}`")
@@ -233,26 +242,31 @@ def register_job(cls: type[J]) -> type[J]:
     return cls
 
 
-def job_paths(job: Job, report_path: str | os.PathLike | None = None, exist_ok: bool = False) -> JobPaths:
-    """The guard's view of a job: declared inputs, declared outputs + the report file."""
+def job_paths(job: Job, report_path: str | os.PathLike | None = None, exist_ok: bool = False,
+              dist: DistConfig | None = None) -> JobPaths:
+    """The guard's view of a job: declared inputs, declared outputs + the report file (ranks > 0 and dry runs
+    skip the non-empty-folder rule: rank 0 checks it)."""
     report = (Output(Path(report_path), "file", "--report"),) if report_path else ()
     return JobPaths(inputs=tuple(Path(p) for p in job.inputs()), outputs=tuple(job.outputs()) + report,
                     resume=job.resumes(), exist_ok=exist_ok, resume_marker=job.resume_marker,
-                    check_existing=not (process_rank() or job.writes_nothing()))
+                    check_existing=not (rank_of(dist) or job.writes_nothing()))
 
 
-def run_job(job: Job, report_path: str | os.PathLike | None = None, *, exist_ok: bool = False) -> Report:
+def run_job(job: Job, report_path: str | os.PathLike | None = None, *, exist_ok: bool = False,
+            dist: DistConfig | None = None) -> Report:
     """Guard the job's outputs, run it, write OUT/report.json and `report_path` (rank 0), return the Report.
 
     `exist_ok`: write into a non-empty output folder (an earlier run's files of the same name are replaced);
-    resuming is a job option. Raises GuardError before any work, the job's own CompressError while running, and
-    the post-report check's error after writing (with the Report as its `.report`)."""
+    resuming is a job option. `dist`: this process of a torchrun job (the CLI reads torchrun's environment; None:
+    the only process); every rank runs the job, rank 0 alone writes the report. Raises GuardError before any
+    work, the job's own CompressError while running, and the post-report check's error after writing (with the
+    Report as its `.report`)."""
     if not isinstance(job, Job) or type(job).command not in JOBS:
         known = ", ".join(sorted(t.__name__ for t in JOBS.values()))
         raise CompressError(f"{type(job).__name__} is not a registered job type; use one of {known}")
-    check_job_paths(job_paths(job, report_path, exist_ok))
-    report = job.run()
-    if not report.is_main:
+    check_job_paths(job_paths(job, report_path, exist_ok, dist))
+    report = job.run(dist)
+    if rank_of(dist) != 0:
         return report  # rank 0 writes
     out = job.out_dir()
     written = Path(out) / REPORT_NAME if out is not None else None

@@ -9,6 +9,7 @@ from compress.base.errors import DataError
 from compress.base.guard import Output
 from compress.data.convert import ConvertConfig, convert
 from compress.data.synth import SYNTH_NAMES, synthesize
+from compress.train.config import DistConfig
 from compress.jobs.base import Job, PathLike, Report, paths, register_job
 
 __all__ = ["SynthJob", "ConvertJob"]
@@ -38,7 +39,7 @@ class SynthJob(Job):
     def out_dir(self) -> Path:
         return Path(self.out)
 
-    def run(self) -> Report:
+    def run(self, dist: DistConfig | None = None) -> Report:
         data = synthesize(self.out, n_train=self.n_train, n_valid=self.n_valid, img_size=self.img_size,
                           seed=self.seed)
         return self.report({"data": str(data), "n_train": self.n_train, "n_valid": self.n_valid,
@@ -78,5 +79,5 @@ class ConvertJob(Job):
     def out_dir(self) -> Path:
         return Path(self.out)
 
-    def run(self) -> Report:
+    def run(self, dist: DistConfig | None = None) -> Report:
         return self.report(convert(self.convert_config()).to_dict())

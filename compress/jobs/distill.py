@@ -10,8 +10,9 @@ from compress.darknet.persist import load
 from compress.data.dataset import load_data_spec
 from compress.distill import distill, distilled_pair
 from compress.distill.config import DEFAULT_STRATEGY, DistillConfig, parse_pairs
+from compress.train.config import DistConfig
 from compress.jobs.base import PathLike, Report, out_folder, paths, register_job
-from compress.jobs.ranks import torchrun
+from compress.jobs.ranks import process_device, rank_of
 from compress.jobs.training import TrainingJob, data_path
 from compress.train.checkpoint import seed_all
 from compress.train.config import TrainConfig
@@ -53,7 +54,7 @@ class DistillJob(TrainingJob):
     w_box: float | None = None
     w_feat: float | None = None
     reference_kd1: bool = False
-    device: str = "cpu"
+    device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,12 +79,12 @@ class DistillJob(TrainingJob):
     def out_dir(self) -> Path:
         return Path(self.out)
 
-    def run(self) -> Report:
-        dist, device = torchrun(self.device)
+    def run(self, dist: DistConfig | None = None) -> Report:
+        device = process_device(self.device, dist)
         data = load_data_spec(self.data, self.val, training=True)
         seed_all(self.train.seed)  # a student without --weights starts from --seed's initialisation
         student = load(self.cfg, self.weights, device=device)
         teacher = load(self.t_cfg, self.t_weights, device=device)
         result = distill(student, teacher, data, self.distill_config(), self.train, device, self.out, dist,
                          outputs=distilled_pair(self.out))
-        return self.report(result.to_dict() if dist is None or dist.is_main else {}, dist.rank if dist else 0)
+        return self.report(result.to_dict() if dist is None or dist.is_main else {}, rank_of(dist))

@@ -8,6 +8,7 @@ from typing import ClassVar, Mapping
 from compress.base.guard import Output
 from compress.darknet.persist import load
 from compress.deploy.export import ExportConfig, NmsConfig, export
+from compress.train.config import DistConfig
 from compress.jobs.base import Job, PathLike, Report, as_str, paths, register_job
 
 __all__ = ["ExportJob"]
@@ -57,6 +58,6 @@ class ExportJob(Job):
     def outputs(self) -> tuple[Output, ...]:
         return (Output(Path(self.out), "file" if self.format == "onnx" else "any", "--out"),)
 
-    def run(self) -> Report:
+    def run(self, dist: DistConfig | None = None) -> Report:
         result = export(load(self.cfg, self.weights), self.out, self.export_config())
         return self.report({"cfg": as_str(self.cfg), "weights": as_str(self.weights), **result.to_dict()})

@@ -13,6 +13,8 @@ from compress.deploy.runtimes import inference_size, load_for_inference
 from compress.detection.anchors import AnchorConfig, compute_anchors
 from compress.detection.detect import DetectConfig, check_names, detect_to_dir
 from compress.detection.evaluate import EvalConfig, evaluate, save_detections
+from compress.train.config import DistConfig
+from compress.jobs.ranks import process_device
 from compress.jobs.base import Job, PathLike, Report, as_str, files, paths, register_job
 from compress.jobs.training import data_path
 
@@ -38,7 +40,7 @@ class InfoJob(Job):
     def outputs(self) -> tuple[Output, ...]:
         return files(("--gamma-plot", self.gamma_plot))
 
-    def run(self) -> Report:
+    def run(self, dist: DistConfig | None = None) -> Report:
         model = load(self.cfg, self.weights, cutoff=self.cutoff)
         summary = summarize(model, (self.img_size, self.img_size) if self.img_size else None)
         if self.gamma_plot:
@@ -69,7 +71,7 @@ class EvalJob(Job):
     json_path: PathLike | None = None
     no_progress: bool = False
     letterbox: bool | None = None
-    device: str = "cpu"
+    device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
 
     def __post_init__(self) -> None:
         self.eval_config(self.img_size or 416)  # EvalConfig's rules and messages
@@ -85,10 +87,11 @@ class EvalJob(Job):
     def outputs(self) -> tuple[Output, ...]:
         return files(("--json", self.json_path))
 
-    def run(self) -> Report:
-        model = load_for_inference(self.cfg, self.weights, self.device)
+    def run(self, dist: DistConfig | None = None) -> Report:
+        device = process_device(self.device, dist)
+        model = load_for_inference(self.cfg, self.weights, device)
         config = self.eval_config(inference_size(model, self.cfg, self.img_size))
-        result = evaluate(model, self.data, config, device=self.device)
+        result = evaluate(model, self.data, config, device=device)
         if self.json_path:
             save_detections(result, self.json_path)
         return self.report({"cfg": as_str(self.cfg), "weights": as_str(self.weights), "data": as_str(self.data),
@@ -113,7 +116,7 @@ class DetectJob(Job):
     iou_thres: float = 0.45
     names: PathLike | None = None
     letterbox: bool | None = None
-    device: str = "cpu"
+    device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
 
     def inputs(self) -> tuple[Path, ...]:
         return paths(self.cfg, self.weights, self.source, self.names)
@@ -124,13 +127,14 @@ class DetectJob(Job):
     def out_dir(self) -> Path:
         return Path(self.out)
 
-    def run(self) -> Report:
-        model = load(self.cfg, self.weights, device=self.device)
+    def run(self, dist: DistConfig | None = None) -> Report:
+        device = process_device(self.device, dist)
+        model = load(self.cfg, self.weights, device=device)
         config = DetectConfig(img_size=self.img_size or model.cfg.width, conf_thres=self.conf_thres,
                               iou_thres=self.iou_thres, letterbox=self.letterbox)
         names = read_names(self.names) if self.names else [str(i) for i in range(model.num_classes)]
         check_names(names, model.num_classes, f"--names {self.names}")
-        records = detect_to_dir(model, self.source, self.out, names, config, device=self.device)
+        records = detect_to_dir(model, self.source, self.out, names, config, device=device)
         return self.report({
             "cfg": as_str(self.cfg), "weights": as_str(self.weights), "source": as_str(self.source),
             "out": as_str(self.out), "images": len(records), "boxes": sum(len(r["detections"]) for r in records),
@@ -160,7 +164,7 @@ class AnchorsJob(Job):
     def inputs(self) -> tuple[Path, ...]:
         return paths(data_path(self.data))
 
-    def run(self) -> Report:
+    def run(self, dist: DistConfig | None = None) -> Report:
         config = self.anchor_config()
         result = compute_anchors(self.data, config)
         return self.report({"data": as_str(self.data), "n": config.n, "img_size": config.img_size,

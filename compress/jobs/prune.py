@@ -7,8 +7,9 @@ from typing import ClassVar
 
 from compress.base.guard import Output
 from compress.data.dataset import load_data_spec
+from compress.train.config import DistConfig
 from compress.jobs.base import Job, PathLike, Report, out_folder, paths, register_job
-from compress.jobs.ranks import torchrun
+from compress.jobs.ranks import process_device, rank_of
 from compress.jobs.training import TrainingJob, data_path
 from compress.prune import PruneConfig
 from compress.prune.pipeline import Measure, prune_files
@@ -45,7 +46,7 @@ class PruneJob(Job):
     letterbox: bool | None = None
     dry_run: bool = False
     latency: bool = False
-    device: str = "cpu"
+    device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
 
     def __post_init__(self) -> None:
         self.prune_config(), self.measure()  # their rules and messages
@@ -56,7 +57,8 @@ class PruneJob(Job):
                            compensate=not self.no_compensate)
 
     def measure(self) -> Measure:
-        return Measure(self.data, self.img_size, self.letterbox, self.device, LATENCY_RUNS if self.latency else 0)
+        return Measure(self.data, self.img_size, self.letterbox, process_device(self.device, None),
+                       LATENCY_RUNS if self.latency else 0)
 
     def pruned_pair(self) -> tuple[Path, Path]:
         stem = f"{Path(self.cfg).stem}-{self.method}"
@@ -74,7 +76,7 @@ class PruneJob(Job):
     def writes_nothing(self) -> bool:
         return self.dry_run
 
-    def run(self) -> Report:
+    def run(self, dist: DistConfig | None = None) -> Report:
         outputs = None if self.dry_run else self.pruned_pair()
         return self.report(prune_files(self.cfg, self.weights, self.prune_config(), outputs, self.measure()))
 
@@ -101,7 +103,7 @@ class SparseTrainJob(TrainingJob):
     l1_update: str = "auto"
     target_sparsity: float | None = None
     s_growth: float = 2.0
-    device: str = "cpu"
+    device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -124,9 +126,9 @@ class SparseTrainJob(TrainingJob):
     def out_dir(self) -> Path:
         return Path(self.out)
 
-    def run(self) -> Report:
-        dist, device = torchrun(self.device)
+    def run(self, dist: DistConfig | None = None) -> Report:
+        device = process_device(self.device, dist)
         data = load_data_spec(self.data, self.val, training=True)
         figures = run_sparse_train(self.cfg, self.weights, data, self.sparsity(), self.train, self.sparse_pair(),
                                    self.out, device, dist)
-        return self.report(figures, dist.rank if dist else 0)
+        return self.report(figures, rank_of(dist))

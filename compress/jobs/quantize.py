@@ -9,8 +9,9 @@ from typing import Any, ClassVar, Mapping
 from compress.base.errors import QuantError
 from compress.base.guard import Output
 from compress.darknet.cfg import read_cfg
+from compress.train.config import DistConfig
 from compress.jobs.base import Job, PathLike, Report, out_folder, paths, register_job
-from compress.jobs.ranks import torchrun
+from compress.jobs.ranks import process_device, rank_of
 from compress.jobs.training import data_path, train_option_types
 from compress.quant.config import QuantConfig, make_config
 from compress.quant.pipeline import QuantOutputs, QuantSettings, check_img_size, check_verified, quantize
@@ -62,7 +63,7 @@ class QuantizeJob(Job):
     safe_range: str = "half"
     no_eval: bool = False
     no_verify: bool = False
-    device: str = "cpu"
+    device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
 
     def __post_init__(self) -> None:
         self.quant_config(), self.settings()  # their rules and messages
@@ -123,11 +124,11 @@ class QuantizeJob(Job):
                   "seed": self.train.seed}
         return {k: v for k, v in values.items() if v != self.train_defaults[k]}
 
-    def run(self) -> Report:
-        dist, device = torchrun(self.device)
+    def run(self, dist: DistConfig | None = None) -> Report:
+        device = process_device(self.device, dist)
         figures = quantize(self.cfg, self.weights, self.data, self.quant_config(), self.files(), self.settings(),
                            self.train, device, dist, val=self.val)
-        return self.report(figures, dist.rank if dist else 0)
+        return self.report(figures, rank_of(dist))
 
     def check(self, report: Report, written: Path | None) -> None:
         check_verified(report.to_dict(), written)

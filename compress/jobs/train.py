@@ -8,8 +8,9 @@ from typing import Any, ClassVar, Mapping
 from compress.base.guard import Output
 from compress.darknet.cfg import read_cfg
 from compress.data.dataset import load_data_spec
+from compress.train.config import DistConfig
 from compress.jobs.base import PathLike, Report, out_folder, paths, register_job
-from compress.jobs.ranks import torchrun
+from compress.jobs.ranks import process_device, rank_of
 from compress.jobs.training import FIT_OPTIONS, TrainingJob, data_path, train_values
 from compress.train.api import train_model
 from compress.train.config import TrainConfig
@@ -40,7 +41,7 @@ class TrainJob(TrainingJob):
     out: PathLike
     train: TrainConfig | None = None
     val: PathLike | None = None
-    device: str = "cpu"
+    device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
     cutoff: int | None = None
     hyp: PathLike | None = None
 
@@ -61,8 +62,8 @@ class TrainJob(TrainingJob):
     def out_dir(self) -> Path:
         return Path(self.out)
 
-    def run(self) -> Report:
-        dist, device = torchrun(self.device)
+    def run(self, dist: DistConfig | None = None) -> Report:
+        device = process_device(self.device, dist)
         data = load_data_spec(self.data, self.val, training=True)
         figures = train_model(self.cfg, self.weights, data, self.train, self.out, device, self.cutoff, dist)
-        return self.report(figures, dist.rank if dist else 0)
+        return self.report(figures, rank_of(dist))

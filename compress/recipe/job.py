@@ -12,6 +12,7 @@ from compress.recipe.api import out_dir, run_plan
 from compress.recipe.plan import Plan
 from compress.recipe.runner import MANIFEST, render_commands
 from compress.recipe.summary import stage_rows
+from compress.train.config import DistConfig
 
 __all__ = ["RecipeJob"]
 
@@ -42,7 +43,7 @@ class RecipeJob(Job):
     def writes_nothing(self) -> bool:
         return self.dry_run
 
-    def run(self) -> Report:
+    def run(self, dist: DistConfig | None = None) -> Report:
         result = run_plan(self.recipe, self.overrides, out=self.out, dry_run=self.dry_run)
         if isinstance(result, Plan):
             return self.report({"dry_run": True, "out": str(result.out), "commands": render_commands(result)})

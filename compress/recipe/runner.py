@@ -24,7 +24,6 @@ import yaml
 
 from compress.base.errors import CompressError, RecipeError
 from compress.base.fileio import write_text_atomic
-from compress.base.device import resolve_device
 from compress.jobs import Job, run_job
 from compress.recipe.plan import ModelSource, Plan, PlannedStep
 from compress.recipe.steps import build_job
@@ -149,11 +148,8 @@ def _record(step: PlannedStep, state: _State) -> StepRecord:
 
 
 def _job(step: PlannedStep, state: _State) -> Job:
-    """The step's job with the models and data known now; an `auto` device resolved as the CLI resolves it."""
-    options = step.options(state.paths, state.data)
-    if step.kind.takes_device:
-        options["device"] = str(resolve_device(options.get("device", "auto")))
-    return build_job(step.job_type, options, step.where)
+    """The step's job with the models and data known now."""
+    return build_job(step.job_type, step.options(state.paths, state.data), step.where)
 
 
 def _run_step(step: PlannedStep, record: StepRecord, state: _State, plan: Plan, done: list[StepRecord]) -> None:

@@ -16,7 +16,6 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from compress.base.errors import CompressError, RecipeError
@@ -93,13 +92,14 @@ def user_options(spec: StepSpec, kind: type[Job]) -> UserOptions:
         if norm in RUNNER_OWNED:
             raise RecipeError(f"{tracked.where}: `{key}` is set by the runner (model/data/out thread through the "
                               f"steps); remove it, or change `model:`/`out:` instead")
-        if norm not in valid:
+        name = kind.option_name(norm)
+        if name is None:
             shown = sorted(valid - set(RUNNER_OWNED)) + [k for k, (c, _) in MODEL_REFS.items() if c in names]
             raise RecipeError(f"{tracked.where}: `{spec.name}` has no option `{key}`; valid options: "
                               f"{', '.join(shown)}")
         if isinstance(tracked.value, dict):
             raise RecipeError(f"{tracked.where}: `{spec.name}.{key}` takes a value, not a mapping")
-        values[norm] = _plain(tracked, kind.option_types()[norm])
+        values[name] = _plain(tracked, kind.option_types()[name])
     return UserOptions(values, refs)
 
 
