@@ -291,7 +291,7 @@ def test_overrides_are_typed_checked_and_relative_to_cwd(tmp_path, monkeypatch):
     assert prune.user.values["percent"] == 0.7 and "--percent 0.7" in " ".join(prune.argv(lambda s: ("m.cfg", None), "d"))
     assert next(s for s in plan.steps if s.name == "distill").refs["teacher"][0] == 0
     assert [s.index for s in plan.steps] == [1, 2, 3, 4, 5]  # no synth step once data is a path
-    with pytest.raises(RecipeError, match=r"^--set steps.2.prune.percent: `prune.percent`: 1.5 is not in the range"):
+    with pytest.raises(RecipeError, match=r"^--set steps.2.prune.percent: --percent 1.5 is not in \[0, 1\)"):
         run_recipe(recipe, ("steps.2.prune.percent=1.5",), out="o", dry_run=True, jobs=FAKES)
     with pytest.raises(RecipeError, match=r"--set steps.3.prune.percent: step 3 is `distill`.*`prune` is step 2"):
         run_recipe(recipe, ("steps.3.prune.percent=0.5",), out="o", dry_run=True, jobs=FAKES)

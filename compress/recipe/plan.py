@@ -38,6 +38,7 @@ class PlannedStep:
     data: bool                      # the runner passes the recipe's data
     where: str
     device: str | None = None       # the recipe-wide device (None: the step's own/default)
+    stand_in: str = ""              # an existing cfg that stands in for models not produced yet (validation)
 
     @property
     def label(self) -> str:
@@ -63,7 +64,7 @@ class PlannedStep:
         return {**values, **self.user.values}
 
     def job(self, model_paths: ModelPaths, data: str | None) -> Job:
-        return build_job(self.job_type, self.options(model_paths, data), self.where)
+        return build_job(self.job_type, self.options(model_paths, data), self.where, self.user.wheres)
 
     def report_path(self, job: Job) -> Path | None:
         """Where `run_job` writes a copy of the report: the step folder's report.json unless the job's own
@@ -77,12 +78,16 @@ class PlannedStep:
         return " ".join(w if w.startswith('"$(') else shlex.quote(w) for w in words)
 
     def argv(self, model_paths: ModelPaths, data: str | None) -> list[str]:
-        """The CLI arguments of the step's job (`Job.to_argv`); unknown models render as placeholders."""
+        """The CLI arguments of the step's job (`Job.to_argv`); a model not produced yet renders as its
+        placeholder (the job is built with a stand-in cfg, whose value the placeholder then replaces)."""
         options = self.options(model_paths, data)
         pending = {k: v for k, v in options.items() if isinstance(v, str) and v.startswith('"$(')}
-        job = build_job(self.job_type, {**options, **{k: f"/{k}" for k in pending}}, self.where)
-        job = replace(job, **pending) if pending else job
+        job = build_job(self.job_type, {**options, **{k: self.stand_in for k in pending}}, self.where,
+                        self.user.wheres)
         argv = job.to_argv()
+        for name, placeholder in pending.items():
+            flag = self.job_type.flags.get(name, "--" + name.replace("_", "-"))
+            argv[argv.index(flag) + 1] = placeholder
         report = self.report_path(job)
         return argv + (["--report", str(report)] if report is not None else []) + \
             (["--exist-ok"] if self.kind.out == "dir" else [])
@@ -140,6 +145,7 @@ def plan_recipe(recipe: Recipe, out: Path, jobs: Mapping[str, type[Job]] = JOBS)
         step = _plan_step(spec, out, current, producers, recipe.data is not None, jobs)
         if device is not None and step.kind.takes_device and "device" not in step.user.names:
             step = replace(step, device=device)
+        step = replace(step, stand_in=model[0])
         _validate(step, model, data or str(out / "00-data" / "synth.data"), out)
         steps.append(step)
         if step.kind.produces_model:
@@ -178,7 +184,7 @@ def _synth_step(data: Tracked, out: Path, jobs: Mapping[str, type[Job]]) -> Plan
     spec = StepSpec(0, SYNTH_STEP, dict(opts.value or {}), data.where)
     kind = job_type(SYNTH_STEP, data.where, jobs)
     step = PlannedStep(0, SYNTH_STEP, kind, step_kind(kind), out / "00-data", user_options(spec, kind), None, {},
-                       False, data.where)
+                       False, data.where)  # no model: no stand-in needed
     step.job(lambda source: ("", None), None)
     return step
 

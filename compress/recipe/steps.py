@@ -69,6 +69,7 @@ class UserOptions:
 
     values: dict[str, Any]                          # option name (underscores) -> plain value
     refs: dict[str, tuple[Tracked, str, str]]       # teacher -> (its value, cfg field, weights field)
+    wheres: dict[str, str] = dataclasses.field(default_factory=dict)  # option -> "file:line" or "--set key"
 
     @property
     def names(self) -> frozenset[str]:
@@ -79,6 +80,7 @@ def user_options(spec: StepSpec, kind: type[Job]) -> UserOptions:
     """Check every option of `spec` against its job type (names now, values when the job is built)."""
     values: dict[str, Any] = {}
     refs: dict[str, tuple[Tracked, str, str]] = {}
+    wheres: dict[str, str] = {}
     names = fields_of(kind)
     valid = set(kind.option_types())
     for key, tracked in spec.options.items():
@@ -100,7 +102,8 @@ def user_options(spec: StepSpec, kind: type[Job]) -> UserOptions:
         if isinstance(tracked.value, dict):
             raise RecipeError(f"{tracked.where}: `{spec.name}.{key}` takes a value, not a mapping")
         values[name] = _plain(tracked, kind.option_types()[name])
-    return UserOptions(values, refs)
+        wheres[name] = tracked.where
+    return UserOptions(values, refs, wheres)
 
 
 def _plain(tracked: Tracked, hint: Any) -> Any:
@@ -120,14 +123,24 @@ def _is_path(hint: Any) -> bool:
     return hint is os.PathLike or os.PathLike in args
 
 
-def build_job(kind: type[Job], options: Mapping[str, Any], where: str) -> Job:
-    """The step's job from its (absolute-path) options; a refused value is a RecipeError naming the line."""
+def build_job(kind: type[Job], options: Mapping[str, Any], where: str,
+              wheres: Mapping[str, str] | None = None) -> Job:
+    """The step's job from its (absolute-path) options; a refused value is a RecipeError naming the line of the
+    option that caused it (`wheres`: option -> "file:line" or "--set key"), else the step's line."""
     try:
         return kind.from_dict(options, where=where)
-    except RecipeError:
-        raise
     except CompressError as exc:
-        message = str(exc)
-        raise RecipeError(message if message.startswith(where) else f"{where}: {message}") from None
-    except (TypeError, ValueError) as exc:
-        raise RecipeError(f"{where}: `{kind.command}`: {exc}") from None
+        at = _culprit(kind, options, wheres or {}) or where
+        message = str(exc).removeprefix(f"{where}: ")
+        raise RecipeError(f"{at}: {message}") from None
+
+
+def _culprit(kind: type[Job], options: Mapping[str, Any], wheres: Mapping[str, str]) -> str | None:
+    """Where the one option is set without which the job builds (None: no single option is to blame)."""
+    for name, at in wheres.items():
+        try:
+            kind.from_dict({k: v for k, v in options.items() if k != name})
+        except CompressError:
+            continue
+        return at
+    return None
