@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Mapping
 
+from compress.base.checks import IMG_SIZE, check_range
 from compress.base.errors import DataError
 from compress.base.guard import Output
 from compress.data.convert import ConvertConfig, convert
@@ -29,9 +30,9 @@ class SynthJob(Job):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.n_train < 1 or self.n_valid < 1 or self.img_size < 32:
-            raise DataError(f"data synth needs n_train, n_valid >= 1 and img_size >= 32, got {self.n_train}, "
-                            f"{self.n_valid}, {self.img_size}")
+        check_range("--n-train", self.n_train, 1, error=DataError)
+        check_range("--n-valid", self.n_valid, 1, error=DataError)
+        check_range("--img-size", self.img_size, *IMG_SIZE, error=DataError)
 
     def outputs(self) -> tuple[Output, ...]:
         return (Output(Path(self.out), "dir", "--out"),)

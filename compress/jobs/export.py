@@ -45,6 +45,7 @@ class ExportJob(Job):
 
     def __post_init__(self) -> None:
         self.export_config()
+        NmsConfig(self.iou_thres, self.score_thres, self.max_det)  # their ranges hold without --nms too, as in click
 
     def export_config(self) -> ExportConfig:
         nms = NmsConfig(self.iou_thres, self.score_thres, self.max_det) if self.nms else None

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Mapping
 
+from compress.base.checks import IMG_SIZE, check_range
+from compress.base.errors import CfgError, DataError
 from compress.base.guard import Output
 from compress.darknet.persist import load
 from compress.darknet.summary import bn_gammas, file_size_mb, gamma_stats, plot_gamma_histogram, summarize
@@ -33,6 +35,10 @@ class InfoJob(Job):
     img_size: int | None = None
     gamma_plot: PathLike | None = None
     cutoff: int | None = None
+
+    def __post_init__(self) -> None:
+        check_range("--img-size", self.img_size, *IMG_SIZE, error=CfgError)
+        check_range("--cutoff", self.cutoff, 1, error=CfgError)
 
     def inputs(self) -> tuple[Path, ...]:
         return paths(self.cfg, self.weights)
@@ -74,6 +80,7 @@ class EvalJob(Job):
     device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
 
     def __post_init__(self) -> None:
+        check_range("--img-size", self.img_size, *IMG_SIZE, error=DataError)  # EvalConfig has no upper bound
         self.eval_config(self.img_size or 416)  # EvalConfig's rules and messages
 
     def eval_config(self, img_size: int) -> EvalConfig:
@@ -117,6 +124,11 @@ class DetectJob(Job):
     names: PathLike | None = None
     letterbox: bool | None = None
     device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
+
+    def __post_init__(self) -> None:
+        # DetectConfig's rules now (run() builds it again with the model's width when img_size is None)
+        DetectConfig(img_size=self.img_size or 416, conf_thres=self.conf_thres, iou_thres=self.iou_thres,
+                     letterbox=self.letterbox)
 
     def inputs(self) -> tuple[Path, ...]:
         return paths(self.cfg, self.weights, self.source, self.names)

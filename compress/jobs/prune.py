@@ -5,6 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from compress.base.checks import IMG_SIZE, check_range
+from compress.base.errors import PruneError
 from compress.base.guard import Output
 from compress.data.dataset import load_data_spec
 from compress.train.config import DistConfig
@@ -49,6 +51,7 @@ class PruneJob(Job):
     device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
 
     def __post_init__(self) -> None:
+        check_range("--img-size", self.img_size, *IMG_SIZE, error=PruneError)
         self.prune_config(), self.measure()  # their rules and messages
 
     def prune_config(self) -> PruneConfig:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
+from compress.base.checks import IMG_SIZE, check_range
 from compress.base.errors import QuantError
 from compress.base.guard import Output
 from compress.darknet.cfg import read_cfg
@@ -66,6 +67,7 @@ class QuantizeJob(Job):
     device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
 
     def __post_init__(self) -> None:
+        check_range("--img-size", self.img_size, *IMG_SIZE, error=QuantError)
         self.quant_config(), self.settings()  # their rules and messages
 
     @classmethod
@@ -78,6 +80,7 @@ class QuantizeJob(Job):
         values = {**cls.train_defaults, **{k: v for k, v in train.items() if v is not None}}
         if values["epochs"] < 0:
             raise QuantError(f"--epochs {values['epochs']} must be >= 0 (0 = post-training calibration only)")
+        check_range("--lr0", values["lr0"], 0, lo_open=True, error=QuantError)  # also when PTQ does not use it
         if values["resume"] and not values["epochs"]:
             raise QuantError("--resume continues an interrupted QAT run: pass the run's --epochs N (N > 0)")
         if not values["epochs"]:

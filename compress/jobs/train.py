@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
+from compress.base.checks import check_range
 from compress.base.guard import Output
 from compress.darknet.cfg import read_cfg
 from compress.data.dataset import load_data_spec
@@ -13,7 +14,7 @@ from compress.jobs.base import PathLike, Report, out_folder, paths, register_job
 from compress.jobs.ranks import process_device, rank_of
 from compress.jobs.training import FIT_OPTIONS, TrainingJob, data_path, train_values
 from compress.train.api import train_model
-from compress.train.config import TrainConfig
+from compress.train.config import TrainConfig, TrainError
 from compress.train.hyp import resolve_train_config
 from compress.train.loop import TrainFiles
 
@@ -44,6 +45,10 @@ class TrainJob(TrainingJob):
     device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
     cutoff: int | None = None
     hyp: PathLike | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("--cutoff", self.cutoff, 1, error=TrainError)
 
     @classmethod
     def make_train(cls, options: Mapping[str, Any], train: Mapping[str, Any], given: set[str]) -> TrainConfig:

@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from compress.data.augment import AugmentConfig
+from compress.data.imcache import CACHE_MODES
+from compress.base.checks import check_choice
 from compress.base.errors import CompressError
 from compress.detection.losses import LOSSES
 from compress.train.optim import OPTIMIZERS, SCHEDULERS
@@ -96,6 +98,7 @@ class TrainConfig:
         for name in ("hsv_h", "hsv_s", "hsv_v", "fliplr", "translate", "mosaic"):
             _check(name, 0 <= getattr(self, name) <= 1, "must be in [0, 1]", getattr(self, name))
         _check("scale", 0 <= self.scale < 1, "must be in [0, 1)", self.scale)
+        check_choice("--cache", self.cache, CACHE_MODES, error=TrainError)
 
     def augment_config(self) -> AugmentConfig:
         return AugmentConfig(hsv_h=self.hsv_h, hsv_s=self.hsv_s, hsv_v=self.hsv_v, fliplr=self.fliplr,
