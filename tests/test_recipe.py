@@ -251,7 +251,7 @@ def test_failed_step_names_the_recipe_line_and_resume_reuses_finished_steps(tmp_
     ("  - distill: {teacher: step:3}\n", 5, "`step:3` must name an earlier model-producing step"),
     ("  - prune: {cfg: x.cfg}\n", 5, "`cfg` is set by the runner"),
     ("  - export: {img_size: [1, 2]}\n", 5, "`export` option `img_size`: \\[1, 2\\] is not a"),
-    ("  - eval: {}\n  - info: {gamma_plot: g.png, cutoff: 0}\n", 6, "`info.cutoff`: 0 is not in the range"),
+    ("  - eval: {}\n  - info: {gamma_plot: g.png, cutoff: 0}\n", 6, "--cutoff 0 is out of range; use a value >= 1"),
 ])
 def test_bad_step_is_a_recipe_error_with_file_and_line(tmp_path, bad, line, match):
     recipe = _recipe(tmp_path, "model: {cfg: net.cfg}\ndata: {synth: {}}\nsteps:\n  - train: {epochs: 1}\n" + bad)
