@@ -37,7 +37,7 @@ def _strides(model: DarknetModel, img_hw: tuple[int, int]) -> list[Stride | None
 def stride_features(model: DarknetModel, img_hw: tuple[int, int]) -> dict[Stride, int]:
     """One feature layer per output stride: the input of a head's prediction conv where a head has that stride,
     else the last conv block at that stride (prediction convs, those feeding a [yolo] directly, excluded)."""
-    g, blocks = model.graph, model.cfg.blocks
+    g = model.graph
     strides = _strides(model, img_hw)
     pred_convs = {g.inputs[h][0] for h in g.heads}
     chosen: dict[Stride, int] = {}

@@ -10,12 +10,11 @@ from compress.darknet.persist import load
 from compress.data.dataset import load_data_spec
 from compress.distill import distill, distilled_pair
 from compress.distill.config import DEFAULT_STRATEGY, DistillConfig, parse_pairs
-from compress.train.config import DistConfig
+from compress.train.config import DistConfig, TrainConfig
 from compress.jobs.base import PathLike, Report, out_folder, paths, register_job
 from compress.jobs.ranks import process_device, rank_of
 from compress.jobs.training import TrainingJob, data_path
 from compress.train.checkpoint import seed_all
-from compress.train.config import TrainConfig
 
 __all__ = ["DistillJob"]
 

@@ -9,14 +9,13 @@ from compress.base.checks import IMG_SIZE, check_range
 from compress.base.errors import PruneError
 from compress.base.guard import Output
 from compress.data.dataset import load_data_spec
-from compress.train.config import DistConfig
+from compress.train.config import DistConfig, TrainConfig
 from compress.jobs.base import Job, PathLike, Report, out_folder, paths, register_job
 from compress.jobs.ranks import process_device, rank_of
 from compress.jobs.training import TrainingJob, data_path
 from compress.prune import PruneConfig
 from compress.prune.pipeline import Measure, prune_files
 from compress.prune.sparsity import SparsityConfig, run_sparse_train
-from compress.train.config import TrainConfig
 
 __all__ = ["PruneJob", "SparseTrainJob", "LATENCY_RUNS"]
 
@@ -36,13 +35,13 @@ class PruneJob(Job):
     cfg: PathLike
     weights: PathLike | None
     out: PathLike
-    method: str = "slim"
-    percent: float = 0.5
-    shortcuts: int = 0
-    round_to: int | None = None
-    min_keep: float = 0.0
-    layer_keep: float = 0.01
-    no_compensate: bool = False
+    method: str = PruneConfig.method            # the library config's defaults, stated once
+    percent: float = PruneConfig.percent
+    shortcuts: int = PruneConfig.shortcuts
+    round_to: int | None = PruneConfig.round_to
+    min_keep: float = PruneConfig.min_keep
+    layer_keep: float = PruneConfig.layer_keep
+    no_compensate: bool = not PruneConfig.compensate
     data: PathLike | None = None
     img_size: int | None = None
     letterbox: bool | None = None

@@ -10,14 +10,13 @@ from compress.base.checks import IMG_SIZE, check_range
 from compress.base.errors import QuantError
 from compress.base.guard import Output
 from compress.darknet.cfg import read_cfg
-from compress.train.config import DistConfig
+from compress.train.config import DistConfig, TrainConfig
 from compress.jobs.base import Job, PathLike, Report, out_folder, paths, register_job
 from compress.jobs.ranks import process_device, rank_of
 from compress.jobs.training import data_path, train_option_types
 from compress.quant.config import QuantConfig, make_config
 from compress.quant.pipeline import QuantOutputs, QuantSettings, check_img_size, check_verified, quantize
 from compress.quant.qat import qat_train_config
-from compress.train.config import TrainConfig
 
 __all__ = ["QuantizeJob"]
 

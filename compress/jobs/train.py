@@ -9,12 +9,11 @@ from compress.base.checks import check_range
 from compress.base.guard import Output
 from compress.darknet.cfg import read_cfg
 from compress.data.dataset import load_data_spec
-from compress.train.config import DistConfig
+from compress.train.config import DistConfig, TrainConfig, TrainError
 from compress.jobs.base import PathLike, Report, out_folder, paths, register_job
 from compress.jobs.ranks import process_device, rank_of
 from compress.jobs.training import FIT_OPTIONS, TrainingJob, data_path, train_values
 from compress.train.api import train_model
-from compress.train.config import TrainConfig, TrainError
 from compress.train.hyp import resolve_train_config
 from compress.train.loop import TrainFiles
 
