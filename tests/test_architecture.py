@@ -27,21 +27,6 @@ UNRESTRICTED = {"compress", "compress.__main__"}
 # A new sibling edge has to be added here, with the reason, on purpose.
 ALLOWED_SIBLING_EDGES: frozenset[tuple[str, str]] = frozenset()
 
-# Known violations in files other branches rework (see the xfail tests at the bottom): they are tolerated by the
-# strict tests and tracked by xfail(strict=False) ones that pass once those branches are merged.
-DARKNET_CORE = frozenset({
-    "compress.darknet.cfg", "compress.darknet.extra_layers", "compress.darknet.layers", "compress.darknet.sections",
-    "compress.darknet.sections.attention", "compress.darknet.sections.base", "compress.darknet.sections.conv",
-    "compress.darknet.sections.heads", "compress.darknet.sections.joins", "compress.darknet.sections.spatial",
-})
-CLI_GROUP = frozenset({
-    "compress.cli", "compress.cli.data", "compress.cli.distill", "compress.cli.export", "compress.cli.info",
-    "compress.cli.prune", "compress.cli.quantize", "compress.cli.run", "compress.cli.train",
-})
-KNOWN_LAYER_VIOLATIONS = frozenset({("compress.jobs.tools", "compress.recipe")})  # `run` job: the jobs branch's
-KNOWN_LOGIC_INITS = frozenset({"compress.cli", "compress.jobs", "compress.darknet.sections", "compress.recipe"})
-
-
 def module_name(path: Path, root: Path = ROOT) -> str:
     parts = list(path.relative_to(root.parent).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -219,8 +204,8 @@ def test_the_layer_check_fails_on_an_upward_or_sideways_import():
 
 
 def test_no_import_cycles():
-    """No cycles except the two known ones another branch breaks (tracked by the xfail tests below)."""
-    assert_no_cycles(GRAPH, known=(DARKNET_CORE, CLI_GROUP))
+    """No cycle anywhere under compress/, lazy imports included."""
+    assert_no_cycles(GRAPH)
 
 
 def test_every_package_has_a_floor():
@@ -228,37 +213,14 @@ def test_every_package_has_a_floor():
 
 
 def test_no_module_imports_a_higher_floor():
-    bad = layer_violations(GRAPH) - KNOWN_LAYER_VIOLATIONS
+    bad = layer_violations(GRAPH)
     order = " < ".join("{prune, quant, distill}" if f == "prune" else f
                        for f in FLOORS if f not in ("quant", "distill"))
     assert not bad, f"imports that go up the floors ({order}):\n" + "\n".join(
         f"{a} -> {b}" for a, b in sorted(bad))
 
 
-@pytest.mark.parametrize("package", [p for p in PACKAGES if p not in KNOWN_LOGIC_INITS])
+@pytest.mark.parametrize("package", PACKAGES)
 def test_package_init_only_hands_names_on(package):
     path = module_files()[package]
     assert not init_logic(path), f"{path} holds logic; move it into a named module: {init_logic(path)}"
-
-
-# ---- known failures owned by other branches: xfail(strict=False), so they pass quietly once those merge ----
-
-@pytest.mark.xfail(strict=False, reason="darknet core cfg <-> sections <-> layers: broken on the darknet branch")
-def test_darknet_core_has_no_cycle():
-    assert DARKNET_CORE.isdisjoint(m for c in cycles(GRAPH) for m in c)
-
-
-@pytest.mark.xfail(strict=False, reason="compress.cli <-> its command modules: broken on the jobs/cli branch")
-def test_cli_group_has_no_cycle():
-    assert CLI_GROUP.isdisjoint(m for c in cycles(GRAPH) for m in c)
-
-
-@pytest.mark.xfail(strict=False, reason="compress.jobs.tools imports compress.recipe (the run job): jobs branch")
-def test_jobs_does_not_import_recipe():
-    assert not layer_violations(GRAPH) & KNOWN_LAYER_VIOLATIONS
-
-
-@pytest.mark.xfail(strict=False, reason="these __init__ files hold logic and belong to other branches")
-@pytest.mark.parametrize("package", sorted(KNOWN_LOGIC_INITS))
-def test_other_branches_package_init_only_hands_names_on(package):
-    assert not init_logic(module_files()[package])

@@ -244,7 +244,7 @@ def test_failed_step_names_the_recipe_line_and_resume_reuses_finished_steps(tmp_
 
 # ------------------------------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("bad, line, match", [
-    ("  - prune: {method: slim, precent: 0.5}\n", 5, "`prune` has no option `precent`; valid options: .*percent"),
+    ("  - prune: {method: slim, precent: 0.5}\n", 5, "step 2 `prune` has no option `precent`; valid options: .*percent"),
     ("  - prune: {method: slim, percent: 2}\n", 5, "--percent 2(\\.0)? is not in \\[0, 1\\)"),
     ("  - prune: {method: magic}\n", 5, "--method 'magic' is not one of"),
     ("  - prun: {}\n", 5, "unknown step `prun`; valid steps: .*prune"),

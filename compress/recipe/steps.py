@@ -97,7 +97,8 @@ def user_options(spec: StepSpec, kind: type[Job]) -> UserOptions:
         name = kind.option_name(norm)
         if name is None:
             shown = sorted(valid - set(RUNNER_OWNED)) + [k for k, (c, _) in MODEL_REFS.items() if c in names]
-            raise RecipeError(f"{tracked.where}: `{spec.name}` has no option `{key}`; valid options: "
+            step = f"step {spec.index} " if spec.index else ""
+            raise RecipeError(f"{tracked.where}: {step}`{spec.name}` has no option `{key}`; valid options: "
                               f"{', '.join(shown)}")
         if isinstance(tracked.value, dict):
             raise RecipeError(f"{tracked.where}: `{spec.name}.{key}` takes a value, not a mapping")
