@@ -96,6 +96,33 @@ def test_click_options_are_the_job_fields(command):
     assert params - (CLI_ONLY - fields) == fields
 
 
+@pytest.mark.parametrize("command", sorted(HOSTILE))
+def test_click_defaults_are_the_job_defaults(command):
+    """What a command does without an option is what its job does without the field (recipes and Python build
+    jobs without click): every click default equals the field's default, or the training option's default."""
+    job = JOBS[command]
+    defaults = {f.name: f.default for f in dataclasses.fields(job) if f.default is not dataclasses.MISSING}
+    if job.train_options:  # TrainingJob.train_default; QuantizeJob keeps its QAT defaults in train_defaults
+        default = job.train_default if hasattr(job, "train_default") else job.train_defaults.get
+        defaults.update({name: default(name) for name in job.train_options})
+    differ = {p.name: (p.default, defaults[p.name]) for p in lookup_command(command).params
+              if isinstance(p, click.Option) and p.name in defaults and _set(p.default)
+              and _plain(p, p.default) != _plain(p, defaults[p.name])}
+    assert not differ, f"click default vs job default: {differ}"
+
+
+def _set(default: object) -> bool:
+    """A default the option states (not None / click's "unset" sentinel: the job computes those)."""
+    return default is not None and type(default).__name__ != "Sentinel"
+
+
+def _plain(param: click.Option, value: object) -> object:
+    """Choice values compare as text (`--kd 4` is the choice "4", the job's int 4); sequences as tuples."""
+    if isinstance(param.type, click.Choice):
+        return str(value)
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
 def _digests(folder: Path) -> dict[Path, str]:
     return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
 
