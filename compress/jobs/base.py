@@ -175,11 +175,23 @@ class Job:
         for name, (value, default) in values.items():
             if value == default:
                 continue
-            argv += self._render(name, value)
+            argv += self.render_option(name, value)
         return argv
 
-    def _render(self, name: str, value: Any) -> list[str]:
-        flag = self.flags.get(name, "--" + name.replace("_", "-"))
+    @classmethod
+    def flag(cls, name: str) -> str:
+        """The command-line flag of option `name` (`--name-with-dashes` unless `flags` spells it otherwise)."""
+        return cls.flags.get(name, "--" + name.replace("_", "-"))
+
+    @classmethod
+    def coerce_option(cls, name: str, value: Any, where: str = "") -> Any:
+        """A plain (YAML) value as option `name`'s type, as `from_dict` coerces it (paths left as given)."""
+        prefix = f"{where}: " if where else ""
+        return _coerce(cls.option_types()[name], value, None, f"{prefix}`{cls.command}` option `{name}`")
+
+    def render_option(self, name: str, value: Any) -> list[str]:
+        """Option `name` with `value` as command-line words (a bool flag: itself or its negation)."""
+        flag = self.flag(name)
         if isinstance(value, bool):
             return [flag] if value else [self.false_flags.get(name, "--no-" + flag[2:])]
         if value is None:

@@ -74,23 +74,33 @@ class PlannedStep:
 
     def shell(self, model_paths: ModelPaths, data: str | None) -> str:
         """The step as one `yolo-compress ...` line (placeholders for models not produced yet stay unquoted)."""
-        words = ["yolo-compress", *self.argv(model_paths, data)[0:]]
+        words = ["yolo-compress", *self.argv(model_paths, data)]
         return " ".join(w if w.startswith('"$(') else shlex.quote(w) for w in words)
 
     def argv(self, model_paths: ModelPaths, data: str | None) -> list[str]:
-        """The CLI arguments of the step's job (`Job.to_argv`); a model not produced yet renders as its
-        placeholder (the job is built with a stand-in cfg, whose value the placeholder then replaces)."""
+        """The step as `yolo-compress` arguments: the runner's options (model, teacher, data, out, report, device,
+        --exist-ok), then the user's in the recipe's order (`Job.render_option`). The job is built first, so
+        what is listed is what validates; a model not produced yet renders as its placeholder (the job is
+        built with a stand-in cfg in its place)."""
         options = self.options(model_paths, data)
         pending = {k: v for k, v in options.items() if isinstance(v, str) and v.startswith('"$(')}
         job = build_job(self.job_type, {**options, **{k: self.stand_in for k in pending}}, self.where,
                         self.user.wheres)
-        argv = job.to_argv()
-        for name, placeholder in pending.items():
-            flag = self.job_type.flags.get(name, "--" + name.replace("_", "-"))
-            argv[argv.index(flag) + 1] = placeholder
+        owned = [k for k in options if k not in self.user.values and k != "device"]
+        words = [w for k in owned for w in job.render_option(k, pending.get(k, options[k]))]
         report = self.report_path(job)
-        return argv + (["--report", str(report)] if report is not None else []) + \
-            (["--exist-ok"] if self.kind.out == "dir" else [])
+        words += ["--report", str(report)] if report is not None else []
+        words += job.render_option("device", self.device) if self.device and "device" not in self.user.values else []
+        words += ["--exist-ok"] if self.kind.out != "none" else []
+        for name, value in self.user.values.items():
+            if not isinstance(value, bool) or value != _default(self.job_type, name):
+                words += job.render_option(name, value)
+        return [*self.name.split(), *words]
+
+
+def _default(kind: type[Job], name: str) -> Any:
+    field = next((f for f in dataclasses.fields(kind) if f.name == name), None)
+    return None if field is None else field.default
 
 
 @dataclass(frozen=True)

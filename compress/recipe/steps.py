@@ -102,7 +102,10 @@ def user_options(spec: StepSpec, kind: type[Job]) -> UserOptions:
                               f"{', '.join(shown)}")
         if isinstance(tracked.value, dict):
             raise RecipeError(f"{tracked.where}: `{spec.name}.{key}` takes a value, not a mapping")
-        values[name] = _plain(tracked, kind.option_types()[name])
+        try:
+            values[name] = _yaml(kind.coerce_option(name, _plain(tracked, kind.option_types()[name]), tracked.where))
+        except CompressError as exc:
+            raise RecipeError(str(exc)) from None
         wheres[name] = tracked.where
     return UserOptions(values, refs, wheres)
 
@@ -115,6 +118,15 @@ def _plain(tracked: Tracked, hint: Any) -> Any:
     if isinstance(value, list):
         return [str((tracked.base / str(v)).resolve()) for v in value]
     return str(tracked.path())
+
+
+def _yaml(value: Any) -> Any:
+    """A coerced option value as YAML writes it (resolved.yaml, the manifest): paths as text, tuples as lists."""
+    if isinstance(value, os.PathLike):
+        return str(value)
+    if isinstance(value, (tuple, list)):
+        return [_yaml(v) for v in value]
+    return value
 
 
 def _is_path(hint: Any) -> bool:
