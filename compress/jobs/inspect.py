@@ -162,10 +162,10 @@ class AnchorsJob(Job):
     command: ClassVar[str] = "anchors"
 
     data: PathLike
-    n: int = 9
-    img_size: int = 416
-    split: str = "train"
-    seed: int = 0
+    n: int = AnchorConfig.n                 # the library config's defaults, stated once
+    img_size: int = AnchorConfig.img_size
+    split: str = AnchorConfig.split
+    seed: int = AnchorConfig.seed
 
     def __post_init__(self) -> None:
         self.anchor_config()
