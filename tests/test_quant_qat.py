@@ -67,7 +67,7 @@ def test_quantize_act_drop_is_on_during_qat_only(tmp_path, monkeypatch):
         result = real_fit(model, *a, **k)
         seen.append("done")
         return result
-    monkeypatch.setattr(train, "fit", spy)
+    monkeypatch.setattr("compress.quant.qat.fit", spy)  # the trainer QAT runs through
     job = QuantizeJob.from_dict({"cfg": str(DEMO_CFG), "weights": None, "data": str(data), "out": str(tmp_path / "q"),
                                  "bits": 4, "epochs": 1, "batch_size": 4, "img_size": 64, "act_drop": 0.25,
                                  "no_eval": True})

@@ -13,7 +13,8 @@ from compress.darknet.model import DarknetModel
 from compress.darknet.persist import load, save
 from compress.darknet.summary import stage_figures
 from compress.detection.evaluate import EvalConfig, evaluate
-from compress.prune import PruneConfig, prune
+from compress.prune.api import prune
+from compress.prune.registry import PruneConfig
 
 __all__ = ["Measure", "prune_files"]
 

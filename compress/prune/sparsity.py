@@ -34,10 +34,13 @@ from typing import Callable
 import torch
 
 from compress.base.errors import PruneError
+from compress.base.fileio import write_text_atomic
 from compress.darknet.model import DarknetModel
 from compress.darknet.persist import load, save
 from compress.darknet.summary import bn_gammas, gamma_stats, plot_gamma_histogram, stage_figures
-from compress.train import Hook, TrainState
+from compress.prune.coupling import build_coupling, prunable_layers
+from compress.prune.mask import safe_percent
+from compress.train import Hook, TrainState, fit
 from compress.train.checkpoint import seed_all
 
 __all__ = ["SparsityConfig", "BNL1Hook", "SCHEDULES", "UPDATES", "ZERO", "sparsity_layers", "sparse_train",
@@ -137,7 +140,6 @@ def resolve_update(name: str, optimizer: torch.optim.Optimizer) -> str:
 
 def sparsity_layers(model: DarknetModel, mode: int) -> list[int]:
     """The BN convs penalised for `--prune mode` (the reference's prune set of that mode)."""
-    from compress.prune.coupling import build_coupling, prunable_layers
     return prunable_layers(build_coupling(model.graph), mode)
 
 
@@ -226,7 +228,6 @@ class BNL1Hook(Hook):
     def _figures(gammas: dict[int, torch.Tensor]) -> dict:
         """gamma statistics; `layer_safe_percent`: the largest --percent that empties no layer; `safe_percent`:
         the largest that also cuts only |gamma| < 1e-2 (what a prune without fine-tuning can afford)."""
-        from compress.prune.mask import safe_percent
         out = gamma_stats(gammas)
         if gammas:
             out["layer_safe_percent"], out["limiting_layer"] = safe_percent(gammas)
@@ -247,7 +248,6 @@ class BNL1Hook(Hook):
                          target, self.s)
 
     def _save_state(self, path: Path, step: int) -> None:
-        from compress.base.fileio import write_text_atomic
         entry = {"step": step, "scale": self.scale, "steps_per_epoch": self.steps_per_epoch,
                  "reached": self.reached, "history": self.history}
         write_text_atomic(path, json.dumps({"entries": self._entries(path)[-1:] + [entry]}, default=float) + "\n")
@@ -299,7 +299,6 @@ def sparse_train(model: DarknetModel, data_spec, config: SparsityConfig, train_c
                  out_dir: str | Path | None = None, distributed=None) -> tuple[object, BNL1Hook]:
     """`fit()` plus a `BNL1Hook` on the mode's layer set. Returns (TrainResult, hook); call
     `hook.summary(saved_model)` for the figures of what was saved."""
-    from compress.train import fit
     steps = _steps_per_epoch(len(data_spec.train), train_config, distributed)
     hook = BNL1Hook(config, sparsity_layers(model, config.mode), steps)
     if not hook.layers:

@@ -25,7 +25,8 @@ from compress.deploy.export import ExportConfig, export_onnx
 from compress.detection.evaluate import EvalConfig, evaluate, input_letterbox
 from compress.train import distributed as D
 from compress.train.config import DistConfig, TrainConfig
-from compress.quant import calibrate, config_to_dict, prepare_qat
+from compress.quant.config import config_to_dict
+from compress.quant.prepare import calibrate, prepare_qat
 from compress.quant.config import QuantConfig
 from compress.quant.bias_correct import bias_correction
 from compress.quant.cpuinfo import cpu_flags

@@ -19,8 +19,9 @@ from compress.base.errors import QuantError
 from compress.base.fileio import write_text_atomic
 from compress.train import Hook
 from compress.train.config import DistConfig, TrainConfig
-from compress.quant import config_to_dict, freeze_bn, freeze_observers, set_act_drop
-from compress.quant.config import QuantConfig
+from compress.quant.config import QuantConfig, config_to_dict
+from compress.quant.prepare import freeze_bn, freeze_observers, set_act_drop
+from compress.train.loop import fit
 
 __all__ = ["QATHook", "run_qat", "qat_train_config", "resume_checkpoint", "check_resume_config", "freeze_epochs"]
 
@@ -91,8 +92,6 @@ def run_qat(qmodel: torch.nn.Module, spec: Any, train: TrainConfig, settings: An
             source: tuple[str | os.PathLike, QuantConfig], device: str, dist: DistConfig) -> dict:
     """QAT epochs through `fit` with `train` in `qat_dir`; `settings` (a QuantSettings) gives the freeze points
     and act_drop; `source` (cfg, quant config) is recorded for --resume."""
-    from compress.train import fit  # looked up at call time (tests spy on it)
-
     if dist.is_main and not train.resume:
         qat_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(qat_dir / CONFIG_NAME, json.dumps(_config_record(*source), indent=2) + "\n")
