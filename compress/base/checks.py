@@ -9,7 +9,7 @@ from typing import Any, Collection
 
 from compress.base.errors import CompressError
 
-__all__ = ["IMG_SIZE", "check_range", "check_choice", "describe_range"]
+__all__ = ["IMG_SIZE", "check_range", "check_choice", "check_img_size", "describe_range"]
 
 # The bounds of every --img-size that has both (click.IntRange(32, 4096)): the smallest input with a stride-32
 # cell, and a cap that keeps a typo (41600) from allocating a huge tensor.
@@ -44,3 +44,12 @@ def check_choice(option: str, value: Any, choices: Collection[Any], *,
     """Raise `error` unless `value` is one of `choices` (click.Choice); None passes (an option left unset)."""
     if value is not None and value not in choices:
         raise error(f"{option} {value!r} is not a choice; use one of {', '.join(map(str, choices))}")
+
+
+def check_img_size(value: int | None, *, multiple_of: int | None = None,
+                   error: type[CompressError] = CompressError) -> None:
+    """--img-size: within IMG_SIZE (click.IntRange(32, 4096)) and, where the network's strides need it, a
+    multiple of `multiple_of`; None passes (the cfg's size)."""
+    check_range("--img-size", value, *IMG_SIZE, error=error)
+    if value is not None and multiple_of and value % multiple_of:
+        raise error(f"--img-size {value} must be a multiple of {multiple_of}, e.g. 416")

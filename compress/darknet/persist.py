@@ -16,7 +16,7 @@ from compress.base.fileio import atomic_write
 from compress.darknet.model import DarknetModel, build_model
 from compress.darknet.weights import read_weights, write_weights
 
-__all__ = ["load", "save", "save_checkpoint", "read_checkpoint", "is_exported", "EXPORTED_SUFFIXES"]
+__all__ = ["load", "save", "pair_paths", "save_checkpoint", "read_checkpoint", "is_exported", "EXPORTED_SUFFIXES"]
 
 # The file types of exported models (ONNX, OpenVINO IR, ncnn): `load` refuses them, and
 # compress.deploy.runtimes.RUNTIMES keys its runtimes by exactly these (it sits above this module and imports it).
@@ -130,6 +130,11 @@ def save_checkpoint(model: DarknetModel, path: str | os.PathLike, **extra: objec
     torch.save(payload, buf)
     with atomic_write(path, "wb") as fh:
         fh.write(buf.getvalue())
+
+
+def pair_paths(folder: str | os.PathLike, stem: str) -> tuple[Path, Path]:
+    """The Darknet pair `folder/stem.cfg` + `folder/stem.weights` (how every command names its output model)."""
+    return Path(folder) / f"{stem}.cfg", Path(folder) / f"{stem}.weights"
 
 
 def save(model: DarknetModel, cfg_path: str | os.PathLike, weights_path: str | os.PathLike) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from compress.detection.boxes import box_iou, non_max_suppression
-from compress.base.checks import IMG_SIZE, check_range
+from compress.base.checks import check_img_size
 from compress.base.errors import ExportError
 from compress.base.fileio import write_bytes_atomic, write_text_atomic
 from compress.darknet.model import DarknetModel
@@ -75,7 +75,7 @@ class ExportConfig:
         if self.opset not in SUPPORTED_OPSETS:
             raise ExportError(f"opset={self.opset} is not supported; use one of {SUPPORTED_OPSETS.start}.."
                               f"{SUPPORTED_OPSETS.stop - 1} (13 and 17 are tested)")
-        check_range("--img-size", self.img_size, *IMG_SIZE, error=ExportError)
+        check_img_size(self.img_size, error=ExportError)
         if any(t is not None and t <= 0 for t in (self.box_tol, self.score_tol)):
             raise ExportError(f"box_tol={self.box_tol} and score_tol={self.score_tol} must be > 0")
         if self.format == "ncnn" and (self.dynamic or self.dynamic_batch or self.nms):

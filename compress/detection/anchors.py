@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from compress.data.dataset import DataSpec, DetectionDataset, load_data_spec
-from compress.base.checks import IMG_SIZE, check_range
+from compress.base.checks import check_img_size
 from compress.base.errors import DataError
 
 __all__ = ["AnchorConfig", "AnchorResult", "wh_iou", "kmeans_anchors", "label_wh", "compute_anchors",
@@ -30,7 +30,7 @@ class AnchorConfig:
     def __post_init__(self) -> None:
         if self.n < 1 or self.iters < 1:
             raise DataError(f"anchors: n and iters must be >= 1 (got {self.n}, {self.iters})")
-        check_range("--img-size", self.img_size, *IMG_SIZE, error=DataError)
+        check_img_size(self.img_size, error=DataError)
         if self.split not in ("train", "valid"):
             raise DataError(f"anchors: split must be 'train' or 'valid', got {self.split!r}")
 

@@ -15,7 +15,6 @@ import torch
 from PIL import Image, ImageDraw
 
 from compress.data.dataset import IMG_EXTS, DetectionDataset, list_images, make_loader
-from compress.base.checks import IMG_SIZE, check_range
 from compress.base.errors import DataError
 from compress.detection.evaluate import EvalConfig, Predictor, input_letterbox, predict
 from compress.base.fileio import write_bytes_atomic, write_text_atomic
@@ -37,11 +36,7 @@ class DetectConfig:
     letterbox: bool | None = None   # input geometry; None: the model's (cfg letter_box), else plain resize
 
     def __post_init__(self) -> None:
-        # `detect`'s ranges (its CLI's), then EvalConfig's rules (a multiple of 32) for the shared fields.
-        check_range("--img-size", self.img_size, *IMG_SIZE, error=DataError)
-        for option, value in (("--conf-thres", self.conf_thres), ("--iou-thres", self.iou_thres)):
-            check_range(option, value, 0, 1, error=DataError)
-        self.as_eval()
+        self.as_eval()  # detect's rules are EvalConfig's (size, thresholds) for the shared fields
 
     def as_eval(self) -> EvalConfig:
         return EvalConfig(img_size=self.img_size, batch_size=self.batch_size, conf_thres=self.conf_thres,

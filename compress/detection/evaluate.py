@@ -31,6 +31,7 @@ from tqdm import tqdm
 from compress.detection.boxes import box_iou, non_max_suppression
 from compress.data.dataset import (DataSpec, DetectionDataset, default_workers, find_names, load_data_spec, make_loader,
                    read_names, to_input)
+from compress.base.checks import check_img_size, check_range
 from compress.base.errors import DataError
 from compress.base.fileio import write_text_atomic
 from compress.data.imageio import cfg_letterbox
@@ -56,13 +57,12 @@ class EvalConfig:
     letterbox: bool | None = None  # input geometry; None: the model's (cfg letter_box), else plain resize
 
     def __post_init__(self) -> None:
-        if self.img_size < 32 or self.img_size % 32:
-            raise DataError(f"img_size must be a positive multiple of 32, got {self.img_size}")
+        check_img_size(self.img_size, multiple_of=32, error=DataError)
         if self.batch_size < 1 or self.max_det < 1 or self.workers < 0:
             raise DataError("batch_size and max_det must be >= 1 and workers >= 0")
-        for name in ("conf_thres", "iou_thres", "pr_conf", "pr_iou"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise DataError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for option, value in (("--conf-thres", self.conf_thres), ("--iou-thres", self.iou_thres),
+                              ("pr_conf", self.pr_conf), ("pr_iou", self.pr_iou)):
+            check_range(option, value, 0, 1, error=DataError)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 
 from compress.data.dataset import DataSpec
 from compress.darknet.model import DarknetModel
-from compress.darknet.persist import load, save
+from compress.darknet.persist import load, pair_paths, save
 from compress.darknet.summary import stage_figures
 from compress.train import DistConfig, TrainConfig, TrainResult, fit
 from compress.train import distributed as D
@@ -140,7 +140,7 @@ def _fields(config: DistillConfig) -> dict:
 
 def distilled_pair(out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """Where the distilled student goes in `out_dir` (the distill command's output pair)."""
-    return Path(out_dir) / f"{OUT_NAME}.cfg", Path(out_dir) / f"{OUT_NAME}.weights"
+    return pair_paths(out_dir, OUT_NAME)
 
 
 def _output(student: DarknetModel, kd: TrainResult, pair: tuple[Path, Path] | None,

@@ -23,12 +23,15 @@ from compress.base.errors import CompressError
 from compress.base.fileio import write_text_atomic
 from compress.base.guard import JobPaths, Output, check_job_paths
 from compress.jobs.ranks import rank_of
-from compress.train.config import DistConfig
+from compress.train.config import DistConfig, TrainConfig
 
 __all__ = ["Job", "Report", "JOBS", "register_job", "run_job", "job_paths", "write_report", "REPORT_NAME",
            "CLI_ONLY", "PathLike"]
 
 REPORT_NAME = "report.json"
+# Training flags that turn a TrainConfig field off (`--no-ema` -> ema=False); every other training option is the
+# TrainConfig field of the same name.
+NEGATED = {"no_ema": "ema", "no_augment": "augment"}
 # A path option. CLI strings are kept as typed (report.json echoes them); `from_dict` gives Paths.
 PathLike = Union[str, os.PathLike]
 # Click parameters that are not job fields: where the report goes and whether a full folder may be written are
@@ -38,8 +41,8 @@ CLI_ONLY = frozenset({"report_path", "exist_ok", "debug", "sr_flag"})
 
 @dataclass(frozen=True)
 class Report:
-    """What a job measured. `to_dict()` is exactly report.json; ranks > 0 return theirs too (`rank` > 0) and
-    `run_job` writes none of them."""
+    """What a job measured. `to_dict()` is exactly report.json; `rank` is set by `run_job` (ranks > 0 return
+    theirs too, and it writes none of them)."""
 
     command: str
     figures: Mapping[str, Any]
@@ -108,8 +111,8 @@ class Job:
         """A dry run: the guard skips the non-empty-folder rule."""
         return False
 
-    def report(self, figures: Mapping[str, Any], rank: int = 0) -> Report:
-        return Report(self.command, figures, rank)
+    def report(self, figures: Mapping[str, Any]) -> Report:
+        return Report(self.command, figures)
 
     # ---- construction from options -----------------------------------------------------------------------
     @classmethod
@@ -131,7 +134,9 @@ class Job:
     def option_types(cls) -> dict[str, Any]:
         """Option name -> type hint: the fields (but `train`), plus the training options' types."""
         hints = typing.get_type_hints(cls)
-        return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != "train" or not cls.train_options}
+        fields = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name != "train" or not cls.train_options}
+        train = typing.get_type_hints(TrainConfig)
+        return {**fields, **{n: bool if n in NEGATED else train[n] for n in cls.train_options}}
 
     @classmethod
     def option_name(cls, key: str) -> str | None:
@@ -189,6 +194,11 @@ class Job:
         prefix = f"{where}: " if where else ""
         return _coerce(cls.option_types()[name], value, None, f"{prefix}`{cls.command}` option `{name}`")
 
+    @classmethod
+    def is_path_option(cls, name: str) -> bool:
+        """Option `name` names files (a path, or several): a recipe resolves it against the recipe's folder."""
+        return _is_path(cls.option_types()[name])
+
     def render_option(self, name: str, value: Any) -> list[str]:
         """Option `name` with `value` as command-line words (a bool flag: itself or its negation)."""
         flag = self.flag(name)
@@ -209,6 +219,14 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
+def _is_path(hint: Any) -> bool:
+    """A path option's type: PathLike, PathLike | None, or a tuple of them."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        return bool(args) and _is_path(args[0])
+    return hint is os.PathLike or os.PathLike in args
+
+
 def _coerce(hint: Any, value: Any, base: Path | None, what: str) -> Any:
     """A plain YAML value as `hint` (Optional, path, tuple, float, int, bool, str; other types as given)."""
     args = typing.get_args(hint)
@@ -218,7 +236,7 @@ def _coerce(hint: Any, value: Any, base: Path | None, what: str) -> Any:
         raise CompressError(f"{what} needs a value, got null")
     if hint is Any:
         return value
-    if os.PathLike in args:  # PathLike or PathLike | None
+    if _is_path(hint) and typing.get_origin(hint) is not tuple:  # PathLike or PathLike | None
         if not isinstance(value, (str, os.PathLike)):
             raise CompressError(f"{what} is a path, got {value!r}")
         path = Path(value)
@@ -277,8 +295,8 @@ def run_job(job: Job, report_path: str | os.PathLike | None = None, *, exist_ok:
         known = ", ".join(sorted(t.__name__ for t in JOBS.values()))
         raise CompressError(f"{type(job).__name__} is not a registered job type; use one of {known}")
     check_job_paths(job_paths(job, report_path, exist_ok, dist))
-    report = job.run(dist)
-    if rank_of(dist) != 0:
+    report = dataclasses.replace(job.run(dist), rank=rank_of(dist))
+    if not report.is_main:
         return report  # rank 0 writes
     out = job.out_dir()
     written = Path(out) / REPORT_NAME if out is not None else None

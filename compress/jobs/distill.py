@@ -12,7 +12,7 @@ from compress.distill import distill, distilled_pair
 from compress.distill.config import DEFAULT_STRATEGY, DistillConfig, parse_pairs
 from compress.train.config import DistConfig, TrainConfig
 from compress.jobs.base import PathLike, Report, out_folder, paths, register_job
-from compress.jobs.ranks import process_device, rank_of
+from compress.jobs.ranks import process_device
 from compress.jobs.training import TrainingJob, data_path
 from compress.train.checkpoint import seed_all
 
@@ -86,4 +86,4 @@ class DistillJob(TrainingJob):
         teacher = load(self.t_cfg, self.t_weights, device=device)
         result = distill(student, teacher, data, self.distill_config(), self.train, device, self.out, dist,
                          outputs=distilled_pair(self.out))
-        return self.report(result.to_dict() if dist is None or dist.is_main else {}, rank_of(dist))
+        return self.report(result.to_dict())

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Mapping
 
-from compress.base.checks import IMG_SIZE, check_range
-from compress.base.errors import CfgError, DataError
+from compress.base.checks import check_img_size, check_range
+from compress.base.errors import CfgError
 from compress.base.guard import Output
 from compress.darknet.persist import load
 from compress.darknet.summary import bn_gammas, file_size_mb, gamma_stats, plot_gamma_histogram, summarize
@@ -37,7 +37,7 @@ class InfoJob(Job):
     cutoff: int | None = None
 
     def __post_init__(self) -> None:
-        check_range("--img-size", self.img_size, *IMG_SIZE, error=CfgError)
+        check_img_size(self.img_size, error=CfgError)
         check_range("--cutoff", self.cutoff, 1, error=CfgError)
 
     def inputs(self) -> tuple[Path, ...]:
@@ -80,7 +80,6 @@ class EvalJob(Job):
     device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
 
     def __post_init__(self) -> None:
-        check_range("--img-size", self.img_size, *IMG_SIZE, error=DataError)  # EvalConfig has no upper bound
         self.eval_config(self.img_size or 416)  # EvalConfig's rules and messages
 
     def eval_config(self, img_size: int) -> EvalConfig:

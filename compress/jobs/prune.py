@@ -5,13 +5,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from compress.base.checks import IMG_SIZE, check_range
-from compress.base.errors import PruneError
+from compress.darknet.persist import pair_paths
 from compress.base.guard import Output
 from compress.data.dataset import load_data_spec
 from compress.train.config import DistConfig, TrainConfig
 from compress.jobs.base import Job, PathLike, Report, out_folder, paths, register_job
-from compress.jobs.ranks import process_device, rank_of
+from compress.jobs.ranks import process_device
 from compress.jobs.training import TrainingJob, data_path
 from compress.prune import PruneConfig
 from compress.prune.pipeline import Measure, prune_files
@@ -50,7 +49,6 @@ class PruneJob(Job):
     device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
 
     def __post_init__(self) -> None:
-        check_range("--img-size", self.img_size, *IMG_SIZE, error=PruneError)
         self.prune_config(), self.measure()  # their rules and messages
 
     def prune_config(self) -> PruneConfig:
@@ -63,8 +61,7 @@ class PruneJob(Job):
                        LATENCY_RUNS if self.latency else 0)
 
     def pruned_pair(self) -> tuple[Path, Path]:
-        stem = f"{Path(self.cfg).stem}-{self.method}"
-        return Path(self.out) / f"{stem}.cfg", Path(self.out) / f"{stem}.weights"
+        return pair_paths(self.out, f"{Path(self.cfg).stem}-{self.method}")
 
     def inputs(self) -> tuple[Path, ...]:
         return paths(self.cfg, self.weights, self.data)
@@ -116,8 +113,7 @@ class SparseTrainJob(TrainingJob):
                               target=self.target_sparsity, growth=self.s_growth)
 
     def sparse_pair(self) -> tuple[Path, Path]:
-        stem = f"{Path(self.cfg).stem}-sparse"
-        return Path(self.out) / f"{stem}.cfg", Path(self.out) / f"{stem}.weights"
+        return pair_paths(self.out, f"{Path(self.cfg).stem}-sparse")
 
     def inputs(self) -> tuple[Path, ...]:
         return paths(self.cfg, self.weights, data_path(self.data), self.val)
@@ -133,4 +129,4 @@ class SparseTrainJob(TrainingJob):
         data = load_data_spec(self.data, self.val, training=True)
         figures = run_sparse_train(self.cfg, self.weights, data, self.sparsity(), self.train, self.sparse_pair(),
                                    self.out, device, dist)
-        return self.report(figures, rank_of(dist))
+        return self.report(figures)

@@ -6,14 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
-from compress.base.checks import IMG_SIZE, check_range
+from compress.base.checks import check_range
 from compress.base.errors import QuantError
 from compress.base.guard import Output
 from compress.darknet.cfg import read_cfg
 from compress.train.config import DistConfig, TrainConfig
 from compress.jobs.base import Job, PathLike, Report, out_folder, paths, register_job
-from compress.jobs.ranks import process_device, rank_of
-from compress.jobs.training import data_path, train_option_types
+from compress.jobs.ranks import process_device
+from compress.jobs.training import data_path
 from compress.quant.config import QuantConfig, make_config
 from compress.quant.pipeline import QuantOutputs, QuantSettings, check_img_size, check_verified, quantize
 from compress.quant.qat import qat_train_config
@@ -66,12 +66,7 @@ class QuantizeJob(Job):
     device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
 
     def __post_init__(self) -> None:
-        check_range("--img-size", self.img_size, *IMG_SIZE, error=QuantError)
         self.quant_config(), self.settings()  # their rules and messages
-
-    @classmethod
-    def option_types(cls) -> dict[str, Any]:
-        return {**super().option_types(), **train_option_types(cls.train_options)}
 
     @classmethod
     def make_train(cls, options: Mapping[str, Any], train: Mapping[str, Any], given: set[str]) -> TrainConfig | None:
@@ -130,7 +125,7 @@ class QuantizeJob(Job):
         device = process_device(self.device, dist)
         figures = quantize(self.cfg, self.weights, self.data, self.quant_config(), self.files(), self.settings(),
                            self.train, device, dist, val=self.val)
-        return self.report(figures, rank_of(dist))
+        return self.report(figures)
 
     def check(self, report: Report, written: Path | None) -> None:
         check_verified(report.to_dict(), written)

@@ -11,7 +11,7 @@ from compress.darknet.cfg import read_cfg
 from compress.data.dataset import load_data_spec
 from compress.train.config import DistConfig, TrainConfig, TrainError
 from compress.jobs.base import PathLike, Report, out_folder, paths, register_job
-from compress.jobs.ranks import process_device, rank_of
+from compress.jobs.ranks import process_device
 from compress.jobs.training import FIT_OPTIONS, TrainingJob, data_path, train_values
 from compress.train.api import train_model
 from compress.train.hyp import resolve_train_config
@@ -70,4 +70,4 @@ class TrainJob(TrainingJob):
         device = process_device(self.device, dist)
         data = load_data_spec(self.data, self.val, training=True)
         figures = train_model(self.cfg, self.weights, data, self.train, self.out, device, self.cutoff, dist)
-        return self.report(figures, rank_of(dist))
+        return self.report(figures)

@@ -8,26 +8,19 @@ options that differ from what the job builds without any.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 from compress.base.guard import Output
 from compress.darknet.cfg import read_cfg
-from compress.jobs.base import Job, PathLike
+from compress.jobs.base import NEGATED, Job, PathLike
 from compress.train.config import TrainConfig
 
-__all__ = ["FIT_OPTIONS", "NEGATED", "TrainingJob", "train_values", "train_option_types", "data_path"]
+__all__ = ["FIT_OPTIONS", "TrainingJob", "train_values", "data_path"]
 
 # The loop options every training command has (compress.cli.common.fit_options), in CLI order.
 FIT_OPTIONS = ("epochs", "batch_size", "img_size", "lr0", "optimizer", "warmup_epochs", "workers", "seed",
                "letterbox", "cache", "cache_dir", "mosaic", "sync_bn")
-NEGATED = {"no_ema": "ema", "no_augment": "augment"}   # flag -> the TrainConfig field it turns off
-
-
-def train_option_types(names: tuple[str, ...]) -> dict[str, Any]:
-    hints = typing.get_type_hints(TrainConfig)
-    return {n: bool if n in NEGATED else hints[n] for n in names}
 
 
 def train_values(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -70,10 +63,6 @@ class TrainingJob(Job):
         if name in NEGATED:
             return False
         return cls.train_defaults.get(name, getattr(TrainConfig, name))
-
-    @classmethod
-    def option_types(cls) -> dict[str, Any]:
-        return {**super().option_types(), **train_option_types(cls.train_options)}
 
     @classmethod
     def make_train(cls, options: Mapping[str, Any], train: Mapping[str, Any], given: set[str]) -> TrainConfig:

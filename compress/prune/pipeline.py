@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from compress.base.checks import check_img_size
 from compress.base.errors import PruneError
 from compress.darknet.model import DarknetModel
 from compress.darknet.persist import load, save
@@ -35,8 +36,7 @@ class Measure:
     def __post_init__(self) -> None:
         if self.latency_runs < 0:
             raise PruneError(f"latency_runs {self.latency_runs} must be >= 0 (0 = do not measure latency)")
-        if self.img_size is not None and self.img_size % 32:
-            raise PruneError(f"--img-size {self.img_size} must be a multiple of 32")
+        check_img_size(self.img_size, multiple_of=32, error=PruneError)
 
 
 def _evaluate(model: DarknetModel, measure: Measure, size: int) -> dict:

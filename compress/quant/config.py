@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional, Union
 
+from compress.base.checks import check_range
 from compress.base.errors import QuantError
 from compress.quant.weights import W_CLIPS
 
@@ -19,11 +20,6 @@ ACT_SCHEMES = ("asymmetric", "symmetric")
 # How reduced-range 8-bit weights stay exact without VNNI (compress.quant.weights): "pair": codes in
 # [-127, 127], each channel's two largest |codes| sum to <= 128; "half": every |code| <= 63.
 SAFE_RANGES = ("pair", "half")
-
-
-def _check_range(name: str, value: Optional[int], lo: int, hi: int, option: str) -> None:
-    if value is not None and not (lo <= value <= hi):
-        raise QuantError(f"{name}={value} is out of range; pass {option} between {lo} and {hi}")
 
 
 @dataclass(frozen=True)
@@ -67,8 +63,8 @@ class _Common:
                              f"{' or '.join(ACT_SCHEMES)}")
         if self.w_clip not in W_CLIPS:
             raise QuantError(f"w_clip={self.w_clip!r} is unknown; pass --weight-clip {' or '.join(W_CLIPS)}")
-        _check_range("first_last_bits", self.first_last_bits, 2, 8, "--first-last-bits")
-        _check_range("pre_act_bits", self.pre_act_bits, 2, 8, "pre_act_bits")
+        check_range("--first-last-bits", self.first_last_bits, 2, 8, error=QuantError)
+        check_range("pre_act_bits", self.pre_act_bits, 2, 8, error=QuantError)
         if self.pow2_rounding not in ("ceil", "nearest"):
             raise QuantError(f"pow2_rounding={self.pow2_rounding!r} is unknown; use 'ceil' or 'nearest'")
         if not 0.0 < self.ema_momentum <= 1.0:
@@ -99,8 +95,8 @@ class DorefaConfig(_Common):
     method = "dorefa"
 
     def __post_init__(self) -> None:
-        _check_range("w_bits", self.w_bits, 2, 8, "--bits")
-        _check_range("a_bits", self.a_bits, 2, 8, "--a-bits")
+        check_range("--bits", self.w_bits, 2, 8, error=QuantError)
+        check_range("--a-bits", self.a_bits, 2, 8, error=QuantError)
         self._check_common()
         if self.reduce_range and self.w_bits > 6:
             raise QuantError(f"DoReFa {self.w_bits}-bit weights have codes up to +-{2 ** self.w_bits - 1}, beyond "
@@ -123,8 +119,8 @@ class GoogleConfig(_Common):
     method = "google"
 
     def __post_init__(self) -> None:
-        _check_range("bits", self.bits, 2, 8, "--bits")
-        _check_range("a_bits", self.a_bits, 2, 8, "--a-bits")
+        check_range("--bits", self.bits, 2, 8, error=QuantError)
+        check_range("--a-bits", self.a_bits, 2, 8, error=QuantError)
         self._check_common()
 
     def layer(self, edge: bool) -> LayerQuant:

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
+from compress.base import checks
 from compress.base.errors import QuantError
-from compress.darknet.persist import load, save
+from compress.darknet.persist import load, pair_paths, save
 from compress.darknet.summary import file_size_mb, stage_figures
 from compress.data.dataset import load_data_spec, make_loader
 from compress.deploy.export import ExportConfig, export_onnx
@@ -55,7 +56,7 @@ class QuantOutputs:
     @classmethod
     def in_dir(cls, out: str | os.PathLike, stem: str) -> "QuantOutputs":
         out = Path(out)
-        return cls(out / f"{stem}.cfg", out / f"{stem}.weights", out / "quant.json", out / "weights_int.npz",
+        return cls(*pair_paths(out, stem), out / "quant.json", out / "weights_int.npz",
                    out / "model-int8.onnx", out / "model-fp32.onnx")
 
     @property
@@ -99,8 +100,8 @@ class QuantSettings:
 
 
 def check_img_size(img_size: int | None) -> None:
-    if img_size is not None and (img_size < 32 or img_size % 32):
-        raise QuantError(f"--img-size {img_size} must be a positive multiple of 32, e.g. 416")
+    """quantize's --img-size: the shared bounds, a multiple of 32 (calibration and QAT run the network)."""
+    checks.check_img_size(img_size, multiple_of=32, error=QuantError)
 
 
 def _calibration_batches(spec: Any, img: int, settings: QuantSettings):

@@ -77,15 +77,16 @@ class PlannedStep:
         words = ["yolo-compress", *self.argv(model_paths, data)]
         return " ".join(w if w.startswith('"$(') else shlex.quote(w) for w in words)
 
-    def argv(self, model_paths: ModelPaths, data: str | None) -> list[str]:
+    def argv(self, model_paths: ModelPaths, data: str | None, job: Job | None = None) -> list[str]:
         """The step as `yolo-compress` arguments: the runner's options (model, teacher, data, out, report, device,
-        --exist-ok), then the user's in the recipe's order (`Job.render_option`). The job is built first, so
-        what is listed is what validates; a model not produced yet renders as its placeholder (the job is
-        built with a stand-in cfg in its place)."""
+        --exist-ok), then the user's in the recipe's order (`Job.render_option`). The job is built first (or
+        given), so what is listed is what validates; a model not produced yet renders as its placeholder (the
+        job is built with a stand-in cfg in its place)."""
         options = self.options(model_paths, data)
         pending = {k: v for k, v in options.items() if isinstance(v, str) and v.startswith('"$(')}
-        job = build_job(self.job_type, {**options, **{k: self.stand_in for k in pending}}, self.where,
-                        self.user.wheres)
+        if job is None or pending:
+            job = build_job(self.job_type, {**options, **{k: self.stand_in for k in pending}}, self.where,
+                            self.user.wheres)
         owned = [k for k in options if k not in self.user.values and k != "device"]
         words = [w for k in owned for w in job.render_option(k, pending.get(k, options[k]))]
         report = self.report_path(job)

@@ -26,7 +26,6 @@ from compress.base.errors import CompressError, RecipeError
 from compress.base.fileio import write_text_atomic
 from compress.jobs import Job, run_job
 from compress.recipe.plan import ModelSource, Plan, PlannedStep
-from compress.recipe.steps import build_job
 
 __all__ = ["StepRecord", "RunResult", "execute_plan", "render_commands", "sha256_file", "MANIFEST"]
 
@@ -117,7 +116,8 @@ def execute_plan(plan: Plan) -> RunResult:
     state, records = _State(plan), []
     for step in plan.steps:
         write_text_atomic(plan.out / "commands.sh", render_commands(plan, state))
-        record = _record(step, state)
+        job = step.job(state.paths, state.data)  # the models and data known now
+        record = _record(step, job, state)
         old = previous.get((step.index, step.name))
         if old and old.get("status") in ("done", "reused") and old.get("key") == record.key() \
                 and _outputs_intact(old, step.label):
@@ -125,7 +125,7 @@ def execute_plan(plan: Plan) -> RunResult:
             record.output_sha256 = old["output_sha256"]
             log.info("[%s] unchanged since the last run; reusing %s", step.label, step.dir)
         else:
-            _run_step(step, record, state, plan, records)
+            _run_step(step, job, record, plan, records)
         records.append(record)
         _advance(state, step, record)
         _write_manifest(plan, records)
@@ -133,8 +133,7 @@ def execute_plan(plan: Plan) -> RunResult:
     return RunResult(plan, tuple(records), time.perf_counter() - t0)
 
 
-def _record(step: PlannedStep, state: _State) -> StepRecord:
-    job = _job(step, state)
+def _record(step: PlannedStep, job: Job, state: _State) -> StepRecord:
     inputs: dict[str, str | None] = {}
     if step.model is not None:
         inputs["cfg"], inputs["weights"] = state.paths(step.model)
@@ -143,21 +142,15 @@ def _record(step: PlannedStep, state: _State) -> StepRecord:
     if step.data:
         inputs["data"] = state.data
     files = [str(p) for p in job.inputs() if Path(p).is_file()]
-    return StepRecord(step.index, step.name, str(step.dir), ["yolo-compress", *step.argv(state.paths, state.data)],
+    return StepRecord(step.index, step.name, str(step.dir), ["yolo-compress", *step.argv(state.paths, state.data, job)],
                       step.user.values, inputs, {p: sha256_file(p) for p in dict.fromkeys(files)})
 
 
-def _job(step: PlannedStep, state: _State) -> Job:
-    """The step's job with the models and data known now."""
-    return build_job(step.job_type, step.options(state.paths, state.data), step.where)
-
-
-def _run_step(step: PlannedStep, record: StepRecord, state: _State, plan: Plan, done: list[StepRecord]) -> None:
+def _run_step(step: PlannedStep, job: Job, record: StepRecord, plan: Plan, done: list[StepRecord]) -> None:
     log.info("[%s] %s", step.label, " ".join(record.argv))
     step.dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        job = _job(step, state)
         # a re-run replaces the step's own earlier outputs: the folder is the runner's
         run_job(job, step.report_path(job), exist_ok=True)
         record.outputs, record.figures = _collect(step)

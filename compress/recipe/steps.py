@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
@@ -103,17 +102,17 @@ def user_options(spec: StepSpec, kind: type[Job]) -> UserOptions:
         if isinstance(tracked.value, dict):
             raise RecipeError(f"{tracked.where}: `{spec.name}.{key}` takes a value, not a mapping")
         try:
-            values[name] = _yaml(kind.coerce_option(name, _plain(tracked, kind.option_types()[name]), tracked.where))
+            values[name] = _yaml(kind.coerce_option(name, _plain(tracked, kind.is_path_option(name)), tracked.where))
         except CompressError as exc:
             raise RecipeError(str(exc)) from None
         wheres[name] = tracked.where
     return UserOptions(values, refs, wheres)
 
 
-def _plain(tracked: Tracked, hint: Any) -> Any:
+def _plain(tracked: Tracked, is_path: bool) -> Any:
     """The YAML value, with path values made absolute against the recipe file (or the cwd for --set)."""
     value = to_plain(tracked)
-    if not _is_path(hint) or value is None:
+    if not is_path or value is None:
         return value
     if isinstance(value, list):
         return [str((tracked.base / str(v)).resolve()) for v in value]
@@ -127,13 +126,6 @@ def _yaml(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return [_yaml(v) for v in value]
     return value
-
-
-def _is_path(hint: Any) -> bool:
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) is tuple:
-        return bool(args) and _is_path(args[0])
-    return hint is os.PathLike or os.PathLike in args
 
 
 def build_job(kind: type[Job], options: Mapping[str, Any], where: str,

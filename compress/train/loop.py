@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from compress.data.dataset import DataSpec, DetectionDataset, collate, to_input
 from compress.detection.losses import build_loss
-from compress.darknet.persist import save
+from compress.darknet.persist import pair_paths, save
 from compress.train import distributed as D
 from compress.train.checkpoint import restore_train_checkpoint, rng_state, save_train_checkpoint, seed_all, set_rng_state
 from compress.train.config import DistConfig, TrainConfig, TrainError
@@ -38,11 +38,11 @@ class TrainFiles:
 
     @property
     def best(self) -> tuple[Path, Path]:
-        return self.folder / "best.cfg", self.folder / "best.weights"
+        return pair_paths(self.folder, "best")
 
     @property
     def last(self) -> tuple[Path, Path]:
-        return self.folder / "last.cfg", self.folder / "last.weights"
+        return pair_paths(self.folder, "last")
 
     @property
     def checkpoint(self) -> Path:
