@@ -10,8 +10,8 @@ and runs, exactly what the command runs, from Python as from the CLI. See `spec.
 """
 from __future__ import annotations
 
-from compress.recipe.api import out_dir, prepare, run_plan, run_recipe
-from compress.recipe.job import RecipeJob
+from compress.recipe.api import out_dir, prepare, run_plan
+from compress.recipe.job import RecipeJob, run_recipe
 from compress.recipe.plan import Plan, PlannedStep, plan_recipe
 from compress.recipe.runner import MANIFEST, RunResult, StepRecord, execute_plan, render_commands
 from compress.recipe.spec import Recipe, load_recipe, parse_recipe

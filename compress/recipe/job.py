@@ -3,18 +3,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Mapping
+from typing import ClassVar, Iterable, Mapping
 
-from compress.base.guard import Output
-from compress.jobs import Job, Report, register_job
+from compress.base.guard import Output, check_job_paths
+from compress.jobs import JOBS, Job, Report, job_paths, register_job
 from compress.jobs.base import PathLike
-from compress.recipe.api import out_dir, run_plan
+from compress.recipe.api import as_overrides, out_dir, run_plan
 from compress.recipe.plan import Plan
-from compress.recipe.runner import MANIFEST, render_commands
+from compress.recipe.runner import MANIFEST, RunResult, render_commands
 from compress.recipe.summary import stage_rows
 from compress.train.config import DistConfig
 
-__all__ = ["RecipeJob"]
+__all__ = ["RecipeJob", "run_recipe"]
 
 
 @register_job
@@ -53,3 +53,18 @@ class RecipeJob(Job):
     def to_argv(self) -> list[str]:
         command, _, recipe, *options = super().to_argv()  # RECIPE is the command's argument, not an option
         return [command, recipe, *options]
+
+
+def run_recipe(recipe: PathLike, overrides: Iterable[str] = (), *, out: PathLike | None = None,
+               dry_run: bool = False, exist_ok: bool = False,
+               jobs: Mapping[str, type[Job]] = JOBS) -> RunResult | Plan:
+    """Validate, then (unless `dry_run`) guard the run folder (the `run` job's own declared paths), run every
+    step and write summary.json/.png; also `compress.run_recipe`.
+
+    `overrides`: `key.sub=value` strings (`--set`); `exist_ok`: run into a non-empty folder that is not an
+    earlier run of a recipe (one holding manifest.json is resumed without it); `jobs`: the step registry
+    (command -> job type; tests pass their own). Returns the Plan for a dry run, else the RunResult.
+    """
+    job = RecipeJob(recipe, out, as_overrides(overrides), dry_run, exist_ok)
+    check_job_paths(job_paths(job, exist_ok=exist_ok))
+    return run_plan(recipe, overrides, out=out, dry_run=dry_run, jobs=jobs)
