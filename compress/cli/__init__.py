@@ -4,6 +4,6 @@ importing a command module attaches its commands."""
 from __future__ import annotations
 
 from compress.cli.group import cli, main
-from compress.cli import data, distill, export, info, prune, quantize, run, train  # noqa: F401  (registers)
+from compress.cli import benchmark, data, distill, export, info, prune, quantize, run, train  # noqa: F401  (registers)
 
 __all__ = ["cli", "main"]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,11 +10,12 @@ import torch
 from tabulate import tabulate
 
 from compress.base.fileio import atomic_write
+from compress.base.latency import DEFAULT_RUNS, DEFAULT_THREADS, DEFAULT_WARMUP, Latency, measure
 from compress.darknet.sections import conv_geometry
 from compress.darknet.model import DarknetModel
 
 __all__ = ["LayerRow", "ModelSummary", "summarize", "bn_gammas", "gamma_stats", "plot_gamma_histogram",
-           "measure_latency", "file_size_mb", "format_stage_table", "stage_figures"]
+           "measure_latency", "model_latency", "file_size_mb", "format_stage_table", "stage_figures"]
 
 
 @dataclass(frozen=True)
@@ -108,23 +108,25 @@ def plot_gamma_histogram(gammas: dict[int, torch.Tensor], path: str | os.PathLik
     plt.close(fig)
 
 
-@torch.no_grad()
-def measure_latency(model: torch.nn.Module, img_size: tuple[int, int], runs: int = 10, warmup: int = 2,
-                    device: str | torch.device = "cpu", batch: int = 1) -> float:
-    """Median ms per forward of a (batch, 3, h, w) input."""
+def model_latency(model: torch.nn.Module, img_size: tuple[int, int], runs: int = DEFAULT_RUNS,
+                  warmup: int = DEFAULT_WARMUP, device: str | torch.device = "cpu", batch: int = 1,
+                  threads: int = DEFAULT_THREADS) -> Latency:
+    """Latency of the eval-mode forward of a (batch, 3, h, w) input: `base.latency.measure`, the one
+    measurement (`benchmark`'s pytorch row, stage figures, the recipe's stage table)."""
     was_training = model.training
     model.eval()
-    x = torch.rand(batch, 3, *img_size, device=device)
-    times = []
-    for i in range(warmup + runs):
-        t0 = time.perf_counter()
-        model(x)
-        if str(device).startswith("cuda"):
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
-    model.train(was_training)
-    return float(np.median(times))
+    x = torch.rand(batch, 3, *img_size, device=device, generator=torch.Generator(device).manual_seed(0))
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else None
+    try:
+        return measure(lambda: model(x), runs, warmup, threads, sync)
+    finally:
+        model.train(was_training)
+
+
+def measure_latency(model: torch.nn.Module, img_size: tuple[int, int], runs: int = 10, warmup: int = 2,
+                    device: str | torch.device = "cpu", batch: int = 1, threads: int = DEFAULT_THREADS) -> float:
+    """Median ms per forward of a (batch, 3, h, w) input (`model_latency`'s median)."""
+    return model_latency(model, img_size, runs, warmup, device, batch, threads).median_ms
 
 
 def file_size_mb(*paths: str | os.PathLike | None) -> float:
