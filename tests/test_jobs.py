@@ -19,7 +19,7 @@ from compress.darknet.cfg import read_cfg
 from compress.darknet.model import build_model
 from compress.darknet.persist import load, save
 from compress.data.synth import synthesize
-from compress.jobs import (CLI_ONLY, JOBS, AnchorsJob, ConvertJob, DetectJob, DistillJob, EvalJob, ExportJob, InfoJob,
+from compress.jobs import (CLI_ONLY, JOBS, AnchorsJob, BenchmarkJob, ConvertJob, DetectJob, DistillJob, EvalJob, ExportJob, InfoJob,
                            Job, PruneJob, QuantizeJob, Report, SparseTrainJob, SynthJob, TrainJob,
                            job_paths, register_job, run_job)
 from compress.recipe import RecipeJob
@@ -67,6 +67,7 @@ HOSTILE = {
     "detect": lambda f: (DetectJob(f["cfg"], f["weights"], f["img"], f["img"]), "input folder"),
     "export": lambda f: (ExportJob(f["cfg"], f["weights"], f["weights"]), "is an input"),
     "anchors": lambda f: (AnchorsJob(f["data"]), "is an input"),          # its one output: the report
+    "benchmark": lambda f: (BenchmarkJob(f["cfg"], f["weights"], f["data"]), "is an input"),  # the report only
     "data synth": lambda f: (SynthJob(f["root"] / "s"), "already holds an earlier run"),  # no inputs to hit
     "data convert": lambda f: (ConvertJob("voc", f["img"], f["img"]), "is an input folder"),
     "run": lambda f: (RecipeJob(f["recipe"], f["cfg"].parent), "holds the input"),
@@ -131,7 +132,7 @@ def _digests(folder: Path) -> dict[Path, str]:
 def test_run_job_refuses_an_output_onto_an_input_before_any_work(command, files, monkeypatch):
     job, says = HOSTILE[command](files)
     assert JOBS[command] is type(job)
-    report = files["data"] if command == "anchors" else None
+    report = files["data"] if command in ("anchors", "benchmark") else None
     declared = job_paths(job, report)
     assert declared.outputs, f"{command}: no declared outputs"
     # the run method must never be reached: the guard comes first

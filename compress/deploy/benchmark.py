@@ -145,7 +145,11 @@ def _row(fmt: str, build: Callable[[], Artifact], data: Any, config: BenchmarkCo
             row.update(map50=round(result.map50, 5), map50_95=round(result.map50_95, 5))
     except CompressError as exc:  # this format only: the others still run (a missing runtime, a refused graph)
         row["error"] = str(exc)
-        log.warning("benchmark %s: %s", fmt, exc)
+    except ModuleNotFoundError as exc:  # a converter's optional package (openvino, pnnx) imported by the export
+        package = (exc.name or "?").split(".")[0]
+        row["error"] = f"{package} is not installed; pip install {package}"
+    if row["error"]:
+        log.warning("benchmark %s: %s", fmt, row["error"])
     return row
 
 
