@@ -50,7 +50,9 @@ def eval_command(report_path: str | None, **options: Any) -> None:
 @cli.command("detect")
 @model_options()
 @click.option("--source", required=True, type=click.Path(exists=True), help="An image or a folder of images.")
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Folder for drawn images + detections.json.")
+@click.option("--out", type=click.Path(), required=True,
+              help="Folder for drawn images + detections.json, or (one --source image) an image file: PNG or "
+                   "JPEG by its name (.png, .jpg, .jpeg).")
 @click.option("--img-size", type=click.IntRange(32, 4096), help="Square input size; default: the cfg's width.")
 @click.option("--conf-thres", type=click.FloatRange(0, 1), default=0.25, show_default=True)
 @click.option("--iou-thres", type=click.FloatRange(0, 1), default=0.45, show_default=True, help="NMS IoU.")
@@ -61,7 +63,8 @@ def eval_command(report_path: str | None, **options: Any) -> None:
 @device_option
 @exist_ok_option
 def detect_command(report_path: str | None, exist_ok: bool, **options: Any) -> None:
-    """Draw labelled boxes on images; writes the images and detections.json to --out."""
+    """Draw labelled boxes on images (Darknet pair or an exported model, as eval); writes the images and
+    detections.json to --out, or one image file."""
     r = run(DetectJob, options, report_path, exist_ok)
     click.echo(tabulate([[i["image"], i["boxes"], ", ".join(i["classes"])] for i in r["per_image"]],
                         tablefmt="github", headers=["image", "boxes", "classes"]))

@@ -23,7 +23,7 @@ from torch import nn
 
 from compress.base.errors import ExportError
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAME", "OPTIMIZATION_LEVELS", "torch_to_onnx", "session", "OnnxPredictor",
+__all__ = ["INPUT_NAME", "OUTPUT_NAME", "OPTIMIZATION_LEVELS", "torch_to_onnx", "session", "OnnxPredictor", "as_numpy",
            "onnx_latency", "median_ms", "input_hw", "simplify", "fp16_graph", "set_metadata"]
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,19 @@ def input_hw(shape: Sequence[Any]) -> tuple[int, int] | None:
     return (int(h), int(w)) if isinstance(h, (int, np.integer)) and isinstance(w, (int, np.integer)) else None
 
 
+def as_numpy(imgs: "torch.Tensor | np.ndarray") -> np.ndarray:
+    """A predictor's input as a contiguous float32 (N,3,H,W) array: a torch tensor (any device) or a numpy
+    array (what OpenCV/PIL users hold; issue #26: numpy input used to fail on `.detach`)."""
+    if isinstance(imgs, torch.Tensor):
+        imgs = imgs.detach().cpu().float().numpy()
+    x = np.ascontiguousarray(imgs, dtype=np.float32)
+    if x.ndim == 3:  # one (3,H,W) image
+        x = x[None]
+    if x.ndim != 4:
+        raise ExportError(f"predictor input has shape {x.shape}; expected (N, 3, H, W) floats in [0, 1]")
+    return x
+
+
 class OnnxPredictor:
     """Callable (N,3,H,W) float tensor in [0,1] -> the model's first output as a tensor (e.g. decoded
     (N, boxes, 5+C)), for `compress.detection.evaluate.evaluate`. A graph exported with a fixed batch of 1 is run image
@@ -115,15 +128,15 @@ class OnnxPredictor:
         self.fixed_batch = first.shape[0] if isinstance(first.shape[0], int) else None
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def run(self, imgs: torch.Tensor) -> list[np.ndarray]:
+    def run(self, imgs: "torch.Tensor | np.ndarray") -> list[np.ndarray]:
         """Every output of the graph for `imgs` (numpy arrays, batch concatenated)."""
-        x = imgs.detach().cpu().float().numpy()
+        x = as_numpy(imgs)
         if self.fixed_batch is None or self.fixed_batch == len(x):
             return self.session.run(None, {self.input: x})
         parts = [self.session.run(None, {self.input: x[i:i + 1]}) for i in range(len(x))]
         return [np.concatenate(outs) for outs in zip(*parts)]
 
-    def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, imgs: "torch.Tensor | np.ndarray") -> torch.Tensor:
         return torch.from_numpy(self.run(imgs)[0])
 
 

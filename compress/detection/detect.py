@@ -19,9 +19,11 @@ from compress.base.errors import DataError
 from compress.detection.evaluate import EvalConfig, Predictor, input_letterbox, predict
 from compress.base.fileio import write_bytes_atomic, write_text_atomic
 
-__all__ = ["DetectConfig", "detect", "draw_detections", "detect_to_dir", "source_images", "check_names"]
+__all__ = ["DetectConfig", "detect", "draw_detections", "detect_to_dir", "detect_to_file", "source_images",
+           "check_names", "place_labels", "IMAGE_FORMATS", "is_image_file"]
 
 log = logging.getLogger(__name__)
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}   # an --out file's format, by its name
 
 
 @dataclass(frozen=True)
@@ -84,47 +86,112 @@ def check_names(names: Sequence[str], num_classes: int | None, source: str = "--
                         "label boxes with class ids")
 
 
+def is_image_file(out: str | os.PathLike) -> bool:
+    """`--out` names one image file (its suffix picks PNG or JPEG), not a folder."""
+    return Path(out).suffix.lower() in IMAGE_FORMATS
+
+
 def _colour(cls: int) -> tuple[int, int, int]:
     r, g, b = colorsys.hsv_to_rgb((cls * 0.618034) % 1.0, 0.85, 0.95)
     return int(r * 255), int(g * 255), int(b * 255)
 
 
+def place_labels(boxes: Sequence[Sequence[float]], sizes: Sequence[tuple[int, int]],
+                 img_wh: tuple[int, int]) -> list[tuple[int, int]]:
+    """Top-left corner of each label (width, height in `sizes`) so that no two labels overlap (issue #26:
+    tags of overlapping boxes ran together, "perperson"). Boxes are taken in the given order (detections come
+    highest score first); each label tries above its box's top-left corner, then inside it at the top, then
+    below the box, then inside at the bottom, and failing all of those the first spot below those that is free.
+    Labels stay inside the image where it is large enough to hold them."""
+    placed: list[tuple[int, int, int, int]] = []
+    out = []
+    W, H = img_wh
+    for (x1, y1, x2, y2), (w, h) in zip(boxes, sizes):
+        x = int(min(max(0.0, x1), max(0, W - w)))
+        tries = [y1 - h, y1, y2, y2 - h]
+        spot = next((y for y in (int(t) for t in tries) if 0 <= y <= H - h and _free((x, y, w, h), placed)), None)
+        if spot is None:  # every spot near the box is taken: step down from the top candidate until free
+            y = int(min(max(0.0, y1 - h), max(0, H - h)))
+            while not _free((x, y, w, h), placed) and y + h < 10 * H:
+                y += 1
+            spot = y
+        placed.append((x, spot, w, h))
+        out.append((x, spot))
+    return out
+
+
+def _free(rect: tuple[int, int, int, int], placed: list[tuple[int, int, int, int]]) -> bool:
+    x, y, w, h = rect
+    return all(x + w <= px or px + pw <= x or y + h <= py or py + ph <= y for px, py, pw, ph in placed)
+
+
 def draw_detections(img: Image.Image, dets: np.ndarray, names: Sequence[str]) -> Image.Image:
-    """A copy of `img` with a box and a 'name conf' tag per detection."""
+    """A copy of `img` with a box per detection and a 'name conf' tag on a filled background; tags never
+    overlap one another (`place_labels`)."""
     img = img.convert("RGB").copy()
     draw = ImageDraw.Draw(img)
     width = max(1, round(max(img.size) / 300))
-    for x1, y1, x2, y2, conf, cls in dets.tolist():
-        c = int(cls)
-        colour = _colour(c)
-        text = f"{names[c] if c < len(names) else c} {conf:.2f}"
-        draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
-        tx1, ty1, tx2, ty2 = draw.textbbox((x1, y1), text)
-        ty = y1 - (ty2 - ty1) - 2 if y1 - (ty2 - ty1) - 2 >= 0 else y1
-        draw.rectangle([x1, ty, x1 + (tx2 - tx1) + 2, ty + (ty2 - ty1) + 2], fill=colour)
-        draw.text((x1 + 1, ty), text, fill=(0, 0, 0))
+    rows = dets.tolist()
+    texts = [f"{names[int(c)] if int(c) < len(names) else int(c)} {conf:.2f}" for *_, conf, c in rows]
+    sizes = []
+    for text in texts:
+        tx1, ty1, tx2, ty2 = draw.textbbox((0, 0), text)
+        sizes.append((tx2 - tx1 + 3, ty2 + 3))   # text + 1 px margin each side, its full height from y=0
+    spots = place_labels([r[:4] for r in rows], sizes, img.size)
+    for x1, y1, x2, y2, _, cls in rows:
+        draw.rectangle([x1, y1, x2, y2], outline=_colour(int(cls)), width=width)
+    for (*_, cls), text, (w, h), (tx, ty) in zip(rows, texts, sizes, spots):  # tags over every box outline
+        draw.rectangle([tx, ty, tx + w - 1, ty + h - 1], fill=_colour(int(cls)))
+        draw.text((tx + 1, ty + 1), text, fill=(0, 0, 0))
     return img
+
+
+def _records(results: list[tuple[Path, np.ndarray]], names: Sequence[str]) -> list[dict]:
+    return [{"image": str(path), "detections": [
+        {"class": int(c), "name": names[int(c)] if int(c) < len(names) else str(int(c)),
+         "conf": round(float(s), 5), "box_xyxy": [round(float(v), 2) for v in (x1, y1, x2, y2)]}
+        for x1, y1, x2, y2, s, c in dets.tolist()]} for path, dets in results]
+
+
+def _write_drawn(path: Path, dets: np.ndarray, names: Sequence[str], out: Path) -> None:
+    """The image at `path` with its detections drawn, written to `out` in the format its suffix names."""
+    with Image.open(path) as im:
+        drawn = draw_detections(im, dets, names)
+    fmt = IMAGE_FORMATS[out.suffix.lower()]
+    buf = io.BytesIO()
+    drawn.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    write_bytes_atomic(out, buf.getvalue())
 
 
 def detect_to_dir(model: Predictor, source: str | os.PathLike, out_dir: str | os.PathLike,
                   names: Sequence[str], config: DetectConfig = DetectConfig(),
                   device: str | torch.device = "cpu") -> list[dict]:
-    """Detect on `source`, write annotated images and `detections.json` to `out_dir`; returns the records."""
+    """Detect on `source`, write annotated images (PNG for PNG inputs, else JPEG) and `detections.json` to
+    `out_dir`; returns the records."""
     out = Path(out_dir)
     check_names(names, getattr(model, "num_classes", None))
     results = detect(model, source_images(source), config, device)
-    records = []
     for path, dets in results:
-        with Image.open(path) as im:
-            drawn = draw_detections(im, dets, names)
-        buf = io.BytesIO()
-        fmt = "PNG" if path.suffix.lower() == ".png" else "JPEG"
-        drawn.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-        write_bytes_atomic(out / (path.stem + (".png" if fmt == "PNG" else ".jpg")), buf.getvalue())
-        records.append({"image": str(path), "detections": [
-            {"class": int(c), "name": names[int(c)] if int(c) < len(names) else str(int(c)),
-             "conf": round(float(s), 5), "box_xyxy": [round(float(v), 2) for v in (x1, y1, x2, y2)]}
-            for x1, y1, x2, y2, s, c in dets.tolist()]})
+        _write_drawn(path, dets, names, out / (path.stem + (".png" if path.suffix.lower() == ".png" else ".jpg")))
+    records = _records(results, names)
     write_text_atomic(out / "detections.json", json.dumps(records, indent=1) + "\n")
     log.info("detect: %d images, %d boxes -> %s", len(records), sum(len(r["detections"]) for r in records), out)
     return records
+
+
+def detect_to_file(model: Predictor, source: str | os.PathLike, out_file: str | os.PathLike,
+                   names: Sequence[str], config: DetectConfig = DetectConfig(),
+                   device: str | torch.device = "cpu") -> list[dict]:
+    """Detect on one image and write it drawn to `out_file`, PNG or JPEG by its name (.png, .jpg, .jpeg)."""
+    out = Path(out_file)
+    if out.suffix.lower() not in IMAGE_FORMATS:
+        raise DataError(f"--out {out_file}: name a folder, or an image file ending in "
+                        f"{', '.join(IMAGE_FORMATS)}")
+    images = source_images(source)
+    if len(images) != 1:
+        raise DataError(f"--out {out_file} is one image file but --source {source} holds {len(images)} images; "
+                        "pass a folder as --out")
+    check_names(names, getattr(model, "num_classes", None))
+    results = detect(model, images, config, device)
+    _write_drawn(results[0][0], results[0][1], names, out)
+    return _records(results, names)

@@ -8,12 +8,13 @@ from typing import ClassVar, Mapping
 from compress.base.checks import check_img_size, check_range
 from compress.base.errors import CfgError
 from compress.base.guard import Output
+from compress.darknet.cfg import read_cfg
 from compress.darknet.persist import load
 from compress.darknet.summary import bn_gammas, file_size_mb, gamma_stats, plot_gamma_histogram, summarize
 from compress.data.dataset import read_names
 from compress.deploy.runtimes import inference_size, load_for_inference
 from compress.detection.anchors import AnchorConfig, compute_anchors
-from compress.detection.detect import DetectConfig, check_names, detect_to_dir
+from compress.detection.detect import DetectConfig, check_names, detect_to_dir, detect_to_file, is_image_file
 from compress.detection.evaluate import EvalConfig, evaluate, save_detections
 from compress.train.config import DistConfig
 from compress.jobs.ranks import process_device
@@ -108,8 +109,9 @@ class EvalJob(Job):
 @register_job
 @dataclass(frozen=True)
 class DetectJob(Job):
-    """Boxes drawn on `source` (an image or a folder) into `out` + detections.json. `names`: a class-names file
-    (one per class of the model; default: class ids)."""
+    """Boxes drawn on `source` (an image or a folder) by cfg/weights (Darknet, .pt, or an exported .onnx/.xml/
+    .param, as `eval`): into the folder `out` + detections.json, or, for one image, into the image file `out`
+    (PNG or JPEG by its name). `names`: a class-names file (one per class of the model; default: class ids)."""
 
     command: ClassVar[str] = "detect"
 
@@ -133,19 +135,21 @@ class DetectJob(Job):
         return paths(self.cfg, self.weights, self.source, self.names)
 
     def outputs(self) -> tuple[Output, ...]:
-        return (Output(Path(self.out), "dir", "--out"),)
+        return (Output(Path(self.out), "file" if is_image_file(self.out) else "dir", "--out"),)
 
-    def out_dir(self) -> Path:
-        return Path(self.out)
+    def out_dir(self) -> Path | None:
+        return None if is_image_file(self.out) else Path(self.out)   # one image file: --report only
 
     def run(self, dist: DistConfig | None = None) -> Report:
         device = process_device(self.device, dist)
-        model = load(self.cfg, self.weights, device=device)
-        config = DetectConfig(img_size=self.img_size or model.cfg.width, conf_thres=self.conf_thres,
+        model = load_for_inference(self.cfg, self.weights, device)
+        config = DetectConfig(img_size=inference_size(model, self.cfg, self.img_size), conf_thres=self.conf_thres,
                               iou_thres=self.iou_thres, letterbox=self.letterbox)
-        names = read_names(self.names) if self.names else [str(i) for i in range(model.num_classes)]
-        check_names(names, model.num_classes, f"--names {self.names}")
-        records = detect_to_dir(model, self.source, self.out, names, config, device=device)
+        nc = getattr(model, "num_classes", None) or (read_cfg(self.cfg).classes if self.cfg else None)
+        names = read_names(self.names) if self.names else [str(i) for i in range(nc or 0)]
+        check_names(names, nc, f"--names {self.names}")
+        write = detect_to_file if is_image_file(self.out) else detect_to_dir
+        records = write(model, self.source, self.out, names, config, device=device)
         return self.report({
             "cfg": as_str(self.cfg), "weights": as_str(self.weights), "source": as_str(self.source),
             "out": as_str(self.out), "images": len(records), "boxes": sum(len(r["detections"]) for r in records),

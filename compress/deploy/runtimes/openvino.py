@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from compress.base.errors import ExportError
+from compress.deploy.onnx_io import as_numpy
 from compress.deploy.runtimes.predictor import run_per_image
 
 __all__ = ["OpenVinoPredictor", "to_openvino"]
@@ -67,7 +68,7 @@ class OpenVinoPredictor:
 
     def run(self, imgs: torch.Tensor) -> list[np.ndarray]:
         if self.fixed_batch is None or self.fixed_batch == len(imgs):
-            return self._infer(imgs.detach().cpu().float().numpy())
+            return self._infer(as_numpy(imgs))
         return run_per_image(self._infer, imgs)
 
     def __call__(self, imgs: torch.Tensor) -> torch.Tensor:

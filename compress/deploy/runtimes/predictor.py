@@ -1,8 +1,8 @@
 """Pick and run the runtime for an exported model: onnxruntime (.onnx), OpenVINO (.xml), ncnn (.param).
 
 `load_predictor(path)` picks the runtime by the file's extension and returns a callable that maps a float
-(N, 3, H, W) tensor in [0, 1] to the model's eval-mode output (N, boxes, 5 + C), like `DarknetModel.eval()`,
-so `compress.detection.evaluate.evaluate` and the export parity checks run on any of them. The runtime packages are
+(N, 3, H, W) tensor or numpy array in [0, 1] to the model's eval-mode output (N, boxes, 5 + C), like
+`DarknetModel.eval()`, so `compress.detection.evaluate.evaluate` and the export parity checks run on any of them. The runtime packages are
 imported only when a file of theirs is loaded (they are optional extras: `pip install yolo-compress[openvino]`).
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from compress.base.errors import ExportError
 from compress.darknet.cfg import read_cfg
 from compress.darknet.persist import is_exported, load
+from compress.deploy.onnx_io import as_numpy
 
 __all__ = ["Predictor", "RUNTIMES", "load_predictor", "is_exported", "read_metadata", "METADATA_NAME",
            "run_per_image", "load_for_inference", "inference_size"]
@@ -31,9 +32,9 @@ class Predictor(Protocol):
 
     img_hw: tuple[int, int] | None   # fixed input (H, W), None when the graph takes any size
 
-    def __call__(self, imgs: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, imgs: "torch.Tensor | np.ndarray") -> torch.Tensor: ...
 
-    def run(self, imgs: torch.Tensor) -> list[np.ndarray]: ...
+    def run(self, imgs: "torch.Tensor | np.ndarray") -> list[np.ndarray]: ...
 
 
 # extension -> (module in this package, its loader, the pip package that provides the runtime). The keys are
@@ -86,9 +87,9 @@ def read_metadata(model_path: str | os.PathLike) -> dict:
         raise ExportError(f"{meta}: not valid JSON ({exc}); re-run export") from exc
 
 
-def run_per_image(fn, imgs: torch.Tensor) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+def run_per_image(fn, imgs: "torch.Tensor | np.ndarray") -> list[np.ndarray]:  # type: ignore[no-untyped-def]
     """Run a batch-1 runtime `fn(np (1,3,H,W)) -> list of arrays` on each image; concatenate per output."""
-    x = imgs.detach().cpu().float().numpy()
+    x = as_numpy(imgs)
     parts = [fn(np.ascontiguousarray(x[i:i + 1])) for i in range(len(x))]
     return [np.concatenate(outs) for outs in zip(*parts)]
 
