@@ -41,7 +41,7 @@ def train_model(cfg: str | os.PathLike, weights: str | os.PathLike | None, data:
     result = fit(model, spec, config, hooks=hooks, device=device, out_dir=Path(out_dir), distributed=distributed)
     if distributed is not None and not distributed.is_main:
         return {}
-    return _report(result, config, device)
+    return {**_report(result, config, device), "world_size": distributed.world_size if distributed else 1}
 
 
 def _report(result: TrainResult, config: TrainConfig, device: str | torch.device) -> dict:

@@ -234,6 +234,9 @@ class _Trainer:
             bar.set_postfix({k: f"{v / (i + 1):.4f}" for k, v in sums.items()})
         self.sampler.skip = 0
         means = {k: v / max(nb, 1) for k, v in sums.items()}
+        if self.dist.enabled:  # every process's per-image means, averaged: the whole batch's, as one process logs
+            means = {k: float(D.all_mean(torch.tensor(v, dtype=torch.float64, device=self.state.device), self.dist))
+                     for k, v in means.items()}
         means["lr"] = target_lr
         self._data_wait_s = waited[0]
         return means
