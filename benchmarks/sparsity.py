@@ -61,7 +61,7 @@ def run_variant(args: argparse.Namespace, v: dict, percents: list[float], work: 
     row = {"variant": f"{v['optimizer']}:{v['update']}:{v['s']}" + (f":{v['target']}" if v["target"] else ""),
            "l1_update": summary["l1_update"], "s_final": round(summary["s_final"], 6),
            "share<1e-2": round(summary["gamma"]["share_below_1e-2"], 4),
-           "layer_safe": summary.get("suggested_max_percent"), "safe_percent": summary.get("safe_percent"),
+           "safe_percent": summary.get("safe_percent"), "near_zero_percent": summary.get("near_zero_percent"),
            "target_epoch": summary.get("target_reached_epoch"),
            "map50_sparse": round(_map50(saved, args.data, args.img_size), 4),
            "train_s": round(time.perf_counter() - t0, 1)}

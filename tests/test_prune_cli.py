@@ -83,7 +83,7 @@ def test_sparse_train_end_to_end(tmp_path: Path) -> None:
                 "--sr", "0.01", "--prune", "1", "--epochs", "1", "--batch-size", "4", "--img-size", "64"])
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
-    assert report["s"] == 0.01 and report["prune"] == 1 and 0 < report["suggested_max_percent"] < 1
+    assert report["s"] == 0.01 and report["prune"] == 1 and 0 < report["safe_percent"] < 1
     assert report["l1_update"] == "subgradient"  # SGD, the default optimizer
     assert (out / "gamma_epoch000.png").is_file() and Path(report["weights"]).is_file()
     saved = compress.load(report["cfg"], report["weights"])

@@ -186,7 +186,7 @@ def test_epoch_end_measures_the_ema_copy_and_writes_histogram_and_state(tmp_path
     assert (tmp_path / "gamma_epoch003.png").stat().st_size > 1000
     assert hook.reached["target"] == 3 and (tmp_path / STATE_FILE).is_file()
     summary = hook.summary(ema)
-    assert summary["suggested_max_percent"] == 0.0 and summary["limiting_layer"] == 0  # layer 0 is all ~0
+    assert summary["safe_percent"] == 0.0 and summary["limiting_layer"] == 0  # layer 0 is all ~0
     assert summary["history"][0]["epoch"] == 3
     assert summary["target_reached_epoch"] == 3 and summary["gamma"]["share_below_1e-2"] == pytest.approx(share)
 

@@ -20,9 +20,9 @@ _ROWS = [("params", "params"), ("gflops", "GFLOPs"), ("size_mb", "weights MB"), 
 
 
 _SPARSE_KEYS = [("params", "params"), ("gflops", "GFLOPs"), ("map50", "mAP@.5"), ("s_final", "final s"),
-                ("suggested_max_percent", "max --percent (no layer emptied)"),
-                ("safe_percent", "safe --percent (|gamma| < 1e-2 only)"),
-                ("safe_percent_reached_epoch", "target reached (epoch)")]
+                ("safe_percent", "safe --percent (no layer emptied)"),
+                ("near_zero_percent", "near-zero --percent (|gamma| < 1e-2 only)"),
+                ("near_zero_percent_reached_epoch", "target reached (epoch)")]
 
 
 def _before_after(report: Report) -> str:

@@ -32,8 +32,9 @@ def global_threshold(scores: dict[int, torch.Tensor], percent: float) -> float:
 
 def safe_percent(scores: dict[int, torch.Tensor], deciding: dict[int, torch.Tensor] | None = None
                  ) -> tuple[float, int]:
-    """Largest --percent whose threshold (over all `scores`) leaves every `deciding` layer (default: every
-    layer of `scores`) >= 1 channel kept (`>= thr`), and the layer that limits it. (Reference: highest_thr =
+    """THE `safe_percent` (prune's `info` and sparse-train's report state this one definition): the largest
+    --percent whose threshold (over all `scores`) leaves every `deciding` layer (default: every layer of
+    `scores`) >= 1 channel kept (`>= thr`), and the layer that limits it. (Reference: highest_thr =
     min over layers of max |gamma|.) The percent is floored to 4 decimals, so it is itself safe."""
     flat = _flat(scores)
     deciding = scores if deciding is None else deciding

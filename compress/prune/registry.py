@@ -76,6 +76,12 @@ class PruneResult:
     info: dict = field(default_factory=dict)
 
     def channel_rows(self, before: DarknetModel) -> list[tuple[int, str, int, int]]:
-        """(layer, type, channels before, after) for every conv whose width changed (channel methods)."""
-        return [(i, before.cfg.blocks[i].type, before.graph.channels[i], int(m.sum())) for i, m in
-                sorted(self.mask.items())]
+        """(layer, type, channels before, after) for every maskable conv of `before` (channel methods; none for
+        layer removal alone), unchanged ones too: the totals then count the same layers whatever the mask
+        holds (issue #26: --round-to dropped layers it rounded back to full width, so totals differed)."""
+        if not self.mask:
+            return []
+        graph = before.graph
+        return [(i, before.cfg.blocks[i].type, graph.channels[i],
+                 int(self.mask[i].sum()) if i in self.mask else graph.channels[i])
+                for i in range(len(before.cfg.blocks)) if graph.sections[i].conv]

@@ -152,7 +152,7 @@ class BNL1Hook(Hook):
         self.history: list[dict] = []
         self.scale = 1.0                       # the target controller's factor on s
         self.steps_per_epoch = max(1, steps_per_epoch)  # estimate until the first epoch has been counted
-        self.reached: dict[str, int | None] = {"target": None, "safe_percent": None}
+        self.reached: dict[str, int | None] = {"target": None, "near_zero_percent": None}
         self.update = "subgradient" if config.update == "auto" else config.update  # resolved at fit start
         self._groups: dict[int, dict] = {}
         self._epoch_steps = 0
@@ -214,10 +214,12 @@ class BNL1Hook(Hook):
             self.steps_per_epoch, self._epoch_steps = self._epoch_steps, 0
         self._check_reached(state.epoch, row)
         metrics.update({"gamma_p50": row.get("p50"), "gamma_below_1e-2": row.get("share_below_1e-2"),
-                        "safe_percent": row.get("safe_percent"), "l1_s": self.s})
-        log.info("epoch %d BN |gamma|: p5=%.4g p50=%.4g p95=%.4g, share < 1e-2 = %.3f, safe --percent %.4g, "
-                 "s = %.4g", state.epoch, row.get("p5", 0), row.get("p50", 0), row.get("p95", 0),
-                 row.get("share_below_1e-2", 0), row.get("safe_percent") or 0, self.s)
+                        "safe_percent": row.get("safe_percent"), "near_zero_percent": row.get("near_zero_percent"),
+                        "l1_s": self.s})
+        log.info("epoch %d BN |gamma|: p5=%.4g p50=%.4g p95=%.4g, share < 1e-2 = %.3f, safe --percent %.4g "
+                 "(near-zero only %.4g), s = %.4g", state.epoch, row.get("p5", 0), row.get("p50", 0),
+                 row.get("p95", 0), row.get("share_below_1e-2", 0), row.get("safe_percent") or 0,
+                 row.get("near_zero_percent") or 0, self.s)
         if state.out_dir is not None and state.rank == 0 and gammas:
             out = Path(state.out_dir)
             plot_gamma_histogram(gammas, out / f"gamma_epoch{state.epoch:03d}.png",
@@ -226,24 +228,27 @@ class BNL1Hook(Hook):
 
     @staticmethod
     def _figures(gammas: dict[int, torch.Tensor]) -> dict:
-        """gamma statistics; `layer_safe_percent`: the largest --percent that empties no layer; `safe_percent`:
-        the largest that also cuts only |gamma| < 1e-2 (what a prune without fine-tuning can afford)."""
+        """gamma statistics; `safe_percent`: `prune.mask.safe_percent` over the --prune set, the one definition
+        (what `prune` reports for the methods of that set: normal/regular for 0, slim for 1);
+        `near_zero_percent`: the largest safe --percent that also cuts only |gamma| < 1e-2 (what a prune without
+        fine-tuning can afford)."""
         out = gamma_stats(gammas)
         if gammas:
-            out["layer_safe_percent"], out["limiting_layer"] = safe_percent(gammas)
+            out["safe_percent"], out["limiting_layer"] = safe_percent(gammas)
             near_zero = math.floor(out["share_below_1e-2"] * 1e4) / 1e4
-            out["safe_percent"] = min(out["layer_safe_percent"], near_zero)
+            out["near_zero_percent"] = min(out["safe_percent"], near_zero)
         return out
 
     def _check_reached(self, epoch: int, row: dict) -> None:
         target = self.config.target
         if target is None:
             return
-        for key, value in (("target", row.get("share_below_1e-2")), ("safe_percent", row.get("safe_percent"))):
+        for key, value in (("target", row.get("share_below_1e-2")),
+                           ("near_zero_percent", row.get("near_zero_percent"))):
             if self.reached[key] is None and value is not None and value >= target:
                 self.reached[key] = epoch
                 what = "share of |gamma| < 1e-2" if key == "target" else \
-                    "safe prune --percent (cuts only |gamma| < 1e-2, empties no layer)"
+                    "near-zero prune --percent (cuts only |gamma| < 1e-2, empties no layer)"
                 log.info("epoch %d: %s %.4g reached --target-sparsity %.4g (s = %.4g)", epoch, what, value,
                          target, self.s)
 
@@ -270,22 +275,23 @@ class BNL1Hook(Hook):
         if entry["step"] != step:
             log.warning("%s: sparsity state is from step %d, the checkpoint from step %d", path, entry["step"], step)
         self.scale, self.steps_per_epoch = float(entry["scale"]), int(entry["steps_per_epoch"])
-        self.reached, self.history = dict(entry["reached"]), list(entry["history"])
+        reached = dict(entry["reached"])
+        reached.setdefault("near_zero_percent", reached.pop("safe_percent", None))  # a state file of before #26
+        self.reached, self.history = reached, list(entry["history"])
 
     def summary(self, model: DarknetModel) -> dict:
         """Final statistics of `model` (pass the saved model), the largest --percent that empties no layer
         (suggestion), the final s and when the target was reached."""
         figures = self._figures(bn_gammas(model, self.layers))
-        extra = ("safe_percent", "layer_safe_percent", "limiting_layer")
+        extra = ("safe_percent", "near_zero_percent", "limiting_layer")
         out = {"gamma": {k: v for k, v in figures.items() if k not in extra},
                "sparsity_layers": len(self.layers), "history": self.history, "l1_update": self.update,
                "s_final": self.s}
         if "safe_percent" in figures:
-            out.update({"suggested_max_percent": figures["layer_safe_percent"], "safe_percent": figures["safe_percent"],
-                        "limiting_layer": figures["limiting_layer"]})
+            out.update({k: figures[k] for k in extra})
         if self.config.target is not None:
             out.update({"target_sparsity": self.config.target, "target_reached_epoch": self.reached["target"],
-                        "safe_percent_reached_epoch": self.reached["safe_percent"]})
+                        "near_zero_percent_reached_epoch": self.reached["near_zero_percent"]})
         return out
 
 

