@@ -81,8 +81,8 @@ def test_convert_coco(tmp_path):
     result = convert(ConvertConfig("coco", _coco(tmp_path), tmp_path / "out"))
     assert (result.images, result.boxes, result.names) == (2, 2, ["cat", "dog"])
     assert dict(result.skipped) == {"box: iscrowd": 1, "box: zero or negative size": 1, "box: unknown image_id": 1,
-                                    "box: category not in names": 1, "box: clipped to the image (kept)": 1,
-                                    "image: file missing or not an image": 1}
+                                    "box: category not in names": 1, "image: file missing or not an image": 1}
+    assert dict(result.kept) == {"box clipped to the image": 1}   # kept: not among the skipped (issue #26)
     rows = np.loadtxt(tmp_path / "out" / "labels" / "train" / "1.txt", ndmin=2)
     # dog (COCO id 9 -> class 1): x 10..30, y 5..15 of 100x50; cat clipped to x 90..100, y 40..50
     assert np.allclose(rows, [[1, 0.2, 0.2, 0.2, 0.2], [0, 0.95, 0.9, 0.1, 0.2]], atol=1e-6)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from compress.cli import cli
 from compress.darknet.cfg import read_cfg
 from compress.darknet.model import build_model
+from compress.jobs import JOBS
 from compress.prune import PruneConfig, prune
 from compress.prune.sparsity import BNL1Hook, SparsityConfig, sparsity_layers
 
@@ -45,3 +47,31 @@ def test_channel_totals_do_not_depend_on_round_to(sparse_model):
         assert [r[3] for r in rows] == [result.model.graph.channels[i] for i, *_ in rows]  # the pruned widths
         totals.append(sum(r[2] for r in rows))
     assert len(set(totals)) == 1
+
+
+def _commands(group=None, prefix=""):
+    group = group or cli
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):
+            yield from _commands(command, f"{prefix}{name} ")
+        else:
+            yield f"{prefix}{name}", command
+
+
+def test_every_data_help_names_data_yaml():
+    helps = {name: p.help for name, c in _commands() for p in c.params if p.name == "data"}
+    assert {"train", "sparse-train", "distill", "quantize", "prune", "eval", "anchors", "benchmark"} <= set(helps)
+    assert all("data.yaml" in h and ".data" in h for h in helps.values()), helps
+
+
+@pytest.mark.parametrize("command", ["train", "sparse-train", "distill"])
+def test_every_trainer_has_no_progress(command, tmp_path):
+    params = {p.name for name, c in _commands() if name == command for p in c.params}
+    assert "no_progress" in params
+    base = {"cfg": str(DEMO_CFG), "weights": None, "data": str(tmp_path), "out": str(tmp_path / "o")}
+    if command == "distill":
+        base.update(t_cfg=str(DEMO_CFG), t_weights=str(DEMO_CFG))
+    assert JOBS[command].from_dict({**base, "no_progress": True}).train.progress is False
+    assert JOBS[command].from_dict(base).train.progress is True
+    argv = JOBS[command].from_dict({**base, "no_progress": True}).to_argv()
+    assert "--no-progress" in argv

@@ -6,7 +6,7 @@ from typing import Any
 import click
 
 from compress.base.latency import DEFAULT_RUNS, DEFAULT_THREADS, DEFAULT_WARMUP
-from compress.cli.common import letterbox_option, report_option, run
+from compress.cli.common import DATA_HELP, letterbox_option, report_option, run
 from compress.cli.group import cli
 from compress.deploy.benchmark import FORMATS, BenchmarkResult
 from compress.jobs import BenchmarkJob
@@ -17,8 +17,8 @@ from compress.jobs import BenchmarkJob
               help="Darknet .cfg of the model (optional with an exported --weights).")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False),
               help="Darknet .weights / .pt, or an exported .onnx / .xml / .param (benchmarked in its own runtime).")
-@click.option("--data", type=click.Path(exists=True), help="Darknet .data, Ultralytics data.yaml or a folder of "
-              "images + labels, for mAP (its valid split) and int8 calibration; omit for latency only.")
+@click.option("--data", type=click.Path(exists=True), help=f"{DATA_HELP}: mAP on its valid split, int8 "
+              "calibration on its train split; omit for latency only.")
 @click.option("--formats", help=f"Comma-separated, from {','.join(FORMATS)} (default: all of them; an exported "
               "--weights: its own).")
 @click.option("--threads", type=click.IntRange(1), default=DEFAULT_THREADS, show_default=True,
@@ -38,4 +38,5 @@ def benchmark_command(report_path: str | None, **options: Any) -> None:
     cpu = r["cpu"]
     flags = ", ".join(k.upper() for k in ("avx2", "avx512", "vnni", "amx") if cpu.get(k))
     click.echo(f"\n{r['img_size']}x{r['img_size']}, batch 1, {r['threads']} thread(s), median of {r['runs']} runs "
-               f"after {r['warmup']} warm-up; CPU: {cpu.get('model') or cpu.get('machine')} ({flags or 'no flags read'})")
+               f"after {r['warmup']} warm-up; CPU: {cpu.get('model') or cpu.get('machine')} "
+               f"({flags or 'no flags read'})")

@@ -16,7 +16,11 @@ from compress.train.distributed import SYNC_BN_HELP
 from compress.train.optim import OPTIMIZERS
 
 __all__ = ["AppContext", "model_options", "report_option", "device_option", "out_option", "exist_ok_option", "run",
-           "echo_table", "letterbox_option", "val_option", "fit_options", "torchrun_config"]
+           "echo_table", "letterbox_option", "val_option", "fit_options", "torchrun_config", "DATA_HELP"]
+
+
+# every --data help says what --data takes (issue #26: most said ".data or image folder" though data.yaml works)
+DATA_HELP = "Darknet .data, Ultralytics data.yaml or a folder of images + labels"
 
 
 @dataclass
@@ -127,6 +131,7 @@ def fit_options(job_type: type[TrainingJob]) -> Callable:
         click.option("--mosaic", type=click.FloatRange(0, 1), help="Probability of a 4-image mosaic per "
                      "training image (default 0; also `mosaic:` in --hyp)."),
         click.option("--sync-bn", is_flag=True, help=SYNC_BN_HELP),
+        click.option("--no-progress", is_flag=True, help="Hide the per-epoch progress bar (shown on a terminal)."),
     ]
 
     def deco(f: Callable) -> Callable:

@@ -6,14 +6,14 @@ from typing import Any
 import click
 from tabulate import tabulate
 
-from compress.cli.common import device_option, exist_ok_option, letterbox_option, model_options, report_option, run
+from compress.cli.common import (DATA_HELP, device_option, exist_ok_option, letterbox_option, model_options,
+                                 report_option, run)
 from compress.cli.group import cli
 from compress.data.convert import CONVERTERS
 from compress.jobs import AnchorsJob, ConvertJob, DetectJob, EvalJob, SynthJob
 
 _DATA = click.option("--data", required=True, type=click.Path(exists=True),
-                     help="Darknet .data, Ultralytics data.yaml (its valid split is used) or a folder of images "
-                          "+ labels.")
+                     help=f"{DATA_HELP} (eval: its valid split).")
 
 
 def _fmt(v: float | None) -> str:
@@ -124,6 +124,7 @@ def convert_command(report_path: str | None, exist_ok: bool, **options: Any) -> 
     """Convert a COCO json or Pascal VOC xml dataset into images/ + labels/ + a .data file."""
     r = run(ConvertJob, options, report_path, exist_ok)
     click.echo(tabulate([["images", r["images"]], ["boxes", r["boxes"]], ["classes", r["classes"]]]
-                        + [[f"skipped {k}", v] for k, v in r["skipped"].items()],
+                        + [[f"skipped {k}", v] for k, v in r["skipped"].items()]
+                        + [[f"kept {k}", v] for k, v in r["kept"].items()],
                         tablefmt="github", headers=[options["split"], "count"]))
     click.echo(f"\n-> {r['data']}")

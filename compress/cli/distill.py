@@ -5,8 +5,8 @@ from typing import Any
 
 import click
 
-from compress.cli.common import (device_option, exist_ok_option, fit_options, model_options, out_option, report_option,
-                                 run, val_option)
+from compress.cli.common import (DATA_HELP, device_option, exist_ok_option, fit_options, model_options, out_option,
+                                 report_option, run, val_option)
 from compress.cli.group import cli
 from compress.darknet.summary import format_stage_table
 from compress.distill import DEFAULT_RATIOS, DEFAULT_STRATEGY, STRATEGIES, TERMS
@@ -23,7 +23,7 @@ SHARE_ROWS = [("epoch", "epoch"), ("det", "detection"), *[(k, k) for k in TERMS]
               help="Teacher cfg (same classes as the student).")
 @click.option("--t_weights", "--t-weights", "t_weights", type=click.Path(exists=True, dir_okay=False),
               required=True, help="Teacher weights (.weights or .pt).")
-@click.option("--data", type=click.Path(exists=True), required=True, help="Darknet .data file or image folder.")
+@click.option("--data", type=click.Path(exists=True), required=True, help=f"{DATA_HELP}.")
 @val_option
 @out_option()
 @click.option("--kd", "--KDstr", "kd", type=click.Choice([str(k) for k in sorted(STRATEGIES)]),

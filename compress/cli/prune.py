@@ -7,8 +7,8 @@ from typing import Any
 import click
 from tabulate import tabulate
 
-from compress.cli.common import (device_option, exist_ok_option, fit_options, letterbox_option, model_options, out_option,
-                                 report_option, run, val_option)
+from compress.cli.common import (DATA_HELP, device_option, exist_ok_option, fit_options, letterbox_option,
+                                 model_options, out_option, report_option, run, val_option)
 from compress.cli.group import cli
 from compress.darknet.summary import format_stage_table
 from compress.jobs import PruneJob, Report, SparseTrainJob
@@ -44,7 +44,7 @@ def _before_after(report: Report) -> str:
 @click.option("--layer-keep", "--layer_keep", "layer_keep", type=click.FloatRange(0, 1), default=0.01,
               show_default=True, help="slim / torch-pruning per-layer floor (fraction of width).")
 @click.option("--no-compensate", is_flag=True, help="Do not fold removed channels' act(beta) into consumers.")
-@click.option("--data", type=click.Path(exists=True), help="Evaluate mAP before/after on this .data / image folder.")
+@click.option("--data", type=click.Path(exists=True), help=f"Evaluate mAP before/after on this ({DATA_HELP}).")
 @click.option("--img-size", type=click.IntRange(32, 4096), help="Size for figures/eval (default: the cfg's).")
 @letterbox_option
 @click.option("--dry-run", is_flag=True, help="Print the per-layer channel table; write nothing.")
@@ -65,7 +65,7 @@ def prune_command(report_path: str | None, exist_ok: bool, **options: Any) -> No
 
 @cli.command("sparse-train")
 @model_options()
-@click.option("--data", type=click.Path(exists=True), required=True, help="Darknet .data file or image folder.")
+@click.option("--data", type=click.Path(exists=True), required=True, help=f"{DATA_HELP}.")
 @val_option
 @out_option()
 @click.option("--s", "--sr", "s", type=click.FloatRange(0), default=1e-3, show_default=True,

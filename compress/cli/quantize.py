@@ -5,7 +5,7 @@ from typing import Any
 
 import click
 
-from compress.cli.common import (device_option, exist_ok_option, letterbox_option, model_options, out_option,
+from compress.cli.common import (DATA_HELP, device_option, exist_ok_option, letterbox_option, model_options, out_option,
                                  report_option, run, val_option)
 from compress.cli.group import cli
 from compress.darknet.summary import format_stage_table
@@ -28,7 +28,7 @@ def _table(r: Report) -> str:
 
 @cli.command("quantize")
 @model_options(weights_required=True)
-@click.option("--data", type=click.Path(exists=True), required=True, help="Darknet .data file or image folder.")
+@click.option("--data", type=click.Path(exists=True), required=True, help=f"{DATA_HELP}.")
 @val_option
 @letterbox_option
 @out_option()

@@ -5,8 +5,8 @@ from typing import Any
 
 import click
 
-from compress.cli.common import (device_option, exist_ok_option, fit_options, model_options, out_option, report_option,
-                                 run, val_option)
+from compress.cli.common import (DATA_HELP, device_option, exist_ok_option, fit_options, model_options, out_option,
+                                 report_option, run, val_option)
 from compress.cli.group import cli
 from compress.darknet.summary import format_stage_table
 from compress.detection.losses import LOSSES
@@ -20,7 +20,7 @@ TABLE_KEYS = [("epochs", "epochs"), ("final_loss", "final loss"), ("map50", "mAP
 
 @cli.command("train")
 @model_options()
-@click.option("--data", required=True, type=click.Path(exists=True), help="Darknet .data file or image folder.")
+@click.option("--data", required=True, type=click.Path(exists=True), help=f"{DATA_HELP}.")
 @val_option
 @out_option(help="Output directory: best/last .cfg+.weights, last.pt, results.csv/png, report.json.")
 @fit_options(TrainJob)

@@ -52,12 +52,16 @@ class ConvertResult:
     boxes: int = 0
     names: list[str] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)  # reason -> count
+    kept: Counter = field(default_factory=Counter)     # boxes kept after an adjustment: what -> count
 
     def to_dict(self) -> dict:
         return {"data": str(self.data), "images": self.images, "boxes": self.boxes, "classes": len(self.names),
-                "skipped": dict(sorted(self.skipped.items()))}
+                "skipped": dict(sorted(self.skipped.items())), "kept": dict(sorted(self.kept.items()))}
 
 
+# The converters count in one Counter; keys with this prefix are boxes they KEPT after adjusting them (issue #26:
+# "skipped box: clipped to the image (kept)" read as a skipped box); `convert` moves them to ConvertResult.kept.
+KEPT = "kept: "
 Record = tuple[Path, list[tuple[int, float, float, float, float]]]  # image, [(cls, cx, cy, w, h)]
 
 
@@ -100,7 +104,7 @@ def _norm_box(x: float, y: float, w: float, h: float, iw: float, ih: float, skip
         skipped["box: outside the image"] += 1
         return None
     if (x1, y1, x2, y2) != (x, y, x + w, y + h):
-        skipped["box: clipped to the image (kept)"] += 1
+        skipped[KEPT + "box clipped to the image"] += 1  # kept: counted apart from the skipped (see `convert`)
     return (x1 + x2) / 2 / iw, (y1 + y2) / 2 / ih, (x2 - x1) / iw, (y2 - y1) / ih
 
 
@@ -157,7 +161,8 @@ def convert(cfg: ConvertConfig) -> ConvertResult:
     records, names = CONVERTERS[cfg.source](cfg, skipped)
     if not names:
         raise DataError(f"{cfg.src}: no classes found; pass --names FILE")
-    result = ConvertResult(out / "dataset.data", names=names, skipped=skipped)
+    kept = Counter({k[len(KEPT):]: skipped.pop(k) for k in [k for k in skipped if k.startswith(KEPT)]})
+    result = ConvertResult(out / "dataset.data", names=names, skipped=skipped, kept=kept)
     listed = []
     for image, labels in records:
         if not image.is_file() or image.suffix.lower() not in IMG_EXTS:

@@ -31,7 +31,7 @@ __all__ = ["Job", "Report", "JOBS", "register_job", "run_job", "job_paths", "wri
 REPORT_NAME = "report.json"
 # Training flags that turn a TrainConfig field off (`--no-ema` -> ema=False); every other training option is the
 # TrainConfig field of the same name.
-NEGATED = {"no_ema": "ema", "no_augment": "augment"}
+NEGATED = {"no_ema": "ema", "no_augment": "augment", "no_progress": "progress"}
 # A path option. CLI strings are kept as typed (report.json echoes them); `from_dict` gives Paths.
 PathLike = Union[str, os.PathLike]
 # Click parameters that are not job fields: where the report goes and whether a full folder may be written are

@@ -88,7 +88,6 @@ class SparseTrainJob(TrainingJob):
     command: ClassVar[str] = "sparse-train"
     produces_model: ClassVar[bool] = True  # recipes continue from its report's cfg/weights
     in_summary: ClassVar[bool] = True
-    train_extra: ClassVar[dict[str, object]] = {"progress": False}
 
     cfg: PathLike
     weights: PathLike | None

@@ -20,7 +20,7 @@ __all__ = ["FIT_OPTIONS", "TrainingJob", "train_values", "data_path"]
 
 # The loop options every training command has (compress.cli.common.fit_options), in CLI order.
 FIT_OPTIONS = ("epochs", "batch_size", "img_size", "lr0", "optimizer", "warmup_epochs", "workers", "seed",
-               "letterbox", "cache", "cache_dir", "mosaic", "sync_bn")
+               "letterbox", "cache", "cache_dir", "mosaic", "sync_bn", "no_progress")
 
 
 def train_values(options: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 `load_predictor(path)` picks the runtime by the file's extension and returns a callable that maps a float
 (N, 3, H, W) tensor or numpy array in [0, 1] to the model's eval-mode output (N, boxes, 5 + C), like
-`DarknetModel.eval()`, so `compress.detection.evaluate.evaluate` and the export parity checks run on any of them. The runtime packages are
-imported only when a file of theirs is loaded (they are optional extras: `pip install yolo-compress[openvino]`).
+`DarknetModel.eval()`, so `compress.detection.evaluate.evaluate` and the export parity checks run on any of
+them. The runtime packages are imported only when a file of theirs is loaded (they are optional extras:
+`pip install yolo-compress[openvino]`).
 """
 from __future__ import annotations
 
