@@ -3,12 +3,17 @@ help texts; eval on labels that use a subset of the model's classes; Darknet's d
 mask beyond the anchors list."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from compress.base.errors import DataError
 from compress.cli import cli
 from compress.darknet.cfg import read_cfg
 from compress.darknet.model import build_model
+from compress.data.synth import synthesize
+from compress.detection.evaluate import EvalConfig, evaluate
 from compress.jobs import JOBS
 from compress.prune import PruneConfig, prune
 from compress.prune.sparsity import BNL1Hook, SparsityConfig, sparsity_layers
@@ -75,3 +80,26 @@ def test_every_trainer_has_no_progress(command, tmp_path):
     assert JOBS[command].from_dict(base).train.progress is True
     argv = JOBS[command].from_dict({**base, "no_progress": True}).to_argv()
     assert "--no-progress" in argv
+
+
+def test_eval_accepts_labels_using_a_subset_of_the_model_classes(tmp_path):
+    """A folder without a names file whose labels use class 0 only; the model predicts 3 classes: valid data
+    (before #26: "model predicts 3 classes but the data has 1"); a label id the model lacks stays an error."""
+    data = Path(synthesize(tmp_path / "s", n_train=1, n_valid=3, img_size=64, seed=1)).parent
+    folder = data / "images" / "valid"
+    (data / "synth.names").unlink()
+    for lab in (data / "labels" / "valid").glob("*.txt"):
+        lab.write_text("".join("0" + line[1:] + "\n" for line in lab.read_text().splitlines()))
+    torch.manual_seed(0)
+    model = build_model(read_cfg(DEMO_CFG))
+    config = EvalConfig(img_size=64, workers=0, progress=False)
+    result = evaluate(model, folder, config)
+    assert result.images == 3 and [c["id"] for c in result.per_class] == [0]
+    (tmp_path / "s" / "three.names").write_text("a\nb\nc\n")   # the same labels, named as the model's classes
+    named = evaluate(model, folder, config)
+    assert named.map50 == result.map50 and named.map50_95 == result.map50_95 and len(named.per_class) == 3
+    (tmp_path / "s" / "three.names").unlink()
+    lab = next((data / "labels" / "valid").glob("*.txt"))
+    lab.write_text(lab.read_text() + "5 0.5 0.5 0.2 0.2\n")
+    with pytest.raises(DataError, match="labels use class ids up to 5 but the model predicts 3 classes"):
+        evaluate(model, folder, config)

@@ -34,6 +34,7 @@ class DataSpec:
     valid: list[Path]
     names: list[str]
     source: str = ""
+    names_from_labels: bool = False   # no names file: ids 0..max label id (a model may predict more classes)
 
     @property
     def nc(self) -> int:
@@ -221,7 +222,8 @@ def _folder_spec(folder: Path) -> DataSpec:
     else:
         top = max((int(r[0]) for p in images for r in read_labels(label_path(p))[0]), default=-1)
         names = [str(i) for i in range(top + 1)] or ["0"]
-    return DataSpec(train=images, valid=images, names=names, source=str(folder))
+    return DataSpec(train=images, valid=images, names=names, source=str(folder),
+                    names_from_labels=names_file is None)
 
 
 # ----------------------------------------------------------------------------- labels

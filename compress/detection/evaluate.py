@@ -106,7 +106,7 @@ def _dataset(data: DataSpec | str | os.PathLike | Sequence | DetectionDataset, i
     if isinstance(data, DataSpec):
         source = f"{data.source} [valid]"
         ds = DetectionDataset(data.valid, img_size, num_classes=data.nc, source=source, letterbox=letterbox)
-        return ds, data.names, True
+        return ds, data.names, not data.names_from_labels
     if not isinstance(data, DetectionDataset):
         images = [Path(p) for p in data]
         names_file = find_names(images[0].parent) if images else None
@@ -123,8 +123,11 @@ def _dataset(data: DataSpec | str | os.PathLike | Sequence | DetectionDataset, i
 
 
 def predict(fn: Predictor, loader, config: EvalConfig, device: str | torch.device = "cpu",
-            num_classes: int | None = None) -> tuple[list[np.ndarray], dict[str, float]]:
-    """Per image (n, 6) x1,y1,x2,y2,conf,cls in ORIGINAL pixels, and mean ms per image of each stage."""
+            num_classes: int | None = None, label_classes: int | None = None
+            ) -> tuple[list[np.ndarray], dict[str, float]]:
+    """Per image (n, 6) x1,y1,x2,y2,conf,cls in ORIGINAL pixels, and mean ms per image of each stage.
+    `num_classes`: the model must predict exactly these (names from a file); `label_classes`: at least these
+    (ids read from labels without a names file: labels may use a subset of the model's classes)."""
     out: list[np.ndarray] = []
     spent = {"preprocess": 0.0, "inference": 0.0, "nms": 0.0}
     bar = tqdm(total=len(loader.dataset), desc="eval", unit="img", leave=False,
@@ -135,7 +138,7 @@ def predict(fn: Predictor, loader, config: EvalConfig, device: str | torch.devic
         t1 = time.perf_counter()
         with torch.no_grad():
             pred = torch.as_tensor(fn(imgs)).float()
-        _check_output(pred, imgs, num_classes)
+        _check_output(pred, imgs, num_classes, label_classes)
         t2 = time.perf_counter()
         dets = non_max_suppression(pred, config.conf_thres, config.iou_thres, config.max_det)
         out += [_to_original(d.cpu().numpy(), s) for d, s in zip(dets, shapes)]
@@ -151,13 +154,16 @@ def predict(fn: Predictor, loader, config: EvalConfig, device: str | torch.devic
     return out, timing
 
 
-def _check_output(pred: torch.Tensor, imgs: torch.Tensor, nc: int | None) -> None:
+def _check_output(pred: torch.Tensor, imgs: torch.Tensor, nc: int | None, label_nc: int | None = None) -> None:
     if pred.dim() != 3 or pred.shape[0] != imgs.shape[0]:
         raise DataError(f"model output has shape {tuple(pred.shape)}; expected (N, boxes, 5+classes) from an "
                         "eval-mode model")
     if nc is not None and pred.shape[-1] - 5 != nc:
         raise DataError(f"model predicts {pred.shape[-1] - 5} classes but the data has {nc}; use matching "
                         "--data names / classes")
+    if label_nc is not None and pred.shape[-1] - 5 < label_nc:
+        raise DataError(f"the labels use class ids up to {label_nc - 1} but the model predicts "
+                        f"{pred.shape[-1] - 5} classes; check the labels or add a names file")
 
 
 def _to_original(d: np.ndarray, shape) -> np.ndarray:
@@ -263,7 +269,8 @@ def evaluate(model_or_predictor: Predictor, data: DataSpec | str | os.PathLike |
     if module is not None:
         module.eval()
     try:
-        preds, timing = predict(model_or_predictor, loader, config, device, nc if strict else None)
+        preds, timing = predict(model_or_predictor, loader, config, device, nc if strict else None,
+                                None if strict else nc)
     finally:
         if module is not None:
             module.train(was_training)
