@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.base.errors import DataError
+from compress.base.errors import CompressError, DataError
 from compress.cli import cli
-from compress.darknet.cfg import read_cfg
+from compress.darknet.cfg import parse_cfg, read_cfg
 from compress.darknet.model import build_model
 from compress.data.synth import synthesize
 from compress.detection.evaluate import EvalConfig, evaluate
+from compress.detection.losses_darknet import DarknetLoss
 from compress.jobs import JOBS
 from compress.prune import PruneConfig, prune
 from compress.prune.sparsity import BNL1Hook, SparsityConfig, sparsity_layers
@@ -103,3 +104,23 @@ def test_eval_accepts_labels_using_a_subset_of_the_model_classes(tmp_path):
     lab.write_text(lab.read_text() + "5 0.5 0.5 0.2 0.2\n")
     with pytest.raises(DataError, match="labels use class ids up to 5 but the model predicts 3 classes"):
         evaluate(model, folder, config)
+
+
+YOLO_CFG = ("[net]\nwidth=64\nheight=64\n\n[convolutional]\nbatch_normalize=1\nfilters=8\nsize=3\nstride=1\npad=1\n"
+            "activation=leaky\n\n[convolutional]\nfilters=21\nsize=1\nactivation=linear\n\n[yolo]\nmask={mask}\n"
+            "anchors=4,5, 8,10, 12,9\nclasses=2\nnum=3\n")
+
+
+def test_yolo_mask_past_the_anchors_runs_with_darknets_default_anchors(caplog):
+    """Darknet's make_yolo_layer starts every bias at .5 and parse_yolo overwrites only the listed anchors, so a
+    mask index past anchors= / num= runs with a 0.5 x 0.5 anchor (before #26: refused, "out of range")."""
+    model = build_model(parse_cfg(YOLO_CFG.format(mask="2,3,4"), "m.cfg"))
+    assert "Darknet uses 0.5" in caplog.text
+    assert model.heads[0].anchors.tolist() == [[12, 9], [0.5, 0.5], [0.5, 0.5]]
+    x = torch.rand(2, 3, 64, 64)
+    assert model.eval()(x).shape == (2, 3 * 64 * 64, 7)   # stride 1: a 64x64 grid
+    targets = torch.tensor([[0, 1, 0.5, 0.5, 0.2, 0.3], [1, 0, 0.3, 0.3, 0.01, 0.01]])
+    loss, parts = DarknetLoss(model)(model.train()(x), targets, (64, 64))
+    assert torch.isfinite(loss) and set(parts) == {"box", "obj", "cls"}
+    with pytest.raises(CompressError):   # a negative index stays an error
+        parse_cfg(YOLO_CFG.format(mask="-1,0,1"), "m.cfg")

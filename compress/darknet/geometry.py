@@ -64,9 +64,12 @@ def anchor_count(block: Block, values: list[float]) -> int:
 
 
 def yolo_anchors(block: Block) -> list[tuple[float, float]]:
-    """All `num` anchor pairs (w, h) in pixels; pairs beyond the listed ones are (0.5, 0.5) like Darknet."""
+    """All `num` anchor pairs (w, h) in pixels; pairs beyond the listed ones are (0.5, 0.5) like Darknet (its
+    biases start at .5). A `mask=` index past `num` gets (0.5, 0.5) too: Darknet runs such a cfg, reading that
+    default for it (`check_yolo_block` warns), so the list reaches the largest mask index."""
     values = anchor_values(block)
     total = anchor_count(block, values)
+    total = max([total, *(m + 1 for m in yolo_mask(block))])   # without mask=: every anchor, no change
     values = (values + [0.5] * (2 * total))[:2 * total]
     return [(values[2 * k], values[2 * k + 1]) for k in range(total)]
 

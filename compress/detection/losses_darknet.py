@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.darknet.geometry import yolo_anchors
 from compress.detection.boxes import bbox_iou, box_iou, xywh2xyxy
 from compress.base.errors import CompressError
 from compress.detection.loss_registry import register_loss
@@ -86,12 +87,11 @@ def head_options(model: nn.Module) -> list[DarknetHeadOptions]:
         if not model.graph.sections[i].darknet_loss:
             raise CompressError(f"{block.where()}: [{block.type}] heads (YOLOv2) cannot be trained with the "
                                 "darknet loss; use a cfg with [yolo] heads")
-        flat = block.get_floats("anchors")
         kw = {k: block.get_float(k, getattr(DarknetHeadOptions, k)) for k in
               ("ignore_thresh", "truth_thresh", "iou_thresh", "iou_normalizer", "cls_normalizer", "obj_normalizer",
                "label_smooth_eps")}
         out.append(DarknetHeadOptions(
-            where=block.where(), anchors=tuple((flat[k], flat[k + 1]) for k in range(0, len(flat) - 1, 2)),
+            where=block.where(), anchors=tuple(yolo_anchors(block)),   # Darknet's biases: 0.5 past anchors=
             mask=tuple(layer.mask), iou_loss=(block.get("iou_loss") or "mse").strip().lower(),
             scale_x_y=layer.scale_x_y, new_coords=layer.new_coords, **kw))
     return out

@@ -39,11 +39,11 @@ def check_yolo_block(block: Block) -> None:
         raise CfgError(f"{block.where('anchors')}: [{block.type}] anchors has an odd count ({len(values)}); list w,h "
                        "pairs (or set num=)")
     mask = yolo_mask(block)
-    bad = [m for m in mask if m < 0 or m >= total]
+    bad = [m for m in mask if m < 0]
     if bad:
-        raise CfgError(f"{block.where('mask')}: [{block.type}] mask {bad} out of range for {total} anchors; use "
+        raise CfgError(f"{block.where('mask')}: [{block.type}] mask {bad} is negative; use anchor indices "
                        f"0..{total - 1}")
-    if any(2 * m + 1 >= len(values) for m in mask):
+    if any(2 * m + 1 >= len(values) for m in mask):  # past anchors= (or num=): Darknet runs it, with 0.5
         log.warning("%s: [%s] mask uses anchors that anchors= does not list; Darknet uses 0.5 for them",
                     block.where(), block.type)
     if block.get_int("classes", 20) < 1:
