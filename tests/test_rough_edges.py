@@ -3,6 +3,7 @@ help texts; eval on labels that use a subset of the model's classes; Darknet's d
 mask beyond the anchors list."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ from compress.detection.losses_darknet import DarknetLoss
 from compress.jobs import JOBS
 from compress.prune import PruneConfig, prune
 from compress.prune.sparsity import BNL1Hook, SparsityConfig, sparsity_layers
+from compress.recipe import run_recipe
+from compress.train import loop
 
 from conftest import DEMO_CFG, randomize_bn
 
@@ -124,3 +127,38 @@ def test_yolo_mask_past_the_anchors_runs_with_darknets_default_anchors(caplog):
     assert torch.isfinite(loss) and set(parts) == {"box", "obj", "cls"}
     with pytest.raises(CompressError):   # a negative index stays an error
         parse_cfg(YOLO_CFG.format(mask="-1,0,1"), "m.cfg")
+
+
+def test_rerun_after_ctrl_c_continues_the_interrupted_step(tmp_path, monkeypatch, caplog):
+    """Ctrl-C after the train step's epoch-1 checkpoint; the re-run continues that step from its last.pt
+    (trains epoch 2 only) instead of retraining from epoch 1."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{cfg: {DEMO_CFG}}}\ndata: {{synth: {{n_train: 4, n_valid: 2, img_size: 64}}}}\n"
+                      "steps:\n  - train: {epochs: 2, img_size: 64, batch_size: 4, workers: 0, eval_every: 2}\n")
+    save = loop._Trainer._save_checkpoint
+    saved: list[int] = []
+
+    def save_then_ctrl_c(self, done: int) -> None:
+        save(self, done)
+        saved.append(done)
+        if len(saved) == 1:
+            raise KeyboardInterrupt   # (the loop saves once more on Ctrl-C)
+    monkeypatch.setattr(loop._Trainer, "_save_checkpoint", save_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, out=tmp_path / "out")
+    assert set(saved) == {1}
+    saved.clear()
+    first = (tmp_path / "out" / "01-train" / "results.csv").read_text().splitlines()
+
+    def save_and_count(self, done: int) -> None:
+        save(self, done)
+        saved.append(done)
+    monkeypatch.setattr(loop._Trainer, "_save_checkpoint", save_and_count)
+    with caplog.at_level("INFO"):
+        run_recipe(recipe, out=tmp_path / "out")
+    assert saved == [2]   # the re-run trained epoch 2 only
+    assert "continuing the interrupted run" in caplog.text
+    rows = (tmp_path / "out" / "01-train" / "results.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[1] == first[1]   # epoch 1's row is the interrupted run's
+    steps = json.loads((tmp_path / "out" / "manifest.json").read_text())["steps"]
+    assert [s["status"] for s in steps] == ["reused", "done"]

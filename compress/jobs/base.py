@@ -111,6 +111,15 @@ class Job:
         """A dry run: the guard skips the non-empty-folder rule."""
         return False
 
+    def checkpoints(self) -> tuple[Path, ...]:
+        """The files an interrupted run of this job leaves in its output folder to continue from (`resumed`);
+        none: the job cannot continue a run."""
+        return ()
+
+    def resumed(self) -> "Job":
+        """This job continuing the interrupted run its `checkpoints` hold (`--resume`)."""
+        raise CompressError(f"`{self.command}` cannot continue an interrupted run")
+
     def report(self, figures: Mapping[str, Any]) -> Report:
         return Report(self.command, figures)
 

@@ -78,6 +78,9 @@ class DistillJob(TrainingJob):
     def out_dir(self) -> Path:
         return Path(self.out)
 
+    def checkpoints(self) -> tuple[Path, ...]:
+        return (Path(self.out) / "kd" / "last.pt", Path(self.out) / "baseline" / "last.pt")   # distill's two runs
+
     def run(self, dist: DistConfig | None = None) -> Report:
         device = process_device(self.device, dist)
         data = load_data_spec(self.data, self.val, training=True)

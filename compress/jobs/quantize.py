@@ -114,6 +114,14 @@ class QuantizeJob(Job):
     def resumes(self) -> bool:
         return self.train is not None and self.train.resume
 
+    def checkpoints(self) -> tuple[Path, ...]:
+        return () if self.train is None else (self.files().qat / "last.pt",)   # QAT's; PTQ has none
+
+    def resumed(self) -> "QuantizeJob":
+        if self.train is None:
+            return super().resumed()
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, resume=True))
+
     def train_argv_values(self) -> dict[str, Any]:
         if self.train is None:
             return {}

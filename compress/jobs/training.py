@@ -15,6 +15,7 @@ from compress.base.guard import Output
 from compress.darknet.cfg import read_cfg
 from compress.jobs.base import NEGATED, Job, PathLike
 from compress.train.config import TrainConfig
+from compress.train.loop import TrainFiles
 
 __all__ = ["FIT_OPTIONS", "TrainingJob", "train_values", "data_path"]
 
@@ -72,6 +73,12 @@ class TrainingJob(Job):
 
     def resumes(self) -> bool:
         return self.train.resume
+
+    def checkpoints(self) -> tuple[Path, ...]:
+        return (TrainFiles(Path(self.out)).checkpoint,)   # `fit` writes it every epoch and on Ctrl-C
+
+    def resumed(self) -> "TrainingJob":
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, resume=True))
 
     def train_argv_values(self) -> dict[str, Any]:
         plain = type(self).make_train(self._own_options(), {}, set())

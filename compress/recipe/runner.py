@@ -125,6 +125,8 @@ def execute_plan(plan: Plan) -> RunResult:
             record.output_sha256 = old["output_sha256"]
             log.info("[%s] unchanged since the last run; reusing %s", step.label, step.dir)
         else:
+            if old and old.get("status") == "failed" and old.get("key") == record.key():
+                job = _continue_interrupted(step, job)
             _run_step(step, job, record, plan, records)
         records.append(record)
         _advance(state, step, record)
@@ -144,6 +146,16 @@ def _record(step: PlannedStep, job: Job, state: _State) -> StepRecord:
     files = [str(p) for p in job.inputs() if Path(p).is_file()]
     return StepRecord(step.index, step.name, str(step.dir), ["yolo-compress", *step.argv(state.paths, state.data, job)],
                       step.user.values, inputs, {p: sha256_file(p) for p in dict.fromkeys(files)})
+
+
+def _continue_interrupted(step: PlannedStep, job: Job) -> Job:
+    """The same step (options and input hashes) failed or was interrupted (Ctrl-C) last time and left a
+    checkpoint: continue it (`--resume`) instead of starting it over and discarding its last.pt."""
+    left = [p for p in job.checkpoints() if p.is_file()]
+    if not left:
+        return job
+    log.info("[%s] continuing the interrupted run from %s", step.label, left[0])
+    return job.resumed()
 
 
 def _run_step(step: PlannedStep, job: Job, record: StepRecord, plan: Plan, done: list[StepRecord]) -> None:
