@@ -19,7 +19,8 @@ from compress.detection.losses_darknet import DarknetLoss
 from compress.jobs import JOBS
 from compress.prune import PruneConfig, prune
 from compress.prune.sparsity import BNL1Hook, SparsityConfig, sparsity_layers
-from compress.recipe import run_recipe
+from compress.darknet.summary import summarize
+from compress.recipe import run_recipe, stage_table
 from compress.train import loop
 
 from conftest import DEMO_CFG, randomize_bn
@@ -162,3 +163,20 @@ def test_rerun_after_ctrl_c_continues_the_interrupted_step(tmp_path, monkeypatch
     assert len(rows) == 3 and rows[1] == first[1]   # epoch 1's row is the interrupted run's
     steps = json.loads((tmp_path / "out" / "manifest.json").read_text())["steps"]
     assert [s["status"] for s in steps] == ["reused", "done"]
+
+
+def test_stage_table_counts_every_rows_gflops_at_one_size(tmp_path):
+    """train at --img-size 64 and prune at the cfg's 128: both rows' GFLOPs at 128 (the input cfg's width)."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{cfg: {DEMO_CFG}}}\ndata: {{synth: {{n_train: 4, n_valid: 2, img_size: 64}}}}\n"
+                      "steps:\n  - train: {epochs: 1, img_size: 64, batch_size: 4, workers: 0}\n"
+                      "  - prune: {method: slim, percent: 0.3}\n")
+    run_recipe(recipe, out=tmp_path / "out")
+    rows = json.loads((tmp_path / "out" / "summary.json").read_text())["stages"]
+    trained = json.loads((tmp_path / "out" / "01-train" / "report.json").read_text())
+    pruned = json.loads((tmp_path / "out" / "02-prune" / "report.json").read_text())
+    assert [r["gflops_img_size"] for r in rows] == [128, 128] and pruned["img_size"] == 128
+    for row, report in zip(rows, (trained, pruned)):
+        assert row["gflops"] == round(summarize(build_model(read_cfg(report["cfg"])), (128, 128)).gflops, 4)
+    assert rows[1]["gflops"] == pruned["gflops"] and rows[0]["gflops"] > 3 * trained["gflops"]  # train's: at 64
+    assert "GFLOPs @128" in stage_table(rows).splitlines()[0]

@@ -5,8 +5,11 @@ import json
 import logging
 from pathlib import Path
 
+from compress.base.errors import CompressError
 from compress.base.fileio import atomic_write, write_text_atomic
-from compress.darknet.summary import format_stage_table
+from compress.darknet.cfg import read_cfg
+from compress.darknet.model import build_model
+from compress.darknet.summary import format_stage_table, summarize
 from compress.recipe.runner import RunResult
 
 __all__ = ["STAGE_KEYS", "stage_rows", "write_summary", "stage_table"]
@@ -20,14 +23,18 @@ FIGURES = [k for k, _ in STAGE_KEYS[1:]]
 
 
 def stage_rows(result: RunResult) -> list[dict]:
-    """Model-producing steps report their output model; an eval step adds its mAP to the model it evaluated."""
+    """Model-producing steps report their output model; an eval step adds its mAP to the model it evaluated.
+    GFLOPs are counted again at one input size for every row, the recipe's input cfg's width (`gflops_img_size`;
+    issue #26: each step reported them at its own --img-size, e.g. train at 64 beside prune at 128)."""
     rows: list[dict] = []
     steps = {s.index: s for s in result.plan.steps}
+    size = read_cfg(result.plan.input_model[0]).width
     current: dict = {}
     for record in result.records:
         step = steps[record.index]
         figures = {k: record.figures.get(k) for k in FIGURES}
         if step.kind.produces_model:
+            figures.update(gflops=_gflops(record.outputs.get("cfg"), size), gflops_img_size=size)
             current = figures
         if step.kind.in_summary:
             merged = {**current, **{k: v for k, v in figures.items() if v is not None}} \
@@ -36,8 +43,21 @@ def stage_rows(result: RunResult) -> list[dict]:
     return rows
 
 
+def _gflops(cfg: str | None, size: int) -> float | None:
+    """GFLOPs of the cfg's network at size x size (from the section table; no weights are read)."""
+    if not cfg:
+        return None
+    try:
+        return round(summarize(build_model(read_cfg(cfg)), (size, size)).gflops, 4)
+    except CompressError as exc:  # the size cannot flow through this network: no figure rather than a wrong one
+        log.warning("%s: no GFLOPs at %dx%d (%s)", cfg, size, size, exc)
+        return None
+
+
 def stage_table(rows: list[dict]) -> str:
-    return format_stage_table(rows, STAGE_KEYS)
+    sizes = sorted({r.get("gflops_img_size") for r in rows} - {None})
+    gflops = f"GFLOPs @{sizes[0]}" if len(sizes) == 1 else "GFLOPs"
+    return format_stage_table(rows, [(k, gflops if k == "gflops" else h) for k, h in STAGE_KEYS])
 
 
 def write_summary(result: RunResult, rows: list[dict]) -> tuple[Path, Path]:
