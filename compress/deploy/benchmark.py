@@ -95,7 +95,7 @@ def _pytorch(model: DarknetModel, folder: Path, ctx: BuildContext) -> Artifact:
 
 def _exported(fmt: str) -> Callable[[DarknetModel, Path, BuildContext], Artifact]:
     def build(model: DarknetModel, folder: Path, ctx: BuildContext) -> Artifact:
-        out = folder / ("model.onnx" if fmt == "onnx" else fmt)
+        out = folder / "model.onnx" if fmt == "onnx" else folder   # openvino/ncnn: model.xml/.param in it
         result = export(model, out, ExportConfig(format=fmt, img_size=ctx.img_size))
         return Artifact(load_predictor(result.path, threads=ctx.threads), result.files)
     return build
