@@ -12,8 +12,9 @@ import torch
 from click.testing import CliRunner
 
 from compress.base.errors import ExportError
-from compress.base.latency import measure
+from compress.base.latency import DEFAULT_THREADS, measure
 from compress.cli import cli
+from compress.darknet import summary
 from compress.darknet.cfg import read_cfg
 from compress.darknet.model import build_model
 from compress.darknet.persist import load, save
@@ -81,3 +82,16 @@ def test_exported_model_runs_as_itself_and_a_failing_format_gets_its_row(setup, 
                              warmup=0))
     bad, good = r["rows"]
     assert bad["error"] == "openvino is not installed; pip install openvino" and bad["latency_ms"] is None and good["error"] is None
+
+
+def test_stage_figures_time_through_the_one_measurement(setup, monkeypatch):
+    """Every model-producing command's latency_ms (so the recipe's stage table) is base.latency.measure's median,
+    torch pinned to the benchmark's default thread count."""
+    calls = []
+
+    def spy(fn, runs, warmup, threads, sync=None):
+        calls.append((runs, warmup, threads))
+        return measure(fn, runs, warmup, threads, sync)
+    monkeypatch.setattr(summary, "measure", spy)
+    figures = summary.stage_figures(load(setup["cfg"], setup["weights"]), img_size=(64, 64), latency_runs=3)
+    assert calls == [(3, 2, DEFAULT_THREADS)] and figures["latency_ms"] > 0
