@@ -54,6 +54,12 @@ def test_labels_of_overlapping_boxes_never_overlap(y1):
     assert spots[0][1] == (y1 - 11 if y1 >= 11 else y1)   # the best box: above it, else inside at the top
 
 
+def test_a_crowd_of_300_tags_stays_disjoint():
+    """max_det boxes on one spot: every tag gets its own place (the fallback jumps below its blockers)."""
+    spots = place_labels([(5, 5, 50, 50)] * 300, [(40, 10)] * 300, (120, 90))
+    assert _rects_disjoint([(x, y, 40, 10) for x, y in spots])
+
+
 def test_drawn_tags_are_separate_patches():
     """Two same-class boxes one pixel apart: both tags are drawn whole (the second would cover the first)."""
     img = Image.new("RGB", (200, 120), (255, 255, 255))

@@ -101,8 +101,8 @@ def place_labels(boxes: Sequence[Sequence[float]], sizes: Sequence[tuple[int, in
     """Top-left corner of each label (width, height in `sizes`) so that no two labels overlap (issue #26:
     tags of overlapping boxes ran together, "perperson"). Boxes are taken in the given order (detections come
     highest score first); each label tries above its box's top-left corner, then inside it at the top, then
-    below the box, then inside at the bottom, and failing all of those the first spot below those that is free.
-    Labels stay inside the image where it is large enough to hold them."""
+    below the box, then inside at the bottom, and failing all of those the first free spot below the top one
+    (in a crowd that can be past the image's bottom edge, where the tag is cut off rather than overlapping)."""
     placed: list[tuple[int, int, int, int]] = []
     out = []
     W, H = img_wh
@@ -110,11 +110,10 @@ def place_labels(boxes: Sequence[Sequence[float]], sizes: Sequence[tuple[int, in
         x = int(min(max(0.0, x1), max(0, W - w)))
         tries = [y1 - h, y1, y2, y2 - h]
         spot = next((y for y in (int(t) for t in tries) if 0 <= y <= H - h and _free((x, y, w, h), placed)), None)
-        if spot is None:  # every spot near the box is taken: step down from the top candidate until free
-            y = int(min(max(0.0, y1 - h), max(0, H - h)))
-            while not _free((x, y, w, h), placed) and y + h < 10 * H:
-                y += 1
-            spot = y
+        if spot is None:  # every spot near the box is taken: from the top candidate, jump below what blocks it
+            spot = int(min(max(0.0, y1 - h), max(0, H - h)))
+            while blockers := [p for p in placed if not _free((x, spot, w, h), [p])]:
+                spot = max(py + ph for _, py, _, ph in blockers)   # strictly lower each time: ends
         placed.append((x, spot, w, h))
         out.append((x, spot))
     return out
