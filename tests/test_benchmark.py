@@ -70,10 +70,12 @@ def test_cli_table_and_report_per_format(setup, tmp_path):
 
 def test_exported_model_runs_as_itself_and_a_failing_format_gets_its_row(setup, monkeypatch):
     onnx = export(load(setup["cfg"], setup["weights"]), setup["root"] / "m.onnx", ExportConfig(img_size=64)).path
-    r = run_job(BenchmarkJob(weights=onnx, runs=1, warmup=0))   # no --data: latency only, its fixed size
+    r = run_job(BenchmarkJob(None, onnx, runs=1, warmup=0))   # no --data: latency only, its fixed size
     assert r["formats"] == ["onnx"] and r["img_size"] == 64 and r["rows"][0]["map50"] is None
     with pytest.raises(ExportError, match="runs in its own format only"):
-        BenchmarkJob(weights=onnx, formats="pytorch")
+        BenchmarkJob(None, onnx, formats="pytorch")
+    with pytest.raises(ExportError, match="needs --cfg"):
+        BenchmarkJob(None, setup["weights"])   # a Darknet .weights without its cfg
     with pytest.raises(ExportError, match="unknown format"):
         BenchmarkJob(setup["cfg"], formats="pytorch,tflite")
     # a runtime that is missing fails its own row only

@@ -30,7 +30,7 @@ class BenchmarkJob(Job):
 
     command: ClassVar[str] = "benchmark"
 
-    cfg: PathLike | None = None
+    cfg: PathLike | None              # None: only with an exported `weights` (as eval; a recipe fills it)
     weights: PathLike | None = None
     data: PathLike | None = None
     formats: str | None = None
