@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Collection, Mapping, TypeVar, Union
 from compress.base.errors import CompressError
 from compress.base.fileio import write_text_atomic
 from compress.base.guard import JobPaths, Output, check_job_paths
+from compress.data.dataspec import IMG_EXTS
 from compress.jobs.ranks import rank_of
 from compress.train.config import DistConfig, TrainConfig
 
@@ -88,6 +89,11 @@ class Job:
 
     # ---- what a job declares -------------------------------------------------------------------------------
     def inputs(self) -> tuple[Path, ...]:
+        return ()
+
+    def data_files(self) -> tuple[Path, ...]:
+        """The dataset files the job reads (images, labels, lists, names): inputs too, listed apart because a
+        dataset is large (the guard indexes them, a recipe fingerprints rather than hashes them)."""
         return ()
 
     def outputs(self) -> tuple[Output, ...]:
@@ -277,9 +283,11 @@ def job_paths(job: Job, report_path: str | os.PathLike | None = None, exist_ok: 
     """The guard's view of a job: declared inputs, declared outputs + the report file (ranks > 0 and dry runs
     skip the non-empty-folder rule: rank 0 checks it)."""
     report = (Output(Path(report_path), "file", "--report"),) if report_path else ()
-    return JobPaths(inputs=tuple(Path(p) for p in job.inputs()), outputs=tuple(job.outputs()) + report,
+    data = job.data_files()
+    image_dirs = tuple(dict.fromkeys(p.parent for p in data if p.suffix.lower() in IMG_EXTS))
+    return JobPaths(inputs=tuple(Path(p) for p in job.inputs()) + data, outputs=tuple(job.outputs()) + report,
                     resume=job.resumes(), exist_ok=exist_ok, resume_marker=job.resume_marker,
-                    check_existing=not (rank_of(dist) or job.writes_nothing()))
+                    check_existing=not (rank_of(dist) or job.writes_nothing()), data_dirs=image_dirs)
 
 
 def run_job(job: Job, report_path: str | os.PathLike | None = None, *, exist_ok: bool = False,

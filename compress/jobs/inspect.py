@@ -18,7 +18,7 @@ from compress.detection.evaluate import EvalConfig, evaluate, save_detections
 from compress.train.config import DistConfig
 from compress.jobs.ranks import process_device
 from compress.jobs.base import Job, PathLike, Report, as_str, files, paths, register_job
-from compress.jobs.training import data_path
+from compress.jobs.training import data_path, dataset_files
 
 __all__ = ["InfoJob", "EvalJob", "DetectJob", "AnchorsJob"]
 
@@ -90,6 +90,9 @@ class EvalJob(Job):
     def inputs(self) -> tuple[Path, ...]:
         return paths(self.cfg, self.weights, data_path(self.data))
 
+    def data_files(self) -> tuple[Path, ...]:
+        return dataset_files(self.data)
+
     def outputs(self) -> tuple[Output, ...]:
         return files(("--json", self.json_path))
 
@@ -131,6 +134,9 @@ class DetectJob(Job):
 
     def inputs(self) -> tuple[Path, ...]:
         return paths(self.cfg, self.weights, self.source, self.names)
+
+    def data_files(self) -> tuple[Path, ...]:
+        return dataset_files(None, sources=(self.source,))
 
     def outputs(self) -> tuple[Output, ...]:
         return (Output(Path(self.out), "dir", "--out"),)
@@ -174,6 +180,9 @@ class AnchorsJob(Job):
 
     def inputs(self) -> tuple[Path, ...]:
         return paths(data_path(self.data))
+
+    def data_files(self) -> tuple[Path, ...]:
+        return dataset_files(self.data)
 
     def run(self, dist: DistConfig | None = None) -> Report:
         config = self.anchor_config()

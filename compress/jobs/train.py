@@ -12,7 +12,7 @@ from compress.data.dataset import load_data_spec
 from compress.train.config import DistConfig, TrainConfig, TrainError
 from compress.jobs.base import PathLike, Report, out_folder, paths, register_job
 from compress.jobs.ranks import process_device
-from compress.jobs.training import FIT_OPTIONS, TrainingJob, data_path, train_values
+from compress.jobs.training import FIT_OPTIONS, TrainingJob, data_path, dataset_files, train_values
 from compress.train.api import train_model
 from compress.train.hyp import resolve_train_config
 from compress.train.loop import TrainFiles
@@ -58,6 +58,9 @@ class TrainJob(TrainingJob):
 
     def inputs(self) -> tuple[Path, ...]:
         return paths(self.cfg, self.weights, data_path(self.data), self.val, self.hyp)
+
+    def data_files(self) -> tuple[Path, ...]:
+        return dataset_files(self.data, self.val)
 
     def outputs(self) -> tuple[Output, ...]:
         files = TrainFiles(Path(self.out))
