@@ -21,12 +21,12 @@ from typing import Iterable, Literal
 
 from compress.base.errors import GuardError
 from compress.base.fileio import file_kind
+from compress.base.lock import LOCK_NAME, busy
 
 __all__ = ["GuardError", "Output", "JobPaths", "check_job_paths", "data_file_inputs", "outputs_from"]
 
 OutputKind = Literal["file", "dir", "any"]
 CACHE_DIR = "cache"     # the training image cache's default folder inside --out
-LOCK_NAME = ".yolo-compress.lock"
 DIR_MARGIN = 64        # characters reserved for the names a command writes inside an output folder
 NAME_MAX, PATH_MAX = 255, 4096  # fallbacks where pathconf is unavailable
 
@@ -242,15 +242,20 @@ def _check_writable(out: Output) -> None:
 
 def _check_existing(out: Output, job: JobPaths) -> None:
     p = out.path
-    if job.resume or job.exist_ok or not p.is_dir():
+    if not p.is_dir():
+        return
+    in_use = busy(p, out.option)
+    if in_use:
+        raise GuardError(in_use)
+    if job.resume or job.exist_ok:
         return
     entries = [e.name for e in os.scandir(p) if not _left_by_a_failed_start(e)]
     if not entries or (job.resume_marker and job.resume_marker in entries):
         return
     shown = ", ".join(sorted(entries)[:4]) + (", ..." if len(entries) > 4 else "")
     raise GuardError(f"{out.option} {p}: the folder already holds an earlier run ({shown}); pass --resume to "
-                     f"continue it (where the command has it), --exist-ok to write into it anyway, or choose a "
-                     f"new {out.option}")
+                     f"continue it (training commands, when it holds last.pt), --exist-ok to write into it anyway, "
+                     f"or choose a new {out.option}")
 
 
 def _left_by_a_failed_start(entry: os.DirEntry) -> bool:

@@ -23,7 +23,7 @@ from compress.darknet.persist import load, pair_paths, save
 from compress.darknet.summary import file_size_mb, stage_figures
 from compress.data.dataset import load_data_spec, make_loader
 from compress.deploy.export import ExportConfig, export_onnx
-from compress.detection.evaluate import EvalConfig, evaluate, input_letterbox
+from compress.detection.evaluate import EvalConfig, check_classes, evaluate, input_letterbox
 from compress.train import distributed as D
 from compress.train.config import DistConfig, TrainConfig
 from compress.quant.config import config_to_dict
@@ -146,6 +146,7 @@ def _run(cfg: Any, weights: Any, data: Any, config: QuantConfig, paths: QuantOut
     # one input geometry for every subject: the ONNX predictor has no cfg to read it from
     settings = dataclasses.replace(settings, letterbox=input_letterbox(model, settings.letterbox))
     spec = load_data_spec(*data, training=True)
+    check_classes(model.num_classes, spec.nc, spec.source)  # before calibrating and writing anything
     qmodel = prepare_qat(model, config)
     _set_sync_bn(qmodel, settings.sync_bn, dist)
     # a resumed run takes its ranges from the checkpoint (calibrated, then moved by QAT)
