@@ -96,16 +96,17 @@ def atomic_files(*paths: str | os.PathLike) -> Iterator[tuple[Path, ...]]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         if is_write_failure(exc):
-            raise write_failure(exc, exc.filename and _target_of(exc.filename, temps, targets)) from None
+            raise write_failure(exc, _target_of(str(exc.filename or ""), temps, targets) or None) from None
+        if isinstance(exc, WriteError):  # a writer's own atomic_write failed on our temp: name the output
+            raise WriteError(_target_of(str(exc), temps, targets)) from None
         raise
 
 
-def _target_of(name: str, temps: list[Path], targets: list[Path]) -> Path | str:
-    """The output a temp file stands for (messages name what the user asked for)."""
+def _target_of(text: str, temps: list[Path], targets: list[Path]) -> str:
+    """`text` with each temp path replaced by the output it stands for (messages name what the user asked for)."""
     for tmp, target in zip(temps, targets):
-        if str(tmp) == str(name) or Path(name).name.startswith(f".{tmp.name}"):
-            return target
-    return name
+        text = text.replace(str(tmp), str(target))
+    return text
 
 
 def _umask() -> int:

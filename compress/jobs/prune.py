@@ -125,7 +125,7 @@ class SparseTrainJob(TrainingJob):
         return dataset_files(self.data, self.val)
 
     def outputs(self) -> tuple[Output, ...]:
-        return out_folder(self.out, *self.sparse_pair()) + self.cache_output()
+        return out_folder(self.out, *self.sparse_pair()) + self.fit_outputs(self.out) + self.cache_output()
 
     def out_dir(self) -> Path:
         return Path(self.out)

@@ -15,7 +15,6 @@ from compress.jobs.ranks import process_device
 from compress.jobs.training import FIT_OPTIONS, TrainingJob, data_path, dataset_files, train_values
 from compress.train.api import train_model
 from compress.train.hyp import resolve_train_config
-from compress.train.loop import TrainFiles
 
 __all__ = ["TrainJob"]
 
@@ -63,8 +62,7 @@ class TrainJob(TrainingJob):
         return dataset_files(self.data, self.val)
 
     def outputs(self) -> tuple[Output, ...]:
-        files = TrainFiles(Path(self.out))
-        return out_folder(self.out, *files.best, *files.last) + self.cache_output()
+        return out_folder(self.out) + self.fit_outputs(self.out) + self.cache_output()
 
     def out_dir(self) -> Path:
         return Path(self.out)

@@ -16,6 +16,7 @@ from compress.base.guard import Output, data_file_inputs
 from compress.data.dataspec import IMG_EXTS, find_names, label_path, list_images, load_data_spec
 from compress.darknet.cfg import read_cfg
 from compress.jobs.base import NEGATED, Job, PathLike
+from compress.train.loop import TrainFiles
 from compress.train.config import TrainConfig
 
 __all__ = ["FIT_OPTIONS", "TrainingJob", "train_values", "data_path", "dataset_files"]
@@ -112,6 +113,12 @@ class TrainingJob(Job):
             if mine != default:
                 values[name] = (not mine) if name in NEGATED else mine
         return values
+
+    def fit_outputs(self, folder: PathLike) -> tuple[Output, ...]:
+        """The files `fit` writes into `folder` (best/last pairs, last.pt, results): declared, so that no
+        other output (--report) can be one of them."""
+        files = TrainFiles(Path(folder))
+        return tuple(Output(p, "file", "--out") for p in (*files.best, *files.last, files.checkpoint, *files.results))
 
     def cache_output(self) -> tuple[Output, ...]:
         cache = self.train.cache_dir
