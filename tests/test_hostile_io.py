@@ -144,6 +144,8 @@ TRAIN = [
      "lies in the image folder"),                                          # ... or inside it
     (f"train {MODEL} --data {{data}} --out {{train_images}}/run", 1, "lies in the image folder"),
     (f"train {MODEL} --data {{data}} --out {{out}} --report {{out}}/last.pt", 1, "is also --out"),
+    (f"train {MODEL} --data {{data}} --out {{out}} --hyp {{fifo}}", 1, "FIFO"),   # read while the job is built
+    (f"train --cfg {{fifo}} --data {{data}} --out {{out}}", 1, "FIFO"),
 ]
 
 # --- quantize / prune ------------------------------------------------------------------------------------------
@@ -165,9 +167,15 @@ EXPORT = [
     (f"export {MODEL} --out {{fifo}}", 1, "is a FIFO"),
 ]
 
+# --- detect ----------------------------------------------------------------------------------------------------
+DETECT = [
+    (f"detect {MODEL} --source {{train_images}} --out {{train_images}}/o", 1, "lies in the image folder"),
+    (f"detect {MODEL} --source {{train_images}} --out {{out}} --names {{fifo}}", 1, "FIFO"),
+]
+
 TABLE = [pytest.param(*row, id=f"{name}-{i}") for name, rows in
          (("info", INFO), ("eval", EVAL), ("train", TRAIN), ("quantize", QUANTIZE), ("prune", PRUNE),
-          ("export", EXPORT)) for i, row in enumerate(rows)]
+          ("export", EXPORT), ("detect", DETECT)) for i, row in enumerate(rows)]
 
 
 @pytest.mark.parametrize("argv, code, says", TABLE)

@@ -2,12 +2,18 @@
 
 One rule set for all commands (the CLI applies it to every command from its click parameters; the recipe
 runner applies it to its run folder):
-- no output is an input (paths compared after resolving links, hard links included), no output folder holds
-  an input file (unless resuming), no output folder is an input folder, no output file lies in an input folder;
+- inputs are regular files or folders (a FIFO blocks its reader, /dev/zero never ends); the dataset's files
+  (images, labels, lists, names) are inputs like the cfg;
+- no output is an input (the same inode: links and hard links included), no output folder holds an input file
+  (unless resuming), no output folder is an input folder or lies in a folder of the dataset's images, no output
+  file lies in an input folder; no two options name one path;
+- outputs are regular files or new paths: a device node, FIFO or socket is never replaced;
 - every output's folder exists or can be created and is writable (probed with a real temp file: permission
   bits say nothing for root or read-only mounts);
 - files are not folders and folders are not files; names and paths fit the filesystem's limits;
-- an existing, non-empty output folder (an earlier run) is refused unless the job resumes it or says exist_ok.
+- an existing, non-empty output folder (an earlier run) is refused unless the job resumes it or says exist_ok;
+  what a run leaves before any result (the image cache, the lock, temp files) is no earlier run; a folder that
+  another live process holds (compress.base.lock) is refused even then.
 """
 from __future__ import annotations
 

@@ -33,6 +33,7 @@ def output_lock(folder: str | os.PathLike | None, option: str = "--out") -> Iter
         yield
         return
     path = Path(os.path.realpath(folder)) / LOCK_NAME
+    created = not path.parent.exists()
     if path in _HELD:
         _HELD[path][1] += 1
     else:
@@ -47,6 +48,9 @@ def output_lock(folder: str | os.PathLike | None, option: str = "--out") -> Iter
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)  # before closing: nobody can take the old inode over in between
             os.close(fd)
+            if created:  # a run that failed before writing leaves no empty folder behind
+                with contextlib.suppress(OSError):
+                    path.parent.rmdir()
 
 
 def busy(folder: str | os.PathLike, option: str = "--out") -> str | None:

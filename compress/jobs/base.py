@@ -98,6 +98,11 @@ class Job:
         dataset is large (the guard indexes them, a recipe fingerprints rather than hashes them)."""
         return ()
 
+    def data_dirs(self, files: tuple[Path, ...]) -> tuple[Path, ...]:
+        """Folders whose contents are data (given `data_files()`): no output folder may lie in them. Default:
+        the folders of the images."""
+        return tuple(dict.fromkeys(p.parent for p in files if p.suffix.lower() in IMG_EXTS))
+
     def outputs(self) -> tuple[Output, ...]:
         return ()
 
@@ -286,10 +291,9 @@ def job_paths(job: Job, report_path: str | os.PathLike | None = None, exist_ok: 
     skip the non-empty-folder rule: rank 0 checks it)."""
     report = (Output(Path(report_path), "file", "--report"),) if report_path else ()
     data = job.data_files()
-    image_dirs = tuple(dict.fromkeys(p.parent for p in data if p.suffix.lower() in IMG_EXTS))
     return JobPaths(inputs=tuple(Path(p) for p in job.inputs()) + data, outputs=tuple(job.outputs()) + report,
                     resume=job.resumes(), exist_ok=exist_ok, resume_marker=job.resume_marker,
-                    check_existing=not (rank_of(dist) or job.writes_nothing()), data_dirs=image_dirs)
+                    check_existing=not (rank_of(dist) or job.writes_nothing()), data_dirs=job.data_dirs(data))
 
 
 def run_job(job: Job, report_path: str | os.PathLike | None = None, *, exist_ok: bool = False,

@@ -138,6 +138,11 @@ class DetectJob(Job):
     def data_files(self) -> tuple[Path, ...]:
         return dataset_files(None, sources=(self.source,))
 
+    def data_dirs(self, files: tuple[Path, ...]) -> tuple[Path, ...]:
+        """A source folder is read recursively (outputs inside it would be detected next time); a single
+        image's folder is not data."""
+        return (Path(self.source),) if Path(self.source).is_dir() else ()
+
     def outputs(self) -> tuple[Output, ...]:
         return (Output(Path(self.out), "dir", "--out"),)
 
