@@ -82,6 +82,7 @@ def atomic_files(*paths: str | os.PathLike) -> Iterator[tuple[Path, ...]]:
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:16]}.", suffix=".part", dir=target.parent)
             os.close(fd)
             temps.append(Path(tmp))
+            os.chmod(tmp, 0o666 & ~_umask())  # a writer may fill the temp in place: the usual permissions
         yield tuple(temps)
         for tmp in temps:
             if not tmp.is_file():

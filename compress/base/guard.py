@@ -61,7 +61,7 @@ class JobPaths:
 
 def check_job_paths(job: JobPaths) -> None:
     """Raise GuardError (naming the option and the fix) on the first unsafe output; write nothing lasting."""
-    inputs = [Path(p) for p in job.inputs]
+    inputs = [p if isinstance(p, Path) else Path(p) for p in job.inputs]  # Path(Path) parses again: 40k images
     for p in list(inputs):
         if p.suffix == ".data" and p.is_file():
             inputs += data_file_inputs(p)
@@ -99,9 +99,12 @@ class _InputIndex:
         self.homes: dict[Path, Path] = {}      # real folder holding input files -> one of those files
         self.dirs: list[Path] = []
         real_parent: dict[str, Path] = {}
-        for p in inputs:
+        for p in inputs:  # plain os calls on strings: pathlib's parsing costs more than the stat itself
+            name = os.fspath(p)
             try:
-                st = os.stat(p)
+                st = os.lstat(name)
+                link = stat.S_ISLNK(st.st_mode)
+                st = os.stat(name) if link else st
             except OSError:
                 continue  # missing: the command's own reader says so
             if stat.S_ISDIR(st.st_mode):
@@ -111,11 +114,11 @@ class _InputIndex:
                 raise GuardError(f"{p}: an input of this command is {file_kind(st.st_mode)}; only regular files "
                                  f"are read (a FIFO would block, a device never ends); pass a regular file")
             self.ids.setdefault((st.st_dev, st.st_ino), p)
-            parent = str(p.parent)
+            parent = os.path.dirname(name) or "."
             if parent not in real_parent:
-                real_parent[parent] = _real(p.parent)
-            self.homes.setdefault(real_parent[parent], p)
-            if p.is_symlink():
+                real_parent[parent] = _real(Path(parent))
+                self.homes.setdefault(real_parent[parent], p)
+            if link:
                 self.homes.setdefault(_real(p).parent, p)
 
     def same_file(self, path: Path) -> Path | None:

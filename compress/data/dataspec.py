@@ -232,15 +232,15 @@ def _folder_spec(folder: Path) -> DataSpec:
 
 def label_path(image: Path) -> Path:
     """Label file of an image: in the sibling labels/ tree if that file exists, else beside the image."""
-    parts = list(image.with_suffix(".txt").parts)
-    for i in range(len(parts) - 2, -1, -1):
-        if parts[i] == "images":
-            parts[i] = "labels"
-            candidate = Path(*parts)
-            if candidate.is_file():
-                return candidate
-            break
-    return image.with_suffix(".txt")
+    # string operations: this runs for every image of a dataset (pathlib's parsing was most of the cost)
+    stem = os.path.splitext(os.fspath(image))[0]
+    rooted = stem if stem.startswith(os.sep) else os.sep + stem
+    head, sep, tail = rooted.rpartition(f"{os.sep}images{os.sep}")  # the last `images` folder of the path
+    if sep:
+        candidate = f"{head}{os.sep}labels{os.sep}{tail}.txt"[len(rooted) - len(stem):]
+        if os.path.isfile(candidate):
+            return Path(candidate)
+    return Path(stem + ".txt")
 
 
 def read_labels(path: Path, nc: int | None = None) -> tuple[np.ndarray, Counter]:

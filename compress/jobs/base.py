@@ -101,7 +101,8 @@ class Job:
     def data_dirs(self, files: tuple[Path, ...]) -> tuple[Path, ...]:
         """Folders whose contents are data (given `data_files()`): no output folder may lie in them. Default:
         the folders of the images."""
-        return tuple(dict.fromkeys(p.parent for p in files if p.suffix.lower() in IMG_EXTS))
+        folders = {os.path.dirname(s) for s in map(os.fspath, files) if s.lower().endswith(IMG_EXTS)}
+        return tuple(Path(f or ".") for f in sorted(folders))
 
     def outputs(self) -> tuple[Output, ...]:
         return ()
