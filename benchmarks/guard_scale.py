@@ -6,7 +6,7 @@ Since issue #27 every image and label a command reads is an input of the guard (
 as a fingerprint). The images are empty files (the guard never decodes them); the job is `eval --data X.data
 --json OUT/d.json --report OUT/r.json`, which the guard passes. Wall-clock seconds, best of `--repeat`.
 
-    PYTHONPATH=. python benchmarks/guard_scale.py [--n 1000,20000,100000] [--repeat 2] [--out runs/guard.json]
+    PYTHONPATH=. python benchmarks/guard_scale.py [--n 1000,20000,100000] [--repeat 2] [--quick] [--out runs/guard.json]
 """
 from __future__ import annotations
 
@@ -67,9 +67,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", default="1000,20000,100000", help="dataset sizes (images), comma-separated")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="1,000 and 20,000 images only")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = parser.parse_args()
-    rows = [measure(int(n), args.repeat) for n in args.n.split(",")]
+    sizes = "1000,20000" if args.quick else args.n
+    rows = [measure(int(n), args.repeat) for n in sizes.split(",")]
     print(tabulate(rows, headers="keys", tablefmt="github"))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
