@@ -175,7 +175,7 @@ def _check_shape(out: Output) -> None:
         mode = os.stat(p).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # e.g. /dev/null, /dev/full, a FIFO
             raise GuardError(f"{out.option} {p}: is {file_kind(mode)}; outputs are regular files or new paths "
-                             f"(writing would replace the node); choose a file name")
+                             f"(writing would replace the node); choose another {out.option}")
     if out.kind == "file" and (p.is_dir() or str(p).endswith(os.sep)):
         raise GuardError(f"{out.option} {p}: is a folder, but a file name is expected (e.g. {p / 'report.json'})")
     if out.kind == "dir" and p.exists() and not p.is_dir():
