@@ -260,6 +260,19 @@ def test_full_disk_in_training_leaves_no_last_cfg_without_last_pt(capsys, world,
     assert not [n for n in left if n.endswith((".tmp", ".part"))], left
 
 
+def test_full_disk_in_quantize_leaves_none_of_its_artifacts(capsys, world, tmp_path, monkeypatch):
+    monkeypatch.setattr("compress.quant.pipeline.export_qdq_onnx", _enospc)  # after the pair and quant.json
+    out = tmp_path / "o"
+    code, err = cli(capsys, ["quantize", "--cfg", str(world["cfg"]), "--weights", str(world["weights"]), "--data",
+                             str(world["data"]), "--out", str(out), "--img-size", "64", "--calib-batches", "1",
+                             "--batch-size", "2", "--no-eval"])
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and "No space left on device" in lines[0], err
+    assert "model-int8.onnx" in lines[0]  # the output's name, not its temp file's
+    left = sorted(p.name for p in out.rglob("*")) if out.exists() else []
+    assert left == [], left
+
+
 def test_atomic_files_all_or_nothing(tmp_path):
     (tmp_path / "a.cfg").write_text("old")
     with pytest.raises(WriteError, match=r"cannot write .*b\.weights: No space left"):

@@ -19,10 +19,18 @@ from typing import IO, Iterator
 from compress.base.errors import CompressError, WriteError
 
 __all__ = ["atomic_write", "atomic_files", "write_text_atomic", "write_bytes_atomic", "require_regular",
-           "file_kind", "write_failure", "is_write_failure", "WRITE_ERRNOS"]
+           "file_kind", "write_failure", "is_write_failure", "is_temp_name", "WRITE_ERRNOS"]
 
 # errno values that mean "the disk (or a limit on it) refused the bytes", not a bug
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO})
+
+
+PART = ".part"  # marks atomic_files' temps (atomic_write's end in .tmp)
+
+
+def is_temp_name(name: str) -> bool:
+    """A temp file of ours (left by a killed process): not an output, not an earlier run."""
+    return name.startswith(".") and (name.endswith(".tmp") or PART in name)
 
 
 def is_write_failure(exc: BaseException) -> bool:
@@ -79,7 +87,9 @@ def atomic_files(*paths: str | os.PathLike) -> Iterator[tuple[Path, ...]]:
     try:
         for target in targets:
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:16]}.", suffix=".part", dir=target.parent)
+            # the target's suffix kept: writers that check it (an ONNX exporter wants *.onnx) accept the temp
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:16]}.", suffix=f"{PART}{target.suffix[:16]}",
+                                       dir=target.parent)
             os.close(fd)
             temps.append(Path(tmp))
             os.chmod(tmp, 0o666 & ~_umask())  # a writer may fill the temp in place: the usual permissions
@@ -96,8 +106,10 @@ def atomic_files(*paths: str | os.PathLike) -> Iterator[tuple[Path, ...]]:
         for tmp in temps + renamed:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-        if is_write_failure(exc):
-            raise write_failure(exc, _target_of(str(exc.filename or ""), temps, targets) or None) from None
+        if is_write_failure(exc):  # a failed write() names no file: name the set
+            where = _target_of(str(exc.filename), temps, targets) if exc.filename else \
+                "one of " + ", ".join(str(t) for t in targets)
+            raise write_failure(exc, where) from None
         if isinstance(exc, WriteError):  # a writer's own atomic_write failed on our temp: name the output
             raise WriteError(_target_of(str(exc), temps, targets)) from None
         raise

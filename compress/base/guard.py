@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterable, Literal
 
 from compress.base.errors import GuardError
-from compress.base.fileio import file_kind
+from compress.base.fileio import file_kind, is_temp_name
 from compress.base.lock import LOCK_NAME, busy
 
 __all__ = ["GuardError", "Output", "JobPaths", "check_job_paths", "data_file_inputs", "outputs_from"]
@@ -271,7 +271,7 @@ def _left_by_a_failed_start(entry: os.DirEntry) -> bool:
     """What a run leaves before it has a result, so a retry need not --exist-ok: the image cache (OUT/cache),
     a lock and temp files. An earlier run is anything else (a report, a checkpoint, a model)."""
     name = entry.name
-    return (name == CACHE_DIR and entry.is_dir()) or name == LOCK_NAME or name.endswith((".tmp", ".part"))
+    return (name == CACHE_DIR and entry.is_dir()) or name == LOCK_NAME or is_temp_name(name)
 
 
 def outputs_from(pairs: Iterable[tuple[str, str | os.PathLike | None, OutputKind]]) -> tuple[Output, ...]:

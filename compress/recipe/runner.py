@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from compress.base.errors import CompressError, RecipeError
-from compress.base.fileio import write_text_atomic
+from compress.base.fileio import is_temp_name, write_text_atomic
 from compress.base.guard import CACHE_DIR
 from compress.base.lock import LOCK_NAME
 from compress.jobs import Job, run_job
@@ -174,7 +174,7 @@ def output_files(step: PlannedStep, outputs: dict[str, str | None]) -> list[str]
     found = [p for p in outputs.values() if p and Path(p).is_file()]
     for path in sorted(step.dir.rglob("*")) if step.dir.is_dir() else ():
         top = path.relative_to(step.dir).parts[0]
-        if path.is_file() and top not in (CACHE_DIR, LOCK_NAME) and not path.name.endswith((".tmp", ".part")):
+        if path.is_file() and top not in (CACHE_DIR, LOCK_NAME) and not is_temp_name(path.name):
             found.append(str(path.resolve()))
     return list(dict.fromkeys(found))
 
