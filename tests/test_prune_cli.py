@@ -114,16 +114,16 @@ def test_sparse_train_resume_continues_exactly(tmp_path: Path, monkeypatch) -> N
     from compress.train import loop
     data = synthesize(tmp_path / "data", n_train=8, n_valid=2, img_size=64)
     full, killed = tmp_path / "full", tmp_path / "killed"
-    save = loop._Trainer._save_checkpoint
+    save = loop._Trainer._save_epoch  # the epoch's pairs and last.pt, written as one set
 
-    def save_and_snapshot(self, done: int) -> None:
-        save(self, done)
+    def save_and_snapshot(self, done: int, row: dict) -> None:
+        save(self, done, row)
         if done == 1:  # what a SIGKILL during epoch 2 leaves behind
             shutil.copytree(self.out, killed)
-    monkeypatch.setattr(loop._Trainer, "_save_checkpoint", save_and_snapshot)
+    monkeypatch.setattr(loop._Trainer, "_save_epoch", save_and_snapshot)
     args = _SPARSE + ["--data", str(data), "--epochs", "3", "--s", "0.05", "--target-sparsity", "0.3"]
     assert _run(args + ["--out", str(full)]).exit_code == 0
-    monkeypatch.setattr(loop._Trainer, "_save_checkpoint", save)
+    monkeypatch.setattr(loop._Trainer, "_save_epoch", save)
     res = _run(args + ["--out", str(killed), "--resume"])
     assert res.exit_code == 0, res.output
     a, b = (json.loads((d / "report.json").read_text()) for d in (full, killed))

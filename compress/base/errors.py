@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 __all__ = ["CompressError", "CfgError", "WeightsError", "DataError", "PruneError", "QuantError",
-           "DistillError", "RecipeError", "ExportError", "GuardError", "DeviceError"]
+           "DistillError", "RecipeError", "ExportError", "GuardError", "DeviceError",
+           "WriteError"]
 
 
 class CompressError(Exception):
@@ -47,3 +48,7 @@ class GuardError(CompressError):
 
 class DeviceError(CompressError):
     """A --device that is malformed or absent on this machine."""
+
+
+class WriteError(CompressError):
+    """An output could not be written (a full disk, `ulimit -f`, a quota, a read-only mount)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from compress.base.errors import CfgError
-from compress.base.fileio import write_text_atomic
+from compress.base.fileio import require_regular, write_text_atomic
 from compress.darknet.block import Block
 from compress.darknet import sections as _sections
 
@@ -124,7 +124,7 @@ def parse_cfg(text: str, source: str = "<cfg>", dialect: str | None = None) -> C
 
 
 def read_cfg(path: str | os.PathLike, dialect: str | None = None) -> Cfg:
-    path = Path(path)
+    path = require_regular(path, "--cfg", CfgError)  # a FIFO would block, /dev/zero never ends
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:

@@ -12,7 +12,7 @@ import torch
 
 from compress.darknet.cfg import Cfg, format_cfg, parse_cfg, read_cfg, write_cfg
 from compress.base.errors import WeightsError
-from compress.base.fileio import atomic_write
+from compress.base.fileio import atomic_files, atomic_write, require_regular
 from compress.darknet.model import DarknetModel, build_model
 from compress.darknet.weights import read_weights, write_weights
 
@@ -31,7 +31,7 @@ def is_exported(path: str | os.PathLike | None) -> bool:
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """A yolo-compress `.pt`, unpickled with weights_only=True: a pickle that names any code (not tensors and
     plain containers) is refused without running it."""
-    path = Path(path)
+    path = require_regular(path, "--weights", WeightsError)
     if not path.is_file():
         raise WeightsError(f"{path}: checkpoint not found; pass an existing --weights")
     try:
@@ -142,8 +142,11 @@ def save(model: DarknetModel, cfg_path: str | os.PathLike, weights_path: str | o
     model = getattr(model, "module", model)
     if hasattr(model, "to_darknet"):  # e.g. a quantization-aware model folds itself first
         model = model.to_darknet()
-    write_cfg(model.cfg, cfg_path)
-    if str(weights_path).endswith((".pt", ".pth")):
-        save_checkpoint(model, weights_path)
-    else:
-        write_weights(weights_path, model)
+    # both files or neither: a cfg without its weights (a full disk) would look like a whole model; the cfg
+    # is renamed last, so a cfg on disk always has its weights beside it
+    with atomic_files(weights_path, cfg_path) as (weights_tmp, cfg_tmp):
+        write_cfg(model.cfg, cfg_tmp)
+        if str(weights_path).endswith((".pt", ".pth")):
+            save_checkpoint(model, weights_tmp)
+        else:
+            write_weights(weights_tmp, model)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from compress.base.errors import WeightsError
-from compress.base.fileio import atomic_write
+from compress.base.fileio import atomic_write, require_regular
 
 __all__ = ["darknet_tensors", "count_darknet_floats", "read_weights", "write_weights", "read_header"]
 
@@ -57,7 +57,7 @@ def read_header(fh) -> tuple[int, int, int, int]:
 
 def read_weights(path: str | os.PathLike, model: nn.Module, cutoff: int | None = None) -> tuple[int, int, int, int]:
     """Load Darknet weights into `model` (layers before `cutoff` only, if given). Returns the header."""
-    path = Path(path)
+    path = require_regular(path, "--weights", WeightsError)
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found; pass an existing --weights")
     with open(path, "rb") as fh:

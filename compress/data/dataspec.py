@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from compress.base.errors import DataError
+from compress.base.fileio import require_regular
 
 __all__ = ["DataSpec", "load_data_spec", "label_path", "find_names", "read_names", "read_labels", "list_images",
            "IMG_EXTS"]
@@ -75,6 +76,7 @@ def load_data_spec(path: "str | os.PathLike | DataSpec", val: str | os.PathLike 
 def _load(path: Path) -> DataSpec:
     if path.is_dir():
         return _folder_spec(path)
+    require_regular(path, "--data", DataError)
     if not path.is_file():
         raise DataError(f"{path}: no such .data / data.yaml file or image folder; pass an existing --data")
     if path.suffix.lower() in _YAML_EXTS:
@@ -173,6 +175,7 @@ def _image_list(value: str, bases: Sequence[Path], data_file: Path, key: str) ->
     target = _resolve(value, bases)
     if target.is_dir():
         return list_images(target)
+    require_regular(target, f"{data_file}: {key} =", DataError)
     if not target.is_file():
         tried = " and ".join(str(b) for b in bases[:2])
         raise DataError(f"{data_file}: {key} = {value} not found (tried relative to {tried}); fix the path")
@@ -198,7 +201,8 @@ def _names(opts: dict[str, str], bases: Sequence[Path], data_file: Path) -> list
 
 
 def read_names(path: str | os.PathLike) -> list[str]:
-    return [s.strip() for s in Path(path).read_text(errors="replace").splitlines() if s.strip()]
+    path = require_regular(path, "names file", DataError)
+    return [s.strip() for s in path.read_text(errors="replace").splitlines() if s.strip()]
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
@@ -230,15 +234,15 @@ def _folder_spec(folder: Path) -> DataSpec:
 
 def label_path(image: Path) -> Path:
     """Label file of an image: in the sibling labels/ tree if that file exists, else beside the image."""
-    parts = list(image.with_suffix(".txt").parts)
-    for i in range(len(parts) - 2, -1, -1):
-        if parts[i] == "images":
-            parts[i] = "labels"
-            candidate = Path(*parts)
-            if candidate.is_file():
-                return candidate
-            break
-    return image.with_suffix(".txt")
+    # string operations: this runs for every image of a dataset (pathlib's parsing was most of the cost)
+    stem = os.path.splitext(os.fspath(image))[0]
+    rooted = stem if stem.startswith(os.sep) else os.sep + stem
+    head, sep, tail = rooted.rpartition(f"{os.sep}images{os.sep}")  # the last `images` folder of the path
+    if sep:
+        candidate = f"{head}{os.sep}labels{os.sep}{tail}.txt"[len(rooted) - len(stem):]
+        if os.path.isfile(candidate):
+            return Path(candidate)
+    return Path(stem + ".txt")
 
 
 def read_labels(path: Path, nc: int | None = None) -> tuple[np.ndarray, Counter]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -75,6 +76,8 @@ def decode_bgr(path: str | os.PathLike, reduce: int = 1, scratch: bool = False) 
     `scratch`: a JPEG may land in this thread's reusable buffer, which the next scratch decode overwrites
     (for callers that resample the image before decoding another: 2% faster augmentation)."""
     path = os.fspath(path)
+    if not _regular(path):
+        return None
     jpeg = os.path.splitext(path)[1].lower() in _JPEG
     img = _decode_jpeg(path, reduce, scratch) if jpeg else None
     if img is not None:
@@ -192,6 +195,8 @@ def image_info(path: Path) -> tuple[int, int] | str:
     Cheap: reads the header and, for JPEG, checks the end-of-image marker; only a JPEG without one
     (truncated, or trailing bytes) is decoded in full to tell the two apart.
     """
+    if not _regular(path):
+        return "not a regular file"  # a FIFO would block the read, a device never ends
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -207,6 +212,13 @@ def image_info(path: Path) -> tuple[int, int] | str:
     if fmt == "JPEG" and not _jpeg_complete(path):
         return "truncated"
     return (w, h) if orient in _ORIENT_SWAPS else (h, w)
+
+
+def _regular(path: str | os.PathLike) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _jpeg_complete(path: Path) -> bool:

@@ -37,7 +37,7 @@ from compress.base.fileio import write_text_atomic
 from compress.data.imageio import cfg_letterbox
 
 __all__ = ["EvalConfig", "EvalResult", "evaluate", "predict", "input_letterbox", "coco_ground_truth", "coco_map",
-           "precision_recall", "save_detections"]
+           "precision_recall", "save_detections", "check_classes"]
 
 log = logging.getLogger(__name__)
 Predictor = Callable[[torch.Tensor], Any]
@@ -158,12 +158,19 @@ def _check_output(pred: torch.Tensor, imgs: torch.Tensor, nc: int | None, label_
     if pred.dim() != 3 or pred.shape[0] != imgs.shape[0]:
         raise DataError(f"model output has shape {tuple(pred.shape)}; expected (N, boxes, 5+classes) from an "
                         "eval-mode model")
-    if nc is not None and pred.shape[-1] - 5 != nc:
-        raise DataError(f"model predicts {pred.shape[-1] - 5} classes but the data has {nc}; use matching "
-                        "--data names / classes")
+    check_classes(pred.shape[-1] - 5, nc)
     if label_nc is not None and pred.shape[-1] - 5 < label_nc:
         raise DataError(f"the labels use class ids up to {label_nc - 1} but the model predicts "
                         f"{pred.shape[-1] - 5} classes; check the labels or add a names file")
+
+
+def check_classes(model_classes: int | None, data_classes: int | None, data: object = None) -> None:
+    """The model's classes against the data's (None: unknown, nothing to check). Commands that write artifacts
+    call this before the work, so a mismatch fails before anything is written."""
+    if model_classes is not None and data_classes is not None and model_classes != data_classes:
+        source = f" ({data})" if data else ""
+        raise DataError(f"model predicts {model_classes} classes but the data{source} has {data_classes}; use "
+                        "matching --data names / classes")
 
 
 def _to_original(d: np.ndarray, shape) -> np.ndarray:

@@ -11,17 +11,20 @@ reads (`inputs`), what it writes (`outputs`, the very paths its writers get), wh
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Collection, Mapping, TypeVar, Union
+from typing import Any, ClassVar, Collection, Iterator, Mapping, TypeVar, Union
 
 from compress.base.errors import CompressError
-from compress.base.fileio import write_text_atomic
+from compress.base.fileio import is_write_failure, write_failure, write_text_atomic
+from compress.base.lock import output_lock
 from compress.base.guard import JobPaths, Output, check_job_paths
+from compress.data.dataspec import IMG_EXTS
 from compress.jobs.ranks import rank_of
 from compress.train.config import DistConfig, TrainConfig
 
@@ -89,6 +92,17 @@ class Job:
     # ---- what a job declares -------------------------------------------------------------------------------
     def inputs(self) -> tuple[Path, ...]:
         return ()
+
+    def data_files(self) -> tuple[Path, ...]:
+        """The dataset files the job reads (images, labels, lists, names): inputs too, listed apart because a
+        dataset is large (the guard indexes them, a recipe fingerprints rather than hashes them)."""
+        return ()
+
+    def data_dirs(self, files: tuple[Path, ...]) -> tuple[Path, ...]:
+        """Folders whose contents are data (given `data_files()`): no output folder may lie in them. Default:
+        the folders of the images."""
+        folders = {os.path.dirname(s) for s in map(os.fspath, files) if s.lower().endswith(IMG_EXTS)}
+        return tuple(Path(f or ".") for f in sorted(folders))
 
     def outputs(self) -> tuple[Output, ...]:
         return ()
@@ -286,9 +300,10 @@ def job_paths(job: Job, report_path: str | os.PathLike | None = None, exist_ok: 
     """The guard's view of a job: declared inputs, declared outputs + the report file (ranks > 0 and dry runs
     skip the non-empty-folder rule: rank 0 checks it)."""
     report = (Output(Path(report_path), "file", "--report"),) if report_path else ()
-    return JobPaths(inputs=tuple(Path(p) for p in job.inputs()), outputs=tuple(job.outputs()) + report,
+    data = job.data_files()
+    return JobPaths(inputs=tuple(Path(p) for p in job.inputs()) + data, outputs=tuple(job.outputs()) + report,
                     resume=job.resumes(), exist_ok=exist_ok, resume_marker=job.resume_marker,
-                    check_existing=not (rank_of(dist) or job.writes_nothing()))
+                    check_existing=not (rank_of(dist) or job.writes_nothing()), data_dirs=job.data_dirs(data))
 
 
 def run_job(job: Job, report_path: str | os.PathLike | None = None, *, exist_ok: bool = False,
@@ -304,19 +319,33 @@ def run_job(job: Job, report_path: str | os.PathLike | None = None, *, exist_ok:
         known = ", ".join(sorted(t.__name__ for t in JOBS.values()))
         raise CompressError(f"{type(job).__name__} is not a registered job type; use one of {known}")
     check_job_paths(job_paths(job, report_path, exist_ok, dist))
-    report = dataclasses.replace(job.run(dist), rank=rank_of(dist))
-    if not report.is_main:
-        return report  # rank 0 writes
-    out = job.out_dir()
-    written = Path(out) / REPORT_NAME if out is not None else None
-    for path in (written, report_path):
-        write_report(path, report.to_dict())
+    owner = not (rank_of(dist) or job.writes_nothing())  # one process per run takes the folder's lock
+    with output_lock(job.out_dir() if owner else None), _write_failures():
+        report = dataclasses.replace(job.run(dist), rank=rank_of(dist))
+        if not report.is_main:
+            return report  # rank 0 writes
+        out = job.out_dir()
+        written = Path(out) / REPORT_NAME if out is not None else None
+        for path in (written, report_path):
+            write_report(path, report.to_dict())
     try:
         job.check(report, written or (Path(report_path) if report_path else None))
     except CompressError as exc:
         exc.report = report  # the written figures, for a caller that still shows them
         raise
     return report
+
+
+@contextlib.contextmanager
+def _write_failures() -> Iterator[None]:
+    """A full disk met outside our own writers (a runtime's converter, the image cache, a DataLoader's shared
+    memory) is one WriteError too, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        if is_write_failure(exc):
+            raise write_failure(exc) from None
+        raise
 
 
 def paths(*items: PathLike | None) -> tuple[Path, ...]:

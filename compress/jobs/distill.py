@@ -13,7 +13,7 @@ from compress.distill.config import DEFAULT_STRATEGY, DistillConfig, parse_pairs
 from compress.train.config import DistConfig, TrainConfig
 from compress.jobs.base import PathLike, Report, out_folder, paths, register_job
 from compress.jobs.ranks import process_device
-from compress.jobs.training import TrainingJob, data_path
+from compress.jobs.training import TrainingJob, data_path, dataset_files
 from compress.train.checkpoint import seed_all
 
 __all__ = ["DistillJob"]
@@ -71,6 +71,9 @@ class DistillJob(TrainingJob):
 
     def inputs(self) -> tuple[Path, ...]:
         return paths(self.cfg, self.weights, self.t_cfg, self.t_weights, data_path(self.data), self.val)
+
+    def data_files(self) -> tuple[Path, ...]:
+        return dataset_files(self.data, self.val)
 
     def outputs(self) -> tuple[Output, ...]:
         return out_folder(self.out, *distilled_pair(self.out)) + self.cache_output()

@@ -57,7 +57,8 @@ class ExportJob(Job):
         return paths(self.cfg, self.weights, *self.check_images)
 
     def outputs(self) -> tuple[Output, ...]:
-        return (Output(Path(self.out), "file" if self.format == "onnx" else "any", "--out"),)
+        # openvino/ncnn write a folder: a non-empty one is an earlier run (--exist-ok replaces its files)
+        return (Output(Path(self.out), "file" if self.format == "onnx" else "dir", "--out"),)
 
     def run(self, dist: DistConfig | None = None) -> Report:
         result = export(load(self.cfg, self.weights), self.out, self.export_config())

@@ -19,7 +19,7 @@ from compress.detection.evaluate import EvalConfig, evaluate, save_detections
 from compress.train.config import DistConfig
 from compress.jobs.ranks import process_device
 from compress.jobs.base import Job, PathLike, Report, as_str, files, paths, register_job
-from compress.jobs.training import data_path
+from compress.jobs.training import data_path, dataset_files
 
 __all__ = ["InfoJob", "EvalJob", "DetectJob", "AnchorsJob"]
 
@@ -91,6 +91,9 @@ class EvalJob(Job):
     def inputs(self) -> tuple[Path, ...]:
         return paths(self.cfg, self.weights, data_path(self.data))
 
+    def data_files(self) -> tuple[Path, ...]:
+        return dataset_files(self.data)
+
     def outputs(self) -> tuple[Output, ...]:
         return files(("--json", self.json_path))
 
@@ -133,6 +136,14 @@ class DetectJob(Job):
 
     def inputs(self) -> tuple[Path, ...]:
         return paths(self.cfg, self.weights, self.source, self.names)
+
+    def data_files(self) -> tuple[Path, ...]:
+        return dataset_files(None, sources=(self.source,))
+
+    def data_dirs(self, files: tuple[Path, ...]) -> tuple[Path, ...]:
+        """A source folder is read recursively (outputs inside it would be detected next time); a single
+        image's folder is not data."""
+        return (Path(self.source),) if Path(self.source).is_dir() else ()
 
     def outputs(self) -> tuple[Output, ...]:
         return (Output(Path(self.out), "file" if is_image_file(self.out) else "dir", "--out"),)
@@ -178,6 +189,9 @@ class AnchorsJob(Job):
 
     def inputs(self) -> tuple[Path, ...]:
         return paths(data_path(self.data))
+
+    def data_files(self) -> tuple[Path, ...]:
+        return dataset_files(self.data)
 
     def run(self, dist: DistConfig | None = None) -> Report:
         config = self.anchor_config()

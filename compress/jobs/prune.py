@@ -11,7 +11,7 @@ from compress.data.dataset import load_data_spec
 from compress.train.config import DistConfig, TrainConfig
 from compress.jobs.base import Job, PathLike, Report, out_folder, paths, register_job
 from compress.jobs.ranks import process_device
-from compress.jobs.training import TrainingJob, data_path
+from compress.jobs.training import TrainingJob, data_path, dataset_files
 from compress.prune import PruneConfig
 from compress.prune.pipeline import Measure, prune_files
 from compress.prune.sparsity import SparsityConfig, run_sparse_train
@@ -66,6 +66,9 @@ class PruneJob(Job):
     def inputs(self) -> tuple[Path, ...]:
         return paths(self.cfg, self.weights, self.data)
 
+    def data_files(self) -> tuple[Path, ...]:
+        return dataset_files(self.data) if self.data is not None else ()
+
     def outputs(self) -> tuple[Output, ...]:
         return out_folder(self.out, *self.pruned_pair())
 
@@ -117,8 +120,11 @@ class SparseTrainJob(TrainingJob):
     def inputs(self) -> tuple[Path, ...]:
         return paths(self.cfg, self.weights, data_path(self.data), self.val)
 
+    def data_files(self) -> tuple[Path, ...]:
+        return dataset_files(self.data, self.val)
+
     def outputs(self) -> tuple[Output, ...]:
-        return out_folder(self.out, *self.sparse_pair()) + self.cache_output()
+        return out_folder(self.out, *self.sparse_pair()) + self.fit_outputs(self.out) + self.cache_output()
 
     def out_dir(self) -> Path:
         return Path(self.out)

@@ -13,7 +13,7 @@ from compress.darknet.cfg import read_cfg
 from compress.train.config import DistConfig, TrainConfig
 from compress.jobs.base import Job, PathLike, Report, out_folder, paths, register_job
 from compress.jobs.ranks import process_device
-from compress.jobs.training import data_path
+from compress.jobs.training import data_path, dataset_files
 from compress.quant.config import QuantConfig, make_config
 from compress.quant.pipeline import QuantOutputs, QuantSettings, check_img_size, check_verified, quantize
 from compress.quant.qat import qat_train_config
@@ -104,6 +104,9 @@ class QuantizeJob(Job):
 
     def inputs(self) -> tuple[Path, ...]:
         return paths(self.cfg, self.weights, data_path(self.data), self.val)
+
+    def data_files(self) -> tuple[Path, ...]:
+        return dataset_files(self.data, self.val)
 
     def outputs(self) -> tuple[Output, ...]:
         return out_folder(self.out, *self.files().to_dict().values())

@@ -12,10 +12,9 @@ from compress.data.dataset import load_data_spec
 from compress.train.config import DistConfig, TrainConfig, TrainError
 from compress.jobs.base import PathLike, Report, out_folder, paths, register_job
 from compress.jobs.ranks import process_device
-from compress.jobs.training import FIT_OPTIONS, TrainingJob, data_path, train_values
+from compress.jobs.training import FIT_OPTIONS, TrainingJob, data_path, dataset_files, train_values
 from compress.train.api import train_model
 from compress.train.hyp import resolve_train_config
-from compress.train.loop import TrainFiles
 
 __all__ = ["TrainJob"]
 
@@ -59,9 +58,11 @@ class TrainJob(TrainingJob):
     def inputs(self) -> tuple[Path, ...]:
         return paths(self.cfg, self.weights, data_path(self.data), self.val, self.hyp)
 
+    def data_files(self) -> tuple[Path, ...]:
+        return dataset_files(self.data, self.val)
+
     def outputs(self) -> tuple[Output, ...]:
-        files = TrainFiles(Path(self.out))
-        return out_folder(self.out, *files.best, *files.last) + self.cache_output()
+        return out_folder(self.out) + self.fit_outputs(self.out) + self.cache_output()
 
     def out_dir(self) -> Path:
         return Path(self.out)

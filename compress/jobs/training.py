@@ -11,13 +11,16 @@ import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
-from compress.base.guard import Output
+from compress.base.errors import CompressError
+from compress.base.guard import Output, data_file_inputs
+from compress.data.dataspec import IMG_EXTS, find_names, label_path, list_images, load_data_spec
 from compress.darknet.cfg import read_cfg
 from compress.jobs.base import NEGATED, Job, PathLike
+from compress.train.loop import TrainFiles
 from compress.train.config import TrainConfig
 from compress.train.loop import TrainFiles
 
-__all__ = ["FIT_OPTIONS", "TrainingJob", "train_values", "data_path"]
+__all__ = ["FIT_OPTIONS", "TrainingJob", "train_values", "data_path", "dataset_files"]
 
 # The loop options every training command has (compress.cli.common.fit_options), in CLI order.
 FIT_OPTIONS = ("epochs", "batch_size", "img_size", "lr0", "optimizer", "warmup_epochs", "workers", "seed",
@@ -36,6 +39,34 @@ def train_values(options: Mapping[str, Any]) -> dict[str, Any]:
         else:
             values[name] = value
     return values
+
+
+def dataset_files(data: Any, val: PathLike | None = None, sources: tuple[PathLike, ...] = ()) -> tuple[Path, ...]:
+    """Every file a dataset argument makes a command read: the .data/data.yaml's lists and names, each image
+    and its label file (`val` replaces the valid split as in `load_data_spec`; `sources`: images or image folders
+    read besides, e.g. detect's --source). The guard protects them
+    as inputs; a recipe's manifest fingerprints them. A dataset that does not load yields what is known: the
+    command's own reader then stops with the error."""
+    found: list[Path] = []
+    path = data_path(data)
+    if path is not None and Path(path).suffix == ".data" and Path(path).is_file():
+        found += data_file_inputs(Path(path))
+    try:
+        spec = load_data_spec(data, val) if data is not None else None
+    except (CompressError, OSError):
+        spec = None
+    images = list(dict.fromkeys([*(spec.train if spec else ()), *(spec.valid if spec else ()),
+                                 *(img for s in sources for img in _images_of(Path(s)))]))
+    if path is not None and Path(path).is_dir() and find_names(path) is not None:
+        found.append(find_names(path))
+    labels = [label_path(img) for img in images]
+    return tuple(dict.fromkeys([*found, *images, *(p for p in labels if p.is_file())]))
+
+
+def _images_of(source: Path) -> list[Path]:
+    if source.is_dir():
+        return list_images(source)
+    return [source] if source.suffix.lower() in IMG_EXTS else []
 
 
 def data_path(data: Any) -> PathLike | None:
@@ -89,6 +120,12 @@ class TrainingJob(Job):
             if mine != default:
                 values[name] = (not mine) if name in NEGATED else mine
         return values
+
+    def fit_outputs(self, folder: PathLike) -> tuple[Output, ...]:
+        """The files `fit` writes into `folder` (best/last pairs, last.pt, results): declared, so that no
+        other output (--report) can be one of them."""
+        files = TrainFiles(Path(folder))
+        return tuple(Output(p, "file", "--out") for p in (*files.best, *files.last, files.checkpoint, *files.results))
 
     def cache_output(self) -> tuple[Output, ...]:
         cache = self.train.cache_dir

@@ -13,7 +13,8 @@ from compress.base.errors import PruneError
 from compress.darknet.model import DarknetModel
 from compress.darknet.persist import load, save
 from compress.darknet.summary import stage_figures
-from compress.detection.evaluate import EvalConfig, evaluate
+from compress.data.dataspec import load_data_spec
+from compress.detection.evaluate import EvalConfig, check_classes, evaluate
 from compress.prune.api import prune
 from compress.prune.registry import PruneConfig
 
@@ -59,6 +60,8 @@ def prune_files(cfg: str | os.PathLike, weights: str | os.PathLike | None, confi
     the report figures (before/after, per-layer channels). `compress.jobs.run_job(PruneJob(...))` guards the
     outputs first and writes OUT/report.json."""
     model = load(cfg, weights, device=measure.device)
+    if measure.data:  # before pruning and writing: a mismatch found by the evaluation after would leave a pair
+        check_classes(model.num_classes, load_data_spec(measure.data).nc, measure.data)
     size = measure.img_size or model.cfg.width
     result = prune(model, config)
     if outputs is not None:

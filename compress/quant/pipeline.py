@@ -19,11 +19,12 @@ import torch
 
 from compress.base import checks
 from compress.base.errors import QuantError
+from compress.base.fileio import atomic_files
 from compress.darknet.persist import load, pair_paths, save
 from compress.darknet.summary import file_size_mb, stage_figures
 from compress.data.dataset import load_data_spec, make_loader
 from compress.deploy.export import ExportConfig, export_onnx
-from compress.detection.evaluate import EvalConfig, evaluate, input_letterbox
+from compress.detection.evaluate import EvalConfig, check_classes, evaluate, input_letterbox
 from compress.train import distributed as D
 from compress.train.config import DistConfig, TrainConfig
 from compress.quant.config import config_to_dict
@@ -146,6 +147,7 @@ def _run(cfg: Any, weights: Any, data: Any, config: QuantConfig, paths: QuantOut
     # one input geometry for every subject: the ONNX predictor has no cfg to read it from
     settings = dataclasses.replace(settings, letterbox=input_letterbox(model, settings.letterbox))
     spec = load_data_spec(*data, training=True)
+    check_classes(model.num_classes, spec.nc, spec.source)  # before calibrating and writing anything
     qmodel = prepare_qat(model, config)
     _set_sync_bn(qmodel, settings.sync_bn, dist)
     # a resumed run takes its ranges from the checkpoint (calibrated, then moved by QAT)
@@ -180,12 +182,15 @@ def _run(cfg: Any, weights: Any, data: Any, config: QuantConfig, paths: QuantOut
 
 
 def _write(qmodel: torch.nn.Module, cfg: Any, weights: Any, paths: QuantOutputs, img: int) -> None:
-    """The Darknet pair (weights on the grid), quant.json, the integer weights and both ONNX graphs."""
-    save(qmodel, paths.cfg, paths.weights)
-    write_quant_json(qmodel, paths.quant_json, {"img_size": img, "source_cfg": str(cfg)})
-    write_int_weights(qmodel, paths.weights_int)
-    export_qdq_onnx(qmodel, paths.onnx, (img, img))
-    export_onnx(load(cfg, weights), paths.onnx_fp32, ExportConfig(img_size=img, dynamic_batch=True, opset=13))
+    """The Darknet pair (weights on the grid), quant.json, the integer weights and both ONNX graphs, as one set
+    (a full disk leaves none of them; the cfg, renamed last, marks the set complete)."""
+    order = (paths.quant_json, paths.weights_int, paths.onnx, paths.onnx_fp32, paths.weights, paths.cfg)
+    with atomic_files(*order) as (quant_json, weights_int, onnx, onnx_fp32, weights_out, cfg_out):
+        save(qmodel, cfg_out, weights_out)
+        write_quant_json(qmodel, quant_json, {"img_size": img, "source_cfg": str(cfg)})
+        write_int_weights(qmodel, weights_int)
+        export_qdq_onnx(qmodel, onnx, (img, img))
+        export_onnx(load(cfg, weights), onnx_fp32, ExportConfig(img_size=img, dynamic_batch=True, opset=13))
 
 
 def _accuracy(model: torch.nn.Module, qmodel: torch.nn.Module, out_model: torch.nn.Module, onnx_path: os.PathLike,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from compress.base.errors import RecipeError
+from compress.base.lock import output_lock
 from compress.jobs import JOBS, Job
 from compress.recipe.plan import Plan, plan_recipe
 from compress.recipe.runner import RunResult, execute_plan
@@ -50,6 +51,7 @@ def run_plan(recipe: PathLike, overrides: Iterable[str] = (), *, out: PathLike |
     plan = prepare(recipe, overrides, out, jobs)
     if dry_run:
         return plan
-    result = execute_plan(plan)
-    write_summary(result, stage_rows(result))
+    with output_lock(plan.out):  # one run per folder; its steps lock their own folders inside it
+        result = execute_plan(plan)
+        write_summary(result, stage_rows(result))
     return result

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +24,16 @@ from typing import Any
 import yaml
 
 from compress.base.errors import CompressError, RecipeError
-from compress.base.fileio import write_text_atomic
+from compress.base.fileio import is_temp_name, write_text_atomic
+from compress.base.guard import CACHE_DIR
+from compress.base.lock import LOCK_NAME
 from compress.jobs import Job, run_job
 from compress.recipe.plan import ModelSource, Plan, PlannedStep
 
 __all__ = ["StepRecord", "RunResult", "execute_plan", "render_commands", "sha256_file", "MANIFEST"]
 
 MANIFEST = "manifest.json"
+DATASET_KEY = "dataset"   # manifest sha256 entry: the fingerprint of the step's dataset files
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +148,37 @@ def _record(step: PlannedStep, job: Job, state: _State) -> StepRecord:
     if step.data:
         inputs["data"] = state.data
     files = [str(p) for p in job.inputs() if Path(p).is_file()]
+    hashes = {p: sha256_file(p) for p in dict.fromkeys(files)}
+    data = job.data_files()
+    if data:  # every image and label the step reads: a deleted or edited one re-runs it
+        hashes[DATASET_KEY] = dataset_fingerprint(data)
     return StepRecord(step.index, step.name, str(step.dir), ["yolo-compress", *step.argv(state.paths, state.data, job)],
-                      step.user.values, inputs, {p: sha256_file(p) for p in dict.fromkeys(files)})
+                      step.user.values, inputs, hashes)
+
+
+def dataset_fingerprint(files: tuple[Path, ...]) -> str:
+    """sha256 over (path, size, mtime) of each dataset file: a dataset is too large to hash its bytes on every
+    run, and any deletion, addition, truncation or edit changes this."""
+    h = hashlib.sha256()
+    for path in sorted(str(p) for p in files):
+        try:
+            st = os.stat(path)
+            h.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{path}\tmissing\n".encode())
+    return h.hexdigest()
+
+
+def output_files(step: PlannedStep, outputs: dict[str, str | None]) -> list[str]:
+    """Every file the step left in its folder (quant.json, ONNX graphs, checkpoints, ...) and its recorded
+    outputs: all are hashed, so an emptied or deleted one re-runs the step. The image cache and the lock are
+    not outputs."""
+    found = [p for p in outputs.values() if p and Path(p).is_file()]
+    for path in sorted(step.dir.rglob("*")) if step.dir.is_dir() else ():
+        top = path.relative_to(step.dir).parts[0]
+        if path.is_file() and top not in (CACHE_DIR, LOCK_NAME) and not is_temp_name(path.name):
+            found.append(str(path.resolve()))
+    return list(dict.fromkeys(found))
 
 
 def _continue_interrupted(step: PlannedStep, job: Job) -> Job:
@@ -166,7 +199,7 @@ def _run_step(step: PlannedStep, job: Job, record: StepRecord, plan: Plan, done:
         # a re-run replaces the step's own earlier outputs: the folder is the runner's
         run_job(job, step.report_path(job), exist_ok=True)
         record.outputs, record.figures = _collect(step)
-        record.output_sha256 = {p: sha256_file(p) for p in record.outputs.values() if p and Path(p).is_file()}
+        record.output_sha256 = {p: sha256_file(p) for p in output_files(step, record.outputs)}
     except CompressError as exc:
         record.status, record.error = "failed", str(exc)
         record.seconds = round(time.perf_counter() - t0, 2)
@@ -212,9 +245,10 @@ def _advance(state: _State, step: PlannedStep, record: StepRecord) -> None:
 
 
 def _outputs_intact(old: dict, label: str) -> bool:
-    """Every recorded output file still exists with the recorded sha256."""
+    """Every recorded output file (each file the step left, see `output_files`) still exists with the recorded
+    sha256."""
     hashes = old.get("output_sha256") or {}
-    files = [p for p in (old.get("outputs") or {}).values() if p]
+    files = list(dict.fromkeys([*(p for p in (old.get("outputs") or {}).values() if p), *hashes]))
     for path in files:
         if path not in hashes or not Path(path).is_file() or sha256_file(path) != hashes[path]:
             log.warning("[%s] output %s is missing or changed since the last run; running the step again",

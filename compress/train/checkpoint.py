@@ -53,8 +53,9 @@ def save_train_checkpoint(path: Path, state: TrainState, completed_epochs: int, 
 def restore_train_checkpoint(path: Path, state: TrainState) -> tuple[int, dict]:
     """Load `path` into the state's model/optimizer/EMA/scaler; returns (completed_epochs, progress)."""
     if not path.is_file():
-        raise TrainError(f"{path}: nothing to resume; run without --resume first (or pick the --out of "
-                         "an interrupted run)")
+        raise TrainError(f"{path}: nothing to resume: no checkpoint (the run never ended an epoch, or never "
+                         f"ran); run the same command without --resume, which starts afresh in {path.parent} "
+                         f"(a folder holding no report or checkpoint is not an earlier run)")
     ckpt = read_checkpoint(path)
     if ckpt.get("cfg") != format_cfg(state.model.cfg):
         raise TrainError(f"{path}: checkpoint was trained with another cfg; resume with the same --cfg")

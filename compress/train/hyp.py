@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from compress.base.fileio import require_regular
 from compress.train.config import TrainConfig, TrainError
 
 __all__ = ["HYP_KEYS", "IGNORED_KEYS", "load_hyp", "finetune_defaults", "resolve_train_config"]
@@ -72,7 +73,7 @@ def load_hyp(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check a hyp YAML file: a mapping of HYP_KEYS (and neutral IGNORED_KEYS) to values."""
     import yaml
 
-    path = Path(path)
+    path = require_regular(path, "--hyp", TrainError)  # a FIFO would block the read
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:

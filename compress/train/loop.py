@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from compress.base.fileio import atomic_files
 from compress.data.dataset import DataSpec, DetectionDataset, collate, to_input
 from compress.detection.losses import build_loss
 from compress.darknet.persist import pair_paths, save
@@ -305,14 +306,20 @@ class _Trainer:
         return {"map50": float(result.map50), "map50_95": float(result.map50_95)}
 
     def _save_epoch(self, done: int, row: dict) -> None:
+        """The epoch's files as one set (a full disk leaves the previous epoch's set, never last.cfg without
+        last.pt); the training checkpoint is renamed last, so last.pt always has its pairs beside it."""
         files = self.files
+        improved = row.get("map50") is not None and (self.best is None or row["map50"] > self.best)
+        best = row["map50"] if improved else self.best
+        pairs = [*files.last, *(files.best if improved else ())]
+        with atomic_files(*pairs, files.checkpoint) as temps:
+            save(self.eval_model, *temps[:2])
+            if improved:
+                save(self.eval_model, *temps[2:4])
+            save_train_checkpoint(temps[-1], self.state, done, {"history": self.history, "best": best})
+        self.best = best
         write_results_csv(files.results[0], self.history)
         plot_results(files.results[1], self.history)
-        save(self.eval_model, *files.last)
-        if row.get("map50") is not None and (self.best is None or row["map50"] > self.best):
-            self.best = row["map50"]
-            save(self.eval_model, *files.best)
-        self._save_checkpoint(done)
 
     def _set_mark(self, epoch: int, batch: int, sums: dict[str, float]) -> None:
         """Remember the state after an optimizer step; BN buffers too (a forward pass after the step, cut
