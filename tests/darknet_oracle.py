@@ -72,12 +72,12 @@ def yolo_block_text(block) -> str:
     return "\n".join(f"{k}={v}" for k, v in block.options) + "\n"
 
 
-def darknet_delta(block, head: torch.Tensor, targets: torch.Tensor, img_hw: tuple[int, int],
-                  max_boxes: int = 200) -> torch.Tensor:
+def darknet_delta(block, head: torch.Tensor, targets: torch.Tensor, img_hw: tuple[int, int]) -> torch.Tensor:
     """l.delta of Darknet's forward_yolo_layer for one [yolo] block, head map (N, A, H, W, 5+C) (the conv's
     output: logits, or probabilities with new_coords) and targets (M, 6) [image, class, x, y, w, h]."""
     n, na, h, w, ch = head.shape
     exe = harness()
+    max_boxes = block.get_int("max", 200)  # l.truths = max * 6 floats per image
     truth = np.zeros((n, max_boxes, 6), np.float32)
     for b in range(n):
         rows = targets[targets[:, 0] == b]
