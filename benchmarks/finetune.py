@@ -3,7 +3,8 @@
 For each model, runs the issue's command with the train command's defaults (only --loss varies if asked):
     train --cfg M.cfg --weights M.weights --data coco128 --epochs 2 --img-size S --batch-size 8
 (S: the cfg's own [net] width unless --img-size is given) and compares the mAP@.5 / mAP@.5:.95 of the trained
-model (the last epoch's and the reported best) with the pretrained model's, both measured by `compress.detection.evaluate` on COCO128 (the training images) at the same size.
+model (the last epoch's and the reported best) with the pretrained model's, both measured by
+`compress.detection.evaluate` on COCO128 (the training images) at the same size.
 
     python benchmarks/finetune.py --out finetune.json [--models yolov4-tiny yolov3-tiny] [--loss darknet v5]
     # a shorter check: the first 64 images, 320 px, evaluated once after training
