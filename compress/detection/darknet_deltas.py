@@ -1,6 +1,6 @@
 """`l.delta` of Darknet's `forward_yolo_layer` (AlexeyAB `src/yolo_layer.c`, `process_batch`), vectorised.
 
-Darknet's two passes, with the order effects kept (its code is sequential; the comments name its lines):
+Darknet's two passes, with the order effects kept (its code is sequential; the comments name its functions):
 1. Every cell: objectness pushed to 0 (`obj_normalizer * (0 - p)`), dropped (or, with `objectness_smooth`,
    raised to `best_iou - p`) when its box overlaps a truth by more than `ignore_thresh` and one class prob is
    > 0.25; with `truth_thresh` < 1 a cell overlapping a truth by more becomes positive for it (box, class reset).
@@ -14,6 +14,10 @@ Darknet's two passes, with the order effects kept (its code is sequential; the c
    its classes with a positive delta (`averages_yolo_deltas`).
 The delta is then scaled by `delta_normalizer` (Darknet's GPU backward). Truths with a class outside the head's
 classes are skipped, as Darknet skips them; only the first `max` truths of an image count.
+
+Two differences, both at inputs Darknet itself mishandles: Darknet stops reading an image's truths at the first
+with x == 0 (the end of its zero padding), where we read them all; a truth at x or y == 1.0 makes Darknet
+write past the end of its row (cell index w), where we use the last cell.
 """
 from __future__ import annotations
 
