@@ -1,9 +1,10 @@
 """Fine-tuning official Darknet weights must not make them worse: mAP before vs after `train --weights`.
 
 For each model, runs the issue's command with the train command's defaults (only --loss varies if asked):
-    train --cfg M.cfg --weights M.weights --data coco128 --epochs 2 --img-size 416 --batch-size 8
-and compares the mAP@.5 / mAP@.5:.95 of the trained model (the last epoch's and the reported best) with the
-pretrained model's, both measured by `compress.detection.evaluate` on COCO128 (the training images) at the same size.
+    train --cfg M.cfg --weights M.weights --data coco128 --epochs 2 --img-size S --batch-size 8
+(S: the cfg's own [net] width unless --img-size is given) and compares the mAP@.5 / mAP@.5:.95 of the trained
+model (the last epoch's and the reported best) with the pretrained model's, both measured by
+`compress.detection.evaluate` on COCO128 (the training images) at the same size.
 
     python benchmarks/finetune.py --out finetune.json [--models yolov4-tiny yolov3-tiny] [--loss darknet v5]
     # a shorter check: the first 64 images, 320 px, evaluated once after training
@@ -20,7 +21,7 @@ from pathlib import Path
 from click.testing import CliRunner
 from tabulate import tabulate
 
-from compress import load
+from compress import load, read_cfg
 from compress.cli import cli
 from compress.data.dataset import load_data_spec
 from compress.detection.evaluate import EvalConfig, evaluate
@@ -36,9 +37,10 @@ def score(cfg: Path, weights: Path, data: Path, img_size: int) -> tuple[float, f
     return round(float(r.map50), 4), round(float(r.map50_95), 4), "letterbox" if r.letterbox else "plain resize"
 
 
-def run_one(name: str, loss: str | None, data: Path, img_size: int, epochs: int, batch: int, work: Path,
+def run_one(name: str, loss: str | None, data: Path, img_size: int | None, epochs: int, batch: int, work: Path,
             extra: list[str]) -> dict:
     cfg, weights = ASSETS / "weights" / f"{name}.cfg", ASSETS / "weights" / f"{name}.weights"
+    img_size = img_size or read_cfg(cfg).width  # the size the official weights were trained at
     before = score(cfg, weights, data, img_size)
     out = work / f"{name}-{loss or 'default'}"
     args = ["train", "--cfg", str(cfg), "--weights", str(weights), "--data", str(data), "--out", str(out),
@@ -79,7 +81,7 @@ def main() -> None:
     ap.add_argument("--loss", nargs="+", default=[None], help="Losses to compare (default: train's default).")
     ap.add_argument("--data", type=Path, default=ASSETS / "data" / "coco128" / "images" / "train2017")
     ap.add_argument("--limit", type=int, help="Use only the first N images (train = valid).")
-    ap.add_argument("--img-size", type=int, default=416)
+    ap.add_argument("--img-size", type=int, help="Train/eval size (default: each cfg's own [net] width).")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--work", type=Path, default=Path("runs/finetune"))

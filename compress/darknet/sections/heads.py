@@ -101,9 +101,17 @@ def _build_region(block: Block, ins: list[int], ctx: Ctx) -> Any:
 
 _HEAD_KEYS = (Key("classes", min=1), Key("num", min=1), Key("mask", "ints", min=0), Key("scale_x_y", "float", min=0),
               Key("new_coords", min=0, max=1))
+# [yolo]'s training keys, as Darknet's parse_yolo reads them (compress.detection.losses_darknet uses them)
+_YOLO_LOSS_KEYS = (
+    Key("iou_loss", "str", choices=("mse", "iou", "giou", "diou", "ciou")),
+    Key("iou_thresh_kind", "str", choices=("iou", "giou", "diou", "ciou")),
+    *(Key(k, "float", min=0) for k in ("iou_normalizer", "obj_normalizer", "cls_normalizer", "delta_normalizer",
+                                       "ignore_thresh", "truth_thresh", "iou_thresh", "max_delta")),
+    Key("label_smooth_eps", "float", min=0, max=1), Key("objectness_smooth", min=0), Key("focal_loss", min=0),
+    Key("counters_per_class", "ints"), Key("max", min=1))
 register(Section(
     "yolo", "YOLOv3/v4 head (mask=, anchors=, num=, scale_x_y=, new_coords=); reference dialect: from= (ASFF)",
-    _build_yolo, keys=_HEAD_KEYS, refs=("from",), inputs=_head_inputs, channels=_head_channels,
+    _build_yolo, keys=_HEAD_KEYS + _YOLO_LOSS_KEYS, refs=("from",), inputs=_head_inputs, channels=_head_channels,
     shape=_head_shape, flow=_head_flow, check=check_yolo_block, head=True, darknet_loss=True,
     dialects=("darknet", "reference"), pruning="input stays whole"))
 register(Section(
