@@ -8,7 +8,7 @@ from typing import Literal
 from compress.base.errors import DistillError
 
 __all__ = ["DistillConfig", "DEFAULT_WEIGHTS", "DEFAULT_RATIOS", "TERMS", "LOGIT_MODES", "FEATURE_MODES",
-           "DEFAULT_STRATEGY", "parse_pairs"]
+           "DEFAULT_STRATEGY", "DEFAULT_WEIGHT_CAP", "DEFAULT_DRIFT", "parse_pairs"]
 
 TERMS = ("kd_soft", "kd_box", "kd_feat")  # loss names, in the order of the (soft, box, feat) weight triples
 # Reference weights per strategy (the reference project; ../shared/docs/reference-algorithms.md §6):
@@ -28,6 +28,10 @@ DEFAULT_WEIGHTS: dict[int, tuple[float, float, float]] = {
 # least-squares adapter) is the best on both metrics' means (+1.2 mAP@.5:.95, +0.5 mAP@.5); strategy 5 is +0.24
 # higher on mAP@.5:.95 (inside the seed noise) but 0.9 lower on mAP@.5, so 4 is the default.
 DEFAULT_RATIOS: tuple[float, float, float] = (1.0, 0.05, 1.0)
+# Guards on calibrated weights (calibrate.py): at most DEFAULT_WEIGHT_CAP x the ratio (the raw term is taken as at
+# least 1% of the detection loss), recalibrated when a term's share exceeds DEFAULT_DRIFT x its ratio.
+DEFAULT_WEIGHT_CAP = 100.0
+DEFAULT_DRIFT = 2.0
 DEFAULT_STRATEGY = 4  # the best of benchmarks/kd.py on mAP@.5 and mAP@.5:.95 together
 LOGIT_MODES = ("sigmoid", "softmax")
 FEATURE_MODES = ("at", "softmax", "fitnet")
@@ -61,7 +65,11 @@ class DistillConfig:
         baseline: also train the student without KD (same epochs, same seed) and report both.
         reference_kd1: strategy 1 softmaxes the whole 5+C vector (box logits included) like the reference.
         box_margin: margin m of the teacher-bounded regression (strategy 2).
-        calib_batches: batches whose mean loss values set the calibrated weights.
+        calib_batches: batches whose mean loss values set the calibrated weights (and the drift window).
+        weight_cap: a calibrated weight is at most weight_cap x its ratio, i.e. calibration treats a raw term below
+            1/weight_cap of the detection loss (a student that starts almost equal to its teacher) as that large.
+        drift: after calibration, a term whose weighted mean over a window of calib_batches batches exceeds
+            drift x its ratio of the detection loss is recalibrated on that window; None: weights stay fixed.
     """
 
     strategy: int = DEFAULT_STRATEGY
@@ -79,6 +87,8 @@ class DistillConfig:
     reference_kd1: bool = False
     box_margin: float = 0.0
     calib_batches: int = 4
+    weight_cap: float = DEFAULT_WEIGHT_CAP
+    drift: float | None = DEFAULT_DRIFT
     _weights: tuple[float | None, float | None, float | None] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -100,6 +110,11 @@ class DistillConfig:
             raise DistillError(f"box_margin={self.box_margin}: must be finite and >= 0")
         if self.calib_batches < 1:
             raise DistillError(f"calib_batches={self.calib_batches}: must be >= 1")
+        if not (math.isfinite(self.weight_cap) and self.weight_cap > 0):
+            raise DistillError(f"weight_cap={self.weight_cap}: must be a positive number, e.g. {DEFAULT_WEIGHT_CAP:g}")
+        if self.drift is not None and not (math.isfinite(self.drift) and self.drift > 1):
+            raise DistillError(f"drift={self.drift}: must be > 1 (e.g. {DEFAULT_DRIFT:g}) or None to keep the "
+                               "calibrated weights fixed")
         if self.pairs is not None:
             pairs = tuple((int(s), int(t)) for s, t in self.pairs)
             if not pairs or any(s < 0 or t < 0 for s, t in pairs):

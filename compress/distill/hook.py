@@ -122,7 +122,7 @@ class DistillHook(Hook):
         """Weighted KD terms for a batch whose student forward (raw `heads`) already ran with the taps attached.
         `det` (per-image detection loss of the batch) feeds the calibration while it runs."""
         raw = self.raw_terms(imgs, targets, heads)
-        if det is not None and self.calibrator.needed:
+        if det is not None and self.calibrator.watching:
             values = {k: v.detach() for k, v in raw.items() if k in TERMS}
             values["det"] = torch.as_tensor(det, dtype=torch.float32).detach()
             names = list(values)
@@ -149,7 +149,7 @@ class DistillHook(Hook):
                 raise DistillError(f"student head {tuple(s.shape)} and teacher head {tuple(t.shape)} differ at input "
                                    f"{img_hw[1]}x{img_hw[0]}; use an input size both models divide")
         inputs = KDInputs(heads, t_heads, self._positives(heads, targets, img_hw), self._features(), img_hw,
-                          self._scales(), tuple(self.adapters))
+                          self._scales(), self._new_coords(), tuple(self.adapters))
         return STRATEGIES[self.config.strategy](inputs, self.config)
 
     def _det_loss(self, state: Any, imgs: Tensor, targets: Tensor, heads: list[Tensor]) -> Tensor:
@@ -183,6 +183,10 @@ class DistillHook(Hook):
 
     def _scales(self) -> tuple[tuple[float, float], ...]:
         return tuple((s.scale_x_y, self.teacher.heads[k].scale_x_y) for s, k in zip(self._student.heads, self.head_map))
+
+    def _new_coords(self) -> tuple[tuple[bool, bool], ...]:
+        return tuple((bool(s.new_coords), bool(self.teacher.heads[k].new_coords))
+                     for s, k in zip(self._student.heads, self.head_map))
 
     def _accumulate(self, parts: dict[str, Tensor], det: Tensor | float) -> None:
         for k, v in {**parts, "det": torch.as_tensor(det)}.items():

@@ -1,7 +1,10 @@
 """Distillation losses as pure functions of tensors: the reference project's strategies, with the bugs listed
 in its notes (../shared/docs/reference-algorithms.md §10.12) fixed.
 
-Shapes: raw head maps are (N, A, H, W, 5+C) logits; features are (N, C, H, W). Positive cells come from the
+Shapes: raw head maps are (N, A, H, W, 5+C): logits, or probabilities for a `new_coords=1` head (scaled-YOLOv4,
+YOLOv7: the conv before it applied the logistic). `head_logits` turns the latter into logits before any logit
+term, so sigmoid(.) gives back the head's own probabilities and every KL compares probabilities; box terms decode
+each head with its own formula (`decode_cell_boxes`). Features are (N, C, H, W). Positive cells come from the
 student's `build_targets` as `HeadPositives`. Every KL term is `KL(p_t || p_s)` summed and scaled by T^2 / N
 (Hinton et al.), as in the reference; box terms are sums over positives / N too, so every term is per image
 (fit() multiplies the loss by the batch size, like its detection parts). Teacher tensors are expected to carry
@@ -24,7 +27,7 @@ from compress.distill.config import DistillConfig
 from compress.distill.imitate import LstsqAdapter
 
 __all__ = ["HeadPositives", "KDInputs", "STRATEGIES", "register_strategy", "soft_kl", "sigmoid_kl", "kd_logit_loss",
-           "kd_sigmoid_loss", "decode_positive_boxes", "kd_box_teacher_bounded", "kd_box_mimic", "attention_map",
+           "kd_sigmoid_loss", "decode_positive_boxes", "kd_box_teacher_bounded", "kd_box_mimic", "attention_map", "head_logits",
            "kd_attention_loss", "at_map", "kd_at_loss", "fine_grained_mask"]
 
 
@@ -49,6 +52,7 @@ class KDInputs:
     features: list[tuple[Tensor, Tensor]]
     img_hw: tuple[int, int]
     scales: tuple[tuple[float, float], ...] = ()  # (student, teacher) scale_x_y per head
+    new_coords: tuple[tuple[bool, bool], ...] = ()  # (student, teacher) per head: the map holds probabilities
     adapters: tuple[LstsqAdapter, ...] = ()  # one per feature pair, for feature="fitnet" (none: fit per batch)
 
 
@@ -90,16 +94,34 @@ def kd_sigmoid_loss(s_heads: list[Tensor], t_heads: list[Tensor], temperature: f
     return total / s_heads[0].shape[0]
 
 
+PROB_EPS = 1e-6  # probabilities are clamped to [eps, 1 - eps] before the logit (float32 saturates at 1 - 6e-8)
+
+
+def head_logits(p: Tensor, new_coords: bool) -> Tensor:
+    """A head map as logits: unchanged for a classic head; logit(p) for a new_coords head, whose map already holds
+    sigmoid outputs (treating those as logits would compare sigmoid(p), squeezed into [0.5, 0.73])."""
+    return torch.logit(p.clamp(PROB_EPS, 1 - PROB_EPS)) if new_coords else p
+
+
+def _head_flags(x: "KDInputs") -> tuple[tuple[bool, bool], ...]:
+    return x.new_coords or ((False, False),) * len(x.s_heads)
+
+
 def _logit_term(x: "KDInputs", config: DistillConfig) -> Tensor:
+    flags = _head_flags(x)
+    s_heads = [head_logits(s, ns) for s, (ns, _) in zip(x.s_heads, flags)]
+    t_heads = [head_logits(t, nt) for t, (_, nt) in zip(x.t_heads, flags)]
     if config.reference_kd1 or config.logits == "softmax":
-        return kd_logit_loss(x.s_heads, x.t_heads, config.temperature, config.reference_kd1)
-    return kd_sigmoid_loss(x.s_heads, x.t_heads, config.temperature, config.confidence)
+        return kd_logit_loss(s_heads, t_heads, config.temperature, config.reference_kd1)
+    return kd_sigmoid_loss(s_heads, t_heads, config.temperature, config.confidence)
 
 
-def decode_positive_boxes(p: Tensor, pos: HeadPositives, anchors: Tensor, scale_x_y: float = 1.0) -> Tensor:
+def decode_positive_boxes(p: Tensor, pos: HeadPositives, anchors: Tensor, scale_x_y: float = 1.0,
+                          new_coords: bool = False) -> Tensor:
     """Boxes (n, 4) at the positive cells in grid units, the model's formula (`YOLOLayer.decode`):
-    (sigma(tx) * s - (s - 1) / 2, sigma(ty) * s - (s - 1) / 2, e^tw * aw, e^th * ah)."""
-    return decode_cell_boxes(p[pos.b, pos.a, pos.gy, pos.gx, :4], anchors, scale_x_y)
+    (sigma(tx) * s - (s - 1) / 2, sigma(ty) * s - (s - 1) / 2, e^tw * aw, e^th * ah), or for a new_coords head
+    (px * s - (s - 1) / 2, py * s - (s - 1) / 2, (2 pw)^2 * aw, (2 ph)^2 * ah)."""
+    return decode_cell_boxes(p[pos.b, pos.a, pos.gy, pos.gx, :4], anchors, scale_x_y, new_coords)
 
 
 def kd_box_teacher_bounded(box_s: Tensor, box_t: Tensor, gt: Tensor, margin: float = 0.0) -> tuple[Tensor, Tensor]:
@@ -219,8 +241,9 @@ def _boxes(x: KDInputs) -> list[tuple[Tensor, Tensor, Tensor]]:
     if x.positives is None:
         raise ValueError("box distillation needs the positive cells of build_targets")
     scales = x.scales or ((1.0, 1.0),) * len(x.s_heads)
-    return [(decode_positive_boxes(s, pos, pos.anchors_s, ss), decode_positive_boxes(t, pos, pos.anchors_t, ts),
-             pos.tbox) for s, t, pos, (ss, ts) in zip(x.s_heads, x.t_heads, x.positives, scales)]
+    return [(decode_positive_boxes(s, pos, pos.anchors_s, ss, ns), decode_positive_boxes(t, pos, pos.anchors_t, ts, nt),
+             pos.tbox) for s, t, pos, (ss, ts), (ns, nt) in zip(x.s_heads, x.t_heads, x.positives, scales,
+                                                                 _head_flags(x))]
 
 
 @register_strategy(2)
