@@ -17,9 +17,8 @@ import torch
 
 import compress
 from compress.base.errors import PruneError
-from compress.darknet.cfg import parse_cfg, write_cfg
+from compress.darknet.cfg import parse_cfg
 from compress.darknet.model import build_model
-from compress.darknet.weights import write_weights
 from compress.prune import PruneConfig, prune
 from compress.prune.blocks import remove_units
 from compress.prune.coupling import build_coupling

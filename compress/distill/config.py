@@ -35,6 +35,8 @@ DEFAULT_DRIFT = 2.0
 DEFAULT_STRATEGY = 4  # the best of benchmarks/kd.py on mAP@.5 and mAP@.5:.95 together
 LOGIT_MODES = ("sigmoid", "softmax")
 FEATURE_MODES = ("at", "softmax", "fitnet")
+ATTENTION_MODES = ("mean", "sum")
+FEATURE_LAYERS = ("stride", "every_conv")
 _USED = {1: (True, False, False), 2: (True, True, False), 3: (True, True, False), 4: (True, True, True),
          5: (True, True, True)}
 
@@ -61,7 +63,12 @@ class DistillConfig:
             cells (fine-grained imitation). "at" = L2-normalised spatial attention maps (mean_c F^2) at every
             stride, squared distance (Zagoruyko & Komodakis); "softmax" = the reference's KL between
             softmax(mean_c |F| / T) maps.
-        pairs: explicit (student layer, teacher layer) feature pairs; None pairs them by stride.
+        pairs: explicit (student layer, teacher layer) feature pairs; None pairs them by `feature_layers`.
+        attention: channel reduction of the "softmax" attention map: "mean" of |F| (ours: independent of the
+            channel count) or "sum" (the reference's).
+        feature_layers: without `pairs`, "stride" = one feature per stride both models have; "every_conv" = the
+            reference's set, every conv block not feeding a [yolo] directly, k-th with k-th (same count and
+            sizes in both models, i.e. a channel-pruned student).
         baseline: also train the student without KD (same epochs, same seed) and report both.
         reference_kd1: strategy 1 softmaxes the whole 5+C vector (box logits included) like the reference.
         box_margin: margin m of the teacher-bounded regression (strategy 2).
@@ -82,6 +89,8 @@ class DistillConfig:
     logits: Literal["sigmoid", "softmax"] = "sigmoid"
     confidence: bool = True
     feature: Literal["at", "softmax", "fitnet"] = "fitnet"
+    attention: Literal["mean", "sum"] = "mean"
+    feature_layers: Literal["stride", "every_conv"] = "stride"
     pairs: tuple[tuple[int, int], ...] | None = None
     baseline: bool = False
     reference_kd1: bool = False
@@ -106,6 +115,8 @@ class DistillConfig:
         object.__setattr__(self, "ratios", tuple(d if v is None else float(v) for v, d in zip(ratios, DEFAULT_RATIOS)))
         _choice("logits", self.logits, LOGIT_MODES)
         _choice("feature", self.feature, FEATURE_MODES)
+        _choice("attention", self.attention, ATTENTION_MODES)
+        _choice("feature_layers", self.feature_layers, FEATURE_LAYERS)
         if self.box_margin < 0 or not math.isfinite(self.box_margin):
             raise DistillError(f"box_margin={self.box_margin}: must be finite and >= 0")
         if self.calib_batches < 1:
@@ -127,9 +138,11 @@ class DistillConfig:
 
     @classmethod
     def reference(cls, strategy: int = DEFAULT_STRATEGY, **kw) -> "DistillConfig":
-        """The reference project's formulation: softmax logits and attention at T=3, its absolute weights."""
+        """The reference project's formulation: softmax logits and attention at T=3, its absolute weights, its
+        attention map (channel sum of |F|) on every conv block not feeding a [yolo]."""
         return cls(strategy=strategy, **{"temperature": 3.0, "calibrate": False, "logits": "softmax",
-                                         "feature": "softmax", **kw})
+                                         "feature": "softmax", "attention": "sum", "feature_layers": "every_conv",
+                                         **kw})
 
     @property
     def fixed_weights(self) -> tuple[float | None, float | None, float | None]:

@@ -19,7 +19,8 @@ from compress.train.distributed import group_size
 from compress.train.hooks import Hook
 from compress.distill.calibrate import Calibrator
 from compress.distill.config import TERMS, DistillConfig
-from compress.distill.features import FeatureTap, check_compatible, pair_by_stride, pair_heads, validate_pairs
+from compress.distill.features import (FeatureTap, check_compatible, pair_by_stride, pair_every_conv, pair_heads,
+                                       validate_pairs)
 from compress.distill.imitate import LstsqAdapter
 from compress.distill.losses import STRATEGIES, HeadPositives, KDInputs
 
@@ -66,14 +67,19 @@ class DistillHook(Hook):
         img_hw = img_hw or (student.cfg.height, student.cfg.width)
         self.head_map = pair_heads(student, self.teacher, img_hw)
         if self.config.uses_features:
-            self.pairs = (validate_pairs(student, self.teacher, self.config.pairs, img_hw)
-                          if self.config.pairs else pair_by_stride(student, self.teacher, img_hw,
-                                                                   heads_only=self.config.feature == "fitnet"))
+            self.pairs = self._pair_features(student, img_hw)
             if self.config.feature == "fitnet" and len(self.adapters) != len(self.pairs):
                 self.adapters = [LstsqAdapter() for _ in self.pairs]
             self._taps = (FeatureTap(student, [s for s, _ in self.pairs]),
                           FeatureTap(self.teacher, [t for _, t in self.pairs]))
         self._student = student
+
+    def _pair_features(self, student: DarknetModel, img_hw: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+        if self.config.pairs:
+            return validate_pairs(student, self.teacher, self.config.pairs, img_hw)
+        if self.config.feature_layers == "every_conv":
+            return pair_every_conv(student, self.teacher, img_hw)
+        return pair_by_stride(student, self.teacher, img_hw, heads_only=self.config.feature == "fitnet")
 
     def teardown(self) -> None:
         if self._taps:

@@ -27,8 +27,8 @@ from compress.distill.config import DistillConfig
 from compress.distill.imitate import LstsqAdapter
 
 __all__ = ["HeadPositives", "KDInputs", "STRATEGIES", "register_strategy", "soft_kl", "sigmoid_kl", "kd_logit_loss",
-           "kd_sigmoid_loss", "decode_positive_boxes", "kd_box_teacher_bounded", "kd_box_mimic", "attention_map", "head_logits",
-           "kd_attention_loss", "at_map", "kd_at_loss", "fine_grained_mask"]
+           "kd_sigmoid_loss", "decode_positive_boxes", "kd_box_teacher_bounded", "kd_box_mimic", "attention_map",
+           "head_logits", "kd_attention_loss", "at_map", "kd_at_loss", "fine_grained_mask"]
 
 
 class HeadPositives(NamedTuple):
@@ -142,18 +142,21 @@ def kd_box_mimic(box_s: Tensor, box_t: Tensor) -> Tensor:
     return ((box_s - box_t.detach()) ** 2).sum()
 
 
-def attention_map(f: Tensor) -> Tensor:
-    """(N, C, H, W) -> (N, H*W): mean over channels of |F|. The mean (not the reference's sum) keeps the
-    map's scale independent of the channel count, so pruned or narrower students are comparable."""
-    return f.abs().mean(1).flatten(1)
+def attention_map(f: Tensor, reduce: str = "mean") -> Tensor:
+    """(N, C, H, W) -> (N, H*W): |F| reduced over channels. "mean" (ours) keeps the map's scale independent of
+    the channel count, so pruned or narrower students are comparable; "sum" is the reference's map."""
+    att = f.abs()
+    return (att.sum(1) if reduce == "sum" else att.mean(1)).flatten(1)
 
 
-def kd_attention_loss(f_s: Tensor, f_t: Tensor, temperature: float, mask: Tensor | None = None) -> Tensor:
+def kd_attention_loss(f_s: Tensor, f_t: Tensor, temperature: float, mask: Tensor | None = None,
+                      reduce: str = "mean") -> Tensor:
     """KL between the softmax(att/T) spatial distributions of paired features, times T^2 / N. `mask`
-    (N, H, W) multiplies both maps before the softmax (masked cells stay in it as zeros, as in the reference)."""
+    (N, H, W) multiplies both maps before the softmax (masked cells stay in it as zeros, as in the reference);
+    `reduce`: the channel reduction of `attention_map`."""
     if f_s.shape[-2:] != f_t.shape[-2:]:
         raise ValueError(f"paired features differ in size: student {tuple(f_s.shape)} vs teacher {tuple(f_t.shape)}")
-    att_s, att_t = attention_map(f_s), attention_map(f_t)
+    att_s, att_t = attention_map(f_s, reduce), attention_map(f_t, reduce)
     if mask is not None:
         m = mask.flatten(1).to(att_s.dtype)
         att_s, att_t = att_s * m, att_t * m
@@ -179,7 +182,7 @@ def kd_at_loss(f_s: Tensor, f_t: Tensor, mask: Tensor | None = None) -> Tensor:
 def _feature_term(x: KDInputs, i: int, config: DistillConfig, mask: Tensor | None = None) -> Tensor:
     fs, ft = x.features[i]
     if config.feature == "softmax":
-        return kd_attention_loss(fs, ft, config.temperature, mask)
+        return kd_attention_loss(fs, ft, config.temperature, mask, config.attention)
     if config.feature == "fitnet":  # without adapters (no history): fitted on this batch alone
         if x.adapters and len(x.adapters) != len(x.features):
             raise ValueError("feature='fitnet' needs one LstsqAdapter per feature pair (KDInputs.adapters)")
