@@ -109,7 +109,8 @@ def run_variant(name: str, seed: int, args: argparse.Namespace, paths: dict) -> 
         res = distill(s, load(paths["t_cfg"], paths["t_weights"]), spec, config, train)
         d = res.to_dict()
         row = {"map50": d["map50_kd"], "map50_95": d["map50_95_kd"], "kd_weights": d["kd_weights"],
-               "shares_first": d["kd_shares"]["first_epoch"], "shares_last": d["kd_shares"]["last_epoch"]}
+               "shares_first": d["kd_shares"]["first_epoch"], "shares_last": d["kd_shares"]["last_epoch"],
+               "recalibrations": (d["kd_calibration"] or {}).get("recalibrations", [])}
     return {**row, "variant": name, "seed": seed, "seconds": round(time.perf_counter() - t0, 1)}
 
 

@@ -1,11 +1,19 @@
 """Distillation losses: math invariants of the pure functions (no models, no training)."""
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from compress.base.errors import DistillError
+from compress.darknet.cfg import read_cfg
+from compress.darknet.model import build_model
+from compress.distill import DistillHook
 from compress.distill.config import DEFAULT_WEIGHTS, DistillConfig
+from compress.distill.features import pair_every_conv
 from compress.distill.losses import (STRATEGIES, HeadPositives, KDInputs, attention_map, decode_positive_boxes,
                                      fine_grained_mask, kd_attention_loss, kd_box_mimic, kd_box_teacher_bounded,
                                      kd_logit_loss, soft_kl, sigmoid_kl, kd_sigmoid_loss, at_map, kd_at_loss)
@@ -199,3 +207,30 @@ def test_every_strategy_is_positive_and_differentiable_for_different_models(k):
     total.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in s_heads)
     assert all(f.grad is not None for f, _ in feats) == (k >= 4)
+
+
+def test_reference_attention_is_the_channel_sum_on_every_conv_block():
+    """--reference: the reference's map sum_c |F| (reference-algorithms.md section 6, KDstr 4), not our mean, and its
+    layer set: every conv block not feeding a [yolo], k-th with k-th."""
+
+    f_s, f_t = torch.rand(2, 3, 4, 5), torch.rand(2, 6, 4, 5)
+    att_s, att_t = f_s.abs().sum(1).flatten(1), f_t.abs().sum(1).flatten(1)
+    T = 3.0
+    pt, ps = torch.softmax(att_t / T, 1), torch.softmax(att_s / T, 1)
+    want = (pt * (pt.log() - ps.log())).sum() * T * T / 2
+    assert torch.allclose(kd_attention_loss(f_s, f_t, T, reduce="sum"), want, atol=1e-6)
+    assert not math.isclose(float(kd_attention_loss(f_s, f_t, T)), float(want), rel_tol=1e-3)  # the mean differs
+    config = DistillConfig.reference(4)
+    assert (config.attention, config.feature_layers, config.feature) == ("sum", "every_conv", "softmax")
+    cfg = read_cfg(Path(__file__).resolve().parents[1] / "recipes" / "demo.cfg")
+    teacher, student = build_model(cfg), build_model(cfg)
+    hook = DistillHook(teacher, config)
+    hook.setup(student, (128, 128))
+    g = student.graph
+    heads_in = {g.inputs[h][0] for h in g.heads}
+    convs = [i for i, s in enumerate(g.sections) if s.conv and i not in heads_in]
+    assert hook.pairs == tuple(zip(convs, convs)) and len(convs) > 3
+    hook.teardown()
+    other = build_model(read_cfg(Path(__file__).resolve().parent / "data" / "tiny-shortcut.cfg"))
+    with pytest.raises(DistillError, match="channel-pruned copy of the teacher"):
+        pair_every_conv(other, teacher, (64, 64))

@@ -42,8 +42,9 @@ SHARE_ROWS = [("epoch", "epoch"), ("det", "detection"), *[(k, k) for k in TERMS]
               "softmax: the reference's softmax over [obj, classes].")
 @click.option("--feature-kd", type=click.Choice(FEATURE_MODES), help="fitnet: neck features through a "
               "least-squares 1x1 adapter (default); at: L2-normalised attention maps; softmax: the reference's.")
-@click.option("--reference", is_flag=True, help="The reference's formulation: softmax terms at T=3 and its "
-              "absolute weights (no calibration), for comparison.")
+@click.option("--reference", is_flag=True, help="The reference's formulation: softmax terms at T=3, its "
+              "absolute weights (no calibration) and its attention (channel sum of |F| on every conv block), for "
+              "comparison.")
 @fit_options(DistillJob)
 @click.option("--baseline", is_flag=True, help="Also train without KD (same epochs and seed) and report both.")
 @click.option("--pairs", help="Feature pairs 'student:teacher,...' for --kd 4/5 (default: one per stride).")

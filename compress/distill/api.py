@@ -111,7 +111,9 @@ def _run(student: DarknetModel, teacher: DarknetModel, data_spec: DataSpec, conf
             base_cfg = TrainConfig(**{**train_config.to_dict(), "resume": False})  # interrupted before it began
         baseline = fit(base_model, data_spec, base_cfg, hooks=[], device=device, out_dir=_sub(out, "baseline"),
                        distributed=dist_cfg)
-    calibration = {**hook.calibrator.start_values(), "ratios": dict(zip(TERMS, config.ratios))} \
+    calibration = {**hook.calibrator.start_values(), "ratios": dict(zip(TERMS, config.ratios)),
+                   "weight_cap": config.weight_cap, "drift": config.drift,
+                   "recalibrations": hook.calibrator.recalibrations} \
         if config.calibrate else {}
     extras = dict(weights_used=hook.weights, calibration=calibration, shares=hook.shares,
                   world_size=dist_cfg.world_size)

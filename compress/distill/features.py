@@ -10,7 +10,8 @@ from torch import nn
 from compress.base.errors import DistillError
 from compress.darknet.model import DarknetModel
 
-__all__ = ["check_compatible", "stride_features", "pair_by_stride", "validate_pairs", "pair_heads", "FeatureTap"]
+__all__ = ["check_compatible", "stride_features", "pair_by_stride", "pair_every_conv", "validate_pairs",
+           "pair_heads", "FeatureTap"]
 
 log = logging.getLogger(__name__)
 Stride = tuple[float, float]  # (img_h / H, img_w / W)
@@ -64,6 +65,25 @@ def pair_by_stride(student: DarknetModel, teacher: DarknetModel, img_hw: tuple[i
                            f"{img_hw[1]}x{img_hw[0]}; give --pairs 's:t,...' or use --kd 1..3")
     log.info("feature pairs by stride: %s", ", ".join(f"{s}:{t}" for s, t in pairs))
     return pairs
+
+
+def _conv_features(model: DarknetModel) -> list[int]:
+    """The reference's feature set: every conv block whose output does not feed a [yolo] head directly."""
+    g = model.graph
+    pred_convs = {g.inputs[h][0] for h in g.heads}
+    return [i for i, section in enumerate(g.sections) if section.conv and i not in pred_convs]
+
+
+def pair_every_conv(student: DarknetModel, teacher: DarknetModel, img_hw: tuple[int, int]
+                    ) -> tuple[tuple[int, int], ...]:
+    """The reference's pairing (KDstr 4/5): the k-th such conv of the student with the k-th of the teacher; the
+    two models must have as many of them, of equal sizes (a channel-pruned student), else DistillError."""
+    fs, ft = _conv_features(student), _conv_features(teacher)
+    if len(fs) != len(ft):
+        raise DistillError(f"student {_name(student)} has {len(fs)} conv blocks outside its heads, teacher "
+                           f"{_name(teacher)} {len(ft)}: the reference's feature pairing (--reference) needs a "
+                           "channel-pruned copy of the teacher; give --pairs 's:t,...' or drop --reference")
+    return validate_pairs(student, teacher, tuple(zip(fs, ft)), img_hw)
 
 
 def validate_pairs(student: DarknetModel, teacher: DarknetModel, pairs: Iterable[tuple[int, int]],

@@ -19,7 +19,8 @@ from compress.train.distributed import group_size
 from compress.train.hooks import Hook
 from compress.distill.calibrate import Calibrator
 from compress.distill.config import TERMS, DistillConfig
-from compress.distill.features import FeatureTap, check_compatible, pair_by_stride, pair_heads, validate_pairs
+from compress.distill.features import (FeatureTap, check_compatible, pair_by_stride, pair_every_conv, pair_heads,
+                                       validate_pairs)
 from compress.distill.imitate import LstsqAdapter
 from compress.distill.losses import STRATEGIES, HeadPositives, KDInputs
 
@@ -66,14 +67,19 @@ class DistillHook(Hook):
         img_hw = img_hw or (student.cfg.height, student.cfg.width)
         self.head_map = pair_heads(student, self.teacher, img_hw)
         if self.config.uses_features:
-            self.pairs = (validate_pairs(student, self.teacher, self.config.pairs, img_hw)
-                          if self.config.pairs else pair_by_stride(student, self.teacher, img_hw,
-                                                                   heads_only=self.config.feature == "fitnet"))
+            self.pairs = self._pair_features(student, img_hw)
             if self.config.feature == "fitnet" and len(self.adapters) != len(self.pairs):
                 self.adapters = [LstsqAdapter() for _ in self.pairs]
             self._taps = (FeatureTap(student, [s for s, _ in self.pairs]),
                           FeatureTap(self.teacher, [t for _, t in self.pairs]))
         self._student = student
+
+    def _pair_features(self, student: DarknetModel, img_hw: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+        if self.config.pairs:
+            return validate_pairs(student, self.teacher, self.config.pairs, img_hw)
+        if self.config.feature_layers == "every_conv":
+            return pair_every_conv(student, self.teacher, img_hw)
+        return pair_by_stride(student, self.teacher, img_hw, heads_only=self.config.feature == "fitnet")
 
     def teardown(self) -> None:
         if self._taps:
@@ -122,7 +128,7 @@ class DistillHook(Hook):
         """Weighted KD terms for a batch whose student forward (raw `heads`) already ran with the taps attached.
         `det` (per-image detection loss of the batch) feeds the calibration while it runs."""
         raw = self.raw_terms(imgs, targets, heads)
-        if det is not None and self.calibrator.needed:
+        if det is not None and self.calibrator.watching:
             values = {k: v.detach() for k, v in raw.items() if k in TERMS}
             values["det"] = torch.as_tensor(det, dtype=torch.float32).detach()
             names = list(values)
@@ -149,7 +155,7 @@ class DistillHook(Hook):
                 raise DistillError(f"student head {tuple(s.shape)} and teacher head {tuple(t.shape)} differ at input "
                                    f"{img_hw[1]}x{img_hw[0]}; use an input size both models divide")
         inputs = KDInputs(heads, t_heads, self._positives(heads, targets, img_hw), self._features(), img_hw,
-                          self._scales(), tuple(self.adapters))
+                          self._scales(), self._new_coords(), tuple(self.adapters))
         return STRATEGIES[self.config.strategy](inputs, self.config)
 
     def _det_loss(self, state: Any, imgs: Tensor, targets: Tensor, heads: list[Tensor]) -> Tensor:
@@ -183,6 +189,10 @@ class DistillHook(Hook):
 
     def _scales(self) -> tuple[tuple[float, float], ...]:
         return tuple((s.scale_x_y, self.teacher.heads[k].scale_x_y) for s, k in zip(self._student.heads, self.head_map))
+
+    def _new_coords(self) -> tuple[tuple[bool, bool], ...]:
+        return tuple((bool(s.new_coords), bool(self.teacher.heads[k].new_coords))
+                     for s, k in zip(self._student.heads, self.head_map))
 
     def _accumulate(self, parts: dict[str, Tensor], det: Tensor | float) -> None:
         for k, v in {**parts, "det": torch.as_tensor(det)}.items():

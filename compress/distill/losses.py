@@ -1,7 +1,10 @@
 """Distillation losses as pure functions of tensors: the reference project's strategies, with the bugs listed
 in its notes (../shared/docs/reference-algorithms.md §10.12) fixed.
 
-Shapes: raw head maps are (N, A, H, W, 5+C) logits; features are (N, C, H, W). Positive cells come from the
+Shapes: raw head maps are (N, A, H, W, 5+C): logits, or probabilities for a `new_coords=1` head (scaled-YOLOv4,
+YOLOv7: the conv before it applied the logistic). `head_logits` turns the latter into logits before any logit
+term, so sigmoid(.) gives back the head's own probabilities and every KL compares probabilities; box terms decode
+each head with its own formula (`decode_cell_boxes`). Features are (N, C, H, W). Positive cells come from the
 student's `build_targets` as `HeadPositives`. Every KL term is `KL(p_t || p_s)` summed and scaled by T^2 / N
 (Hinton et al.), as in the reference; box terms are sums over positives / N too, so every term is per image
 (fit() multiplies the loss by the batch size, like its detection parts). Teacher tensors are expected to carry
@@ -25,7 +28,7 @@ from compress.distill.imitate import LstsqAdapter
 
 __all__ = ["HeadPositives", "KDInputs", "STRATEGIES", "register_strategy", "soft_kl", "sigmoid_kl", "kd_logit_loss",
            "kd_sigmoid_loss", "decode_positive_boxes", "kd_box_teacher_bounded", "kd_box_mimic", "attention_map",
-           "kd_attention_loss", "at_map", "kd_at_loss", "fine_grained_mask"]
+           "head_logits", "kd_attention_loss", "at_map", "kd_at_loss", "fine_grained_mask"]
 
 
 class HeadPositives(NamedTuple):
@@ -49,6 +52,7 @@ class KDInputs:
     features: list[tuple[Tensor, Tensor]]
     img_hw: tuple[int, int]
     scales: tuple[tuple[float, float], ...] = ()  # (student, teacher) scale_x_y per head
+    new_coords: tuple[tuple[bool, bool], ...] = ()  # (student, teacher) per head: the map holds probabilities
     adapters: tuple[LstsqAdapter, ...] = ()  # one per feature pair, for feature="fitnet" (none: fit per batch)
 
 
@@ -90,16 +94,34 @@ def kd_sigmoid_loss(s_heads: list[Tensor], t_heads: list[Tensor], temperature: f
     return total / s_heads[0].shape[0]
 
 
+PROB_EPS = 1e-6  # probabilities are clamped to [eps, 1 - eps] before the logit (float32 saturates at 1 - 6e-8)
+
+
+def head_logits(p: Tensor, new_coords: bool) -> Tensor:
+    """A head map as logits: unchanged for a classic head; logit(p) for a new_coords head, whose map already holds
+    sigmoid outputs (treating those as logits would compare sigmoid(p), squeezed into [0.5, 0.73])."""
+    return torch.logit(p.clamp(PROB_EPS, 1 - PROB_EPS)) if new_coords else p
+
+
+def _head_flags(x: "KDInputs") -> tuple[tuple[bool, bool], ...]:
+    return x.new_coords or ((False, False),) * len(x.s_heads)
+
+
 def _logit_term(x: "KDInputs", config: DistillConfig) -> Tensor:
+    flags = _head_flags(x)
+    s_heads = [head_logits(s, ns) for s, (ns, _) in zip(x.s_heads, flags)]
+    t_heads = [head_logits(t, nt) for t, (_, nt) in zip(x.t_heads, flags)]
     if config.reference_kd1 or config.logits == "softmax":
-        return kd_logit_loss(x.s_heads, x.t_heads, config.temperature, config.reference_kd1)
-    return kd_sigmoid_loss(x.s_heads, x.t_heads, config.temperature, config.confidence)
+        return kd_logit_loss(s_heads, t_heads, config.temperature, config.reference_kd1)
+    return kd_sigmoid_loss(s_heads, t_heads, config.temperature, config.confidence)
 
 
-def decode_positive_boxes(p: Tensor, pos: HeadPositives, anchors: Tensor, scale_x_y: float = 1.0) -> Tensor:
+def decode_positive_boxes(p: Tensor, pos: HeadPositives, anchors: Tensor, scale_x_y: float = 1.0,
+                          new_coords: bool = False) -> Tensor:
     """Boxes (n, 4) at the positive cells in grid units, the model's formula (`YOLOLayer.decode`):
-    (sigma(tx) * s - (s - 1) / 2, sigma(ty) * s - (s - 1) / 2, e^tw * aw, e^th * ah)."""
-    return decode_cell_boxes(p[pos.b, pos.a, pos.gy, pos.gx, :4], anchors, scale_x_y)
+    (sigma(tx) * s - (s - 1) / 2, sigma(ty) * s - (s - 1) / 2, e^tw * aw, e^th * ah), or for a new_coords head
+    (px * s - (s - 1) / 2, py * s - (s - 1) / 2, (2 pw)^2 * aw, (2 ph)^2 * ah)."""
+    return decode_cell_boxes(p[pos.b, pos.a, pos.gy, pos.gx, :4], anchors, scale_x_y, new_coords)
 
 
 def kd_box_teacher_bounded(box_s: Tensor, box_t: Tensor, gt: Tensor, margin: float = 0.0) -> tuple[Tensor, Tensor]:
@@ -120,18 +142,21 @@ def kd_box_mimic(box_s: Tensor, box_t: Tensor) -> Tensor:
     return ((box_s - box_t.detach()) ** 2).sum()
 
 
-def attention_map(f: Tensor) -> Tensor:
-    """(N, C, H, W) -> (N, H*W): mean over channels of |F|. The mean (not the reference's sum) keeps the
-    map's scale independent of the channel count, so pruned or narrower students are comparable."""
-    return f.abs().mean(1).flatten(1)
+def attention_map(f: Tensor, reduce: str = "mean") -> Tensor:
+    """(N, C, H, W) -> (N, H*W): |F| reduced over channels. "mean" (ours) keeps the map's scale independent of
+    the channel count, so pruned or narrower students are comparable; "sum" is the reference's map."""
+    att = f.abs()
+    return (att.sum(1) if reduce == "sum" else att.mean(1)).flatten(1)
 
 
-def kd_attention_loss(f_s: Tensor, f_t: Tensor, temperature: float, mask: Tensor | None = None) -> Tensor:
+def kd_attention_loss(f_s: Tensor, f_t: Tensor, temperature: float, mask: Tensor | None = None,
+                      reduce: str = "mean") -> Tensor:
     """KL between the softmax(att/T) spatial distributions of paired features, times T^2 / N. `mask`
-    (N, H, W) multiplies both maps before the softmax (masked cells stay in it as zeros, as in the reference)."""
+    (N, H, W) multiplies both maps before the softmax (masked cells stay in it as zeros, as in the reference);
+    `reduce`: the channel reduction of `attention_map`."""
     if f_s.shape[-2:] != f_t.shape[-2:]:
         raise ValueError(f"paired features differ in size: student {tuple(f_s.shape)} vs teacher {tuple(f_t.shape)}")
-    att_s, att_t = attention_map(f_s), attention_map(f_t)
+    att_s, att_t = attention_map(f_s, reduce), attention_map(f_t, reduce)
     if mask is not None:
         m = mask.flatten(1).to(att_s.dtype)
         att_s, att_t = att_s * m, att_t * m
@@ -157,7 +182,7 @@ def kd_at_loss(f_s: Tensor, f_t: Tensor, mask: Tensor | None = None) -> Tensor:
 def _feature_term(x: KDInputs, i: int, config: DistillConfig, mask: Tensor | None = None) -> Tensor:
     fs, ft = x.features[i]
     if config.feature == "softmax":
-        return kd_attention_loss(fs, ft, config.temperature, mask)
+        return kd_attention_loss(fs, ft, config.temperature, mask, config.attention)
     if config.feature == "fitnet":  # without adapters (no history): fitted on this batch alone
         if x.adapters and len(x.adapters) != len(x.features):
             raise ValueError("feature='fitnet' needs one LstsqAdapter per feature pair (KDInputs.adapters)")
@@ -219,8 +244,9 @@ def _boxes(x: KDInputs) -> list[tuple[Tensor, Tensor, Tensor]]:
     if x.positives is None:
         raise ValueError("box distillation needs the positive cells of build_targets")
     scales = x.scales or ((1.0, 1.0),) * len(x.s_heads)
-    return [(decode_positive_boxes(s, pos, pos.anchors_s, ss), decode_positive_boxes(t, pos, pos.anchors_t, ts),
-             pos.tbox) for s, t, pos, (ss, ts) in zip(x.s_heads, x.t_heads, x.positives, scales)]
+    return [(decode_positive_boxes(s, pos, pos.anchors_s, ss, ns), decode_positive_boxes(t, pos, pos.anchors_t, ts, nt),
+             pos.tbox) for s, t, pos, (ss, ts), (ns, nt) in zip(x.s_heads, x.t_heads, x.positives, scales,
+                                                                 _head_flags(x))]
 
 
 @register_strategy(2)

@@ -2,7 +2,9 @@
 multi-input routes), copy the surviving weights. The only module that renumbers layers.
 
 A reference to a dropped block is redirected to what that block passes on: a dropped `[shortcut]` whose
-residual branch is dropped too passes its identity input (`from`). Anything else that references a dropped
+residual branch is dropped too passes its identity input (`from`), which is exact only for a linear unweighted
+join: a `[shortcut]` with an activation or weights is refused (PruneError naming it), and so is a removed branch's
+constant that would reach a non-linear join downstream (see `surgery`). Anything else that references a dropped
 block is an error naming it.
 """
 from __future__ import annotations
@@ -26,6 +28,16 @@ def _ref_count(block: Block, keys: tuple[str, ...]) -> int:
     return sum(len(block.get_ints(k)) for k in keys if block.has(k))
 
 
+def _check_plain_add(model: DarknetModel, j: int) -> None:
+    """Only an unweighted linear join leaves exactly its identity input when its residual branch goes."""
+    block = model.cfg.blocks[j]
+    if not model.graph.sections[j].residual(block):
+        raise PruneError(f"{block.where()}: layer {j} ([{block.type}] activation={block.get('activation', 'linear')}"
+                         f", weights_type={block.get('weights_type', 'none')}) is not a plain linear add: removing "
+                         "its residual block would drop its activation or weights (act(x + f(x)) is not x); "
+                         "remove only blocks closed by a linear unweighted [shortcut]")
+
+
 def _resolver(model: DarknetModel, drop: set[int]):
     graph = model.graph
 
@@ -35,6 +47,7 @@ def _resolver(model: DarknetModel, drop: set[int]):
             if graph.sections[j].residual is None or graph.inputs[j][0] not in drop:
                 raise PruneError(f"layer {user} reads layer {seen}, which is being removed and is not a residual "
                                  "shortcut; keep it or remove its readers too")
+            _check_plain_add(model, j)
             j = graph.inputs[j][1]
         return j
     return resolve
@@ -86,6 +99,10 @@ def remove_units(model: DarknetModel, shortcuts: set[int], compensate: bool = Tr
     """Remove residual blocks (`coupling.residual_units`) named by their shortcut index. Returns (model, dropped)."""
     units = residual_units(model.graph)
     bad = sorted(s for s in shortcuts if s not in units)
+    for s in bad:
+        section = model.graph.sections[s] if 0 <= s < len(model.graph.sections) else None
+        if section is not None and section.residual is not None:
+            _check_plain_add(model, s)  # the clearer error when the join is non-linear or weighted
     if bad:
         raise PruneError(f"layer {bad[0]} does not close a removable residual block ([conv][conv][shortcut from=-3] "
                          "or a bottleneck of single-reader convs)")

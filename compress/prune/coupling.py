@@ -22,6 +22,7 @@ from functools import cached_property
 
 import numpy as np
 
+from compress.darknet.block import Block
 from compress.darknet.graph import LayerGraph
 
 __all__ = ["Coupling", "build_coupling", "prunable_layers", "residual_units", "MODES"]
@@ -94,6 +95,12 @@ class _IdOps:
 
     def keep_whole(self, v: np.ndarray) -> None:
         self.poison.update(v.tolist())
+
+    def opaque(self, v: np.ndarray, block: Block) -> None:
+        self.keep_whole(v)
+
+    def act(self, v: np.ndarray, block: Block) -> np.ndarray:
+        return v
 
     def fresh(self, i: int) -> np.ndarray:
         c, start = self.graph.channels[i], len(self.uf.parent)

@@ -20,7 +20,8 @@ def select(model: DarknetModel, coupling: Coupling, config: PruneConfig) -> tupl
         raise PruneError("--method layer needs --shortcuts N >= 1 (the number of residual blocks to remove)")
     if config.shortcuts > len(candidates):
         raise PruneError(f"--shortcuts {config.shortcuts} exceeds the {len(candidates)} removable residual blocks "
-                         "of this cfg; lower it")
+                         "of this cfg (closed by a linear unweighted [shortcut]: removing one behind an activation "
+                         "is not exact); lower it")
     score = {i: float(g.mean()) for i, g in bn_gammas(model, candidates).items()}
     chosen = sorted(candidates, key=lambda i: (score[i], i))[:config.shortcuts]
     shortcut_of = {u[-2]: s for s, u in units.items()}

@@ -30,7 +30,7 @@ def _se_channels(block: Block, ins: list[int], ctx: Ctx) -> int:
 
 
 def _keep_inputs(block: Block, i: int, ins: list, ops: FlowOps) -> Any:
-    ops.keep_whole(ins[0])  # the MLP/1-D conv mixes channels: cutting one changes the others' gates
+    ops.opaque(ins[0], block)  # the MLP/1-D conv mixes channels: cutting one changes the others' gates
     return ins[0]
 
 

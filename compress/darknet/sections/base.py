@@ -54,6 +54,9 @@ class FlowOps(Protocol[V]):
     def add(self, a: V, b: V) -> V: ...                  # residual join; output has a's length
     def tie(self, a: V, b: V) -> None: ...               # channel j of a is channel j of b (depthwise)
     def keep_whole(self, v: V) -> None: ...              # these channels must not be cut
+    def opaque(self, v: V, block: Block) -> None: ...    # kept whole AND mixed non-linearly (gates, products,
+                                                         #   weights): a removed layer's constant cannot pass
+    def act(self, v: V, block: Block) -> V: ...          # the block's own activation= applied to v (a join's)
     def fresh(self, i: int) -> V: ...                    # block i's channels, new and never cut
 
 
@@ -71,7 +74,7 @@ def _flow_pass(block: Block, i: int, ins: list, ops: FlowOps) -> Any:
 
 def _flow_fixed(block: Block, i: int, ins: list, ops: FlowOps) -> Any:
     for v in ins:
-        ops.keep_whole(v)
+        ops.opaque(v, block)
     return ops.fresh(i)
 
 
@@ -112,7 +115,8 @@ class Section:
     * check(block) -> None: parse-time checks beyond `keys` (raise CfgError naming `file:line`);
     * quant(n_inputs) -> "keep" | "new" | None: how a non-conv block's output is quantized;
     * residual(block) -> bool, only on sections whose output is the previous layer plus its from= layers:
-      whether this block is a plain (unweighted) add, so a residual unit it closes can be removed;
+      whether this block is a plain add (unweighted, linear activation), so a residual unit it closes can be
+      removed exactly;
     * guards_producer(blocks, i) -> bool: the reference keeps block i-1 out of the prune set because block i
       follows it (its rules 3 and 4: the conv before [upsample], the conv feeding SPP).
     """

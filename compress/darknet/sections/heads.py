@@ -83,7 +83,7 @@ def _head_shape(block: Block, ins: list, c: int, ctx: Ctx) -> Any:
 
 def _head_flow(block: Block, i: int, ins: list, ops: FlowOps) -> Any:
     for v in ins:
-        ops.keep_whole(v)
+        ops.opaque(v, block)
     return ins[0]
 
 

@@ -79,12 +79,18 @@ def _shortcut_shape(block: Block, ins: list[Shape], c: int, ctx: Ctx) -> Shape:
 def _shortcut_flow(block: Block, i: int, ins: list, ops: FlowOps) -> Any:
     if weights_type(block) != "none":
         for v in ins:  # per-channel weights are sized by the channel count
-            ops.keep_whole(v)
+            ops.opaque(v, block)
         return ops.fresh(i)
     out = ins[0]
     for other in ins[1:]:
         out = ops.add(out, other)
-    return out
+    return ops.act(out, block)  # Darknet activates the sum: act(a + b), not act(a) + b
+
+
+def _plain_add(block: Block) -> bool:
+    """Removing the residual branch leaves exactly the identity only for an unweighted, linear add."""
+    activation = (block.get("activation", "linear") or "linear").lower()
+    return weights_type(block) == "none" and activation in ("linear", "none")
 
 
 def _shortcut_params(block: Block, ins: list[int], c: int, ctx: Ctx) -> int:
@@ -102,8 +108,9 @@ register(Section(
     _build_shortcut, keys=(Key("weights_type", "str", choices=WEIGHTS_TYPES),
                            Key("weights_normalization", "str", choices=WEIGHTS_NORMS)),
     refs=("from",), shape=_shortcut_shape, flow=_shortcut_flow, params=_shortcut_params, quant=quant_join,
-    residual=lambda b: weights_type(b) == "none",
-    pruning="ties its inputs channel by channel where they overlap; weighted: inputs stay whole",
+    residual=_plain_add,
+    pruning="ties its inputs channel by channel where they overlap (a removed channel's constant goes through "
+            "its activation); weighted: inputs stay whole; only a linear unweighted one closes a removable block",
     weights="weights_type: one weight per input (per_feature) or per input and channel (per_channel)"))
 
 
@@ -133,7 +140,7 @@ def _sam_shape(block: Block, ins: list[Shape], c: int, ctx: Ctx) -> Shape:
 
 def _attention_flow(block: Block, i: int, ins: list, ops: FlowOps) -> Any:
     for v in ins:
-        ops.keep_whole(v)
+        ops.opaque(v, block)
     return ins[1] if block.type == "scale_channels" else ins[0]
 
 
