@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from compress.base.errors import DataError
+from compress.base.yamlio import load_yaml, read_yaml_text
 
 __all__ = ["DataSpec", "load_data_spec", "label_path", "find_names", "read_names", "read_labels", "list_images",
            "IMG_EXTS"]
@@ -105,12 +106,7 @@ def _parse_data_file(path: Path) -> dict[str, str]:
 def _yaml_spec(path: Path) -> DataSpec:
     """An Ultralytics data.yaml: `path` (root, relative to the yaml's folder), `train`/`val` (folders,
     list files, or lists of them, relative to the root), `names` (list or {id: name}), optional `nc`."""
-    import yaml
-
-    try:
-        doc = yaml.safe_load(path.read_text(errors="replace"))
-    except yaml.YAMLError as exc:
-        raise DataError(f"{path}: not valid YAML ({exc}); fix the data file") from None
+    doc = load_yaml(read_yaml_text(path, DataError), str(path), DataError)  # bounded: an alias bomb is refused
     if not isinstance(doc, dict):
         raise DataError(f"{path}: expected a mapping with train/val/names (Ultralytics data.yaml)")
     root = Path(str(doc.get("path") or ".")).expanduser()
