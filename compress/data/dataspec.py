@@ -99,8 +99,16 @@ def _parse_data_file(path: Path) -> dict[str, str]:
             raise DataError(f"{path}:{n}: expected 'key = value', got {line!r}; fix the .data file "
                             "(or name an Ultralytics data file *.yaml)")
         key, value = (s.strip() for s in line.split("=", 1))
+        if key == "classes":  # Darknet's atoi reads `abc` as 0 and `-3` as -3; both run on silently
+            _check_classes(value, f"{path}:{n}")
         opts[key] = value
     return opts
+
+
+def _check_classes(value: str, where: str) -> None:
+    if not (value.isdigit() and int(value) >= 1):
+        raise DataError(f"{where}: classes = {value[:40]} is not a class count; write a whole number >= 1 (the number "
+                        "of names)")
 
 
 def _yaml_spec(path: Path) -> DataSpec:

@@ -32,7 +32,8 @@ from compress.detection.boxes import box_iou, non_max_suppression
 from compress.data.dataset import (DataSpec, DetectionDataset, default_workers, find_names, load_data_spec, make_loader,
                    read_names, to_input)
 from compress.base.checks import check_img_size, check_range
-from compress.base.errors import DataError
+from compress.base.errors import DataError, WeightsError
+from compress.darknet.finite import describe_layer, first_nonfinite_output
 from compress.base.fileio import write_text_atomic
 from compress.data.imageio import cfg_letterbox
 
@@ -136,6 +137,7 @@ def predict(fn: Predictor, loader, config: EvalConfig, device: str | torch.devic
         with torch.no_grad():
             pred = torch.as_tensor(fn(imgs)).float()
         _check_output(pred, imgs, num_classes)
+        _check_finite(fn, pred, imgs)
         t2 = time.perf_counter()
         dets = non_max_suppression(pred, config.conf_thres, config.iou_thres, config.max_det)
         out += [_to_original(d.cpu().numpy(), s) for d, s in zip(dets, shapes)]
@@ -158,6 +160,15 @@ def _check_output(pred: torch.Tensor, imgs: torch.Tensor, nc: int | None) -> Non
     if nc is not None and pred.shape[-1] - 5 != nc:
         raise DataError(f"model predicts {pred.shape[-1] - 5} classes but the data has {nc}; use matching "
                         "--data names / classes")
+
+
+def _check_finite(fn: Predictor, pred: torch.Tensor, imgs: torch.Tensor) -> None:
+    """NaN boxes would be scored as a made-up mAP (and written as invalid JSON): an error naming the layer."""
+    if bool(torch.isfinite(pred).all()):
+        return
+    i = first_nonfinite_output(fn, imgs)
+    where = f"{describe_layer(fn, i)} is the first to output NaN/Inf" if i is not None else "its output holds NaN/Inf"
+    raise WeightsError(f"the model's output is not finite: {where}; check that layer's cfg values and the weights")
 
 
 def _to_original(d: np.ndarray, shape) -> np.ndarray:
