@@ -34,6 +34,7 @@ from compress.data.dataset import (DataSpec, DetectionDataset, default_workers, 
 from compress.base.checks import check_img_size, check_range
 from compress.base.errors import DataError, WeightsError
 from compress.darknet.finite import describe_layer, first_nonfinite_output
+from compress.darknet.memory import check_inference_memory
 from compress.base.fileio import write_text_atomic
 from compress.data.imageio import cfg_letterbox
 
@@ -126,6 +127,9 @@ def _dataset(data: DataSpec | str | os.PathLike | Sequence | DetectionDataset, i
 def predict(fn: Predictor, loader, config: EvalConfig, device: str | torch.device = "cpu",
             num_classes: int | None = None) -> tuple[list[np.ndarray], dict[str, float]]:
     """Per image (n, 6) x1,y1,x2,y2,conf,cls in ORIGINAL pixels, and mean ms per image of each stage."""
+    # an input size or batch that cannot fit is refused with the figure, before the allocator or the OOM killer
+    check_inference_memory(fn, (config.img_size, config.img_size), config.batch_size, device,
+                           "use a smaller --img-size (or a smaller --batch-size where the command has one)")
     out: list[np.ndarray] = []
     spent = {"preprocess": 0.0, "inference": 0.0, "nms": 0.0}
     bar = tqdm(total=len(loader.dataset), desc="eval", unit="img", leave=False,
