@@ -91,6 +91,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
         f[f"classes_{key}"].write_text(data.read_text().replace("classes = 3", f"classes = {value}"))
     f["bomb_yaml"].write_text(f"path: {data.parent}\ntrain: images/train\nval: images/valid\n"
                               f"names: [circle, square, triangle]\n{_BOMB}")
+    f["bad_yaml"] = t / "s" / "bad.yaml"  # PyYAML's message spans four lines
+    f["bad_yaml"].write_text(f"path: {data.parent}\ntrain: [images/train\nval: images/valid\nnames: [a, b, c]\n")
     f["binary"].write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
     f["py_recipe"].write_text(f"model: {{cfg: !!python/object/apply:os.system [echo]}}\ndata: {data}\n"
                               "steps:\n  - prune: {method: slim}\n")
@@ -174,6 +176,8 @@ EVAL_ROWS = [
      "classesabc.data:1: classes = abc is not a class count"),
     ("classes-negative", ["eval", "--cfg", "{cfg}", "--data", "{classes_neg}", *SMALL], 1,
      "classes-3.data:1: classes = -3"),
+    ("data-yaml-syntax-one-line", ["eval", "--cfg", "{cfg}", "--data", "{bad_yaml}", *SMALL], 1,
+     "bad.yaml:2: not valid YAML ("),
     ("data-yaml-alias-bomb", ["eval", "--cfg", "{cfg}", "--data", "{bomb_yaml}", *SMALL], 1,
      "bomb.yaml:6: not valid YAML (an alias (*a) is not accepted here"),
 ]
@@ -238,6 +242,7 @@ TRAIN = ["train", "--cfg", "{cfg}", "--data", "{data}", "--out", "{out}/tr", *SM
 TRAIN_ROWS = [
     ("seed-beyond-64-bits", [*TRAIN, "--seed", "99999999999999999999999"], 2, "Invalid value for '--seed'"),
     ("binary-hyp", [*TRAIN, "--hyp", "{binary}"], 1, "binary.yaml: not a text file (byte 0 is not UTF-8)"),
+    ("hyp-syntax-one-line", [*TRAIN, "--hyp", "{bad_yaml}"], 1, "bad.yaml:2: not valid YAML ("),
     ("hyp-alias-bomb", [*TRAIN, "--hyp", "{bomb_recipe}"], 1, "not valid YAML (an alias"),
     ("anchor-0", ["train", "--cfg", "{anchor0}", "--data", "{data}", "--out", "{out}/tr", *SMALL], 1,
      "[yolo] anchors has 0"),
