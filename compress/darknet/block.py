@@ -28,17 +28,18 @@ class Block:
         for (k, _), n in zip(self.options, self.option_lines):
             if k == key:
                 line = n
+                break
         return f"{self.source}:{line}"
 
     def has(self, key: str) -> bool:
         return any(k == key for k, _ in self.options)
 
     def get(self, key: str, default: str | None = None) -> str | None:
-        value = default
+        """The key's FIRST value, as Darknet's option_find and OpenCV's reader take a repeated key."""
         for k, v in self.options:
             if k == key:
-                value = v
-        return value
+                return v
+        return default
 
     def _bad(self, key: str, value: str, kind: str) -> CfgError:
         shown = value if len(value) <= 40 else f"{value[:20]}...({len(value)} characters)"

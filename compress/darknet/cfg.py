@@ -105,9 +105,8 @@ def parse_cfg(text: str, source: str = "<cfg>", dialect: str | None = None) -> C
             raise CfgError(f"{source}:{lineno}: {line!r} has an empty key or value")
         opts, lines = sections[-1][2], sections[-1][3]
         first = next((n for (k, _), n in zip(opts, lines) if k == key), None)
-        if first is not None:  # Darknet's option_find and OpenCV's map keep the first; so do we, and say so
+        if first is not None:  # Darknet's option_find and OpenCV's map read the first (so does Block.get): say so
             repeated.append(f"line {lineno} {key}={_short(value)} (line {first} is kept)")
-            continue
         opts.append((key, value))
         lines.append(lineno)
     if repeated:
