@@ -30,9 +30,11 @@ def head_outputs(block: Block) -> int:
 
 
 def check_anchors(block: Block) -> list[float]:
-    """Every listed anchor is a positive size: a 0 or negative anchor trains with zero losses and no error."""
+    """No listed anchor is negative or infinite (Darknet reads them and trains with zero losses, no error)."""
     values = anchor_values(block)
-    bad = [v for v in values if not (0 < v < float("inf"))]
+    # 0 is accepted here (a published VisDrone cfg has one; inference gives zero-size boxes, as Darknet does);
+    # training refuses an anchor of 0 in a head's mask (detection.losses.build_loss)
+    bad = [v for v in values if not (0 <= v < float("inf"))]
     if bad:
         raise CfgError(f"{block.where('anchors')}: [{block.type}] anchors has {bad[0]:g}; every anchor width and "
                        "height must be a positive number of pixels; fix anchors= (e.g. `yolo-compress anchors`)")
