@@ -104,7 +104,7 @@ class ImageCache:
         if mode not in CACHE_MODES:
             raise DataError(f"cache must be one of {CACHE_MODES} (or none), got {mode!r}")
         self.mode, self.paths, self.size = mode, list(paths), size
-        self.shapes = [tuple(s) for s in shapes]
+        self.shapes = list(shapes)
         self._ram: list[np.ndarray | None] = []
         if mode == "ram":
             self._fill_ram(shapes, ram_budget)
@@ -136,7 +136,7 @@ class ImageCache:
 
     def _fits(self, img: np.ndarray, index: int) -> bool:
         """The cached copy of image `index` has the shape and type `decode_for_cache` gives it."""
-        want = cache_size(self.shapes[index], self.size) if index < len(self.shapes) else img.shape[:2]
+        want = cache_size(tuple(self.shapes[index]), self.size) if index < len(self.shapes) else img.shape[:2]
         return img.dtype == np.uint8 and img.ndim == 3 and img.shape == (*want, 3)
 
     def get(self, index: int) -> np.ndarray | None:
