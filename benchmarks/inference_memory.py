@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", ROOT.parent / "shared" / "assets"))
-DEFAULT_ROWS = "yolov3:416:1,yolov3:608:2,yolov4-tiny:416:4,yolov4:416:1"
+DEFAULT_ROWS = "yolov3:416:1,yolov3:608:2,yolov4-tiny:416:1,yolov4-tiny:416:4,yolov4:416:1"
 
 
 def _child(cfg: str, size: int, batch: int) -> dict:
