@@ -91,7 +91,7 @@ def test_writer_is_canonical_and_atomic(tmp_path: Path) -> None:
 
 def test_block_accessors_and_replace() -> None:
     b = Block("convolutional", (("filters", "16"), ("size", "3"), ("filters", "32"), ("x", "1.0")), 5, "f.cfg")
-    assert b.get_int("filters") == 32  # last one wins, as in Darknet
+    assert b.get_int("filters") == 16  # the first one, as Darknet's option_find and OpenCV's reader take it
     assert b.get_int("x") == 1 and b.get_int("missing", 7) == 7
     assert b.get_floats("x") == (1.0,)
     r = b.replace(filters=8, size=None, stride=2, flag=True, anchors=(1, 2))

@@ -9,11 +9,13 @@ from typing import Any, Collection
 
 from compress.base.errors import CompressError
 
-__all__ = ["IMG_SIZE", "check_range", "check_choice", "check_img_size", "describe_range"]
+__all__ = ["IMG_SIZE", "SEED", "check_range", "check_choice", "check_img_size", "describe_range"]
 
 # The bounds of every --img-size that has both (click.IntRange(32, 4096)): the smallest input with a stride-32
 # cell, and a cap that keeps a typo (41600) from allocating a huge tensor.
 IMG_SIZE = (32, 4096)
+# Every --seed (click.IntRange(*SEED)): torch's generators take a signed 64-bit seed, numpy's a non-negative one.
+SEED = (0, 2 ** 63 - 1)
 
 
 def describe_range(lo: float | None, hi: float | None, lo_open: bool = False, hi_open: bool = False) -> str:

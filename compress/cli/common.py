@@ -8,6 +8,7 @@ from typing import Any, Callable, Mapping
 import click
 from click.core import ParameterSource
 
+from compress.base.checks import SEED
 from compress.base.device import DEVICE_HELP, resolve_device
 from compress.jobs import Job, Report, run_job
 from compress.jobs.training import TrainingJob
@@ -121,7 +122,7 @@ def fit_options(job_type: type[TrainingJob]) -> Callable:
                      type=click.FloatRange(0), help="Epochs of linear lr warm-up."),
         click.option("--workers", default=default("workers"), show_default=True, type=click.IntRange(0),
                      help="Data-loading processes."),
-        click.option("--seed", default=default("seed"), show_default=True, type=int),
+        click.option("--seed", default=default("seed"), show_default=True, type=click.IntRange(*SEED)),
         click.option("--letterbox/--no-letterbox", "letterbox", default=None,
                      help="Input geometry (training and validation); default: the cfg's [net] letter_box."),
         click.option("--cache", type=click.Choice(["ram", "disk"]), help="Keep decoded training images in RAM "

@@ -6,6 +6,7 @@ from typing import Any
 import click
 from tabulate import tabulate
 
+from compress.base.checks import SEED
 from compress.cli.common import (DATA_HELP, device_option, exist_ok_option, letterbox_option, model_options,
                                  report_option, run)
 from compress.cli.group import cli
@@ -76,7 +77,7 @@ def detect_command(report_path: str | None, exist_ok: bool, **options: Any) -> N
 @click.option("--n", type=click.IntRange(1), default=9, show_default=True, help="Number of anchors.")
 @click.option("--img-size", type=click.IntRange(32, 4096), default=416, show_default=True)
 @click.option("--split", type=click.Choice(["train", "valid"]), default="train", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(*SEED), default=0, show_default=True)
 @report_option
 def anchors_command(report_path: str | None, **options: Any) -> None:
     """k-means anchors (1 - IoU distance) of the label boxes, printed in cfg syntax."""
@@ -96,7 +97,7 @@ def data_group() -> None:
 @click.option("--n-train", type=click.IntRange(1), default=192, show_default=True)
 @click.option("--n-valid", type=click.IntRange(1), default=48, show_default=True)
 @click.option("--img-size", type=click.IntRange(32, 4096), default=128, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(*SEED), default=0, show_default=True)
 @report_option
 @exist_ok_option
 def synth_command(report_path: str | None, exist_ok: bool, **options: Any) -> None:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 
 import click
 
@@ -29,10 +31,19 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
+        _main(argv, debug)
+    except KeyboardInterrupt:  # a Ctrl-C while an error was being reported
+        _interrupted()
+
+
+def _main(argv: list[str] | None, debug: bool) -> None:
+    try:
         cli.main(args=argv, prog_name="yolo-compress", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            _interrupted()
+        click.echo("Aborted.", err=True)  # a prompt closed by end of input
+        sys.exit(1)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -42,5 +53,13 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
-        sys.exit(130)
+        _interrupted()
+
+
+def _interrupted() -> None:
+    """`Interrupted.` and exit 130 (128 + SIGINT). Further Ctrl-Cs are ignored from here on: pressed again while
+    workers shut down they would end the process by the signal (-2) without a word."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    click.echo("Interrupted.", err=True)
+    sys.exit(130)

@@ -5,6 +5,7 @@ from typing import Any
 
 import click
 
+from compress.base.checks import SEED
 from compress.cli.common import (DATA_HELP, device_option, exist_ok_option, letterbox_option, model_options, out_option,
                                  report_option, run, val_option)
 from compress.cli.group import cli
@@ -61,7 +62,7 @@ def _table(r: Report) -> str:
 @click.option("--img-size", type=click.IntRange(32, 4096), help="Input size (default: the cfg's).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted QAT run in --out (OUT/qat/last.pt); "
               "same options as that run.")
-@click.option("--seed", default=0, show_default=True, type=int, help="QAT data order and augmentation.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(*SEED), help="QAT data order and augmentation.")
 @click.option("--sync-bn", is_flag=True, help="QAT under torchrun: BatchNorm statistics over the global batch (the folded BN all-reduces its moments itself, on gloo/CPU too; with --no-bn-fold: SyncBatchNorm, CUDA only).")
 @click.option("--act-drop", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="QAT: QDrop, the share of activation elements that skip fake quantization in each training "

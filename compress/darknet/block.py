@@ -5,6 +5,7 @@ imports nothing of theirs: which sections exist is the table's business, not the
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from compress.base.errors import CfgError
@@ -27,20 +28,22 @@ class Block:
         for (k, _), n in zip(self.options, self.option_lines):
             if k == key:
                 line = n
+                break
         return f"{self.source}:{line}"
 
     def has(self, key: str) -> bool:
         return any(k == key for k, _ in self.options)
 
     def get(self, key: str, default: str | None = None) -> str | None:
-        value = default
+        """The key's FIRST value, as Darknet's option_find and OpenCV's reader take a repeated key."""
         for k, v in self.options:
             if k == key:
-                value = v
-        return value
+                return v
+        return default
 
     def _bad(self, key: str, value: str, kind: str) -> CfgError:
-        return CfgError(f"{self.where(key)}: [{self.type}] {key}={value!r} is not {kind}; fix the value in the cfg")
+        shown = value if len(value) <= 40 else f"{value[:20]}...({len(value)} characters)"
+        return CfgError(f"{self.where(key)}: [{self.type}] {key}={shown!r} is not {kind}; fix the value in the cfg")
 
     def _default(self, key: str, default):
         if default is None:
@@ -53,12 +56,12 @@ class Block:
             return self._default(key, default)
         try:
             return int(raw)
-        except ValueError:
+        except ValueError:  # also Python's 4300-digit limit on int(str): such a value is no layer size
             try:
                 as_float = float(raw)
             except ValueError:
                 raise self._bad(key, raw, "an integer") from None
-            if as_float != int(as_float):
+            if not math.isfinite(as_float) or as_float != int(as_float):
                 raise self._bad(key, raw, "an integer") from None
             return int(as_float)
 

@@ -12,6 +12,7 @@ in the same dialect.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from compress.darknet import sections as _sections
 
 __all__ = ["Block", "Cfg", "SUPPORTED_SECTIONS", "parse_cfg", "read_cfg", "format_cfg", "write_cfg"]
 
+log = logging.getLogger(__name__)
 SUPPORTED_SECTIONS = _sections.supported_sections()
 _NET_NAMES = ("net", "network")
 
@@ -75,10 +77,15 @@ def _strip_comment(line: str) -> str:
     return line.strip()
 
 
+def _short(value: str) -> str:
+    return value if len(value) <= 40 else value[:20] + "..."
+
+
 def parse_cfg(text: str, source: str = "<cfg>", dialect: str | None = None) -> Cfg:
     """Parse cfg text. Raises CfgError naming `source:line` for anything Darknet would not accept.
     `dialect`: "darknet" or "reference"; None detects it (`sections.detect_dialect`)."""
     sections: list[tuple[str, int, list[tuple[str, str]], list[int]]] = []
+    repeated: list[str] = []
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = _strip_comment(raw.lstrip("\ufeff"))
         if not line:
@@ -96,8 +103,16 @@ def parse_cfg(text: str, source: str = "<cfg>", dialect: str | None = None) -> C
         key, value = key.strip(), value.strip()
         if not key or not value:
             raise CfgError(f"{source}:{lineno}: {line!r} has an empty key or value")
-        sections[-1][2].append((key, value))
-        sections[-1][3].append(lineno)
+        opts, lines = sections[-1][2], sections[-1][3]
+        first = next((n for (k, _), n in zip(opts, lines) if k == key), None)
+        if first is not None:  # Darknet's option_find and OpenCV's map read the first (so does Block.get): say so
+            repeated.append(f"line {lineno} {key}={_short(value)} (line {first} is kept)")
+        opts.append((key, value))
+        lines.append(lineno)
+    if repeated:
+        more = f" and {len(repeated) - 3} more" if len(repeated) > 3 else ""
+        log.warning("%s: a key repeated in its section; the first value is used, as Darknet and OpenCV do: %s%s",
+                    source, "; ".join(repeated[:3]), more)
     if not sections or sections[0][0] not in _NET_NAMES:
         raise CfgError(f"{source}:1: a Darknet cfg starts with a [net] section")
     blocks = []

@@ -13,6 +13,7 @@ import torch
 from compress.darknet.cfg import Cfg, format_cfg, parse_cfg, read_cfg, write_cfg
 from compress.base.errors import WeightsError
 from compress.base.fileio import atomic_files, atomic_write, require_regular
+from compress.darknet.finite import check_finite_weights
 from compress.darknet.model import DarknetModel, build_model
 from compress.darknet.weights import read_weights, write_weights
 
@@ -107,6 +108,8 @@ def load(cfg: str | os.PathLike | Cfg | None, weights: str | os.PathLike | None 
         model.header = tuple(ckpt.get("header", model.header))
     elif weights is not None:
         read_weights(weights, model, cutoff)
+    if weights is not None:  # every figure computed from NaN weights would be made up
+        check_finite_weights(model, weights)
     return model.to(device).eval()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import xml.etree.ElementTree as ET
@@ -70,8 +71,12 @@ def _coco(cfg: ConvertConfig, skipped: Counter) -> tuple[list[Record], list[str]
         doc = json.loads(Path(cfg.src).read_text())
         cats = sorted(doc["categories"], key=lambda c: c["id"])
         images = {im["id"]: im for im in doc["images"]}
+        _check_categories(cats, cfg.src)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{cfg.src}: not a COCO instances json ({exc.__class__.__name__}: {exc})") from None
+        raise DataError(f"{cfg.src}: not a COCO instances json ({exc.__class__.__name__}: "
+                        f"{str(exc)[:200]})") from None
+    except RecursionError:  # json nests deeper than Python's stack: no COCO file does
+        raise DataError(f"{cfg.src}: not a COCO instances json (nested too deeply)") from None
     names = [str(c["name"]) for c in cats]
     if cfg.names is not None:
         names = read_names(cfg.names)
@@ -79,6 +84,9 @@ def _coco(cfg: ConvertConfig, skipped: Counter) -> tuple[list[Record], list[str]
     root = cfg.images or next((d for d in (Path(cfg.src).parent / "images", Path(cfg.src).parent) if d.is_dir()))
     boxes: dict[int, list] = {i: [] for i in images}
     for ann in doc.get("annotations", []):
+        if not isinstance(ann, dict):
+            skipped["box: annotation not an object"] += 1
+            continue
         im = images.get(ann.get("image_id"))
         cls = index.get(ann.get("category_id"))
         if im is None:
@@ -87,6 +95,8 @@ def _coco(cfg: ConvertConfig, skipped: Counter) -> tuple[list[Record], list[str]
             skipped["box: category not in names"] += 1
         elif ann.get("iscrowd"):
             skipped["box: iscrowd"] += 1
+        elif not _numbers(ann.get("bbox"), 4) or not _numbers([im.get("width"), im.get("height")], 2):
+            skipped["box: bbox or image size not numbers"] += 1
         else:
             box = _norm_box(*ann["bbox"], im["width"], im["height"], skipped)
             if box is not None:
@@ -94,8 +104,31 @@ def _coco(cfg: ConvertConfig, skipped: Counter) -> tuple[list[Record], list[str]
     return [(root / im["file_name"], boxes[i]) for i, im in images.items()], names
 
 
+def _numbers(values: object, n: int) -> bool:
+    """A list of `n` int/float values (a bbox `"abc"` or `[5, 5]` is not one)."""
+    return isinstance(values, (list, tuple)) and len(values) == n and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def _check_categories(cats: list, src: Path) -> None:
+    """One class per id, and names the names file can hold one per line (read back as the same list)."""
+    seen: dict = {}
+    for c in cats:
+        name = str(c["name"])
+        if c["id"] in seen:
+            raise DataError(f"{src}: category id {c['id']} is listed twice ({seen[c['id']]!r} and {name!r}); give "
+                            "each category its own id")
+        if name.splitlines() != [name] or name != name.strip():  # read_names splits and strips exactly so
+            raise DataError(f"{src}: category id {c['id']} has the name {name!r}; a class name is one line without "
+                            "leading/trailing blanks (the names file holds one per line); fix it or pass --names FILE")
+        seen[c["id"]] = name
+
+
 def _norm_box(x: float, y: float, w: float, h: float, iw: float, ih: float, skipped: Counter):
     """Pixel x, y, w, h (top-left) -> normalised cx, cy, w, h clipped to the image, or None (counted)."""
+    if not all(math.isfinite(v) for v in (x, y, w, h, iw, ih)):  # NaN passes every comparison below
+        skipped["box: NaN or infinite coordinates"] += 1
+        return None
     if w <= 0 or h <= 0 or iw <= 0 or ih <= 0:
         skipped["box: zero or negative size"] += 1
         return None
@@ -164,6 +197,7 @@ def convert(cfg: ConvertConfig) -> ConvertResult:
     kept = Counter({k[len(KEPT):]: skipped.pop(k) for k in [k for k in skipped if k.startswith(KEPT)]})
     result = ConvertResult(out / "dataset.data", names=names, skipped=skipped, kept=kept)
     listed = []
+    _check_unique_names(records, cfg.src)
     for image, labels in records:
         if not image.is_file() or image.suffix.lower() not in IMG_EXTS:
             skipped["image: file missing or not an image"] += 1
@@ -179,6 +213,16 @@ def convert(cfg: ConvertConfig) -> ConvertResult:
     write_text_atomic(out / f"{cfg.split}.txt", "\n".join(listed) + "\n")
     _write_meta(out, names, result, cfg.split)
     return result
+
+
+def _check_unique_names(records: list[Record], src: Path) -> None:
+    """Two entries writing one images/<split>/<name> (and labels/<name>.txt) would lose one's boxes."""
+    first: dict[str, Path] = {}
+    for image, _ in records:
+        other = first.setdefault(image.name, image)
+        if other is not image:
+            raise DataError(f"{src}: two images become {image.name} ({other} and {image}); each image needs its own "
+                            "file name (fix the duplicate entry in the annotations)")
 
 
 def _place(src: Path, dst: Path, copy: bool) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 
 from compress.base.errors import DataError
 from compress.base.fileio import require_regular
+from compress.base.yamlio import load_yaml, read_yaml_text
 
 __all__ = ["DataSpec", "load_data_spec", "label_path", "find_names", "read_names", "read_labels", "list_images",
            "IMG_EXTS"]
@@ -101,19 +102,22 @@ def _parse_data_file(path: Path) -> dict[str, str]:
             raise DataError(f"{path}:{n}: expected 'key = value', got {line!r}; fix the .data file "
                             "(or name an Ultralytics data file *.yaml)")
         key, value = (s.strip() for s in line.split("=", 1))
+        if key == "classes":  # Darknet's atoi reads `abc` as 0 and `-3` as -3; both run on silently
+            _check_classes(value, f"{path}:{n}")
         opts[key] = value
     return opts
+
+
+def _check_classes(value: str, where: str) -> None:
+    if not (value.isdigit() and int(value) >= 1):
+        raise DataError(f"{where}: classes = {value[:40]} is not a class count; write a whole number >= 1 (the number "
+                        "of names)")
 
 
 def _yaml_spec(path: Path) -> DataSpec:
     """An Ultralytics data.yaml: `path` (root, relative to the yaml's folder), `train`/`val` (folders,
     list files, or lists of them, relative to the root), `names` (list or {id: name}), optional `nc`."""
-    import yaml
-
-    try:
-        doc = yaml.safe_load(path.read_text(errors="replace"))
-    except yaml.YAMLError as exc:
-        raise DataError(f"{path}: not valid YAML ({exc}); fix the data file") from None
+    doc = load_yaml(read_yaml_text(path, DataError), str(path), DataError)  # bounded: an alias bomb is refused
     if not isinstance(doc, dict):
         raise DataError(f"{path}: expected a mapping with train/val/names (Ultralytics data.yaml)")
     root = Path(str(doc.get("path") or ".")).expanduser()

@@ -20,6 +20,7 @@ import numpy as np
 
 from compress.base.errors import DataError
 from compress.base.fileio import write_text_atomic
+from compress.base.memory import available_memory
 from compress.data.imageio import decode_bgr, image_info
 
 __all__ = ["CACHE_MODES", "ImageCache", "index_images", "available_memory", "cache_size"]
@@ -95,20 +96,6 @@ def decode_for_cache(path: Path, size: int) -> np.ndarray | None:
     return img
 
 
-def available_memory() -> int:
-    """Bytes of memory available to new allocations (MemAvailable on Linux), 0 when unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
 class ImageCache:
     """Decoded, downscaled BGR images by dataset index (`get(i)` -> array or None when not cached)."""
 
@@ -117,6 +104,7 @@ class ImageCache:
         if mode not in CACHE_MODES:
             raise DataError(f"cache must be one of {CACHE_MODES} (or none), got {mode!r}")
         self.mode, self.paths, self.size = mode, list(paths), size
+        self.shapes = list(shapes)
         self._ram: list[np.ndarray | None] = []
         if mode == "ram":
             self._fill_ram(shapes, ram_budget)
@@ -146,15 +134,23 @@ class ImageCache:
         digest = hashlib.sha1(f"{key}|{self.size}".encode()).hexdigest()[:20]
         return self.dir / f"{digest}.npy"
 
+    def _fits(self, img: np.ndarray, index: int) -> bool:
+        """The cached copy of image `index` has the shape and type `decode_for_cache` gives it."""
+        want = cache_size(tuple(self.shapes[index]), self.size) if index < len(self.shapes) else img.shape[:2]
+        return img.dtype == np.uint8 and img.ndim == 3 and img.shape == (*want, 3)
+
     def get(self, index: int) -> np.ndarray | None:
         if self.mode == "ram":
             return self._ram[index]
         f = self._file(index)
         if f.is_file():
             try:
-                return np.load(f)
+                cached = np.load(f)
             except (OSError, ValueError):
-                pass  # a partial or damaged file: decode again and rewrite it
+                cached = None  # a partial or damaged file: decode again and rewrite it
+            if cached is not None and self._fits(cached, index):
+                return cached
+            # another array under this name (an edited or reused --cache-dir) would break the resize in a worker
         img = decode_for_cache(self.paths[index], self.size)
         if img is not None:
             tmp = f.with_name(f"{f.stem}.{os.getpid()}.tmp.npy")

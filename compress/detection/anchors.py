@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from compress.data.dataset import DataSpec, DetectionDataset, load_data_spec
-from compress.base.checks import check_img_size
+from compress.base.checks import SEED, check_img_size, check_range
 from compress.base.errors import DataError
 
 __all__ = ["AnchorConfig", "AnchorResult", "wh_iou", "kmeans_anchors", "label_wh", "compute_anchors",
@@ -31,6 +31,7 @@ class AnchorConfig:
         if self.n < 1 or self.iters < 1:
             raise DataError(f"anchors: n and iters must be >= 1 (got {self.n}, {self.iters})")
         check_img_size(self.img_size, error=DataError)
+        check_range("--seed", self.seed, *SEED, error=DataError)
         if self.split not in ("train", "valid"):
             raise DataError(f"anchors: split must be 'train' or 'valid', got {self.split!r}")
 

@@ -32,7 +32,9 @@ from compress.detection.boxes import box_iou, non_max_suppression
 from compress.data.dataset import (DataSpec, DetectionDataset, default_workers, find_names, load_data_spec, make_loader,
                    read_names, to_input)
 from compress.base.checks import check_img_size, check_range
-from compress.base.errors import DataError
+from compress.base.errors import DataError, WeightsError
+from compress.darknet.finite import describe_layer, first_nonfinite_output
+from compress.darknet.memory import check_inference_memory
 from compress.base.fileio import write_text_atomic
 from compress.data.imageio import cfg_letterbox
 
@@ -128,6 +130,9 @@ def predict(fn: Predictor, loader, config: EvalConfig, device: str | torch.devic
     """Per image (n, 6) x1,y1,x2,y2,conf,cls in ORIGINAL pixels, and mean ms per image of each stage.
     `num_classes`: the model must predict exactly these (names from a file); `label_classes`: at least these
     (ids read from labels without a names file: labels may use a subset of the model's classes)."""
+    # an input size or batch that cannot fit is refused with the figure, before the allocator or the OOM killer
+    check_inference_memory(fn, (config.img_size, config.img_size), config.batch_size, device,
+                           "use a smaller --img-size (or a smaller --batch-size where the command has one)")
     out: list[np.ndarray] = []
     spent = {"preprocess": 0.0, "inference": 0.0, "nms": 0.0}
     bar = tqdm(total=len(loader.dataset), desc="eval", unit="img", leave=False,
@@ -139,6 +144,7 @@ def predict(fn: Predictor, loader, config: EvalConfig, device: str | torch.devic
         with torch.no_grad():
             pred = torch.as_tensor(fn(imgs)).float()
         _check_output(pred, imgs, num_classes, label_classes)
+        _check_finite(fn, pred, imgs)
         t2 = time.perf_counter()
         dets = non_max_suppression(pred, config.conf_thres, config.iou_thres, config.max_det)
         out += [_to_original(d.cpu().numpy(), s) for d, s in zip(dets, shapes)]
@@ -171,6 +177,15 @@ def check_classes(model_classes: int | None, data_classes: int | None, data: obj
         source = f" ({data})" if data else ""
         raise DataError(f"model predicts {model_classes} classes but the data{source} has {data_classes}; use "
                         "matching --data names / classes")
+
+
+def _check_finite(fn: Predictor, pred: torch.Tensor, imgs: torch.Tensor) -> None:
+    """NaN boxes would be scored as a made-up mAP (and written as invalid JSON): an error naming the layer."""
+    if bool(torch.isfinite(pred).all()):
+        return
+    i = first_nonfinite_output(fn, imgs)
+    where = f"{describe_layer(fn, i)} is the first to output NaN/Inf" if i is not None else "its output holds NaN/Inf"
+    raise WeightsError(f"the model's output is not finite: {where}; check that layer's cfg values and the weights")
 
 
 def _to_original(d: np.ndarray, shape) -> np.ndarray:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from compress.detection.boxes import bbox_iou
-from compress.base.errors import CompressError
+from compress.base.errors import CfgError, CompressError
 from compress.detection import losses_darknet  # noqa: F401  (registers "darknet", so build_loss sees every loss)
 from compress.detection.loss_registry import LOSSES, register_loss
 
@@ -51,7 +51,21 @@ def build_loss(name: str, model: nn.Module, config: Any = None) -> Callable:
     """The registered loss `name` for `model`; `config` (a TrainConfig or None) carries the v5 gains."""
     if name not in LOSSES:
         raise CompressError(f"loss {name!r} is not one of {sorted(LOSSES)}; pick one of those (--loss)")
+    _check_trainable_anchors(model)
     return LOSSES[name](model, config)
+
+
+def _check_trainable_anchors(model: nn.Module) -> None:
+    """An anchor of width or height 0 in a head's mask makes every loss term 0 (training "succeeds" and learns
+    nothing); Darknet and inference accept it (zero-size boxes), training refuses it naming the cfg line."""
+    graph, cfg = getattr(model, "graph", None), getattr(model, "cfg", None)
+    for k, head in enumerate(getattr(model, "heads", []) if graph is not None else []):
+        anchors = getattr(head, "anchors", None)
+        if isinstance(anchors, torch.Tensor) and not bool((anchors > 0).all()):
+            block = cfg.blocks[graph.heads[k]]
+            raise CfgError(f"{block.where('anchors')}: [{block.type}] mask uses an anchor of size 0 "
+                           f"({anchors.tolist()}); it trains with zero losses; set positive anchors (e.g. from "
+                           "`yolo-compress anchors`)")
 
 
 @dataclass(frozen=True)

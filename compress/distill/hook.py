@@ -13,6 +13,7 @@ from torch import Tensor
 
 from compress.base.errors import DistillError
 from compress.base.fileio import write_bytes_atomic, write_text_atomic
+from compress.base.jsonio import read_json, require
 from compress.detection.losses import LossConfig, YoloLoss, build_targets
 from compress.darknet.model import DarknetModel
 from compress.train.distributed import group_size
@@ -218,10 +219,28 @@ class DistillHook(Hook):
         if not path.is_file():
             log.warning("%s missing: the distillation weights are calibrated again on the resumed run", path)
             return
-        saved = json.loads(path.read_text())
-        self.calibrator.load_state_dict(saved["calibration"])
-        self.shares = list(saved.get("shares", []))
+        fix = "resume from an intact run, or start again without --resume"
+        saved = require(read_json(path, DistillError, fix), {"calibration": dict}, path,
+                        DistillError, fix)
+        try:
+            self.calibrator.load_state_dict(saved["calibration"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DistillError(f"{path}: 'calibration' is not a calibration state ({exc.__class__.__name__}: "
+                               f"{exc}); {fix}") from None
+        shares = saved.get("shares", [])
+        self.shares = list(shares) if isinstance(shares, list) else []
         adapters = path.parent / ADAPTER_FILE
         if self.adapters and adapters.is_file():
-            for a, st in zip(self.adapters, torch.load(adapters, weights_only=True)):
+            self._load_adapters(adapters, fix)
+
+    def _load_adapters(self, path: Path, fix: str) -> None:
+        """The adapters' moments; a file holding code (refused by weights_only) or other tensors is one error."""
+        try:
+            states = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(states, list) or len(states) != len(self.adapters):
+                raise ValueError(f"expected a list of {len(self.adapters)} adapter states")
+            for a, st in zip(self.adapters, states):
                 a.load_state_dict(st)
+        except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... for a hostile or corrupt file
+            first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:160]
+            raise DistillError(f"{path}: refused: not the adapter state this run wrote ({first}); {fix}") from None

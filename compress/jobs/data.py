@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Mapping
 
-from compress.base.checks import check_img_size, check_range
+from compress.base.checks import SEED, check_img_size, check_range
 from compress.base.errors import DataError
 from compress.base.guard import Output
 from compress.data.convert import ConvertConfig, convert
@@ -33,6 +33,7 @@ class SynthJob(Job):
         check_range("--n-train", self.n_train, 1, error=DataError)
         check_range("--n-valid", self.n_valid, 1, error=DataError)
         check_img_size(self.img_size, error=DataError)
+        check_range("--seed", self.seed, *SEED, error=DataError)
 
     def outputs(self) -> tuple[Output, ...]:
         return (Output(Path(self.out), "dir", "--out"),)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
-from compress.base.checks import check_range
+from compress.base.checks import SEED, check_range
 from compress.base.errors import QuantError
 from compress.base.guard import Output
 from compress.darknet.cfg import read_cfg
@@ -75,6 +75,7 @@ class QuantizeJob(Job):
         if values["epochs"] < 0:
             raise QuantError(f"--epochs {values['epochs']} must be >= 0 (0 = post-training calibration only)")
         check_range("--lr0", values["lr0"], 0, lo_open=True, error=QuantError)  # also when PTQ does not use it
+        check_range("--seed", values["seed"], *SEED, error=QuantError)
         if values["resume"] and not values["epochs"]:
             raise QuantError("--resume continues an interrupted QAT run: pass the run's --epochs N (N > 0)")
         if not values["epochs"]:

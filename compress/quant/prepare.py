@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from compress.base.errors import QuantError
+from compress.darknet.finite import describe_layer, first_nonfinite_output
 from compress.darknet.layers import ConvBNAct
 from compress.darknet.model import DarknetModel, build_model
 from compress.quant.config import DorefaConfig, GoogleConfig, LayerQuant, QuantConfig
@@ -109,7 +110,13 @@ def calibrate(model: QATModel, batches: Iterable[torch.Tensor], device: str | to
     seen = 0
     try:
         for imgs in batches:
-            model(to_input(imgs, device))  # uint8 loader batches -> float [0, 1]
+            x = to_input(imgs, device)  # uint8 loader batches -> float [0, 1]
+            out = model(x)
+            if not bool(torch.isfinite(out).all()):  # ranges of NaN would "verify" at 0 vs 0: refuse before writing
+                i = first_nonfinite_output(model, x)  # observers still observing: the same forward again
+                where = describe_layer(model, i) if i is not None else "the model"
+                raise QuantError(f"calibration: {where} outputs NaN/Inf on the calibration images; the model "
+                                 "cannot be quantized; check that layer's weights and cfg values")
             seen += imgs.shape[0]
     finally:
         model.eval()

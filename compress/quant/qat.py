@@ -17,6 +17,7 @@ import torch
 
 from compress.base.errors import QuantError
 from compress.base.fileio import write_text_atomic
+from compress.base.jsonio import read_json, require
 from compress.train import Hook
 from compress.train.config import DistConfig, TrainConfig
 from compress.quant.config import QuantConfig, config_to_dict
@@ -71,7 +72,9 @@ def check_resume_config(qat_dir: Path, cfg: str | os.PathLike, config: QuantConf
     if not path.is_file():
         raise QuantError(f"--resume: {path} is missing, so {out} is not a QAT run of this version; "
                          "start again without --resume")
-    old, new = json.loads(path.read_text()), _config_record(cfg, config)
+    fix = f"start again without --resume (or remove {out})"
+    old = require(read_json(path, QuantError, fix), {"cfg_stem": str, "quant_config": dict}, path, QuantError, fix)
+    new = _config_record(cfg, config)
     diff = [k for k in new["quant_config"] if old["quant_config"].get(k) != new["quant_config"][k]]
     if diff or old["cfg_stem"] != new["cfg_stem"]:
         what = ", ".join(f"{k}: {old['quant_config'].get(k)} -> {new['quant_config'][k]}" for k in diff) or "--cfg"

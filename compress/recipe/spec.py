@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from compress.base.errors import RecipeError
+from compress.base.yamlio import compose_yaml, read_yaml_text
 
 __all__ = ["Tracked", "StepSpec", "Recipe", "load_recipe", "parse_recipe", "apply_overrides", "to_plain"]
 
@@ -90,12 +91,7 @@ def to_plain(t: Tracked) -> Any:
 
 
 def parse_recipe_tree(text: str, path: Path) -> Tracked:
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+    node = compose_yaml(text, str(path), RecipeError)  # bounded: no aliases, plain tags only
     if node is None:
         raise RecipeError(f"{path}:1: empty recipe; it needs at least `model:` and `steps:`")
     return _track(node, yaml.SafeLoader(""), str(path), path.parent.resolve())
@@ -152,7 +148,8 @@ def parse_recipe(path: str | os.PathLike, overrides: tuple[str, ...] = (), cwd: 
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe not found; pass an existing RECIPE.yaml")
-    tree = apply_overrides(parse_recipe_tree(path.read_text(), path), overrides, cwd or Path.cwd())
+    text = read_yaml_text(path, RecipeError)
+    tree = apply_overrides(parse_recipe_tree(text, path), overrides, cwd or Path.cwd())
     if not isinstance(tree.value, dict):
         raise RecipeError(f"{tree.where}: a recipe is a mapping with keys {', '.join(TOP_KEYS)}")
     for key, val in tree.value.items():

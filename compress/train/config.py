@@ -6,7 +6,7 @@ from typing import Any
 
 from compress.data.augment import AugmentConfig
 from compress.data.imcache import CACHE_MODES
-from compress.base.checks import check_choice
+from compress.base.checks import SEED, check_choice
 from compress.base.errors import CompressError
 from compress.detection.losses import LOSSES
 from compress.train.optim import OPTIMIZERS, SCHEDULERS
@@ -98,6 +98,7 @@ class TrainConfig:
         for name in ("hsv_h", "hsv_s", "hsv_v", "fliplr", "translate", "mosaic"):
             _check(name, 0 <= getattr(self, name) <= 1, "must be in [0, 1]", getattr(self, name))
         _check("scale", 0 <= self.scale < 1, "must be in [0, 1)", self.scale)
+        _check("seed", SEED[0] <= self.seed <= SEED[1], f"must be in [{SEED[0]}, {SEED[1]}]", self.seed)
         check_choice("--cache", self.cache, CACHE_MODES, error=TrainError)
 
     def augment_config(self) -> AugmentConfig:

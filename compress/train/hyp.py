@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from compress.base.fileio import require_regular
+from compress.base.yamlio import load_yaml, read_yaml_text
 from compress.train.config import TrainConfig, TrainError
 
 __all__ = ["HYP_KEYS", "IGNORED_KEYS", "load_hyp", "finetune_defaults", "resolve_train_config"]
@@ -71,13 +71,8 @@ def finetune_defaults(loss: str) -> dict[str, Any]:
 
 def load_hyp(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check a hyp YAML file: a mapping of HYP_KEYS (and neutral IGNORED_KEYS) to values."""
-    import yaml
-
-    path = require_regular(path, "--hyp", TrainError)  # a FIFO would block the read
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise TrainError(f"{path}: cannot read hyp file ({exc.__class__.__name__}: {exc}); fix the YAML") from None
+    path = Path(path)
+    data = load_yaml(read_yaml_text(path, TrainError), str(path), TrainError)
     if data is None:
         return {}
     if not isinstance(data, Mapping):

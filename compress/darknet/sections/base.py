@@ -8,6 +8,7 @@ rules. Adding a section = one entry; code outside `sections/` asks the entry, ne
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence, TypeVar
 
@@ -184,6 +185,9 @@ def _check_value(block: Block, key: Key) -> None:
               "floats": block.get_floats}[key.kind]
     value = getter(key.name)
     for v in value if isinstance(value, tuple) else (value,):
+        if not math.isfinite(v):  # nan passes every comparison: scale_x_y=nan would make every box NaN
+            raise CfgError(f"{block.where(key.name)}: [{block.type}] {key.name}={block.get(key.name)} is not a finite "
+                           "number; fix the value in the cfg")
         if key.min is not None and v < key.min:
             raise CfgError(f"{block.where(key.name)}: [{block.type}] {key.name}={block.get(key.name)} must be "
                            f">= {key.min:g}; fix the value in the cfg")

@@ -15,7 +15,7 @@ from compress.darknet.block import Block
 from compress.darknet.geometry import anchor_count, anchor_values, yolo_anchors, yolo_mask
 from compress.darknet.sections.base import Ctx, FlowOps, Key, Section, register, resolve_refs
 
-__all__ = ["anchor_values", "yolo_anchors", "yolo_mask", "head_outputs", "check_yolo_block"]
+__all__ = ["anchor_values", "yolo_anchors", "yolo_mask", "head_outputs", "check_yolo_block", "check_anchors"]
 
 log = logging.getLogger(__name__)
 _EXTRA = {"yolo": 5, "gaussian_yolo": 9}   # per-anchor entries besides the class scores
@@ -29,9 +29,21 @@ def head_outputs(block: Block) -> int:
     return len(yolo_mask(block)) * (classes + _EXTRA[block.type])
 
 
+def check_anchors(block: Block) -> list[float]:
+    """No listed anchor is negative or infinite (Darknet reads them and trains with zero losses, no error)."""
+    values = anchor_values(block)
+    # 0 is accepted here (a published VisDrone cfg has one; inference gives zero-size boxes, as Darknet does);
+    # training refuses an anchor of 0 in a head's mask (detection.losses.build_loss)
+    bad = [v for v in values if not (0 <= v < float("inf"))]
+    if bad:
+        raise CfgError(f"{block.where('anchors')}: [{block.type}] anchors has {bad[0]:g}; every anchor width and "
+                       "height must be a positive number of pixels; fix anchors= (e.g. `yolo-compress anchors`)")
+    return values
+
+
 def check_yolo_block(block: Block) -> None:
     """Parse-time checks of a [yolo]/[Gaussian_yolo] (anchors, num, mask), with file:line errors."""
-    values = anchor_values(block)
+    values = check_anchors(block)
     total = anchor_count(block, values)
     if total < 1:
         raise CfgError(f"{block.where('num')}: [{block.type}] num={total} must be >= 1")
@@ -117,8 +129,9 @@ register(Section(
 register(Section(
     "gaussian_yolo", "Gaussian YOLOv3 head: box means and uncertainties; confidence x (1 - mean uncertainty)",
     _build_gaussian, keys=_HEAD_KEYS, inputs=_head_inputs, channels=_head_channels, shape=_head_shape,
-    flow=_head_flow, head=True, header="Gaussian_yolo", pruning="input stays whole"))
+    flow=_head_flow, check=check_yolo_block, head=True, header="Gaussian_yolo", pruning="input stays whole"))
 register(Section(
     "region", "YOLOv2 head (inference): anchors in grid cells, softmax classes", _build_region,
     keys=(Key("classes", min=1), Key("num", min=1), Key("coords", min=4, max=4)), inputs=_head_inputs,
-    channels=_head_channels, shape=_head_shape, flow=_head_flow, head=True, pruning="input stays whole"))
+    channels=_head_channels, shape=_head_shape, flow=_head_flow, check=check_anchors, head=True,
+    pruning="input stays whole"))

@@ -72,7 +72,9 @@ def weights_type(block: Block) -> str:
 
 
 def _shortcut_shape(block: Block, ins: list[Shape], c: int, ctx: Ctx) -> Shape:
-    _same_hw(block, ins, ["the previous layer"] + [f"from layer {k}" for k in range(1, len(ins))])
+    # name the layers by their absolute index, as the cfg's reader counts them (from=0 is layer 0)
+    refs = resolve_refs(block, ctx.index, "from")
+    _same_hw(block, ins, ["the previous layer"] + [f"from layer {j}" for j in refs])
     return c, ins[0][1], ins[0][2]
 
 
