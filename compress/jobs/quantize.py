@@ -71,6 +71,7 @@ class QuantizeJob(Job):
 
     def __post_init__(self) -> None:
         self.quant_config(), self.settings()  # their rules and messages
+        check_range("--avg-bits", self.avg_bits, 2, 8, error=QuantError)  # also when --mixed-precision is off
         if self.train is not None and self.rounding == "learned":
             raise QuantError("--rounding learned is post-training rounding; QAT (--epochs N) learns the weights "
                              "themselves: drop --rounding or --epochs")
