@@ -88,6 +88,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     bits = kw.pop("bits")
     config = make_config(kw.pop("method", None), bits, **kw)
     outputs = QuantOutputs.in_dir(Path(args.work) / name, f"{Path(cfg).stem}-q{bits}")
+    if args.rounding_iters:
+        job_kw.setdefault("rounding_iters", args.rounding_iters)
     settings = QuantSettings(calib_batches=args.calib_batches, batch_size=args.batch_size, img_size=img,
                              latency_runs=5, verify=False, **job_kw)
     train = qat_train_config(args.epochs, args.batch_size, img or read_cfg(cfg).width, args.lr0 or 1e-4, 0, False,
@@ -117,6 +119,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-quant"))
     ap.add_argument("--out", help="write the figures as JSON here")
+    ap.add_argument("--rounding-iters", type=int, help="learned rounding: steps per layer (default: the job's, 300)")
     ap.add_argument("--threads", type=int, help="torch threads (1 is fastest on a busy shared CPU)")
     args = ap.parse_args()
     if args.threads:
