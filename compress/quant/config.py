@@ -161,4 +161,7 @@ def make_config(method: Optional[str], bits: int = 8, a_bits: Optional[int] = No
 
 
 def config_to_dict(config: QuantConfig) -> dict:
-    return {"method": config.method, **asdict(config)}
+    """The config as JSON holds it (pairs as lists, so a record read back compares equal)."""
+    d = {"method": config.method, **asdict(config)}
+    d["layer_bits"] = [list(p) for p in config.layer_bits]
+    return d
