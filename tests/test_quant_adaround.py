@@ -121,7 +121,8 @@ def test_quantize_mixed_precision_with_learned_rounding_writes_per_layer_bits(de
     out = tmp_path / "mp"
     res = CliRunner().invoke(cli, ["quantize", "--cfg", str(cfg), "--weights", str(weights), "--data", str(data),
                                    "--out", str(out), "--bits", "4", "--img-size", "64", "--calib-batches", "1",
-                                   "--mixed-precision", "--avg-bits", "5", "--rounding-iters", "10"],
+                                   "--mixed-precision", "--avg-bits", "5", "--rounding", "learned",
+                                   "--rounding-iters", "10"],
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
