@@ -71,7 +71,7 @@ def _table(r: Report) -> str:
               help="PTQ: shift each conv's bias by the mean output error of its rounded weights (Nagel et al.).")
 @click.option("--rounding", type=click.Choice(ROUNDINGS),
               help="PTQ weight rounding: nearest, or learned on the calibration images so each layer reproduces "
-                   "its float output (AdaRound, Google weights <= 6 bits; default: nearest).")
+                   "its float output (AdaRound; default: learned at --bits <= 6 with --method google).")
 @click.option("--rounding-iters", type=click.IntRange(1), default=300, show_default=True,
               help="Learned rounding: optimisation steps per layer (8 images, a 32x32 output window each).")
 @click.option("--mixed-precision", is_flag=True,
