@@ -20,6 +20,7 @@ import os
 import time
 from pathlib import Path
 
+import torch
 from tabulate import tabulate
 
 from compress.base.fileio import write_text_atomic
@@ -31,7 +32,7 @@ from compress.quant.qat import qat_train_config
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", ROOT.parent / "shared" / "assets"))
 V4T = ("yolov4-tiny", 320)
-JOB_KEYS = ("bias_correction", "act_drop")
+JOB_KEYS = ("bias_correction", "act_drop", "rounding", "rounding_iters", "avg_bits")
 
 # name -> (model, img size or None for the cfg's, make_config kwargs (+ QuantSettings' in JOB_KEYS), QAT?)
 RUNS: dict[str, tuple[str, int | None, dict, bool]] = {
@@ -59,6 +60,13 @@ RUNS: dict[str, tuple[str, int | None, dict, bool]] = {
     "v4t-w4-qat-qdrop": ("yolov4-tiny", 320, {"bits": 4, "act_drop": 0.5}, True),
     "v4t-w4-pow2-qat-qdrop": ("yolov4-tiny", 320, {"bits": 4, "pow2": True, "act_drop": 0.5}, True),
     "v4t-w4-pow2-qat-416-qdrop": ("yolov4-tiny", 416, {"bits": 4, "pow2": True, "act_drop": 0.5}, True),
+    # PTQ with learned rounding (the default at <= 6 bits) and mixed precision (issue 24)
+    "v4t-w4-ptq-learned": ("yolov4-tiny", 320, {"bits": 4, "rounding": "learned"}, False),
+    "v4t-w4-ptq-learned-416": ("yolov4-tiny", 416, {"bits": 4, "rounding": "learned"}, False),
+    "v4t-w4-ptq-nearest": ("yolov4-tiny", 320, {"bits": 4, "rounding": "nearest"}, False),
+    "v4t-w4-ptq-mixed": ("yolov4-tiny", 320, {"bits": 4, "avg_bits": 4.5, "rounding": "learned"}, False),
+    "v4t-w4-ptq-mixed-416": ("yolov4-tiny", 416, {"bits": 4, "avg_bits": 4.5, "rounding": "learned"}, False),
+    "fastest-w4-ptq-learned": ("yolo-fastest-1.1", 320, {"bits": 4, "rounding": "learned"}, False),
     "demo-w4-qdrop": ("demo", None, {"bits": 4, "act_drop": 0.5}, True),
     "demo-w4-pow2-qdrop": ("demo", None, {"bits": 4, "pow2": True, "act_drop": 0.5}, True),
 }
@@ -80,6 +88,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     bits = kw.pop("bits")
     config = make_config(kw.pop("method", None), bits, **kw)
     outputs = QuantOutputs.in_dir(Path(args.work) / name, f"{Path(cfg).stem}-q{bits}")
+    if args.rounding_iters:
+        job_kw.setdefault("rounding_iters", args.rounding_iters)
     settings = QuantSettings(calib_batches=args.calib_batches, batch_size=args.batch_size, img_size=img,
                              latency_runs=5, verify=False, **job_kw)
     train = qat_train_config(args.epochs, args.batch_size, img or read_cfg(cfg).width, args.lr0 or 1e-4, 0, False,
@@ -94,7 +104,8 @@ def _row(f: dict) -> list:
     v = f.get("verify", {})
     return [f["run"], f["method"], f["quant_config"].get("bits", f["quant_config"].get("w_bits")),
             f["quant_config"]["pow2"], f["img_size"], f.get("qat_epochs", 0), f["map50_fp32"], f["map50_fakequant"],
-            f["map50_int8_onnx"], f["map50_darknet"], v.get("passed"), f["wall_s"]]
+            f["map50_int8_onnx"], f["map50_darknet"], v.get("passed"), f.get("rounding"), f.get("avg_w_bits"),
+            f["wall_s"]]
 
 
 def main() -> None:
@@ -108,7 +119,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-quant"))
     ap.add_argument("--out", help="write the figures as JSON here")
+    ap.add_argument("--rounding-iters", type=int, help="learned rounding: steps per layer (default: the job's, 300)")
+    ap.add_argument("--threads", type=int, help="torch threads (1 is fastest on a busy shared CPU)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     results = []
     for name in args.runs:
@@ -118,7 +133,7 @@ def main() -> None:
             write_text_atomic(args.out, json.dumps(results, indent=2, default=str) + "\n")
     print(tabulate([_row(f) for f in results], tablefmt="github", floatfmt=".4f",
                    headers=["run", "method", "w bits", "pow2", "img", "QAT ep", "fp32", "fake-quant", "int8 ONNX",
-                            "Darknet", "verified", "wall s"]))
+                            "Darknet", "verified", "rounding", "avg w bits", "wall s"]))
 
 
 if __name__ == "__main__":

@@ -38,11 +38,12 @@ def test_quantize_bits4_alone_runs_google_mse_and_writes_every_output(demo, tmp_
     cfg, weights, data = demo
     out = tmp_path / "q4"
     res = _run(["quantize", "--cfg", str(cfg), "--weights", str(weights), "--data", str(data), "--out", str(out),
-                "--bits", "4", "--img-size", "64", "--calib-batches", "1", "--report", str(tmp_path / "r.json")])
+                "--bits", "4", "--img-size", "64", "--calib-batches", "1", "--rounding-iters", "10",
+                "--report", str(tmp_path / "r.json")])
     report = json.loads((out / "report.json").read_text())
     assert report == json.loads((tmp_path / "r.json").read_text())
     assert report["method"] == "google" and report["quant_config"]["bits"] == 4
-    assert report["quant_config"]["w_clip"] == "mse"
+    assert report["quant_config"]["w_clip"] == "mse" and report["rounding"] == "learned"
     for key in ("map50_fp32", "map50_fakequant", "map50_int8_onnx", "map50_95_fp32", "map50_95_fakequant",
                 "map50_95_int8_onnx", "size_mb_fp32", "size_mb_int8", "latency_ms_fp32_onnx", "latency_ms_int8_onnx",
                 "cfg", "weights", "onnx", "params", "gflops", "size_mb", "latency_ms", "map50", "map50_95"):

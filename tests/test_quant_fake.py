@@ -191,7 +191,9 @@ def test_reduced_range_caps_8bit_codes_at_63():
 
 
 @pytest.mark.parametrize("per_channel,pow2,clip", [(True, False, "max"), (False, False, "max"),
-                                                    (True, True, "max"), (True, False, "mse")])
+                                                    (True, True, "max"), (True, False, "mse"),
+                                                    (True, True, "mse"), (False, False, "mse"),
+                                                    (False, True, "mse")])
 def test_pair_safe_codes_never_saturate_an_int16_pair_sum(per_channel, pow2, clip):
     """Every pair of codes of one output channel times u8 activations (<= 255) fits int16 (VPMADDUBSW),
     whatever the pairing; codes use [-127, 127] and are finer than max|w|/63 where one weight stands out."""
@@ -208,6 +210,38 @@ def test_pair_safe_codes_never_saturate_an_int16_pair_sum(per_channel, pow2, cli
         half = symmetric_weight(w, 8, True, False, "ceil", max_code=63)
         assert float((wq.dequant - w).pow(2).sum()) < 0.8 * float((half.dequant - w).pow(2).sum())
     torch.testing.assert_close(wq.codes.float() * wq.qparams.view(4)[0], wq.dequant)
+
+
+@pytest.mark.parametrize("rounding", ["ceil", "nearest"])
+def test_pair_bound_holds_for_weights_beyond_the_mse_clip(rounding):
+    """Issue 22.5: the MSE clip sized the pair bound while weights above the clip still got codes up to 127
+    (a channel's top two summed to 131). Heavy tails: the clip lands well inside max|w|."""
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(64, 2304, generator=g) ** 3).view(64, 256, 3, 3)  # a 256-input 3x3 conv
+    for pow2 in (False, True):
+        wq = symmetric_weight(w, 8, True, pow2, rounding, w_clip="mse", pair_max=128)
+        top2 = wq.codes.abs().flatten(1).topk(2, dim=1).values.sum(1)
+        assert int(top2.max()) <= 128, (pow2, int(top2.max()))
+        torch.testing.assert_close(wq.codes.float() * wq.qparams.view(4)[0], wq.dequant)
+
+
+def test_pow2_mse_clip_is_searched_over_pow2_scales():
+    """With --pow2 the MSE clip picks among powers of two, so rounding the scale up cannot undo it: the
+    scales are powers of two, some clip below max|w|, and the error is below the max-range pow2 grid's."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, 3, 3, generator=g) ** 3
+    mse = symmetric_weight(w, 4, True, True, "ceil", w_clip="mse")
+    full = symmetric_weight(w, 4, True, True, "ceil", w_clip="max")
+    s = mse.qparams.scale
+    torch.testing.assert_close(s, torch.exp2(torch.round(torch.log2(s))))
+    assert (s < full.qparams.scale).any()
+    assert (s <= full.qparams.scale).all()
+    err = lambda q: float((q.dequant - w).pow(2).sum())  # noqa: E731
+    assert err(mse) < 0.9 * err(full)
+    # the old way: the linear MSE clip, then its scale rounded up to a power of two (the clip mostly undone)
+    lin = symmetric_weight(w, 4, True, False, "ceil", w_clip="mse").qparams.scale.view(-1, 1, 1, 1)
+    up = pow2_round(lin, "ceil")
+    assert err(mse) < 0.9 * float((torch.clamp(torch.round(w / up), -7, 7) * up - w).pow(2).sum())
 
 
 def test_mse_clip_lowers_4bit_error_against_max():

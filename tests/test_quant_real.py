@@ -10,7 +10,7 @@ import torch
 import compress
 from compress.detection.boxes import box_iou, non_max_suppression
 from compress.data.dataset import make_loader, to_input
-from compress.quant import GoogleConfig, calibrate, prepare_qat
+from compress.quant import GoogleConfig, QConvBNAct, calibrate, prepare_qat
 
 SIZE = 320
 
@@ -68,3 +68,20 @@ def test_written_darknet_pair_reads_in_opencv(v4tiny, tmp_path: Path):
         mine = rows[:, :5].copy()
         mine[:, :4] /= SIZE
         np.testing.assert_allclose(mat[:, :5], mine, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("clip", ["max", "mse"])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_pair_safe_range_bounds_every_channel_of_the_official_weights(v4tiny, clip, pow2):
+    """Issue 22.5 on yolov4-tiny's official weights: with --safe-range pair at 8 bits, every integer conv's
+    written codes have each output channel's two largest |codes| summing to <= 128 (255 * 128 fits int16)."""
+    model = v4tiny[0]
+    q = prepare_qat(model, GoogleConfig(bits=8, safe_range="pair", w_clip=clip, pow2=pow2))
+    checked = 0
+    for layer in q.layers:
+        if isinstance(layer, QConvBNAct) and layer.reduced_range:
+            codes = layer.folded().codes.flatten(1).abs()
+            top2 = codes.topk(2, dim=1).values.sum(1)
+            assert int(top2.max()) <= 128 and int(codes.max()) <= 127
+            checked += 1
+    assert checked >= 18

@@ -11,6 +11,7 @@ from compress.cli.common import (DATA_HELP, device_option, exist_ok_option, lett
 from compress.cli.group import cli
 from compress.darknet.summary import format_stage_table
 from compress.jobs import QuantizeJob, Report
+from compress.quant.adaround import ROUNDINGS
 from compress.quant.config import ACT_SCHEMES, METHOD_CONFIGS, SAFE_RANGES
 from compress.quant.pipeline import QuantVerifyError
 from compress.quant.weights import W_CLIPS
@@ -69,6 +70,16 @@ def _table(r: Report) -> str:
                    "step (the model then also holds with float activations, as in the Darknet pair).")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
               help="PTQ: shift each conv's bias by the mean output error of its rounded weights (Nagel et al.).")
+@click.option("--rounding", type=click.Choice(ROUNDINGS),
+              help="PTQ weight rounding: nearest, or learned on the calibration images so each layer reproduces "
+                   "its float output (AdaRound; default: learned at --bits <= 6 with --method google).")
+@click.option("--rounding-iters", type=click.IntRange(1), default=300, show_default=True,
+              help="Learned rounding: optimisation steps per layer (8 images, a 32x32 output window each).")
+@click.option("--mixed-precision", is_flag=True,
+              help="Keep the convs whose low-bit weights disturb the output most (measured on calibration "
+                   "images) at 8 bits, within --avg-bits; report.json and quant.json give each layer's bits.")
+@click.option("--avg-bits", type=click.FloatRange(2, 8), default=4.5, show_default=True,
+              help="--mixed-precision: average weight bits (weighted by weight count, first/last convs included).")
 @click.option("--safe-range", type=click.Choice(SAFE_RANGES), default="half", show_default=True,
               help="How reduced-range 8-bit weights avoid int16 overflow: pair = |codes| <= 127 with each "
                    "channel's two largest summing to <= 128; half = |codes| <= 63.")

@@ -61,12 +61,22 @@ class QuantizeJob(Job):
     act_drop: float = 0.0
     bias_correction: bool = True
     safe_range: str = "half"
+    rounding: str | None = None
+    rounding_iters: int = 300
+    mixed_precision: bool = False
+    avg_bits: float = 4.5
     no_eval: bool = False
     no_verify: bool = False
     device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
 
     def __post_init__(self) -> None:
         self.quant_config(), self.settings()  # their rules and messages
+        check_range("--avg-bits", self.avg_bits, 2, 8, error=QuantError)  # also when --mixed-precision is off
+        if self.train is not None and self.rounding == "learned":
+            raise QuantError("--rounding learned is post-training rounding; QAT (--epochs N) learns the weights "
+                             "themselves: drop --rounding or --epochs")
+        if self.train is not None and self.train.resume and self.mixed_precision:
+            raise QuantError("--resume with --mixed-precision is not supported: rerun the QAT from the start")
 
     @classmethod
     def make_train(cls, options: Mapping[str, Any], train: Mapping[str, Any], given: set[str]) -> TrainConfig | None:
@@ -98,6 +108,8 @@ class QuantizeJob(Job):
         return QuantSettings(calib_batches=self.calib_batches, batch_size=self.batch_size, img_size=self.img_size,
                              letterbox=self.letterbox, evaluate=not self.no_eval, verify=not self.no_verify,
                              bias_correction=self.bias_correction, sync_bn=self.sync_bn, act_drop=self.act_drop,
+                             rounding=self.rounding, rounding_iters=self.rounding_iters,
+                             avg_bits=self.avg_bits if self.mixed_precision else None,
                              freeze_observers_after=self.freeze_observers_after, freeze_bn_after=self.freeze_bn_after)
 
     def files(self) -> QuantOutputs:

@@ -1,6 +1,7 @@
 """Frozen, validated quantization configs. One class per method; the method name keys the registries."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional, Union
 
@@ -53,8 +54,11 @@ class _Common:
     reduce_range: bool = True
     w_clip: str = "max"
     safe_range: str = "half"
+    layer_bits: tuple[tuple[int, int], ...] = ()  # (conv index, weight bits) overriding the uniform width
 
     def _check_common(self) -> None:
+        for i, b in self.layer_bits:
+            check_range(f"layer_bits (layer {i})", b, 2, 8, error=QuantError)
         if self.safe_range not in SAFE_RANGES:
             raise QuantError(f"safe_range={self.safe_range!r} is unknown; pass --safe-range "
                              f"{' or '.join(SAFE_RANGES)}")
@@ -73,6 +77,11 @@ class _Common:
             raise QuantError("--no-bn-fold needs per-channel weights without --pow2 (folding BN after "
                              "quantization keeps the grid only by rescaling each channel); "
                              "drop --pow2/--per-tensor or use --bn-fold")
+
+    def bits_of(self, index: int, spec: LayerQuant) -> LayerQuant:
+        """`spec` with conv `index`'s own weight width when `layer_bits` sets one (mixed precision)."""
+        own = dict(self.layer_bits).get(index)
+        return spec if own is None else dataclasses.replace(spec, w_bits=own)
 
     def _layer(self, scheme: str, w_bits: int, a_bits: Optional[int], edge: bool) -> LayerQuant:
         if edge and self.first_last_bits is not None:
@@ -152,4 +161,7 @@ def make_config(method: Optional[str], bits: int = 8, a_bits: Optional[int] = No
 
 
 def config_to_dict(config: QuantConfig) -> dict:
-    return {"method": config.method, **asdict(config)}
+    """The config as JSON holds it (pairs as lists, so a record read back compares equal)."""
+    d = {"method": config.method, **asdict(config)}
+    d["layer_bits"] = [list(p) for p in config.layer_bits]
+    return d

@@ -73,6 +73,8 @@ class QConvBNAct(nn.Module):
         self.pre_quant = mk(spec.pre_act_bits) if spec.a_bits and spec.pre_act_bits and not linear else None
         self.act_quant = mk(spec.a_bits) if spec.a_bits else None
         self.register_buffer("bn_frozen", torch.tensor(False))
+        # learned rounding (PTQ reconstruction, `quant.adaround`): the folded weight's codes, fixed; None = nearest
+        self.register_buffer("fixed_codes", None)
 
     def input_qparams(self) -> QParams | None:
         """Quantization params of this conv's input (its own input quantizer or the producer's)."""
@@ -89,7 +91,19 @@ class QConvBNAct(nn.Module):
         g = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         return g, bn.bias - bn.running_mean * g
 
+    def fix_codes(self, codes: torch.Tensor) -> None:
+        """Keep these integer codes (on the grid `_quant` gives the folded weight) instead of rounding to nearest."""
+        self.fixed_codes = codes.detach().to(torch.int8).clone()
+
     def _quant(self, w: torch.Tensor) -> WeightQ:
+        wq = self._nearest(w)
+        if self.fixed_codes is None:
+            return wq
+        sc, _ = wq.qparams.view(w.dim())
+        codes = self.fixed_codes.long()
+        return WeightQ(codes.to(w.dtype) * sc, codes, wq.qparams)
+
+    def _nearest(self, w: torch.Tensor) -> WeightQ:
         s = self.spec
         safe = self.reduced_range
         return quantize_weight(w, s.w_scheme, s.w_bits, s.per_channel, s.pow2, s.pow2_rounding,

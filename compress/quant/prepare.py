@@ -68,7 +68,7 @@ def prepare_qat(model: DarknetModel, config: QuantConfig, skip: Iterable[int] | 
     for i, layer in enumerate(q.layers):
         srcs, section = g.inputs[i], g.sections[i]
         if section.conv:
-            spec = config.layer(i in edges)
+            spec = config.bits_of(i, config.layer(i in edges))
             if i in head_inputs:  # head maps stay float: the [yolo] decode runs in float
                 spec = dataclasses.replace(spec, a_bits=None)
             q.layers[i] = _make_qconv(layer, spec, sources.get(srcs[0]), srcs[0], config)

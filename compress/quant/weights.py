@@ -64,25 +64,33 @@ def _absmax(w: torch.Tensor, per_channel: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _mse_clip(w: torch.Tensor, absmax: torch.Tensor, qmax: int, per_channel: bool, steps: int = 40) -> torch.Tensor:
-    """Per channel (or tensor), the clip value in [0.3, 1] * max|w| with the least squared rounding+clip error."""
+def _mse_scale(w: torch.Tensor, absmax: torch.Tensor, qmax: int, per_channel: bool, pow2: bool,
+               steps: int = 40) -> torch.Tensor:
+    """Per channel (or tensor), the scale with the least squared rounding+clip error: clips in [0.3, 1] *
+    max|w|, or with `pow2` the powers of two from the one covering max|w| down four steps (so rounding the
+    scale to a power of two afterwards cannot undo the clip)."""
     flat = w.detach().flatten(1) if per_channel else w.detach().reshape(1, -1)
     top = absmax[:1] if not per_channel else absmax
-    best, best_err = top.clone(), torch.full_like(top, float("inf"))
-    for r in torch.linspace(0.3, 1.0, steps, device=w.device):
-        s = (top * r / qmax).view(-1, 1)
+    if pow2:
+        ceil = torch.exp2(torch.ceil(torch.log2(top / qmax)))
+        candidates = [ceil * 2.0 ** -k for k in range(5)]
+    else:
+        candidates = [top * r / qmax for r in torch.linspace(0.3, 1.0, steps, device=w.device)]
+    best, best_err = candidates[0].clone(), torch.full_like(top, float("inf"))
+    for cand in candidates:
+        s = cand.view(-1, 1)
         err = ((torch.clamp(torch.round(flat / s), -qmax, qmax) * s - flat) ** 2).sum(1)
         better = err < best_err
-        best, best_err = torch.where(better, top * r, best), torch.where(better, err, best_err)
+        best, best_err = torch.where(better, cand, best), torch.where(better, err, best_err)
     return best if per_channel else best.expand(w.shape[0])
 
 
-def _pair_scale(w: torch.Tensor, top: torch.Tensor, pair_max: int, per_channel: bool) -> torch.Tensor:
+def _pair_scale(w: torch.Tensor, pair_max: int, per_channel: bool) -> torch.Tensor:
     """The smallest scale whose two largest |codes| of each channel sum to <= pair_max: (|w|(1) + |w|(2)) /
-    (pair_max - 1) (rounding adds at most 1 to the sum). `top` is the (possibly clipped) largest |w|."""
+    (pair_max - 1) (rounding adds at most 1 to the sum). `w` is already clipped to its range."""
     flat = w.detach().abs().flatten(1)
-    second = flat.topk(2, dim=1).values[:, 1] if flat.shape[1] > 1 else torch.zeros_like(top)
-    need = (top + torch.minimum(second, top)) / (pair_max - 1)
+    top2 = flat.topk(2, dim=1).values.sum(1) if flat.shape[1] > 1 else flat[:, 0]
+    need = top2 / (pair_max - 1)
     return need if per_channel else need.max().expand(w.shape[0])
 
 
@@ -94,17 +102,25 @@ def symmetric_weight(w: torch.Tensor, bits: int, per_channel: bool, pow2: bool, 
     qmax = 2 ** (bits - 1) - 1
     qmax = min(qmax, max_code) if max_code else qmax
     top = _absmax(w, per_channel)
-    if w_clip == "mse":
-        top = _mse_clip(w, top, qmax, per_channel)
-    scale = top / qmax
-    if pair_max is not None and 2 * qmax > pair_max:
-        scale = torch.maximum(scale, _pair_scale(w, top, pair_max, per_channel))
-        rounding = "ceil"  # a smaller pow2 scale would break the bound
+    scale = _mse_scale(w, top, qmax, per_channel, pow2) if w_clip == "mse" else top / qmax
     if pow2:
-        scale = pow2_round(scale, rounding)
+        scale = pow2_round(scale, rounding)  # a no-op after the pow2 MSE search
+    if pair_max is not None and 2 * qmax > pair_max:
+        # the bound holds for the codes actually written: weights beyond the clip are clipped first (their
+        # codes would otherwise grow with the pair scale), then the two largest clipped |w| size the scale
+        w = _clip(w, scale * qmax)
+        scale = torch.maximum(scale, _pair_scale(w, pair_max, per_channel))
+        if pow2:
+            scale = pow2_round(scale, "ceil")  # a smaller pow2 scale would break the bound
     qp = QParams(scale.float(), torch.zeros_like(scale), -qmax, qmax, axis=0)
     s, z = qp.view(w.dim())
     return WeightQ(fake_quant(w, s, z, -qmax, qmax), quantize(w.detach(), s, z, -qmax, qmax), qp)
+
+
+def _clip(w: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """w clamped to [-top, top] per output channel (zero gradient outside, as the clip has)."""
+    t = top.view(_shape(w)).to(w.dtype)
+    return torch.minimum(torch.maximum(w, -t), t)
 
 
 def _odd_round(x: torch.Tensor) -> torch.Tensor:
