@@ -8,6 +8,12 @@ ONNX of the conv module (as `export` writes the whole model), ncnn from a .param
 activation fused, which is what pnnx makes of a Darknet conv), torch from the module itself.
 `measure_models` times whole models round-robin (one run of each per round), so that a load change on a shared
 machine hits all of them alike; ratios between them are what pruning to a latency target needs.
+Every figure is the QUANTILE (a low quantile, 0.25, rather than the median) of the timed runs after a warm-up:
+on a shared machine a run is only ever made slower, by preemption, so the low quantile is the steadier
+estimate of what the runtime needs; on a quiet machine it is within noise of the median. With one thread the
+clock is the process's CPU time (`clock_name`): a one-thread run computes in the calling thread, so its CPU
+time is its latency on an idle core, and time spent waiting for a core on a shared machine is not counted
+(wall time is used with more threads, where CPU time would add the threads up).
 The runtime packages are optional extras, imported only when their runtime is used.
 """
 from __future__ import annotations
@@ -32,14 +38,37 @@ from compress.base.errors import ExportError
 from compress.darknet.model import DarknetModel
 from compress.deploy.export import ExportConfig, export
 from compress.deploy.latency_table import LatencyTable, LayerTiming, TableKey, machine_id, model_fingerprint
-from compress.deploy.onnx_io import median_ms, session, torch_to_onnx
+from compress.deploy.onnx_io import session, torch_to_onnx
 from compress.deploy.runtimes import load_predictor
 
 __all__ = ["LatencyRuntime", "LATENCY_RUNTIMES", "LayerGrid", "runtime_version", "table_key", "layer_module",
-           "measure_table", "measure_models"]
+           "measure_table", "measure_models", "quantile_ms", "clock_name", "QUANTILE"]
 
 log = logging.getLogger(__name__)
 Timer = Callable[[], object]
+QUANTILE = 0.25
+WARMUP = 5      # untimed runs first (ncnn and onnxruntime allocate on their first runs)
+
+
+def clock_name(threads: int) -> str:
+    return "process CPU time" if threads == 1 else "wall time"
+
+
+def _clock(threads: int) -> Callable[[], float]:
+    return time.process_time if threads == 1 else time.perf_counter
+
+
+def quantile_ms(fn: Timer, runs: int, warmup: int = WARMUP, q: float = QUANTILE, threads: int = 1) -> float:
+    """The q-quantile of `runs` timed calls of `fn` (ms, on the clock for `threads`), after `warmup` untimed
+    ones."""
+    for _ in range(warmup):
+        fn()
+    clock, times = _clock(threads), []
+    for _ in range(runs):
+        t0 = clock()
+        fn()
+        times.append((clock() - t0) * 1e3)
+    return float(np.quantile(times, q))
 
 
 @dataclass(frozen=True)
@@ -201,12 +230,21 @@ def layer_module(model: DarknetModel, i: int, c_in: int, c_out: int) -> nn.Modul
     return section.build(block, [c_in], graph.ctx(i)).eval()
 
 
-def _layer_ms(model: DarknetModel, i: int, c_in: int, c_out: int, hw: tuple[int, int], rt: LatencyRuntime,
-              threads: int, runs: int) -> float:
-    x = torch.rand(1, c_in, *hw)
+PASSES = 3   # a layer's grid is timed in this many interleaved passes; each point keeps its fastest pass
+
+
+def _layer_grid_ms(model: DarknetModel, i: int, points: list[tuple[int, int]], hw: tuple[int, int],
+                   rt: LatencyRuntime, threads: int, runs: int) -> list[float]:
+    """ms of conv i at each (c_in, c_out) point: the points are timed in turn, PASSES times, so that a burst of
+    load on a shared machine spoils one pass of every point rather than every pass of one point."""
     with tempfile.TemporaryDirectory(prefix="latency-") as tmp:
-        fn = rt.layer(layer_module(model, i, c_in, c_out), x, threads, Path(tmp))
-        return median_ms(fn, runs, warmup=2)
+        timers = []
+        for n, (c_in, c_out) in enumerate(points):
+            (Path(tmp) / str(n)).mkdir()
+            timers.append(rt.layer(layer_module(model, i, c_in, c_out), torch.rand(1, c_in, *hw), threads,
+                                   Path(tmp) / str(n)))
+        passes = [[quantile_ms(fn, max(1, runs // PASSES), threads=threads) for fn in timers] for _ in range(PASSES)]
+    return [min(p[k] for p in passes) for k in range(len(points))]
 
 
 def measure_table(model: DarknetModel, runtime: str, threads: int, img_size: int, grid: Mapping[int, LayerGrid],
@@ -219,12 +257,14 @@ def measure_table(model: DarknetModel, runtime: str, threads: int, img_size: int
     for i, g in sorted(grid.items()):
         src = model.graph.inputs[i][0]
         hw = (img_size, img_size) if src < 0 else shapes[src][1:]
-        ms = tuple(tuple(_layer_ms(model, i, o if g.tied else c, o, hw, rt, threads, runs) for o in g.out_widths)
-                   for c in g.in_widths)
+        points = [(o if g.tied else c, o) for c in g.in_widths for o in g.out_widths]
+        flat = iter(_layer_grid_ms(model, i, points, hw, rt, threads, runs))
+        ms = tuple(tuple(next(flat) for _ in g.out_widths) for _ in g.in_widths)
         layers.append(LayerTiming(i, model.graph.cfg.blocks[i].type, g.in_widths, g.out_widths, ms))
     whole = measure_models([model], runtime, threads, img_size, model_runs)[0]
     notes = {"loadavg_1min_before": round(load_before, 2), "loadavg_1min_after": round(os.getloadavg()[0], 2),
-             "seconds": round(time.time() - start, 1), "cores": os.cpu_count()}
+             "seconds": round(time.time() - start, 1), "cores": os.cpu_count(), "clock": clock_name(threads),
+             "quantile": QUANTILE}
     log.info("latency table %s: model %.2f ms, %d convs timed in %.0f s", key.describe(), whole, len(layers),
              notes["seconds"])
     return LatencyTable(key, whole, tuple(layers), runs, str(model.cfg.path),
@@ -232,8 +272,8 @@ def measure_table(model: DarknetModel, runtime: str, threads: int, img_size: int
 
 
 def measure_models(models: Sequence[DarknetModel], runtime: str, threads: int, img_size: int, rounds: int = 20,
-                   warmup: int = 3) -> list[float]:
-    """Median ms per model on `runtime`, timed round-robin (one run of each model per round)."""
+                   warmup: int = WARMUP) -> list[float]:
+    """QUANTILE ms per model on `runtime`, timed round-robin (one run of each model per round)."""
     rt = _runtime(runtime)
     runtime_version(runtime)  # a missing package is named before any export
     with tempfile.TemporaryDirectory(prefix="latency-") as tmp:
@@ -242,9 +282,9 @@ def measure_models(models: Sequence[DarknetModel], runtime: str, threads: int, i
             (Path(tmp) / str(n)).mkdir()
             timers.append(rt.model(m, img_size, threads, Path(tmp) / str(n)))
         for fn in timers:
-            median_ms(fn, 1, warmup)
+            quantile_ms(fn, 1, warmup, threads=threads)
         times: list[list[float]] = [[] for _ in timers]
         for _ in range(rounds):
             for k, fn in enumerate(timers):
-                times[k].append(median_ms(fn, 1, 0))
-    return [float(np.median(t)) for t in times]
+                times[k].append(quantile_ms(fn, 1, 0, threads=threads))
+    return [float(np.quantile(t, QUANTILE)) for t in times]

@@ -7,7 +7,10 @@ median ms measured on a small grid of (input channels, output channels); `LayerT
 bilinearly between the grid points (linearly beyond them), on the grid made monotone in both widths, so that
 measurement noise never makes a narrower layer look slower. `model_ms` is the whole unpruned model measured in
 the same session; a prediction for a pruned model is `model_ms` minus the per-layer savings (so the per-call
-overhead of timing a layer alone cancels out).
+overhead of timing a layer alone cancels out). What the convs timed alone do not show (shortcut adds, route
+copies, pooling, the runtime's layout conversions between layers) is charged per element those other blocks
+emit: `per_melem` ms per million elements, fitted from the whole model measured at full and at reduced
+widths (`calibration` keeps those measurements).
 
 One file holds any number of tables (one per key): `read_tables`, `find_table`, `store_table` (atomic; a table
 with the same key is replaced). The file is the user's cache: `prune --latency-table PATH`, `info --latency-table`.
@@ -130,6 +133,8 @@ class LatencyTable:
     cfg: str = ""
     measured: str = ""                          # UTC time of the measurement
     notes: dict = field(default_factory=dict)   # load average while measuring, ...
+    per_melem: float = 0.0                      # ms per million elements emitted by non-conv blocks
+    calibration: dict = field(default_factory=dict)
 
     @cached_property
     def by_layer(self) -> dict[int, LayerTiming]:
@@ -152,6 +157,7 @@ class LatencyTable:
     def to_dict(self) -> dict:
         return {"key": {**asdict(self.key), "img_size": list(self.key.img_size)}, "model_ms": self.model_ms,
                 "runs": self.runs, "cfg": self.cfg, "measured": self.measured, "notes": self.notes,
+                "per_melem": self.per_melem, "calibration": self.calibration,
                 "layers": [{**asdict(t), "in_widths": list(t.in_widths), "out_widths": list(t.out_widths),
                             "ms": [list(r) for r in t.ms]} for t in self.layers]}
 
@@ -163,7 +169,8 @@ class LatencyTable:
                                        tuple(int(w) for w in t["out_widths"]),
                                        tuple(tuple(float(v) for v in r) for r in t["ms"])) for t in d["layers"])
             return cls(key, float(d["model_ms"]), layers, int(d.get("runs", 0)), str(d.get("cfg", "")),
-                       str(d.get("measured", "")), dict(d.get("notes", {})))
+                       str(d.get("measured", "")), dict(d.get("notes", {})), float(d.get("per_melem", 0.0)),
+                       dict(d.get("calibration", {})))
         except (KeyError, TypeError, ValueError) as exc:
             raise ExportError(f"{where}: not a latency table ({exc.__class__.__name__}: {exc}); delete it or pass "
                               f"another --latency-table") from exc

@@ -72,7 +72,7 @@ def select_for_target(model: DarknetModel, coupling: Coupling, config: PruneConf
     ranked = [group_score(coupling, scores, g) for g in groups]
     multiple = config.round_to or max(pruner.default_round_to, cost.multiple)
     plan = plan_widths(build_layout(coupling, groups), ranked, cost, target.goal(cost.base), multiple,
-                       max(config.layer_keep, config.min_keep), target.option)
+                       max(config.layer_keep, config.min_keep), target.option, target.best_effort)
     mask = {i: top_k(s, w) for g, s, w in zip(groups, ranked, plan.widths) for i in g}
     info = {"target": target.to_dict(), "plan": plan.to_dict(cost.metric), "prunable_layers": len(scores)}
     return validate_mask(coupling, mask), info

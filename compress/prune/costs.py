@@ -9,7 +9,7 @@ whatever a model costs besides its convs (and, for latency, the runtime's per-ca
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Mapping, Protocol
 
 from compress.base.errors import PruneError
 from compress.darknet.model import DarknetModel
@@ -26,11 +26,14 @@ _OPTIONS = {"latency": ("--target-latency", "--target-ms"), "flops": ("--target-
 @dataclass(frozen=True)
 class Target:
     """Prune until the model's `metric` is `ratio` x the unpruned model's (0 < ratio < 1), or at most `value`
-    (absolute, in TARGET_UNITS[metric]: `--target-ms`)."""
+    (absolute, in TARGET_UNITS[metric]: `--target-ms`). `best_effort`: a target out of reach gives the
+    narrowest plan instead of an error; `label`: how errors name the target (default: its option)."""
 
     metric: str
     ratio: float | None = None
     value: float | None = None
+    best_effort: bool = False
+    label: str | None = None
 
     def __post_init__(self) -> None:
         if self.metric not in TARGET_UNITS:
@@ -46,6 +49,8 @@ class Target:
 
     @property
     def option(self) -> str:
+        if self.label:
+            return self.label
         ratio_opt, value_opt = _OPTIONS[self.metric]
         return f"{ratio_opt} {self.ratio}" if self.ratio is not None else f"{value_opt} {self.value}"
 
@@ -83,6 +88,8 @@ class ConvCost:
     def layer(self, i: int, c_in: float, c_out: float) -> float:
         graph, c_in, c_out = self.graph, int(round(c_in)), int(round(c_out))
         section = graph.sections[i]
+        if not section.conv:
+            return 0.0   # FLOPs and parameters are the convs' (the model's other weights never change width)
         block = section.resize(graph.cfg.blocks[i], c_out)
         if self.metric == "params":
             return float(section.params(block, [c_in], c_out, graph.ctx(i)))
@@ -93,15 +100,18 @@ class ConvCost:
 
 
 class LatencyCost:
-    """Milliseconds from a measured table; `base` is the unpruned model's measured latency (the table's, or one
-    measured again in the session that prunes, so that before and after are timed alike)."""
+    """Milliseconds from a measured table: convs from their timings; another block (`areas`: its output H x W)
+    at the table's `per_melem` per element it emits. `base`: the unpruned model's latency (the table's)."""
 
     metric = "latency"
 
-    def __init__(self, table: LatencyTable, base: float | None = None, multiple: int = 8) -> None:
-        self.table, self.multiple = table, multiple
+    def __init__(self, table: LatencyTable, areas: Mapping[int, int] | None = None, base: float | None = None,
+                 multiple: int = 8) -> None:
+        self.table, self.areas, self.multiple = table, dict(areas or {}), multiple
         self.base = float(table.model_ms if base is None else base)
 
     def layer(self, i: int, c_in: float, c_out: float) -> float:
+        if i in self.table.by_layer:
+            return self.table.ms(i, c_in, c_out)
         # a conv missing from the table never changes width (the table times every conv that can)
-        return self.table.ms(i, c_in, c_out) if i in self.table.by_layer else 0.0
+        return self.table.per_melem * c_out * self.areas.get(i, 0) / 1e6

@@ -3,9 +3,11 @@
 Cutting a coupled group narrows the outputs of its member convs and the inputs of every conv that reads its
 channels, through routes (concatenations), shortcuts, pooling and upsampling. `build_layout` works that out
 once by running the section table's channel flow (`surgery.propagate`) on group tags: conv i then reads
-`in_const[i]` channels that never change plus `in_mult[i][g]` copies of group g's kept channels. With it a
-cost model is asked for any assignment of group widths without building a model. `table_grid` chooses the
-widths at which a latency table times each conv.
+`in_const[i]` channels that never change plus `in_mult[i][g]` copies of group g's kept channels. The other
+blocks whose width follows the cut (`others`: shortcuts, routes, pools, upsampling, ...) are described the same
+way by their OUTPUT (`in_*` then describe what they emit): a latency model charges them per element moved.
+With it a cost model is asked for any assignment of group widths without building a model. `table_grid`
+chooses the widths at which a latency table times each conv.
 """
 from __future__ import annotations
 
@@ -36,17 +38,25 @@ class Layout:
     out_group: dict[int, int]
     in_const: dict[int, int]
     in_mult: dict[int, dict[int, float]]
+    others: tuple[int, ...] = ()
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """Every block a cost model is asked about: the convs, then the others."""
+        return self.convs + self.others
 
     def in_width(self, i: int, widths: Sequence[float]) -> float:
         return self.in_const[i] + sum(m * widths[g] for g, m in self.in_mult[i].items())
 
     def out_width(self, i: int, widths: Sequence[float]) -> float:
+        if i in self.others:
+            return self.in_width(i, widths)
         g = self.out_group.get(i)
         return self.full_out[i] if g is None else widths[g]
 
     def affected(self, g: int) -> tuple[int, ...]:
-        """The convs whose input or output width changes with group g."""
-        return tuple(i for i in self.convs if self.out_group.get(i) == g or g in self.in_mult[i])
+        """The blocks whose input or output width changes with group g."""
+        return tuple(i for i in self.blocks if self.out_group.get(i) == g or g in self.in_mult[i])
 
     def tied(self, i: int) -> bool:
         """Input width always equals output width (a depthwise conv, or a conv inside its own residual chain)."""
@@ -67,15 +77,21 @@ def build_layout(coupling: Coupling, groups: Sequence[tuple[int, ...]]) -> Layou
     convs = tuple(i for i, s in enumerate(graph.sections) if s.conv)
     full = tuple(graph.channels[g[0]] for g in groups)
     in_const, in_mult = {}, {}
-    for i in convs:
-        src = graph.inputs[i][0]
-        tags = (torch.zeros(graph.cfg.channels) if src < 0 else flow[src]).long()
-        counts = torch.bincount(tags, minlength=len(groups) + 1).tolist()
+
+    def describe(i: int, tags: torch.Tensor) -> None:
+        counts = torch.bincount(tags.long(), minlength=len(groups) + 1).tolist()
         in_const[i] = counts[0]
         in_mult[i] = {g - 1: counts[g] / full[g - 1] for g in range(1, len(counts)) if counts[g]}
+
+    for i in convs:
+        src = graph.inputs[i][0]
+        describe(i, torch.zeros(graph.cfg.channels) if src < 0 else flow[src])
+    others = tuple(j for j, s in enumerate(graph.sections) if not s.conv and bool(flow[j].any()))
+    for j in others:
+        describe(j, flow[j])
     out_group = {i: tag[i] - 1 for i in convs if i in tag}
     return Layout(tuple(tuple(g) for g in groups), full, convs, {i: graph.channels[i] for i in convs}, out_group,
-                  in_const, in_mult)
+                  in_const, in_mult, others)
 
 
 def _points(const: int, var: int, multiple: int) -> tuple[int, ...]:

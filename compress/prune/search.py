@@ -36,6 +36,7 @@ class Plan:
     removed_importance: float
     steps: int
     multiple: int
+    reached: bool = True
 
     def layer_widths(self) -> dict[int, int]:
         """Conv index -> kept output channels, for every member of a narrowed group."""
@@ -45,6 +46,7 @@ class Plan:
         return {"metric": metric, "unit": TARGET_UNITS[metric], "base": self.base, "goal": self.goal,
                 "predicted": self.predicted, "predicted_ratio": self.predicted / self.base if self.base else None,
                 "multiple": self.multiple, "steps": self.steps, "removed_importance": self.removed_importance,
+                "reached": self.reached,
                 "groups": [{"layers": list(g), "before": f, "after": w}
                            for g, f, w in zip(self.layout.groups, self.layout.full, self.widths)]}
 
@@ -62,7 +64,7 @@ class _State:
     def __init__(self, layout: Layout, cost: CostModel) -> None:
         self.layout, self.cost = layout, cost
         self.widths = [float(w) for w in layout.full]
-        self.full_cost = {i: self._conv(i, self.widths) for i in layout.convs}
+        self.full_cost = {i: self._conv(i, self.widths) for i in layout.blocks}
         self.now = dict(self.full_cost)
         self.total = float(cost.base)
         self.affected = [layout.affected(g) for g in range(len(layout.groups))]
@@ -83,11 +85,12 @@ class _State:
 
 
 def plan_widths(layout: Layout, group_scores: list[torch.Tensor], cost: CostModel, goal: float, multiple: int,
-                floor: float, what: str = "the target") -> Plan:
+                floor: float, what: str = "the target", best_effort: bool = False) -> Plan:
     """Narrow groups greedily until the predicted cost is <= `goal` (see the module doc).
 
     Raises:
-        PruneError: the goal is out of reach with these floors and multiples (naming what is reachable).
+        PruneError: the goal is out of reach with these floors and multiples (naming what is reachable), unless
+            `best_effort`: then the narrowest plan is returned with `reached=False`.
     """
     state = _State(layout, cost)
     ladders = [allowed_widths(f, multiple, floor) for f in layout.full]
@@ -112,6 +115,8 @@ def plan_widths(layout: Layout, group_scores: list[torch.Tensor], cost: CostMode
         best[g] = candidate(g)
     while state.total > goal:
         options = [c for c in best.values() if c is not None]
+        if not options and best_effort:
+            break
         if not options:
             raise PruneError(f"{what} is out of reach: cutting every prunable group to its floor predicts "
                              f"{state.total:.4g} {TARGET_UNITS[cost.metric]} ({state.total / cost.base:.3f} of "
@@ -123,4 +128,4 @@ def plan_widths(layout: Layout, group_scores: list[torch.Tensor], cost: CostMode
         for h in neighbours[g]:
             best[h] = candidate(h)
     widths = tuple(ladders[g][pos[g]] for g in range(len(ladders)))
-    return Plan(layout, widths, state.total, float(cost.base), goal, removed, steps, multiple)
+    return Plan(layout, widths, state.total, float(cost.base), goal, removed, steps, multiple, state.total <= goal)
