@@ -36,7 +36,6 @@ from compress.prune.costs import LatencyCost, Target
 from compress.prune.coupling import build_coupling
 from compress.prune.latency_target import LatencySettings, areas, latency_table, prune_to_latency
 from compress.prune.layout import build_layout, cuttable_groups
-from compress.prune.surgery import apply_channel_mask
 
 ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 CASES = ("yolov4-tiny@416:l1", "yolov4-tiny@416:slim", "yolo-fastest-1.1@320:l1")

@@ -34,7 +34,12 @@ def info_command(report_path: str | None, **options: Any) -> None:
                    + f" over {stats['count']} channels")
     if options["gamma_plot"]:
         click.echo(f"gamma histogram -> {options['gamma_plot']}")
-    for table in r.get("latency_tables") or ():
+    _echo_latency_tables(r.get("latency_tables") or [])
+
+
+def _echo_latency_tables(tables: list[dict]) -> None:
+    """Per table: its key, the whole model's ms, then per conv its ms at full width and share of the model."""
+    for table in tables:
         click.echo(f"\nlatency table: {table['describe']}; whole model {table['model_ms']:.3f} ms "
                    f"(measured {table['measured']})")
         click.echo(tabulate([["" if row["layer"] is None else row["layer"], row["type"], row["ms"], row["share"]]

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from compress.darknet.model import DarknetModel
-from compress.darknet.summary import bn_gammas
 from compress.prune.api import finalize_mask
-from compress.prune.coupling import Coupling, prunable_layers
+from compress.prune.coupling import Coupling
 from compress.prune.mask import ChannelMask, global_threshold, safe_percent, threshold_masks
 from compress.prune.normal import scores
 from compress.prune.registry import PruneConfig, register_pruner
