@@ -8,9 +8,9 @@ For each case (model@size:method) and runtime (1 thread): the per-layer latency 
 --tables, so a rerun reuses it), then for each target `prune_to_latency` (what `prune --target-latency R
 --runtime RT --threads 1` runs) gives the latency-targeted model. The uniform baseline is the method's own
 global `--percent` threshold, its percent found by bisection on the same table so that its predicted latency
-equals the targeted model's, then corrected by up to 3 secant steps on its measured latency. The unpruned, targeted and uniform models
-are then timed together, round-robin (`measure_models`: 0.25-quantile of process CPU time per run, 1 thread),
-and both pruned models are evaluated (mAP@.5 on the first --images COCO128 images, no fine-tuning).
+equals the targeted model's, then corrected by up to 3 secant steps on its measured latency. The unpruned,
+targeted and uniform models are then timed together, round-robin (`measure_models`: 0.25-quantile of process
+CPU time per run, 1 thread), and both pruned models are evaluated (mAP@.5 on the first --images COCO128 images, no fine-tuning).
 Weights: the official Darknet weights; "slim" ranks by their BN gammas WITHOUT sparse training (none is
 available here), so its mAP after pruning is far below a sparse-trained model's.
 """

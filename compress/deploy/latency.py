@@ -130,7 +130,8 @@ def _ncnn_param(conv: nn.Conv2d, act: nn.Module, chw: tuple[int, int, int]) -> s
     extra = _NCNN_LAYERS.get(type(act))
     args = (f"0={conv.out_channels} 1={kw} 11={kh} 2={dw} 12={dh} 3={sw} 13={sh} 4={pw} 14={ph} 5=1 "
             f"6={conv.weight.numel()}" + (f" 7={conv.groups}" if conv.groups > 1 else "") + f" {fused}")
-    lines = [f"Input in0 0 1 in0 0={chw[2]} 1={chw[1]} 2={chw[0]}", f"{kind} conv 1 1 in0 {'c0' if extra else 'out0'} {args}"]
+    lines = [f"Input in0 0 1 in0 0={chw[2]} 1={chw[1]} 2={chw[0]}",
+             f"{kind} conv 1 1 in0 {'c0' if extra else 'out0'} {args}"]
     if extra:
         lines.append(f"{extra} act 1 1 c0 out0")
     return f"7767517\n{len(lines)} {len(lines)}\n" + "\n".join(lines) + "\n"
