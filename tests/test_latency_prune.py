@@ -14,7 +14,9 @@ import torch
 
 from compress.base.errors import CfgError, ExportError, PruneError
 from compress.cli import cli
+from compress.darknet.block import Block
 from compress.darknet.cfg import read_cfg
+from compress.darknet.layers import ConvBNAct
 from compress.darknet.model import build_model
 from compress.darknet.persist import save
 from compress.darknet.summary import summarize
@@ -321,3 +323,18 @@ def test_layout_others_follow_routes_and_shortcuts(model):
         assert layout.out_width(j, full) == model.graph.channels[j]
     for i in layout.convs:
         assert layout.in_width(i, full) == model.graph.in_channels(i)
+
+
+@pytest.mark.parametrize("act", ["leaky", "mish", "swish", "linear", "hardswish"])
+def test_onnx_one_layer_model_computes_the_conv(act, tmp_path):
+    """The ONNX graph written for onnxruntime/OpenVINO tables (run here by onnxruntime) computes what torch's
+    conv (bias 0) + activation compute."""
+    block = Block("convolutional", (("batch_normalize", "1"), ("filters", "24"), ("size", "3"), ("stride", "2"),
+                                    ("pad", "1"), ("activation", act)), 1, "test")
+    module = ConvBNAct(block, 16).eval()
+    module.bn = None
+    x = torch.rand(1, 16, 20, 20)
+    out = LATENCY_RUNTIMES["onnxruntime"].layer(module, x, 1, tmp_path)()[0]
+    with torch.no_grad():
+        ref = module.act(module.conv(x)).numpy()
+    assert out.shape == ref.shape and np.abs(out - ref).max() < 1e-4

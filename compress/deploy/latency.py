@@ -2,10 +2,12 @@
 
 `measure_table` times each conv of a model as a one-layer model at its own input shape, on a small grid of
 (input, output) widths the caller chooses (pruning knows which widths can change), and returns a
-`LatencyTable`. Each runtime builds its one-layer model its own way: onnxruntime and OpenVINO from the traced
-ONNX of the conv module (as `export` writes the whole model), ncnn from a .param/.bin written here directly
-(pnnx takes about a second per conversion; the layer is one `Convolution`/`ConvolutionDepthWise` with its
-activation fused, which is what pnnx makes of a Darknet conv), torch from the module itself.
+`LatencyTable`. Each runtime builds its one-layer model its own way: onnxruntime and OpenVINO from an ONNX
+graph written here directly (Conv with BN folded into its bias, then the activation's ops: what their graph
+optimisers make of the exported conv; tracing took ~0.5 s per grid point, which made tables minutes long;
+an activation without a rule here is traced), ncnn from a .param/.bin written here directly (pnnx takes about
+a second per conversion; the layer is one `Convolution`/`ConvolutionDepthWise` with its activation fused,
+which is what pnnx makes of a Darknet conv), torch from the module itself.
 `measure_models` times whole models round-robin (one run of each per round), so that a load change on a shared
 machine hits all of them alike; ratios between them are what pruning to a latency target needs.
 Every figure is the QUANTILE (a low quantile, 0.25, rather than the median) of the timed runs after a warm-up:
@@ -91,8 +93,51 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _act_nodes(act: nn.Module, x: str, y: str) -> list | None:
+    """The activation as ONNX nodes from value `x` to `y` (None: no rule here; the layer is then traced)."""
+    import onnx.helper as oh  # onnx is a dependency; imported where graphs are built, as in onnx_io
+
+    simple = {nn.ReLU: ("Relu", {}), nn.Sigmoid: ("Sigmoid", {}), nn.Tanh: ("Tanh", {}),
+              nn.Hardswish: ("HardSwish", {}), nn.ELU: ("Elu", {}),
+              nn.LeakyReLU: ("LeakyRelu", {"alpha": float(getattr(act, "negative_slope", 0.01))})}
+    if isinstance(act, nn.Identity):
+        return [oh.make_node("Identity", [x], [y])]
+    if type(act) in simple:
+        op, attrs = simple[type(act)]
+        return [oh.make_node(op, [x], [y], **attrs)]
+    if isinstance(act, nn.SiLU):
+        return [oh.make_node("Sigmoid", [x], ["s"]), oh.make_node("Mul", [x, "s"], [y])]
+    if isinstance(act, nn.Mish):
+        return [oh.make_node("Softplus", [x], ["sp"]), oh.make_node("Tanh", ["sp"], ["t"]),
+                oh.make_node("Mul", [x, "t"], [y])]
+    return None
+
+
+def _onnx_layer(module: nn.Module, x: torch.Tensor) -> bytes:
+    """The conv (+ folded BN) and its activation as an ONNX graph, built directly (traced when the activation
+    has no rule in _act_nodes)."""
+    import onnx
+    import onnx.helper as oh
+    import onnx.numpy_helper as nh
+
+    conv = module.conv
+    nodes = _act_nodes(module.act, "conv", "y")
+    if nodes is None:
+        return torch_to_onnx(module, x, what="one-layer model")
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    weight = nh.from_array(conv.weight.detach().float().numpy(), "w")
+    bias = nh.from_array(np.zeros(conv.out_channels, np.float32), "b")
+    node = oh.make_node("Conv", ["x", "w", "b"], ["conv"], kernel_shape=[kh, kw], strides=[sh, sw],
+                        pads=[ph, pw, ph, pw], dilations=[dh, dw], group=conv.groups)
+    graph = oh.make_graph([node, *nodes], "layer", [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                list(x.shape))],
+                          [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [weight, bias])
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+    return model.SerializeToString()
+
+
 def _ort_layer(module: nn.Module, x: torch.Tensor, threads: int, tmp: Path) -> Timer:
-    sess = session(torch_to_onnx(module, x, what="one-layer model"), threads)
+    sess = session(_onnx_layer(module, x), threads)
     feed = {sess.get_inputs()[0].name: x.numpy()}
     return lambda: sess.run(None, feed)
 
@@ -107,7 +152,7 @@ def _ov_layer(module: nn.Module, x: torch.Tensor, threads: int, tmp: Path) -> Ti
     import openvino as ov  # optional extra: only the openvino runtime needs it
 
     path = tmp / "layer.onnx"
-    path.write_bytes(torch_to_onnx(module, x, what="one-layer model"))
+    path.write_bytes(_onnx_layer(module, x))
     config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
     request = _ov_core().compile_model(ov.convert_model(str(path)), "CPU", config).create_infer_request()
     data = x.numpy()
