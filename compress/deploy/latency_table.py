@@ -10,7 +10,8 @@ the same session; a prediction for a pruned model is `model_ms` minus the per-la
 overhead of timing a layer alone cancels out). What the convs timed alone do not show (shortcut adds, route
 copies, pooling, the runtime's layout conversions between layers) is charged per element those other blocks
 emit: `per_melem` ms per million elements, fitted from the whole model measured at full and at reduced
-widths (`calibration` keeps those measurements).
+widths (`calibration` keeps those measurements); where the convs timed alone promise MORE than the whole model
+saves (their own input/output conversions shrink with them), their timings are scaled by `conv_scale` < 1.
 
 One file holds any number of tables (one per key): `read_tables`, `find_table`, `store_table` (atomic; a table
 with the same key is replaced). The file is the user's cache: `prune --latency-table PATH`, `info --latency-table`.
@@ -134,6 +135,7 @@ class LatencyTable:
     measured: str = ""                          # UTC time of the measurement
     notes: dict = field(default_factory=dict)   # load average while measuring, ...
     per_melem: float = 0.0                      # ms per million elements emitted by non-conv blocks
+    conv_scale: float = 1.0                     # factor on the convs' timings (calibration)
     calibration: dict = field(default_factory=dict)
 
     @cached_property
@@ -143,7 +145,7 @@ class LatencyTable:
     def ms(self, layer: int, c_in: float, c_out: float) -> float:
         if layer not in self.by_layer:
             raise ExportError(f"latency table ({self.key.describe()}) has no conv {layer}; measure it again")
-        return self.by_layer[layer].at(c_in, c_out)
+        return self.conv_scale * self.by_layer[layer].at(c_in, c_out)
 
     def rows(self) -> list[dict]:
         """Per conv: layer, type, ms at full width and its share of the whole model; then the rest of the model
@@ -157,7 +159,7 @@ class LatencyTable:
     def to_dict(self) -> dict:
         return {"key": {**asdict(self.key), "img_size": list(self.key.img_size)}, "model_ms": self.model_ms,
                 "runs": self.runs, "cfg": self.cfg, "measured": self.measured, "notes": self.notes,
-                "per_melem": self.per_melem, "calibration": self.calibration,
+                "per_melem": self.per_melem, "conv_scale": self.conv_scale, "calibration": self.calibration,
                 "layers": [{**asdict(t), "in_widths": list(t.in_widths), "out_widths": list(t.out_widths),
                             "ms": [list(r) for r in t.ms]} for t in self.layers]}
 
@@ -170,7 +172,7 @@ class LatencyTable:
                                        tuple(tuple(float(v) for v in r) for r in t["ms"])) for t in d["layers"])
             return cls(key, float(d["model_ms"]), layers, int(d.get("runs", 0)), str(d.get("cfg", "")),
                        str(d.get("measured", "")), dict(d.get("notes", {})), float(d.get("per_melem", 0.0)),
-                       dict(d.get("calibration", {})))
+                       float(d.get("conv_scale", 1.0)), dict(d.get("calibration", {})))
         except (KeyError, TypeError, ValueError) as exc:
             raise ExportError(f"{where}: not a latency table ({exc.__class__.__name__}: {exc}); delete it or pass "
                               f"another --latency-table") from exc

@@ -58,7 +58,7 @@ class InfoJob(Job):
                            f"{self.cfg}; measure one with `prune --target-latency R --latency-table "
                            f"{self.latency_table}`")
         return [{"key": t.to_dict()["key"], "describe": t.key.describe(), "model_ms": t.model_ms,
-                 "per_melem": t.per_melem, "measured": t.measured, "rows": t.rows()} for t in mine]
+                 "per_melem": t.per_melem, "conv_scale": t.conv_scale, "measured": t.measured, "rows": t.rows()} for t in mine]
 
     def run(self, dist: DistConfig | None = None) -> Report:
         model = load(self.cfg, self.weights, cutoff=self.cutoff)

@@ -71,9 +71,9 @@ def areas(model: DarknetModel, img_size: int) -> dict[int, int]:
 
 def _calibrate(model: DarknetModel, table: LatencyTable, layout: Layout, settings: LatencySettings,
                img_size: int) -> LatencyTable:
-    """Fit the table's `per_melem` from the model measured whole and with every cuttable group at half its
-    width: the measured saving beyond what the convs' timings predict, per element the other blocks no longer
-    emit (0 when the convs explain it all)."""
+    """Fit the table's `per_melem` and `conv_scale` from the model measured whole and with every cuttable group
+    at half its width: a measured saving beyond what the convs' timings predict is charged per element the
+    other blocks no longer emit; a smaller one scales the convs' timings down."""
     m = settings.multiple
     half = tuple(min(f, max(m, f // 2 // m * m)) for f in layout.full)
     mask = {i: torch.arange(f) < w for g, f, w in zip(layout.groups, layout.full, half) if w < f for i in g}
@@ -87,12 +87,14 @@ def _calibrate(model: DarknetModel, table: LatencyTable, layout: Layout, setting
                 - cost.layer(i, layout.in_width(i, half), layout.out_width(i, half)) for i in layout.convs)
     elements = sum((layout.out_width(j, layout.full) - layout.out_width(j, half)) * cost.areas[j]
                    for j in layout.others) / 1e6
-    unexplained = (1 - narrow_ms / full_ms) - convs / table.model_ms   # as shares of the whole model
-    per_melem = max(0.0, unexplained * table.model_ms / elements) if elements > 0 else 0.0
+    saved = (1 - narrow_ms / full_ms) * table.model_ms     # the measured saving, in the table's ms
+    per_melem = max(0.0, (saved - convs) / elements) if elements > 0 else 0.0
+    scale = min(1.0, max(0.1, saved / convs)) if convs > 0 else 1.0
     calibration = {"full_ms": round(full_ms, 4), "half_ms": round(narrow_ms, 4), "conv_saving_ms": round(convs, 4),
                    "melem_saved": round(elements, 4), "half_widths": list(half)}
-    log.info("latency table calibration: %s -> %.4f ms per million elements", calibration, per_melem)
-    return replace(table, per_melem=per_melem, calibration=calibration)
+    log.info("latency table calibration: %s -> %.4f ms per million elements, conv scale %.3f", calibration,
+             per_melem, scale)
+    return replace(table, per_melem=per_melem, conv_scale=scale, calibration=calibration)
 
 
 def latency_table(model: DarknetModel, settings: LatencySettings, img_size: int) -> tuple[LatencyTable, bool]:
