@@ -338,3 +338,14 @@ def test_onnx_one_layer_model_computes_the_conv(act, tmp_path):
     with torch.no_grad():
         ref = module.act(module.conv(x)).numpy()
     assert out.shape == ref.shape and np.abs(out - ref).max() < 1e-4
+
+
+def test_next_ratio_corrects_the_plan_from_measurement():
+    from compress.prune.latency_target import _next_ratio
+    # one round: predicted 0.5, measured 0.75 (half the saving) -> plan twice the saving asked (1.0), clamped
+    assert _next_ratio([{"predicted_ratio": 0.5, "measured_ratio": 0.75}], 0.5) == pytest.approx(0.02)
+    # predicted 0.6, measured 0.7 (3/4 of the saving): to measure 0.7, plan the saving 0.3 / 0.75 -> 0.6
+    assert _next_ratio([{"predicted_ratio": 0.6, "measured_ratio": 0.7}], 0.7) == pytest.approx(0.6)
+    # two rounds: the secant through (0.5, 0.75) and (0.3, 0.55) hits 0.5 at 0.25
+    rounds = [{"predicted_ratio": 0.5, "measured_ratio": 0.75}, {"predicted_ratio": 0.3, "measured_ratio": 0.55}]
+    assert _next_ratio(rounds, 0.5) == pytest.approx(0.25)
