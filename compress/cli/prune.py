@@ -12,6 +12,7 @@ from compress.cli.common import (DATA_HELP, device_option, exist_ok_option, fit_
 from compress.cli.group import cli
 from compress.darknet.summary import format_stage_table
 from compress.jobs import PruneJob, Report, SparseTrainJob
+from compress.deploy.latency import LATENCY_RUNTIMES
 from compress.prune import METHODS
 from compress.prune.sparsity import SCHEDULES, UPDATES
 
@@ -23,6 +24,24 @@ _SPARSE_KEYS = [("params", "params"), ("gflops", "GFLOPs"), ("map50", "mAP@.5"),
                 ("safe_percent", "safe --percent (no layer emptied)"),
                 ("near_zero_percent", "near-zero --percent (|gamma| < 1e-2 only)"),
                 ("near_zero_percent_reached_epoch", "target reached (epoch)")]
+
+
+def _target_lines(report: Report) -> list[str]:
+    """The target and, for latency, the table and the predicted / measured latency of the result."""
+    target, lat = report.get("target"), report.get("latency")
+    if not target:
+        return []
+    asked = f"{target['ratio']} x" if target["ratio"] is not None else f"{target['value']} {target['unit']}"
+    lines = [f"target {target['metric']} {asked}: predicted {target['predicted_ratio']:.3f} of the unpruned model"
+             + ("" if target["achieved_ratio"] is None else f", achieved {target['achieved_ratio']:.3f}")
+             + f" (channel multiple {target['multiple']})"]
+    if lat:
+        measured = "" if lat["measured_ms"] is None else (f"; measured {lat['measured_ms']:.3f} ms vs "
+                                                          f"{lat['base_ms']:.3f} ms unpruned")
+        lines.append(f"{lat['runtime']} {lat['runtime_version']}, {lat['threads']} thread(s), {lat['img_size']}: "
+                     f"predicted {lat['predicted_ms']:.3f} ms of {lat['table_model_ms']:.3f}{measured}; table "
+                     f"{lat['table'] or '(not kept)'}{' (measured now)' if lat['table_measured'] else ''}")
+    return lines
 
 
 def _before_after(report: Report) -> str:
@@ -47,8 +66,25 @@ def _before_after(report: Report) -> str:
 @click.option("--data", type=click.Path(exists=True), help=f"Evaluate mAP before/after on this ({DATA_HELP}).")
 @click.option("--img-size", type=click.IntRange(32, 4096), help="Size for figures/eval (default: the cfg's).")
 @letterbox_option
-@click.option("--dry-run", is_flag=True, help="Print the per-layer channel table; write nothing.")
+@click.option("--dry-run", is_flag=True, help="Print the per-layer channel table (a target's plan); write nothing.")
 @click.option("--latency", is_flag=True, help="Also measure CPU latency before/after (median of 5 runs each).")
+@click.option("--target-latency", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Instead of --percent: prune to this ratio of the latency measured on --runtime.")
+@click.option("--target-ms", type=click.FloatRange(0, min_open=True),
+              help="Instead of --percent: prune to this many ms on --runtime.")
+@click.option("--target-flops", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Instead of --percent: prune to this ratio of the FLOPs.")
+@click.option("--target-params", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Instead of --percent: prune to this ratio of the parameters.")
+@click.option("--runtime", type=click.Choice(list(LATENCY_RUNTIMES)), default="onnxruntime", show_default=True,
+              help="Runtime whose latency a latency target is measured on.")
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
+              help="Threads of --runtime for the latency target.")
+@click.option("--latency-table", type=click.Path(dir_okay=False),
+              help="Per-layer latency table JSON: reused when it holds this machine/runtime/threads/size/model, "
+                   "else measured and added (default: OUT/latency_table.json).")
+@click.option("--refine", type=click.IntRange(0), default=2, show_default=True,
+              help="Re-plan a latency target up to N times from the measured latency of the result.")
 @device_option
 @report_option
 @exist_ok_option
@@ -58,7 +94,7 @@ def prune_command(report_path: str | None, exist_ok: bool, **options: Any) -> No
     if report["dry_run"]:
         click.echo(tabulate([[c["layer"], c["type"], c["before"], c["after"]] for c in report["channels"]],
                             headers=["#", "type", "before", "after"], tablefmt="github"))
-    click.echo(_before_after(report))
+    click.echo("\n".join(_target_lines(report) + [_before_after(report)]))
     if not report["dry_run"]:
         click.echo(f"-> {report['cfg']}, {report['weights']}")
 

@@ -12,6 +12,7 @@ from compress.darknet.cfg import read_cfg
 from compress.darknet.persist import load
 from compress.darknet.summary import bn_gammas, file_size_mb, gamma_stats, plot_gamma_histogram, summarize
 from compress.data.dataset import read_names
+from compress.deploy.latency_table import model_fingerprint, read_tables
 from compress.deploy.runtimes import inference_size, load_for_inference
 from compress.detection.anchors import AnchorConfig, compute_anchors
 from compress.detection.detect import DetectConfig, check_names, detect_to_dir, detect_to_file, is_image_file
@@ -27,7 +28,8 @@ __all__ = ["InfoJob", "EvalJob", "DetectJob", "AnchorsJob"]
 @register_job
 @dataclass(frozen=True)
 class InfoJob(Job):
-    """Layers, params, FLOPs at `img_size` (None: the cfg's), BN-gamma statistics (+ a PNG histogram)."""
+    """Layers, params, FLOPs at `img_size` (None: the cfg's), BN-gamma statistics (+ a PNG histogram); with
+    `latency_table`, the per-layer latency tables that file holds for this cfg's structure."""
 
     command: ClassVar[str] = "info"
 
@@ -36,25 +38,38 @@ class InfoJob(Job):
     img_size: int | None = None
     gamma_plot: PathLike | None = None
     cutoff: int | None = None
+    latency_table: PathLike | None = None
 
     def __post_init__(self) -> None:
         check_img_size(self.img_size, error=CfgError)
         check_range("--cutoff", self.cutoff, 1, error=CfgError)
 
     def inputs(self) -> tuple[Path, ...]:
-        return paths(self.cfg, self.weights)
+        return paths(self.cfg, self.weights, self.latency_table)
 
     def outputs(self) -> tuple[Output, ...]:
         return files(("--gamma-plot", self.gamma_plot))
+
+    def latency_tables(self, model) -> list[dict]:  # type: ignore[no-untyped-def]
+        """The tables in --latency-table measured on this cfg's structure: key, whole-model ms, per-layer rows."""
+        tables = read_tables(self.latency_table)
+        mine = [t for t in tables if t.key.model == model_fingerprint(model.cfg)]
+        if not mine:
+            raise CfgError(f"--latency-table {self.latency_table}: none of its {len(tables)} table(s) was measured on "
+                           f"{self.cfg}; measure one with `prune --target-latency R --latency-table "
+                           f"{self.latency_table}`")
+        return [{"key": t.to_dict()["key"], "describe": t.key.describe(), "model_ms": t.model_ms,
+                 "per_melem": t.per_melem, "conv_scale": t.conv_scale, "measured": t.measured, "rows": t.rows()} for t in mine]
 
     def run(self, dist: DistConfig | None = None) -> Report:
         model = load(self.cfg, self.weights, cutoff=self.cutoff)
         summary = summarize(model, (self.img_size, self.img_size) if self.img_size else None)
         if self.gamma_plot:
             plot_gamma_histogram(bn_gammas(model), self.gamma_plot)
+        tables = {"latency_tables": self.latency_tables(model)} if self.latency_table else {}
         return self.report({**summary.to_dict(), "gamma": gamma_stats(bn_gammas(model)), "cfg": str(self.cfg),
                             "weights": None if self.weights is None else str(self.weights),
-                            "weights_mb": file_size_mb(self.weights) if self.weights else None})
+                            "weights_mb": file_size_mb(self.weights) if self.weights else None, **tables})
 
 
 @register_job

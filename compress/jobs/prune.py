@@ -12,20 +12,25 @@ from compress.train.config import DistConfig, TrainConfig
 from compress.jobs.base import Job, PathLike, Report, out_folder, paths, register_job
 from compress.jobs.ranks import process_device
 from compress.jobs.training import TrainingJob, data_path, dataset_files
+from compress.base.errors import PruneError
 from compress.prune import PruneConfig
+from compress.prune.costs import Target
+from compress.prune.latency_target import LatencySettings
 from compress.prune.pipeline import Measure, prune_files
 from compress.prune.sparsity import SparsityConfig, run_sparse_train
 
 __all__ = ["PruneJob", "SparseTrainJob", "LATENCY_RUNS"]
 
 LATENCY_RUNS = 5  # --latency: CPU latency is the median of this many runs, before and after
+TABLE_NAME = "latency_table.json"  # a latency target's table in --out when no --latency-table is given
 
 
 @register_job
 @dataclass(frozen=True)
 class PruneJob(Job):
     """Channel or layer pruning of cfg/weights -> `out`/<cfg stem>-<method>.cfg/.weights (nothing with
-    `dry_run`); mAP before/after on `data` when given."""
+    `dry_run`); mAP before/after on `data` when given. One of `target_latency` (ratio of the latency measured on
+    `runtime` with `threads`), `target_ms`, `target_flops`, `target_params` replaces `percent`."""
 
     command: ClassVar[str] = "prune"
     produces_model: ClassVar[bool] = True  # recipes continue from its report's cfg/weights
@@ -46,15 +51,47 @@ class PruneJob(Job):
     letterbox: bool | None = None
     dry_run: bool = False
     latency: bool = False
+    target_latency: float | None = None
+    target_ms: float | None = None
+    target_flops: float | None = None
+    target_params: float | None = None
+    runtime: str = LatencySettings.runtime
+    threads: int = LatencySettings.threads
+    latency_table: PathLike | None = None
+    refine: int = LatencySettings.refine
     device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
 
     def __post_init__(self) -> None:
-        self.prune_config(), self.measure()  # their rules and messages
+        self.prune_config(), self.measure(), self.latency_settings()  # their rules and messages
+
+    def target(self) -> Target | None:
+        given = {name: getattr(self, name) for name in ("target_latency", "target_ms", "target_flops",
+                                                        "target_params") if getattr(self, name) is not None}
+        if len(given) > 1:
+            raise PruneError(f"give one target, not {' and '.join('--' + k.replace('_', '-') for k in given)}")
+        if not given:
+            return None
+        (name, value), = given.items()
+        metric = {"target_ms": "latency"}.get(name, name.removeprefix("target_"))
+        return Target(metric, value=value) if name == "target_ms" else Target(metric, ratio=value)
 
     def prune_config(self) -> PruneConfig:
         return PruneConfig(method=self.method, percent=self.percent, shortcuts=self.shortcuts,
                            round_to=self.round_to, min_keep=self.min_keep, layer_keep=self.layer_keep,
-                           compensate=not self.no_compensate)
+                           compensate=not self.no_compensate, target=self.target())
+
+    def latency_settings(self) -> LatencySettings:
+        return LatencySettings(self.runtime, self.threads, self.table_path(), self.refine, measure=not self.dry_run)
+
+    def table_path(self) -> Path | None:
+        """Where a latency target's table is read and kept: --latency-table, else OUT/latency_table.json (a dry
+        run without --latency-table keeps none)."""
+        target = self.target()
+        if target is None or target.metric != "latency":
+            return None
+        if self.latency_table is not None:
+            return Path(self.latency_table)
+        return None if self.dry_run else Path(self.out) / TABLE_NAME
 
     def measure(self) -> Measure:
         return Measure(self.data, self.img_size, self.letterbox, process_device(self.device, None),
@@ -70,7 +107,12 @@ class PruneJob(Job):
         return dataset_files(self.data) if self.data is not None else ()
 
     def outputs(self) -> tuple[Output, ...]:
-        return out_folder(self.out, *self.pruned_pair())
+        table = self.table_path()
+        if table is None:
+            return out_folder(self.out, *self.pruned_pair())
+        if self.latency_table is None:
+            return out_folder(self.out, *self.pruned_pair(), table)
+        return out_folder(self.out, *self.pruned_pair()) + (Output(table, "file", "--latency-table"),)
 
     def out_dir(self) -> Path | None:
         return None if self.dry_run else Path(self.out)
@@ -80,7 +122,8 @@ class PruneJob(Job):
 
     def run(self, dist: DistConfig | None = None) -> Report:
         outputs = None if self.dry_run else self.pruned_pair()
-        return self.report(prune_files(self.cfg, self.weights, self.prune_config(), outputs, self.measure()))
+        return self.report(prune_files(self.cfg, self.weights, self.prune_config(), outputs, self.measure(),
+                                       self.latency_settings()))
 
 
 @register_job

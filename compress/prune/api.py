@@ -5,6 +5,8 @@ Methods live one per file and register themselves with `@register_pruner(name, k
   rounded and validated by `finalize_mask`, then `surgery.apply_channel_mask` builds the compact model;
 * kind "layer": `select(model, coupling, config) -> (set of shortcut indices, info)` -> `blocks.remove_units`;
 * kind "model": `run(model, config) -> PruneResult` (compositions such as layer-channel).
+With `config.target`, a channel method's `scores` rank the channels and `search.plan_widths` chooses each
+coupled group's width to reach the target on a cost model (`select_for_target`) instead of its --percent.
 """
 from __future__ import annotations
 
@@ -14,12 +16,16 @@ from typing import Callable
 from compress.base.errors import PruneError
 from compress.darknet.model import DarknetModel
 from compress.prune.blocks import remove_units
+from compress.prune.costs import ConvCost, CostModel
 from compress.prune.coupling import Coupling, build_coupling
-from compress.prune.mask import ChannelMask, apply_floor, merge_coupled, round_masks, validate_mask
+from compress.prune.layout import build_layout, cuttable_groups
+from compress.prune.mask import (ChannelMask, apply_floor, group_score, merge_coupled, round_masks, top_k,
+                                 validate_mask)
 from compress.prune.registry import METHODS, PruneConfig, Pruner, PruneResult
+from compress.prune.search import plan_widths
 from compress.prune.surgery import apply_channel_mask
 
-__all__ = ["prune", "select_mask", "finalize_mask"]
+__all__ = ["prune", "select_mask", "finalize_mask", "select_for_target", "target_cost"]
 
 log = logging.getLogger(__name__)
 
@@ -43,27 +49,61 @@ def select_mask(model: DarknetModel, config: PruneConfig) -> tuple[ChannelMask, 
     return pruner.fn(model, build_coupling(model.graph), config)
 
 
-def _run_channel(model: DarknetModel, config: PruneConfig, pruner: Pruner) -> PruneResult:
-    mask, info = pruner.fn(model, build_coupling(model.graph), config)
+def target_cost(model: DarknetModel, config: PruneConfig, cost: CostModel | None, img_size: int | None = None
+                ) -> CostModel:
+    """The cost model of `config.target`: `cost` when given; FLOPs and params are counted at `img_size`."""
+    if cost is not None:
+        return cost
+    if config.target is None or config.target.metric == "latency":
+        raise PruneError("a latency target needs measured per-layer latencies: pass cost=LatencyCost(table) (the "
+                         "prune command measures them on --runtime)")
+    return ConvCost(model, config.target.metric, img_size)
+
+
+def select_for_target(model: DarknetModel, coupling: Coupling, config: PruneConfig, cost: CostModel
+                      ) -> tuple[ChannelMask, dict]:
+    """Per-group widths that reach `config.target` on `cost` (search.plan_widths over the method's scores);
+    each group keeps its top channels by group score. Round-to: --round-to, else the larger of the method's
+    and the cost's multiple (the runtime's fast channel count)."""
+    pruner, target = METHODS[config.method], config.target
+    assert pruner.scores is not None and target is not None  # PruneConfig refuses anything else
+    scores = pruner.scores(model, coupling, config)
+    groups = [g for g in cuttable_groups(coupling) if all(i in scores for i in g)]
+    ranked = [group_score(coupling, scores, g) for g in groups]
+    multiple = config.round_to or max(pruner.default_round_to, cost.multiple)
+    plan = plan_widths(build_layout(coupling, groups), ranked, cost, target.goal(cost.base), multiple,
+                       max(config.layer_keep, config.min_keep), target.option, target.best_effort)
+    mask = {i: top_k(s, w) for g, s, w in zip(groups, ranked, plan.widths) for i in g}
+    info = {"target": target.to_dict(), "plan": plan.to_dict(cost.metric), "prunable_layers": len(scores)}
+    return validate_mask(coupling, mask), info
+
+
+def _run_channel(model: DarknetModel, config: PruneConfig, pruner: Pruner, cost: CostModel | None) -> PruneResult:
+    coupling = build_coupling(model.graph)
+    if config.target is None:
+        mask, info = pruner.fn(model, coupling, config)
+    else:
+        mask, info = select_for_target(model, coupling, config, target_cost(model, config, cost))
     return PruneResult(apply_channel_mask(model, mask, config.compensate), mask, (), info)
 
 
-def _run_layer(model: DarknetModel, config: PruneConfig, pruner: Pruner) -> PruneResult:
+def _run_layer(model: DarknetModel, config: PruneConfig, pruner: Pruner, cost: CostModel | None) -> PruneResult:
     units, info = pruner.fn(model, build_coupling(model.graph), config)
     new, dropped = remove_units(model, units, config.compensate)
     return PruneResult(new, {}, tuple(sorted(dropped)), info)
 
 
-_KINDS: dict[str, Callable[[DarknetModel, PruneConfig, Pruner], PruneResult]] = {
+_KINDS: dict[str, Callable[[DarknetModel, PruneConfig, Pruner, CostModel | None], PruneResult]] = {
     "channel": _run_channel,
     "layer": _run_layer,
-    "model": lambda model, config, pruner: pruner.fn(model, config),
+    "model": lambda model, config, pruner, cost: pruner.fn(model, config),
 }
 
 
-def prune(model: DarknetModel, config: PruneConfig) -> PruneResult:
-    """Prune `model` with `config.method`; the input model is never modified."""
+def prune(model: DarknetModel, config: PruneConfig, cost: CostModel | None = None) -> PruneResult:
+    """Prune `model` with `config.method`; the input model is never modified. With `config.target`, `cost`
+    predicts what the target measures (None: FLOPs/params counted at the cfg's size; latency needs a table)."""
     pruner = METHODS[config.method]
-    result = _KINDS[pruner.kind](model, config, pruner)
+    result = _KINDS[pruner.kind](model, config, pruner, cost)
     log.info("%s: %s", config.method, {k: v for k, v in result.info.items() if not isinstance(v, (list, dict))})
     return result

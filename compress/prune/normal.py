@@ -8,14 +8,19 @@ from compress.prune.coupling import Coupling, prunable_layers
 from compress.prune.mask import ChannelMask, check_not_emptied, global_threshold, safe_percent, threshold_masks
 from compress.prune.registry import PruneConfig, register_pruner
 
-__all__ = ["select"]
+__all__ = ["select", "scores"]
 
 
-@register_pruner("normal")
+def scores(model: DarknetModel, coupling: Coupling, config: PruneConfig) -> dict:
+    """|gamma| of the mode-0 set (what a target ranks channels by)."""
+    return bn_gammas(model, prunable_layers(coupling, 0))
+
+
+@register_pruner("normal", scores=scores)
 def select(model: DarknetModel, coupling: Coupling, config: PruneConfig) -> tuple[ChannelMask, dict]:
     """Keep |gamma| >= thr, thr = sorted |gamma|[floor(N * percent)]; a layer emptied by thr is an error
     (naming the largest safe percent) unless --min-keep gives a floor."""
-    gammas = bn_gammas(model, prunable_layers(coupling, 0))
+    gammas = scores(model, coupling, config)
     thr = global_threshold(gammas, config.percent)
     mask = threshold_masks(gammas, thr)
     if config.min_keep == 0:

@@ -15,8 +15,9 @@ from compress.darknet.persist import load, save
 from compress.darknet.summary import stage_figures
 from compress.data.dataspec import load_data_spec
 from compress.detection.evaluate import EvalConfig, check_classes, evaluate
-from compress.prune.api import prune
-from compress.prune.registry import PruneConfig
+from compress.prune.api import prune, target_cost
+from compress.prune.latency_target import LatencySettings, prune_to_latency
+from compress.prune.registry import PruneConfig, PruneResult
 
 __all__ = ["Measure", "prune_files"]
 
@@ -54,16 +55,42 @@ def _figures(model: DarknetModel, measure: Measure, size: int, paths: tuple) -> 
                              latency_runs=measure.latency_runs)
 
 
+def _prune(model: DarknetModel, config: PruneConfig, size: int, latency: LatencySettings) -> tuple[PruneResult, dict]:
+    """Prune by percent, or to `config.target`: latency measured on the runtime (`latency_target`), FLOPs or
+    params counted at `size`; the figures hold the target's report keys."""
+    if config.target is None:
+        return prune(model, config), {}
+    if config.target.metric == "latency":
+        result, figures = prune_to_latency(model, config, latency, size)
+        return result, {"latency": figures, "target": {
+            **config.target.to_dict(), "multiple": result.info["plan"]["multiple"],
+            "predicted_ratio": figures["predicted_ratio"], "achieved_ratio": figures["measured_ratio"]}}
+    result = prune(model, config, target_cost(model, config, None, size))
+    return result, {}
+
+
+def _counted_target(config: PruneConfig, result: PruneResult, before: dict, after: dict) -> dict:
+    """A FLOPs/params target's report key: what was asked, predicted and counted on the pruned model."""
+    if config.target is None or config.target.metric == "latency":
+        return {}
+    figure = {"flops": "gflops", "params": "params"}[config.target.metric]
+    plan = result.info["plan"]
+    return {"target": {**config.target.to_dict(), "multiple": plan["multiple"],
+                       "predicted_ratio": plan["predicted_ratio"], "achieved_ratio": after[figure] / before[figure]}}
+
+
 def prune_files(cfg: str | os.PathLike, weights: str | os.PathLike | None, config: PruneConfig,
-                outputs: tuple[Path, Path] | None, measure: Measure = Measure()) -> dict:
-    """Load cfg/weights, prune, save the pruned pair as `outputs` (None: a dry run, nothing written) and return
-    the report figures (before/after, per-layer channels). `compress.jobs.run_job(PruneJob(...))` guards the
-    outputs first and writes OUT/report.json."""
+                outputs: tuple[Path, Path] | None, measure: Measure = Measure(),
+                latency: LatencySettings = LatencySettings()) -> dict:
+    """Load cfg/weights, prune (by percent or to `config.target`; a latency target on `latency`'s runtime),
+    save the pruned pair as `outputs` (None: a dry run, nothing written) and return the report figures
+    (before/after, per-layer channels, the target's plan and, for latency, predicted and measured ms).
+    `compress.jobs.run_job(PruneJob(...))` guards the outputs first and writes OUT/report.json."""
     model = load(cfg, weights, device=measure.device)
     if measure.data:  # before pruning and writing: a mismatch found by the evaluation after would leave a pair
         check_classes(model.num_classes, load_data_spec(measure.data).nc, measure.data)
     size = measure.img_size or model.cfg.width
-    result = prune(model, config)
+    result, target = _prune(model, config, size, latency)
     if outputs is not None:
         outputs[0].parent.mkdir(parents=True, exist_ok=True)
         save(result.model, *outputs)
@@ -74,4 +101,4 @@ def prune_files(cfg: str | os.PathLike, weights: str | os.PathLike | None, confi
             "percent": config.percent, "shortcuts": config.shortcuts, "round_to": config.rounding,
             "img_size": size, "removed_blocks": list(result.removed_blocks),
             "channels": [{"layer": i, "before": b, "after": a, "type": t} for i, t, b, a in result.channel_rows(model)],
-            "info": result.info, "dry_run": outputs is None}
+            "info": result.info, "dry_run": outputs is None, **_counted_target(config, result, before, after), **target}

@@ -10,6 +10,7 @@ from typing import Callable
 
 from compress.base.errors import PruneError
 from compress.darknet.model import DarknetModel
+from compress.prune.costs import Target
 from compress.prune.mask import ChannelMask
 
 __all__ = ["Pruner", "METHODS", "register_pruner", "PruneConfig", "PruneResult"]
@@ -21,14 +22,18 @@ class Pruner:
     kind: str            # "channel" | "layer" | "model"
     fn: Callable
     default_round_to: int = 1
+    scores: Callable | None = None   # channel methods: (model, coupling, config) -> {conv: per-channel importance}
 
 
 METHODS: dict[str, Pruner] = {}
 
 
-def register_pruner(name: str, kind: str = "channel", default_round_to: int = 1) -> Callable:
+def register_pruner(name: str, kind: str = "channel", default_round_to: int = 1,
+                    scores: Callable | None = None) -> Callable:
+    """Register `fn` as method `name`; a channel method also names its importance `scores`, which pruning to a
+    target (`PruneConfig.target`) ranks channels by instead of its --percent threshold."""
     def deco(fn: Callable) -> Callable:
-        METHODS[name] = Pruner(name, kind, fn, default_round_to)
+        METHODS[name] = Pruner(name, kind, fn, default_round_to, scores)
         return fn
     return deco
 
@@ -39,7 +44,8 @@ class PruneConfig:
     shortcuts: residual blocks to remove (layer methods). round_to: kept counts rounded up to a multiple
     (None = the method's default: 8 for regular, else 1). min_keep: per-layer floor as a fraction of the
     width (0 = normal/shortcut raise instead of emptying a layer). layer_keep: slim's per-layer floor.
-    compensate: fold removed channels' act(beta) into consumers. img_size: probe size for torch-pruning."""
+    compensate: fold removed channels' act(beta) into consumers. img_size: probe size for torch-pruning.
+    target: prune to a latency/FLOPs/params target instead of `percent` (channel methods; see prune/search.py)."""
 
     method: str = "slim"
     percent: float = 0.5
@@ -49,10 +55,15 @@ class PruneConfig:
     layer_keep: float = 0.01
     compensate: bool = True
     img_size: int = 64
+    target: Target | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise PruneError(f"--method {self.method!r} is unknown; choose one of {', '.join(sorted(METHODS))}")
+        if self.target is not None and METHODS[self.method].scores is None:
+            targeted = ", ".join(sorted(n for n, p in METHODS.items() if p.scores is not None))
+            raise PruneError(f"--method {self.method} cannot prune to a target ({self.target.option}); use a channel "
+                             f"method: {targeted}")
         if not 0.0 <= self.percent < 1.0:
             raise PruneError(f"--percent {self.percent} must be in [0, 1); e.g. --percent 0.5 cuts half the channels")
         for name in ("min_keep", "layer_keep"):

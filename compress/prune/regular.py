@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from compress.darknet.model import DarknetModel
-from compress.darknet.summary import bn_gammas
 from compress.prune.api import finalize_mask
-from compress.prune.coupling import Coupling, prunable_layers
+from compress.prune.coupling import Coupling
 from compress.prune.mask import ChannelMask, global_threshold, safe_percent, threshold_masks
+from compress.prune.normal import scores
 from compress.prune.registry import PruneConfig, register_pruner
 
 __all__ = ["select"]
 
 
-@register_pruner("regular", default_round_to=8)
+@register_pruner("regular", default_round_to=8, scores=scores)
 def select(model: DarknetModel, coupling: Coupling, config: PruneConfig) -> tuple[ChannelMask, dict]:
-    gammas = bn_gammas(model, prunable_layers(coupling, 0))
+    gammas = scores(model, coupling, config)
     thr = global_threshold(gammas, config.percent)
     mask = threshold_masks(gammas, thr)
     for i, m in mask.items():  # empty layers: rounding keeps the top round_to channels

@@ -9,10 +9,17 @@ from compress.prune.coupling import Coupling, prunable_layers
 from compress.prune.mask import ChannelMask, check_not_emptied, global_threshold, merge_coupled, safe_percent, threshold_masks
 from compress.prune.registry import PruneConfig, register_pruner
 
-__all__ = ["select"]
+__all__ = ["select", "scores"]
 
 
-@register_pruner("shortcut")
+def scores(model: DarknetModel, coupling: Coupling, config: PruneConfig) -> dict:
+    """Each mode-1 conv scored by its chain root's |gamma| (what a target ranks channels by)."""
+    layers = prunable_layers(coupling, 1)
+    gammas = bn_gammas(model, layers)
+    return {i: gammas[coupling.root(i)] for i in layers}
+
+
+@register_pruner("shortcut", scores=scores)
 def select(model: DarknetModel, coupling: Coupling, config: PruneConfig) -> tuple[ChannelMask, dict]:
     layers = prunable_layers(coupling, 1)
     gammas = bn_gammas(model, layers)

@@ -9,12 +9,17 @@ from compress.prune.coupling import Coupling, prunable_layers
 from compress.prune.mask import ChannelMask, apply_floor, global_threshold, safe_percent, threshold_masks
 from compress.prune.registry import PruneConfig, register_pruner
 
-__all__ = ["select"]
+__all__ = ["select", "scores"]
 
 
-@register_pruner("slim")
+def scores(model: DarknetModel, coupling: Coupling, config: PruneConfig) -> dict:
+    """|gamma| of the mode-1 set (what a target ranks channels by)."""
+    return bn_gammas(model, prunable_layers(coupling, 1))
+
+
+@register_pruner("slim", scores=scores)
 def select(model: DarknetModel, coupling: Coupling, config: PruneConfig) -> tuple[ChannelMask, dict]:
-    gammas = bn_gammas(model, prunable_layers(coupling, 1))
+    gammas = scores(model, coupling, config)
     thr = global_threshold(gammas, config.percent)
     mask = apply_floor(threshold_masks(gammas, thr, strict=True), gammas, config.layer_keep)
     info = {"threshold": thr, "safe_percent": safe_percent(gammas)[0], "prunable_layers": len(gammas),

@@ -148,6 +148,12 @@ def tp_scores(model: DarknetModel, coupling: Coupling, criterion: str, img_size:
     return scores
 
 
+def _scores(criterion: str) -> Callable:
+    def scores(model: DarknetModel, coupling: Coupling, config: PruneConfig) -> dict[int, torch.Tensor]:
+        return tp_scores(model, coupling, criterion, config.img_size)
+    return scores
+
+
 def _make(criterion: str) -> Callable:
     def select(model: DarknetModel, coupling: Coupling, config: PruneConfig) -> tuple[ChannelMask, dict]:
         scores = tp_scores(model, coupling, criterion, config.img_size)
@@ -160,4 +166,4 @@ def _make(criterion: str) -> Callable:
 
 
 for _name in CRITERIA:
-    register_pruner(_name)(_make(_name))
+    register_pruner(_name, scores=_scores(_name))(_make(_name))

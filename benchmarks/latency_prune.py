@@ -1,0 +1,175 @@
+"""Prune to a latency target (issue 25): does the measured latency land on the target, and is the model better
+than uniform `--percent` pruning with the same importance at the same measured latency?
+
+    .venv/bin/python benchmarks/latency_prune.py --out latency_prune.json
+    .venv/bin/python benchmarks/latency_prune.py --cases yolo-fastest-1.1@320:l1 --runtimes ncnn --targets 0.7
+
+For each case (model@size:method) and runtime (1 thread): the per-layer latency table is measured once (kept in
+--tables, so a rerun reuses it), then for each target `prune_to_latency` (what `prune --target-latency R
+--runtime RT --threads 1` runs) gives the latency-targeted model. The uniform baseline is the method's own
+global `--percent` threshold, its percent found by bisection on the same table so that its predicted latency
+equals the targeted model's, then corrected by up to 3 secant steps on its measured latency. The unpruned,
+targeted and uniform models are then timed together, round-robin (`measure_models`: 0.25-quantile of process
+CPU time per run, 1 thread), and both pruned models are evaluated (mAP@.5 on the first --images COCO128 images, no fine-tuning).
+Weights: the official Darknet weights; "slim" ranks by their BN gammas WITHOUT sparse training (none is
+available here), so its mAP after pruning is far below a sparse-trained model's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from tabulate import tabulate
+
+import compress
+from compress.base.fileio import write_text_atomic
+from compress.data.dataspec import DataSpec, load_data_spec
+from compress.deploy.latency import measure_models
+from compress.deploy.latency_table import machine_id
+from compress.detection.evaluate import EvalConfig, evaluate
+from compress.prune import PruneConfig, prune, select_mask
+from compress.prune.costs import LatencyCost, Target
+from compress.prune.coupling import build_coupling
+from compress.prune.latency_target import LatencySettings, areas, latency_table, prune_to_latency
+from compress.prune.layout import build_layout, cuttable_groups
+
+ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
+CASES = ("yolov4-tiny@416:l1", "yolov4-tiny@416:slim", "yolo-fastest-1.1@320:l1")
+
+
+def predicted_ratio(model: compress.DarknetModel, mask: dict, cost: LatencyCost) -> float:
+    """The table's predicted latency ratio of `model` cut by `mask` (any widths, not only multiples)."""
+    coupling = build_coupling(model.graph)
+    layout = build_layout(coupling, cuttable_groups(coupling))
+    full = list(layout.full)
+    kept = [int(mask[g[0]].sum()) if g[0] in mask else f for g, f in zip(layout.groups, full)]
+    saved = sum(cost.layer(i, layout.in_width(i, full), layout.out_width(i, full))
+                - cost.layer(i, layout.in_width(i, kept), layout.out_width(i, kept)) for i in layout.blocks)
+    return 1 - saved / cost.base
+
+
+def uniform_percent(model: compress.DarknetModel, method: str, cost: LatencyCost, goal: float) -> float:
+    """The --percent whose predicted latency ratio is `goal` (bisection; the method's global threshold)."""
+    lo, hi = 0.0, 0.99
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        mask, _ = select_mask(model, PruneConfig(method=method, percent=mid, layer_keep=0.01))
+        if predicted_ratio(model, mask, cost) > goal:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def uniform_model(model, method: str, percent: float):  # type: ignore[no-untyped-def]
+    return prune(model, PruneConfig(method=method, percent=percent)).model
+
+
+def map50(model, data: DataSpec, size: int) -> float:  # type: ignore[no-untyped-def]
+    return round(evaluate(model, data, EvalConfig(img_size=size, progress=False, workers=0), "cpu").map50, 4)
+
+
+def match_uniform(model, method: str, size: int, settings: LatencySettings, want: float, percent: float,
+                  rounds: int, tries: int = 3) -> tuple[float, object]:  # type: ignore[no-untyped-def]
+    """The uniform --percent whose MEASURED latency ratio is closest to `want`: start from `percent` (the table's
+    guess), then secant steps on (percent, measured ratio), each timed against the unpruned model."""
+    pts: list[tuple[float, float, object]] = []
+    for _ in range(tries):
+        uniform = uniform_model(model, method, percent)
+        base, flat = measure_models([model, uniform], settings.runtime, 1, size, rounds)
+        pts.append((percent, flat / base, uniform))
+        if abs(flat / base / want - 1) <= 0.02:
+            break
+        near = sorted(pts, key=lambda p: abs(p[1] - want))[:2]
+        if len(near) == 2 and near[0][1] != near[1][1]:
+            (p1, r1, _), (p2, r2, _) = near
+            percent = p1 + (want - r1) * (p2 - p1) / (r2 - r1)
+        else:
+            percent += (flat / base - want) / 0.8   # about -0.8 latency ratio per unit of percent
+        percent = min(0.99, max(0.0, percent))
+    best = min(pts, key=lambda p: abs(p[1] - want))
+    return best[0], best[2]
+
+
+def one_target(model, method: str, size: int, settings: LatencySettings, target: float, data: DataSpec,
+               rounds: int) -> dict:
+    t0 = time.time()
+    config = PruneConfig(method=method, target=Target("latency", ratio=target))
+    result, fig = prune_to_latency(model, config, settings, size)
+    table, _ = latency_table(model, settings, size)
+    cost = LatencyCost(table, areas(model, size))
+    guess = uniform_percent(model, method, cost, predicted_ratio(model, result.mask, cost))
+    percent, uniform = match_uniform(model, method, size, settings, fig["measured_ratio"], guess, rounds)
+    base, targeted, flat = measure_models([model, result.model, uniform], settings.runtime, 1, size, rounds)
+    return {"target": target, "measured_ratio": round(targeted / base, 4),
+            "miss": round(targeted / base / target - 1, 4), "predicted_ratio": fig["predicted_ratio"],
+            "loop_rounds": len(fig["rounds"]), "base_ms": round(base, 3), "targeted_ms": round(targeted, 3),
+            "uniform_ms": round(flat, 3), "uniform_percent": round(percent, 4),
+            "uniform_ratio": round(flat / base, 4), "map50_targeted": map50(result.model, data, size),
+            "map50_uniform": map50(uniform, data, size),
+            "widths": [{"layer": i, "before": model.graph.channels[i], "after": int(m.sum())}
+                       for i, m in sorted(result.mask.items())],
+            "seconds": round(time.time() - t0), "loadavg_1min": round(os.getloadavg()[0], 2)}
+
+
+def run_case(case: str, runtimes: list[str], targets: list[float], data: DataSpec, tables: Path,
+             rounds: int) -> list[dict]:
+    name_size, method = case.split(":")
+    name, size = name_size.split("@")
+    w = ASSETS / "weights"
+    model = compress.load(w / f"{name}.cfg", w / f"{name}.weights").eval()
+    base_map = map50(model, data, int(size))
+    rows = []
+    for runtime in runtimes:
+        settings = LatencySettings(runtime, 1, tables, refine=3, rounds=rounds)
+        for target in targets:
+            row = {"model": name, "img_size": int(size), "method": method, "runtime": runtime,
+                   "map50_unpruned": base_map,
+                   **one_target(model, method, int(size), settings, target, data, rounds)}
+            logging.info("%s", {k: v for k, v in row.items() if k != "widths"})
+            rows.append(row)
+    return rows
+
+
+HEADERS = ["model", "method", "runtime", "target", "measured_ratio", "miss", "uniform_ratio", "map50_unpruned",
+           "map50_targeted", "map50_uniform", "uniform_percent"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=list(CASES), help="MODEL@SIZE:METHOD")
+    ap.add_argument("--runtimes", nargs="+", default=["onnxruntime", "ncnn"])
+    ap.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.7])
+    ap.add_argument("--images", type=int, default=128, help="COCO128 images for mAP@.5 (the first N)")
+    ap.add_argument("--rounds", type=int, default=30, help="round-robin runs per latency measurement")
+    ap.add_argument("--tables", type=Path, default=Path("runs/latency_tables.json"), help="latency table cache")
+    ap.add_argument("--out", type=Path, help="write the rows as JSON here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("compress.deploy.export", "compress.prune.api", "compress.prune.surgery"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    spec = load_data_spec(ASSETS / "data" / "coco128" / "images" / "train2017")
+    data = DataSpec(spec.train, sorted(spec.valid)[:args.images], spec.names)
+    load_before, rows = os.getloadavg()[0], []
+    for case in args.cases:
+        rows += run_case(case, args.runtimes, args.targets, data, args.tables, args.rounds)
+        if args.out:
+            write_text_atomic(args.out, json.dumps({"rows": rows}, indent=2) + "\n")
+    print(tabulate([[r[h] for h in HEADERS] for r in rows], headers=HEADERS, tablefmt="github"))
+    figures = {"cpu": machine_id(), "cores": os.cpu_count(),
+               "loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0],
+               "clock": "0.25-quantile of process CPU time per run, 1 thread, round-robin",
+               "images": args.images, "weights": "official Darknet weights, no sparse training, no fine-tuning",
+               "rows": rows}
+    print(f"\n1-min load average {load_before:.1f} before, {figures['loadavg_1min_after']:.1f} after "
+          f"({os.cpu_count()} cores)")
+    if args.out:
+        write_text_atomic(args.out, json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
