@@ -14,7 +14,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-__all__ = ["Latency", "measure", "DEFAULT_THREADS", "DEFAULT_RUNS", "DEFAULT_WARMUP", "pinned_threads"]
+__all__ = ["Latency", "measure", "DEFAULT_THREADS", "DEFAULT_RUNS", "DEFAULT_WARMUP", "pinned_threads", "timed_runs",
+           "quantile_ms", "clock_for", "clock_name"]
 
 DEFAULT_THREADS = 1   # one intra-op thread: comparable across machines and runs; --threads for more
 DEFAULT_RUNS = 20
@@ -66,15 +67,42 @@ def measure(fn: Callable[[], Any], runs: int = DEFAULT_RUNS, warmup: int = DEFAU
     process's other work off the remaining cores."""
     if runs < 1 or warmup < 0:
         raise ValueError(f"runs must be >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-    times = []
     with pinned_threads(threads), torch.no_grad():
-        for i in range(warmup + runs):
-            t0 = time.perf_counter()
-            fn()
-            if sync is not None:
-                sync()
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1e3)
+        times = timed_runs(fn, runs, warmup, time.perf_counter, sync)
     p25, p50, p75 = np.percentile(times, [25, 50, 75])
     return Latency(float(p50), float(p25), float(p75), float(min(times)), float(max(times)), runs, warmup,
                    max(1, int(threads)))
+
+
+def timed_runs(fn: Callable[[], Any], runs: int, warmup: int, clock: Callable[[], float] = time.perf_counter,
+               sync: Callable[[], None] | None = None) -> list[float]:
+    """Milliseconds of `runs` calls of `fn` on `clock`, after `warmup` untimed calls (the one timing loop)."""
+    for _ in range(warmup):
+        fn()
+        if sync is not None:
+            sync()
+    times = []
+    for _ in range(runs):
+        t0 = clock()
+        fn()
+        if sync is not None:
+            sync()
+        times.append((clock() - t0) * 1e3)
+    return times
+
+
+def clock_for(threads: int) -> Callable[[], float]:
+    """One thread: the process's CPU time (a one-thread run computes in the calling thread, so time spent waiting
+    for a core on a shared machine is not counted); more threads: wall time (CPU time would add them up)."""
+    return time.process_time if threads == 1 else time.perf_counter
+
+
+def clock_name(threads: int) -> str:
+    return "process CPU time" if threads == 1 else "wall time"
+
+
+def quantile_ms(fn: Callable[[], Any], runs: int, warmup: int = 5, q: float = 0.25, threads: int = 1) -> float:
+    """The q-quantile of `runs` timed calls of `fn` (ms, on `clock_for(threads)`), after `warmup` untimed ones:
+    on a shared machine a run is only ever made slower, so a low quantile is the steadier estimate (the latency
+    tables of pruning to a target use it)."""
+    return float(np.quantile(timed_runs(fn, runs, warmup, clock_for(threads)), q))

@@ -20,7 +20,6 @@ The runtime packages are optional extras, imported only when their runtime is us
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import os
@@ -30,13 +29,14 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from compress.base.errors import ExportError
+from compress.base.latency import clock_name, pinned_threads, quantile_ms
 from compress.darknet.model import DarknetModel
 from compress.deploy.export import ExportConfig, export
 from compress.deploy.latency_table import LatencyTable, LayerTiming, TableKey, machine_id, model_fingerprint
@@ -52,27 +52,6 @@ QUANTILE = 0.25
 WARMUP = 5      # untimed runs first (ncnn and onnxruntime allocate on their first runs)
 
 
-def clock_name(threads: int) -> str:
-    return "process CPU time" if threads == 1 else "wall time"
-
-
-def _clock(threads: int) -> Callable[[], float]:
-    return time.process_time if threads == 1 else time.perf_counter
-
-
-def quantile_ms(fn: Timer, runs: int, warmup: int = WARMUP, q: float = QUANTILE, threads: int = 1) -> float:
-    """The q-quantile of `runs` timed calls of `fn` (ms, on the clock for `threads`), after `warmup` untimed
-    ones."""
-    for _ in range(warmup):
-        fn()
-    clock, times = _clock(threads), []
-    for _ in range(runs):
-        t0 = clock()
-        fn()
-        times.append((clock() - t0) * 1e3)
-    return float(np.quantile(times, q))
-
-
 @dataclass(frozen=True)
 class LayerGrid:
     """The widths at which conv `layer` is timed; `tied`: a depthwise conv, whose input width is its output
@@ -81,16 +60,6 @@ class LayerGrid:
     in_widths: tuple[int, ...]
     out_widths: tuple[int, ...]
     tied: bool = False
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _act_nodes(act: nn.Module, x: str, y: str) -> list | None:
@@ -207,7 +176,7 @@ def _ncnn_layer(module: nn.Module, x: torch.Tensor, threads: int, tmp: Path) -> 
 
 def _torch_layer(module: nn.Module, x: torch.Tensor, threads: int, tmp: Path) -> Timer:
     def run() -> object:
-        with torch.no_grad(), _torch_threads(threads):
+        with torch.no_grad(), pinned_threads(threads):
             return module(x)
     return run
 
