@@ -38,7 +38,8 @@ def _before_after(report: Report) -> str:
 @click.option("--percent", "--global_percent", "percent", type=click.FloatRange(0, 1, max_open=True), default=0.5,
               show_default=True, help="Share of prunable BN channels to cut (global |gamma| threshold).")
 @click.option("--shortcuts", type=click.IntRange(0), default=0, help="Residual blocks to remove (layer methods).")
-@click.option("--round-to", type=click.IntRange(1), help="Round kept channels up to a multiple (regular: 8).")
+@click.option("--round-to", type=click.IntRange(1), help="Round kept channels up to a multiple (default 8: SIMD-friendly widths; 1: the "
+              "reference's exact widths).")
 @click.option("--min-keep", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Per-layer floor (fraction of width); 0 = normal/shortcut refuse to empty a layer.")
 @click.option("--layer-keep", "--layer_keep", "layer_keep", type=click.FloatRange(0, 1), default=0.01,
