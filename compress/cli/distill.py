@@ -5,8 +5,8 @@ from typing import Any
 
 import click
 
-from compress.cli.common import (device_option, exist_ok_option, fit_options, model_options, out_option, report_option,
-                                 run, val_option)
+from compress.cli.common import (device_option, exist_ok_option, fit_options, hyp_option, model_options, out_option,
+                                 report_option, run, val_option)
 from compress.cli.group import cli
 from compress.darknet.summary import format_stage_table
 from compress.distill import DEFAULT_RATIOS, DEFAULT_STRATEGY, STRATEGIES, TERMS
@@ -45,6 +45,7 @@ SHARE_ROWS = [("epoch", "epoch"), ("det", "detection"), *[(k, k) for k in TERMS]
 @click.option("--reference", is_flag=True, help="The reference's formulation: softmax terms at T=3 and its "
               "absolute weights (no calibration), for comparison.")
 @fit_options(DistillJob)
+@hyp_option
 @click.option("--baseline", is_flag=True, help="Also train without KD (same epochs and seed) and report both.")
 @click.option("--pairs", help="Feature pairs 'student:teacher,...' for --kd 4/5 (default: one per stride).")
 @click.option("--w-soft", type=click.FloatRange(0), help="Fixed logit-KD weight (instead of calibration).")

@@ -7,8 +7,8 @@ from typing import Any
 import click
 from tabulate import tabulate
 
-from compress.cli.common import (device_option, exist_ok_option, fit_options, letterbox_option, model_options, out_option,
-                                 report_option, run, val_option)
+from compress.cli.common import (device_option, exist_ok_option, fit_options, hyp_option, letterbox_option, model_options,
+                                 out_option, report_option, run, val_option)
 from compress.cli.group import cli
 from compress.darknet.summary import format_stage_table
 from compress.jobs import PruneJob, Report, SparseTrainJob
@@ -83,6 +83,7 @@ def prune_command(report_path: str | None, exist_ok: bool, **options: Any) -> No
               help="Factor on s per epoch while below --target-sparsity.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out from its last.pt.")
 @fit_options(SparseTrainJob)
+@hyp_option
 @device_option
 @report_option
 @exist_ok_option

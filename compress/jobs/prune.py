@@ -103,6 +103,7 @@ class SparseTrainJob(TrainingJob):
     target_sparsity: float | None = None
     s_growth: float = 2.0
     device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
+    hyp: PathLike | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -116,7 +117,7 @@ class SparseTrainJob(TrainingJob):
         return pair_paths(self.out, f"{Path(self.cfg).stem}-sparse")
 
     def inputs(self) -> tuple[Path, ...]:
-        return paths(self.cfg, self.weights, data_path(self.data), self.val)
+        return paths(self.cfg, self.weights, data_path(self.data), self.val, self.hyp)
 
     def outputs(self) -> tuple[Output, ...]:
         return out_folder(self.out, *self.sparse_pair()) + self.cache_output()

@@ -326,4 +326,5 @@ def run_sparse_train(cfg: str | os.PathLike, weights: str | os.PathLike | None, 
     return {**stage_figures(final, *outputs, result.metrics, size),
             **{k: v for k, v in summary.items() if k != "history"}, "s": sparsity.s,
             "prune": sparsity.mode, "s_schedule": sparsity.schedule, "epochs": train_config.epochs,
+            **result.health(),
             "gamma_history": summary["history"]}
