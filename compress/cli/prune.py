@@ -50,6 +50,9 @@ def _before_after(report: Report) -> str:
 @letterbox_option
 @click.option("--dry-run", is_flag=True, help="Print the per-layer channel table; write nothing.")
 @click.option("--latency", is_flag=True, help="Also measure CPU latency before/after (median of 5 runs each).")
+@click.option("--bn-adapt", type=click.IntRange(0), default=PruneJob.bn_adapt, show_default=True,
+              help="Re-estimate the pruned model's BN statistics on this many batches of --data's training "
+                   "images (0: off; without --data: not done).")
 @device_option
 @report_option
 @exist_ok_option

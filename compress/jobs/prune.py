@@ -15,6 +15,9 @@ from compress.jobs.training import TrainingJob, data_path
 from compress.prune import PruneConfig
 from compress.prune.pipeline import Measure, prune_files
 from compress.prune.sparsity import SparsityConfig, run_sparse_train
+from compress.base.checks import check_range
+from compress.base.errors import PruneError
+from compress.train.bn_adapt import DEFAULT_BN_ADAPT
 
 __all__ = ["PruneJob", "SparseTrainJob", "LATENCY_RUNS"]
 
@@ -47,9 +50,11 @@ class PruneJob(Job):
     dry_run: bool = False
     latency: bool = False
     device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
+    bn_adapt: int = DEFAULT_BN_ADAPT  # batches of --data's training images (0: off; no --data: none)
 
     def __post_init__(self) -> None:
         self.prune_config(), self.measure()  # their rules and messages
+        check_range("--bn-adapt", self.bn_adapt, 0, error=PruneError)
 
     def prune_config(self) -> PruneConfig:
         return PruneConfig(method=self.method, percent=self.percent, shortcuts=self.shortcuts,
@@ -77,7 +82,8 @@ class PruneJob(Job):
 
     def run(self, dist: DistConfig | None = None) -> Report:
         outputs = None if self.dry_run else self.pruned_pair()
-        return self.report(prune_files(self.cfg, self.weights, self.prune_config(), outputs, self.measure()))
+        return self.report(prune_files(self.cfg, self.weights, self.prune_config(), outputs, self.measure(),
+                                       self.bn_adapt))
 
 
 @register_job

@@ -13,9 +13,11 @@ from compress.base.errors import PruneError
 from compress.darknet.model import DarknetModel
 from compress.darknet.persist import load, save
 from compress.darknet.summary import stage_figures
-from compress.detection.evaluate import EvalConfig, evaluate
+from compress.data.dataset import load_data_spec
+from compress.detection.evaluate import EvalConfig, evaluate, input_letterbox
 from compress.prune.api import prune
 from compress.prune.registry import PruneConfig
+from compress.train.bn_adapt import adapt_bn, image_batches
 
 __all__ = ["Measure", "prune_files"]
 
@@ -53,14 +55,27 @@ def _figures(model: DarknetModel, measure: Measure, size: int, paths: tuple) -> 
                              latency_runs=measure.latency_runs)
 
 
+def _adapt(model: DarknetModel, measure: Measure, size: int, batches: int) -> int:
+    """BN adaptation of the pruned model on the training images of `measure.data` (batches of 8): a cut that
+    is not exact (a channel with a non-zero gamma, a floor, rounding) moves the statistics of the layers after
+    it. Returns the images seen (0: no data or `batches` 0)."""
+    if not measure.data or not batches:
+        return 0
+    images = load_data_spec(measure.data).train
+    letterbox = input_letterbox(model, measure.letterbox)
+    return adapt_bn(model, image_batches(images, size, 8, batches, letterbox), measure.device)
+
+
 def prune_files(cfg: str | os.PathLike, weights: str | os.PathLike | None, config: PruneConfig,
-                outputs: tuple[Path, Path] | None, measure: Measure = Measure()) -> dict:
-    """Load cfg/weights, prune, save the pruned pair as `outputs` (None: a dry run, nothing written) and return
-    the report figures (before/after, per-layer channels). `compress.jobs.run_job(PruneJob(...))` guards the
-    outputs first and writes OUT/report.json."""
+                outputs: tuple[Path, Path] | None, measure: Measure = Measure(), bn_adapt: int = 0) -> dict:
+    """Load cfg/weights, prune, re-estimate the pruned model's BN statistics on `bn_adapt` batches of the
+    training images of `measure.data` (when given), save the pruned pair as `outputs` (None: a dry run,
+    nothing written) and return the report figures (before/after, per-layer channels).
+    `compress.jobs.run_job(PruneJob(...))` guards the outputs first and writes OUT/report.json."""
     model = load(cfg, weights, device=measure.device)
     size = measure.img_size or model.cfg.width
     result = prune(model, config)
+    adapted = _adapt(result.model, measure, size, bn_adapt)
     if outputs is not None:
         outputs[0].parent.mkdir(parents=True, exist_ok=True)
         save(result.model, *outputs)
@@ -69,6 +84,6 @@ def prune_files(cfg: str | os.PathLike, weights: str | os.PathLike | None, confi
     return {**after, **{f"{k}_before": before[k] for k in _STAGE_KEYS},
             **{f"{k}_after": after[k] for k in _STAGE_KEYS}, "method": config.method,
             "percent": config.percent, "shortcuts": config.shortcuts, "round_to": config.rounding,
-            "img_size": size, "removed_blocks": list(result.removed_blocks),
+            "img_size": size, "removed_blocks": list(result.removed_blocks), "bn_adapted_images": adapted,
             "channels": [{"layer": i, "before": b, "after": a, "type": t} for i, t, b, a in result.channel_rows(model)],
             "info": result.info, "dry_run": outputs is None}

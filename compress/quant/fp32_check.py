@@ -13,7 +13,8 @@ from typing import Any
 
 from compress.quant.pipeline import QuantVerifyError
 
-__all__ = ["default_max_drop", "fp32_drops", "apply_fp32_check", "check_fp32", "Fp32DropError", "MAX_DROP_8BIT"]
+__all__ = ["default_max_drop", "fp32_drops", "apply_fp32_check", "check_fp32", "fakequant_verdict", "Fp32DropError",
+           "MAX_DROP_8BIT"]
 
 log = logging.getLogger(__name__)
 MAX_DROP_8BIT = 2.0  # points of mAP@.5 an 8-bit artifact may lose against fp32 by default
@@ -50,7 +51,8 @@ def fp32_drops(figures: dict[str, Any], max_drop: float | None) -> dict[str, Any
 
 
 def apply_fp32_check(figures: dict[str, Any], max_drop: float | None) -> dict[str, Any]:
-    """`figures` with `vs_fp32` added and `verify.passed` false when it failed; logs the warnings."""
+    """`figures` with `vs_fp32` added; `verify.passed` covers both checks (`verify.passed_fakequant`: the
+    fake-quant one alone); logs the warnings."""
     result = fp32_drops(figures, max_drop)
     for tag, check in result["checks"].items():
         if check["drop"] is not None and not check["ok"]:
@@ -65,9 +67,18 @@ def apply_fp32_check(figures: dict[str, Any], max_drop: float | None) -> dict[st
                     result["latency_ratio"])
     out = dict(figures, vs_fp32=result)
     verify = figures.get("verify")
-    if isinstance(verify, dict) and "passed" in verify and result["passed"] is False:
-        out["verify"] = dict(verify, passed=False, fp32_passed=False)
+    if isinstance(verify, dict) and "passed" in verify:
+        out["verify"] = dict(verify, passed_fakequant=verify["passed"], passed_fp32=result["passed"],
+                             passed=bool(verify["passed"]) and result["passed"] is not False)
     return out
+
+
+def fakequant_verdict(figures: dict[str, Any]) -> dict[str, Any]:
+    """`figures` with `verify.passed` back to the fake-quant check alone (what `pipeline.check_verified` reads)."""
+    verify = figures.get("verify")
+    if isinstance(verify, dict) and "passed_fakequant" in verify:
+        return dict(figures, verify=dict(verify, passed=verify["passed_fakequant"]))
+    return figures
 
 
 def check_fp32(figures: dict[str, Any], report_path: str | os.PathLike | None = None) -> None:
