@@ -390,10 +390,14 @@ class _Trainer:
         if ratio is None or start is None or final is None or start < 0.01 or final >= ratio * start:
             return False
         losses = [r.get("total") for r in self.history if r.get("total") is not None]
-        fell = len(losses) > 1 and losses[-1] < losses[0]
-        why = (f"while the training loss fell ({losses[0]:.4g} -> {losses[-1]:.4g}): the loss or the BN "
-               "statistics do not fit this model (fine-tune with --loss darknet, keep --bn-adapt on, lower --lr0)"
-               if fell else "and the training loss did not fall: training diverged (lower --lr0)")
+        if len(losses) < 2:
+            why = "after one epoch (no loss trend yet)"
+        elif losses[-1] < losses[0]:
+            why = (f"while the training loss fell ({losses[0]:.4g} -> {losses[-1]:.4g}): the loss or the BN "
+                   "statistics do not fit this model (fine-tune with --loss darknet, keep --bn-adapt on, lower "
+                   "--lr0)")
+        else:
+            why = "and the training loss did not fall: training diverged (lower --lr0)"
         log.warning("COLLAPSED: mAP@0.5 %.4f is below %.0f%% of the starting model's %.4f %s; the model is saved "
                     "for inspection but is no improvement", final, 100 * ratio, start, why)
         return True
