@@ -209,3 +209,26 @@ def test_quantize_warns_when_int8_is_slower_and_has_no_default_bound_below_8_bit
     assert default_max_drop(8, 8) == 2.0 and default_max_drop(8, 6) is None
     assert QuantizeJob.from_dict({"cfg": DATA / "tiny-shortcut.cfg", "weights": None, "data": ".", "out": "q",
                                   "max_drop": 5}).max_drop_bound() == 5.0
+
+
+# ---- the fixed hold-out split --------------------------------------------------------------------------------------
+def test_data_split_holds_out_every_fourth_image_by_name(data, tmp_path):
+    images = load_data_spec(data).train  # 8 synthetic images
+    out = tmp_path / "split"
+    res = CliRunner().invoke(cli, ["data", "split", "--data", str(images[0].parent), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    names = sorted(p.name for p in images)  # reference: plain sorted names, index % 4 == 0 held out
+    spec = load_data_spec(out / "split.data")
+    assert [p.name for p in spec.valid] == [n for i, n in enumerate(names) if i % 4 == 0]
+    assert sorted(p.name for p in spec.train) == [n for i, n in enumerate(names) if i % 4]
+    assert sorted(load_data_spec(out / "all.data").valid) == sorted(p.resolve() for p in images)
+
+
+def test_coco128_splits_96_32(assets, tmp_path):
+    res = CliRunner().invoke(cli, ["data", "split", "--data", str(assets / "data" / "coco128" / "images" / "train2017"),
+                                   "--out", str(tmp_path / "s"), "--report", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert (r["n_train"], r["n_valid"], r["classes"]) == (96, 32, 80)
+    held = load_data_spec(tmp_path / "s" / "split.data").valid
+    assert held[0].name == "000000000009.jpg" and not set(held) & set(load_data_spec(tmp_path / "s" / "split.data").train)
