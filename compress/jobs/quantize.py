@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
-from compress.base.checks import check_range
+from compress.base.checks import check_choice, check_range
 from compress.base.errors import QuantError
 from compress.base.guard import Output
 from compress.darknet.cfg import read_cfg
+from compress.detection.losses import LOSSES
 from compress.train.config import DistConfig, TrainConfig
 from compress.jobs.base import Job, PathLike, Report, out_folder, paths, register_job
 from compress.jobs.ranks import process_device
@@ -82,6 +83,7 @@ class QuantizeJob(Job):
         if values["epochs"] < 0:
             raise QuantError(f"--epochs {values['epochs']} must be >= 0 (0 = post-training calibration only)")
         check_range("--lr0", values["lr0"], 0, lo_open=True, error=QuantError)  # also when PTQ does not use it
+        check_choice("--loss", values["loss"], LOSSES, error=QuantError)  # also when PTQ does not use it
         if values["resume"] and not values["epochs"]:
             raise QuantError("--resume continues an interrupted QAT run: pass the run's --epochs N (N > 0)")
         if not values["epochs"]:
