@@ -1,6 +1,7 @@
 """File-level pruning job (what `yolo-compress prune` runs): load, measure, prune, measure, save, report."""
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass
@@ -55,15 +56,21 @@ def _figures(model: DarknetModel, measure: Measure, size: int, paths: tuple) -> 
                              latency_runs=measure.latency_runs)
 
 
-def _adapt(model: DarknetModel, measure: Measure, size: int, batches: int) -> int:
+def _adapt(model: DarknetModel, measure: Measure, size: int, batches: int) -> tuple[DarknetModel, dict]:
     """BN adaptation of the pruned model on the training images of `measure.data` (batches of 8): a cut that
     is not exact (a channel with a non-zero gamma, a floor, rounding) moves the statistics of the layers after
-    it. Returns the images seen (0: no data or `batches` 0)."""
+    it. The adapted copy is kept when it scores at least as well on the valid split as the model's own
+    statistics (on a small set re-estimation can cost: see `fit`). Returns (model, report figures)."""
     if not measure.data or not batches:
-        return 0
+        return model, {"bn_adapted_images": 0, "bn_adapted": False}
+    adapted = copy.deepcopy(model)
     images = load_data_spec(measure.data).train
     letterbox = input_letterbox(model, measure.letterbox)
-    return adapt_bn(model, image_batches(images, size, 8, batches, letterbox), measure.device)
+    seen = adapt_bn(adapted, image_batches(images, size, 8, batches, letterbox), measure.device)
+    mine, theirs = _evaluate(adapted, measure, size), _evaluate(model, measure, size)
+    keep = mine["map50"] >= theirs["map50"]
+    return (adapted if keep else model), {"bn_adapted_images": seen, "bn_adapted": keep,
+                                          "map50_unadapted": theirs["map50"]}
 
 
 def prune_files(cfg: str | os.PathLike, weights: str | os.PathLike | None, config: PruneConfig,
@@ -75,15 +82,15 @@ def prune_files(cfg: str | os.PathLike, weights: str | os.PathLike | None, confi
     model = load(cfg, weights, device=measure.device)
     size = measure.img_size or model.cfg.width
     result = prune(model, config)
-    adapted = _adapt(result.model, measure, size, bn_adapt)
+    pruned, adapted = _adapt(result.model, measure, size, bn_adapt)
     if outputs is not None:
         outputs[0].parent.mkdir(parents=True, exist_ok=True)
-        save(result.model, *outputs)
+        save(pruned, *outputs)
     before = _figures(model, measure, size, (cfg, weights))
-    after = _figures(result.model, measure, size, outputs or (None, None))
+    after = _figures(pruned, measure, size, outputs or (None, None))
     return {**after, **{f"{k}_before": before[k] for k in _STAGE_KEYS},
             **{f"{k}_after": after[k] for k in _STAGE_KEYS}, "method": config.method,
             "percent": config.percent, "shortcuts": config.shortcuts, "round_to": config.rounding,
-            "img_size": size, "removed_blocks": list(result.removed_blocks), "bn_adapted_images": adapted,
+            "img_size": size, "removed_blocks": list(result.removed_blocks), **adapted,
             "channels": [{"layer": i, "before": b, "after": a, "type": t} for i, t, b, a in result.channel_rows(model)],
             "info": result.info, "dry_run": outputs is None}

@@ -76,7 +76,10 @@ class TrainResult:
 
     def health(self) -> dict:
         """The report keys saying whether the run kept its starting model (see `collapse_ratio`)."""
-        return {"map50_start": self.map50_start, "collapsed": self.collapsed}
+        evaluated = [r for r in self.history if r.get("map50") is not None]
+        adapted = evaluated[-1].get("bn_adapted") if evaluated else None
+        return {"map50_start": self.map50_start, "collapsed": self.collapsed,
+                "bn_adapted": None if adapted is None else bool(adapted)}
 
     def to_dict(self) -> dict:
         return {"epochs": self.epochs, "final_loss": self.final_loss, "best_map50": self.best_map50,
@@ -97,7 +100,8 @@ def fit(model: nn.Module, data_spec: DataSpec, config: TrainConfig, hooks: Seque
     With `out_dir`: `last.pt` (resumable, every epoch and on Ctrl-C), `last.cfg/.weights`,
     `best.cfg/.weights` (best mAP@0.5, else the last model), `results.csv`, `results.png`.
     The saved/evaluated model is the EMA model when `config.ema`, with its BN statistics re-estimated on
-    `config.bn_adapt` training batches (`train.bn_adapt`; the training model keeps its own). With
+    `config.bn_adapt` training batches (`train.bn_adapt`; the training model keeps its own) unless, at an
+    evaluation, its own statistics score better on the validation split (row key `bn_adapted`). With
     `config.collapse_ratio` the starting model is evaluated first, and a final mAP@.5 below that share of it is
     a collapse: a warning and `TrainResult.collapsed`. `distributed` (from torchrun) turns on
     DistributedDataParallel; only rank 0 evaluates, logs and writes files.
@@ -296,10 +300,11 @@ class _Trainer:
         row: dict = {"epoch": epoch + 1, **losses, "map50": None, "map50_95": None}
         last = epoch + 1 == self.cfg.epochs
         evaluate_now = self.main and self.spec.valid and ((epoch + 1) % self.cfg.eval_every == 0 or last)
-        if evaluate_now or (self.main and self.out is not None):
-            self._snapshot_model = self._snapshot()
         if evaluate_now:
-            row.update(self._evaluate(self._snapshot_model))
+            metrics, self._snapshot_model = self._evaluate_choice()
+            row.update(metrics)
+        elif self.main and self.out is not None:
+            self._snapshot_model = self._snapshot()
         self.hooks.on_epoch_end(self.state, row)
         row["data_wait"] = round(self._data_wait_s / seconds, 4) if seconds > 0 else None
         row["time_s"] = round(seconds, 2)
@@ -319,6 +324,20 @@ class _Trainer:
         copy = adapted_copy(self.eval_model, self.spec.train, self.cfg.img_size, self.cfg.batch_size,
                             self.cfg.bn_adapt, self.letterbox, self.state.device)
         return D.to_plain_bn(copy)  # --sync-bn: rank 0 alone runs it
+
+    def _evaluate_choice(self) -> tuple[dict, nn.Module]:
+        """Evaluate the model to save; with `bn_adapt`, both the adapted copy and the trained statistics, and
+        keep the better on the validation split (as `best` is chosen). Measured: re-estimating yolov4-tiny's
+        COCO statistics on COCO128's 96 training images, no training, cost 4.2 points mAP@.5 on the 32 held-out
+        ones (0.624 -> 0.582), while on the collapsed models of issue 23 it was the whole fix (0.000 -> 0.336)."""
+        plain = self.eval_model
+        if not self.cfg.bn_adapt:
+            return self._evaluate(plain), plain
+        adapted = self._snapshot()
+        mine, theirs = self._evaluate(adapted), self._evaluate(plain)
+        keep = mine["map50"] >= theirs["map50"]
+        chosen = mine if keep else theirs
+        return {**chosen, "bn_adapted": int(keep), "map50_unadapted": theirs["map50"]}, adapted if keep else plain
 
     def _evaluate(self, model: nn.Module) -> dict:
         if self._valid is None:
