@@ -130,6 +130,20 @@ def test_prune_adapts_bn_on_training_images(pair, data, tmp_path, monkeypatch):
     assert not any(torch.allclose(a.running_var, b.running_var) for a, b in zip(saved[0], saved[2]))
 
 
+def test_prune_reports_a_collapsed_model(pair, data, tmp_path, monkeypatch, caplog):
+    """The original scores 0.5, the pruned model 0.01: a warning and `collapsed: true` (the yolov4-tiny-slim run
+    cut |gamma| up to 1.8 and went on from 0.000 without it)."""
+    full = sum(p.numel() for p in load(*pair).parameters())
+    monkeypatch.setattr(prune_pipeline, "_evaluate", lambda model, measure, size: {
+        "map50": 0.5 if sum(p.numel() for p in model.parameters()) == full else 0.01, "map50_95": 0.0})
+    res = CliRunner().invoke(cli, ["prune", "--cfg", str(pair[0]), "--weights", str(pair[1]), "--out",
+                                   str(tmp_path / "p"), "--data", str(data), "--percent", "0.5", "--bn-adapt", "0"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "p" / "report.json").read_text())["collapsed"] is True
+    assert "COLLAPSED: the pruned model scores mAP@.5 0.0100" in caplog.text
+    assert prune_pipeline._collapsed(0.5, 0.2, {}) is False and prune_pipeline._collapsed(None, 0.0, {}) is None
+
+
 # ---- the collapse report -----------------------------------------------------------------------------------------
 def test_a_collapsed_model_is_reported_not_saved_silently(data, tmp_path, monkeypatch, caplog):
     """The starting model scores 0.5, the saved one 0.05 while the loss fell: a warning and report keys."""

@@ -24,6 +24,7 @@ __all__ = ["Measure", "prune_files"]
 
 log = logging.getLogger(__name__)
 _STAGE_KEYS = ("params", "gflops", "size_mb", "latency_ms", "map50", "map50_95")
+COLLAPSE_RATIO = 0.3  # mAP@.5 after / before below this: the cut took channels the model needs (as in `fit`)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,18 @@ def _adapt(model: DarknetModel, measure: Measure, size: int, batches: int) -> tu
                                           "map50_unadapted": theirs["map50"]}
 
 
+def _collapsed(before: float | None, after: float | None, info: dict) -> bool | None:
+    """Issue 23: a recipe ran on for 18 minutes from a pruned model at mAP 0.000 and nothing said so."""
+    if before is None or after is None:
+        return None
+    if before < 0.01 or after >= COLLAPSE_RATIO * before:
+        return False
+    log.warning("COLLAPSED: the pruned model scores mAP@.5 %.4f, below %.0f%% of the %.4f before pruning: the cut "
+                "took channels the model needs (threshold |gamma| %s). Sparse-train until `safe_percent` reaches "
+                "--percent, or prune less", after, 100 * COLLAPSE_RATIO, before, info.get("threshold", "?"))
+    return True
+
+
 def prune_files(cfg: str | os.PathLike, weights: str | os.PathLike | None, config: PruneConfig,
                 outputs: tuple[Path, Path] | None, measure: Measure = Measure(), bn_adapt: int = 0) -> dict:
     """Load cfg/weights, prune, re-estimate the pruned model's BN statistics on `bn_adapt` batches of the
@@ -88,7 +101,8 @@ def prune_files(cfg: str | os.PathLike, weights: str | os.PathLike | None, confi
         save(pruned, *outputs)
     before = _figures(model, measure, size, (cfg, weights))
     after = _figures(pruned, measure, size, outputs or (None, None))
-    return {**after, **{f"{k}_before": before[k] for k in _STAGE_KEYS},
+    return {**after, "collapsed": _collapsed(before.get("map50"), after.get("map50"), result.info),
+            **{f"{k}_before": before[k] for k in _STAGE_KEYS},
             **{f"{k}_after": after[k] for k in _STAGE_KEYS}, "method": config.method,
             "percent": config.percent, "shortcuts": config.shortcuts, "round_to": config.rounding,
             "img_size": size, "removed_blocks": list(result.removed_blocks), **adapted,
