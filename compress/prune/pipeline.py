@@ -60,7 +60,7 @@ def _figures(model: DarknetModel, measure: Measure, size: int, paths: tuple) -> 
 def _adapt(model: DarknetModel, measure: Measure, size: int, batches: int) -> tuple[DarknetModel, dict]:
     """BN adaptation of the pruned model on the training images of `measure.data` (batches of 8): a cut that
     is not exact (a channel with a non-zero gamma, a floor, rounding) moves the statistics of the layers after
-    it. The adapted copy is kept when it scores at least as well on the valid split as the model's own
+    it. The adapted copy is kept when it scores better on the valid split than the model's own
     statistics (on a small set re-estimation can cost: see `fit`). Returns (model, report figures)."""
     if not measure.data or not batches:
         return model, {"bn_adapted_images": 0, "bn_adapted": False}
@@ -69,7 +69,7 @@ def _adapt(model: DarknetModel, measure: Measure, size: int, batches: int) -> tu
     letterbox = input_letterbox(model, measure.letterbox)
     seen = adapt_bn(adapted, image_batches(images, size, 8, batches, letterbox), measure.device)
     mine, theirs = _evaluate(adapted, measure, size), _evaluate(model, measure, size)
-    keep = mine["map50"] >= theirs["map50"]
+    keep = mine["map50"] > theirs["map50"]  # a tie keeps the model's own statistics (see `fit`)
     return (adapted if keep else model), {"bn_adapted_images": seen, "bn_adapted": keep,
                                           "map50_unadapted": theirs["map50"]}
 
