@@ -20,7 +20,7 @@ from compress.darknet.model import build_model
 from compress.darknet.persist import load, save
 from compress.data.synth import synthesize
 from compress.jobs import (CLI_ONLY, JOBS, AnchorsJob, BenchmarkJob, ConvertJob, DetectJob, DistillJob, EvalJob, ExportJob, InfoJob,
-                           Job, PruneJob, QuantizeJob, Report, SparseTrainJob, SynthJob, TrainJob,
+                           Job, PruneJob, QuantizeJob, Report, SparseTrainJob, SplitJob, SynthJob, TrainJob,
                            job_paths, register_job, run_job)
 from compress.recipe import RecipeJob
 from compress.train import DistConfig, TrainConfig
@@ -70,6 +70,7 @@ HOSTILE = {
     "benchmark": lambda f: (BenchmarkJob(f["cfg"], f["weights"], f["data"]), "is an input"),  # the report only
     "data synth": lambda f: (SynthJob(f["root"] / "s"), "already holds an earlier run"),  # no inputs to hit
     "data convert": lambda f: (ConvertJob("voc", f["img"], f["img"]), "is an input folder"),
+    "data split": lambda f: (SplitJob(f["img"], f["img"]), "is an input folder"),
     "run": lambda f: (RecipeJob(f["recipe"], f["cfg"].parent), "holds the input"),
 }
 

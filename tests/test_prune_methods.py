@@ -14,6 +14,7 @@ from compress.prune import METHODS, PruneConfig, prune, select_mask
 from compress.prune.blocks import remove_blocks
 from compress.prune.coupling import build_coupling, prunable_layers, residual_units
 from compress.prune.mask import validate_mask
+from compress.prune.registry import DEFAULT_ROUND_TO
 
 from conftest import DATA, randomize_bn
 
@@ -113,7 +114,7 @@ def test_slim_union_keeps_channel_kept_by_any_member() -> None:
         for i in (1, 3, 6):
             model.layers[i].bn.weight.fill_(1e-3)
         model.layers[6].bn.weight[5] = 2.0  # only one member keeps channel 5
-    mask, _ = select_mask(model, PruneConfig(method="slim", percent=0.5))
+    mask, _ = select_mask(model, PruneConfig(method="slim", percent=0.5, round_to=1))  # the reference's widths
     # layers 1 and 3 keep their floor of 1 channel (all tied -> lowest index 0), layer 6 keeps 5: union {0, 5}
     expected = (torch.arange(16) == 0) | (torch.arange(16) == 5)
     assert all(torch.equal(mask[i], expected) for i in (1, 3, 6))
@@ -185,3 +186,16 @@ def test_layer_channel_composes_slim_then_layer() -> None:
     assert len(result.removed_blocks) == 3 and result.mask
     assert len(result.model.cfg.blocks) == len(model.cfg.blocks) - 3
     assert sum(p.numel() for p in result.model.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["slim", "normal", "shortcut"])
+def test_channel_methods_round_to_8_by_default_and_1_gives_the_reference_widths(method: str) -> None:
+    """Odd widths run slowly (issue 23): by default every kept count is a multiple of 8 (or the whole layer);
+    --round-to 1 keeps the reference's exact threshold widths."""
+    model = _model(DATA / "tiny-shortcut.cfg")
+    randomize_bn(model)
+    assert METHODS[method].default_round_to == DEFAULT_ROUND_TO == 8
+    mask, _ = select_mask(model, PruneConfig(method=method, percent=0.6, min_keep=0.05))
+    assert mask and all(int(m.sum()) % 8 == 0 or int(m.sum()) == len(m) for m in mask.values())
+    exact, _ = select_mask(model, PruneConfig(method=method, percent=0.6, min_keep=0.05, round_to=1))
+    assert any(int(m.sum()) % 8 for m in exact.values())  # the unrounded widths differ: rounding did something

@@ -61,7 +61,7 @@ def test_attention_cfg_prunes_through_the_depthwise_conv_and_spp_feeder_exactly(
     [eca], [sam] or SPP (reference rule 4). A hand mask on the SPP feeder (layer 9) is still exact."""
     cfg = TINY_CFGS[0].parent / "tiny-attn.cfg"
     model = build_model(read_cfg(cfg))
-    mask, _ = select_mask(model, PruneConfig(method="slim", percent=0.3, min_keep=0.05))
+    mask, _ = select_mask(model, PruneConfig(method="slim", percent=0.3, min_keep=0.05, round_to=1))
     assert set(mask) == {0, 1} and torch.equal(mask[0], mask[1])
     with pytest.raises(PruneError, match="no prunable layer"):
         select_mask(model, PruneConfig(method="normal"))

@@ -122,6 +122,9 @@ def test_quantize_exits_1_when_a_written_artifact_is_broken(assets, tmp_path, mo
     v = report["verify"]
     assert not v["passed"] and not v["checks"]["int8_onnx"]["ok"] and v["checks"]["int8_onnx"]["drop"] > 0.2
     assert report["map50_fakequant"] > 0.3  # a real model: the drop is the artifact, not noise
+    fp32 = report["vs_fp32"]  # against the fp32 input too (issue 23), bound 2 points at 8 bits
+    assert fp32["max_drop"] == 2.0 and not fp32["checks"]["int8_onnx"]["ok"] and fp32["checks"]["int8_onnx"]["drop"] > 20
+    assert fp32["checks"]["int8_onnx"]["drop"] == round(100 * (report["map50_fp32"] - report["map50_int8_onnx"]), 2)
     assert (out / "model-int8.onnx").is_file() and Path(report["weights"]).is_file()
     assert set(report["cpu"]) >= {"avx2", "avx512", "vnni"}
 

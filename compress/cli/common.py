@@ -13,11 +13,12 @@ from compress.base.device import DEVICE_HELP, resolve_device
 from compress.jobs import Job, Report, run_job
 from compress.jobs.training import TrainingJob
 from compress.train.config import DistConfig
+from compress.detection.losses import LOSSES
 from compress.train.distributed import SYNC_BN_HELP
 from compress.train.optim import OPTIMIZERS
 
 __all__ = ["AppContext", "model_options", "report_option", "device_option", "out_option", "exist_ok_option", "run",
-           "echo_table", "letterbox_option", "val_option", "fit_options", "torchrun_config", "DATA_HELP"]
+           "echo_table", "letterbox_option", "val_option", "fit_options", "hyp_option", "torchrun_config", "DATA_HELP"]
 
 
 # every --data help says what --data takes (issue #26: most said ".data or image folder" though data.yaml works)
@@ -106,6 +107,30 @@ def echo_table(text: str) -> None:
     click.echo(text)
 
 
+def hyp_option(f: Callable) -> Callable:
+    return click.option("--hyp", type=click.Path(exists=True, dir_okay=False),
+                        help="YAML of hyper-parameters (Ultralytics keys: lr0, lrf, momentum, weight_decay, "
+                             "warmup_epochs, box, obj, cls, hsv_h, scale, mosaic, ...; also freeze_bn_stats, "
+                             "bn_momentum).")(f)
+
+
+def finetune_options(job_type: type[TrainingJob]) -> list[Callable]:
+    """What keeps a pretrained model (every trainer): the loss, BN handling, BN adaptation."""
+    return [
+        click.option("--loss", type=click.Choice(sorted(LOSSES)), help="Detection loss: darknet (the cfg's [yolo] "
+                     "keys, as Darknet trains) or v5 (Ultralytics). Default: darknet when fine-tuning --weights, "
+                     "else v5."),
+        click.option("--bn-momentum", type=click.FloatRange(0, 1), help="BatchNorm running-average momentum "
+                     "while training (default: the model's 0.03)."),
+        click.option("--freeze-bn-stats/--no-freeze-bn-stats", "freeze_bn_stats", default=None,
+                     help="Keep the BatchNorm running statistics fixed while training (default: on when "
+                          "fine-tuning --weights, else off)."),
+        click.option("--bn-adapt", default=job_type.train_default("bn_adapt"), show_default=True,
+                     type=click.IntRange(0), help="Batches of training images that re-estimate the saved "
+                     "model's BN statistics before each evaluation and save (0: off)."),
+    ]
+
+
 def fit_options(job_type: type[TrainingJob]) -> Callable:
     """The training-loop options shared by train, sparse-train and distill (defaults: the job type's)."""
     default = job_type.train_default
@@ -133,6 +158,7 @@ def fit_options(job_type: type[TrainingJob]) -> Callable:
                      "training image (default 0; also `mosaic:` in --hyp)."),
         click.option("--sync-bn", is_flag=True, help=SYNC_BN_HELP),
         click.option("--no-progress", is_flag=True, help="Hide the per-epoch progress bar (shown on a terminal)."),
+        *finetune_options(job_type),
     ]
 
     def deco(f: Callable) -> Callable:

@@ -11,7 +11,7 @@ from compress.cli.common import (DATA_HELP, device_option, exist_ok_option, lett
                                  report_option, run)
 from compress.cli.group import cli
 from compress.data.convert import CONVERTERS
-from compress.jobs import AnchorsJob, ConvertJob, DetectJob, EvalJob, SynthJob
+from compress.jobs import AnchorsJob, ConvertJob, DetectJob, EvalJob, SplitJob, SynthJob
 
 _DATA = click.option("--data", required=True, type=click.Path(exists=True),
                      help=f"{DATA_HELP} (eval: its valid split).")
@@ -129,3 +129,19 @@ def convert_command(report_path: str | None, exist_ok: bool, **options: Any) -> 
                         + [[f"kept {k}", v] for k, v in r["kept"].items()],
                         tablefmt="github", headers=[options["split"], "count"]))
     click.echo(f"\n-> {r['data']}")
+
+
+@data_group.command("split")
+@click.option("--data", required=True, type=click.Path(exists=True),
+              help="The images to split: a folder of images + labels, a .data or a data.yaml (its train split).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Output folder.")
+@click.option("--holdout-every", type=click.IntRange(2), default=4, show_default=True,
+              help="Hold out every N-th image (sorted by file name, index % N == 0): 4 = COCO128 96/32.")
+@report_option
+@exist_ok_option
+def split_command(report_path: str | None, exist_ok: bool, **options: Any) -> None:
+    """A fixed hold-out split: OUT/split.data (train on the rest, validate on the held-out images), OUT/all.data."""
+    r = run(SplitJob, options, report_path, exist_ok)
+    click.echo(tabulate([["train", r["n_train"]], ["held out (valid)", r["n_valid"]]], tablefmt="github",
+                        headers=["split", "images"]))
+    click.echo(f"\n-> {r['data']} (all images: {r['data_all']})")

@@ -5,7 +5,7 @@ from typing import Any
 
 import click
 
-from compress.cli.common import (DATA_HELP, device_option, exist_ok_option, fit_options, model_options, out_option,
+from compress.cli.common import (DATA_HELP, device_option, exist_ok_option, fit_options, hyp_option, model_options, out_option,
                                  report_option, run, val_option)
 from compress.cli.group import cli
 from compress.darknet.summary import format_stage_table
@@ -46,6 +46,7 @@ SHARE_ROWS = [("epoch", "epoch"), ("det", "detection"), *[(k, k) for k in TERMS]
               "absolute weights (no calibration) and its attention (channel sum of |F| on every conv block), for "
               "comparison.")
 @fit_options(DistillJob)
+@hyp_option
 @click.option("--baseline", is_flag=True, help="Also train without KD (same epochs and seed) and report both.")
 @click.option("--pairs", help="Feature pairs 'student:teacher,...' for --kd 4/5 (default: one per stride).")
 @click.option("--w-soft", type=click.FloatRange(0), help="Fixed logit-KD weight (instead of calibration).")

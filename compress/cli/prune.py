@@ -7,8 +7,8 @@ from typing import Any
 import click
 from tabulate import tabulate
 
-from compress.cli.common import (DATA_HELP, device_option, exist_ok_option, fit_options, letterbox_option,
-                                 model_options, out_option, report_option, run, val_option)
+from compress.cli.common import (DATA_HELP, device_option, exist_ok_option, fit_options, hyp_option,
+                                 letterbox_option, model_options, out_option, report_option, run, val_option)
 from compress.cli.group import cli
 from compress.darknet.summary import format_stage_table
 from compress.jobs import PruneJob, Report, SparseTrainJob
@@ -57,7 +57,8 @@ def _before_after(report: Report) -> str:
 @click.option("--percent", "--global_percent", "percent", type=click.FloatRange(0, 1, max_open=True), default=0.5,
               show_default=True, help="Share of prunable BN channels to cut (global |gamma| threshold).")
 @click.option("--shortcuts", type=click.IntRange(0), default=0, help="Residual blocks to remove (layer methods).")
-@click.option("--round-to", type=click.IntRange(1), help="Round kept channels up to a multiple (regular: 8).")
+@click.option("--round-to", type=click.IntRange(1), help="Round kept channels up to a multiple (default 8: SIMD-friendly widths; 1: the "
+              "reference's exact widths).")
 @click.option("--min-keep", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Per-layer floor (fraction of width); 0 = normal/shortcut refuse to empty a layer.")
 @click.option("--layer-keep", "--layer_keep", "layer_keep", type=click.FloatRange(0, 1), default=0.01,
@@ -85,6 +86,9 @@ def _before_after(report: Report) -> str:
                    "else measured and added (default: OUT/latency_table.json).")
 @click.option("--refine", type=click.IntRange(0), default=2, show_default=True,
               help="Re-plan a latency target up to N times from the measured latency of the result.")
+@click.option("--bn-adapt", type=click.IntRange(0), default=PruneJob.bn_adapt, show_default=True,
+              help="Re-estimate the pruned model's BN statistics on this many batches of --data's training "
+                   "images (0: off; without --data: not done).")
 @device_option
 @report_option
 @exist_ok_option
@@ -118,6 +122,7 @@ def prune_command(report_path: str | None, exist_ok: bool, **options: Any) -> No
               help="Factor on s per epoch while below --target-sparsity.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out from its last.pt.")
 @fit_options(SparseTrainJob)
+@hyp_option
 @device_option
 @report_option
 @exist_ok_option

@@ -15,6 +15,7 @@ from compress.quant.adaround import ROUNDINGS
 from compress.quant.config import ACT_SCHEMES, METHOD_CONFIGS, SAFE_RANGES
 from compress.quant.pipeline import QuantVerifyError
 from compress.quant.weights import W_CLIPS
+from compress.detection.losses import LOSSES
 
 _ROWS = [("fp32", "fp32 (input)"), ("fakequant", "fake-quant (torch)"), ("int8_onnx", "int8 QDQ ONNX"),
          ("darknet", "Darknet pair (weights on grid)")]
@@ -86,7 +87,11 @@ def _table(r: Report) -> str:
 @click.option("--no-eval", is_flag=True, help="Skip the mAP evaluations (and so the verification).")
 @click.option("--no-verify", is_flag=True,
               help="Do not fail (exit 1) when the int8 ONNX or the Darknet pair scores > 1 point mAP@.5 below "
-                   "the fake-quant model.")
+                   "the fake-quant model, or more than --max-drop below the fp32 input model.")
+@click.option("--max-drop", type=click.FloatRange(0), help="Points of mAP@.5 each artifact may lose against "
+              "the fp32 input model before verification fails (default: 2 at 8 bits; none below 8 bits).")
+@click.option("--loss", type=click.Choice(sorted(LOSSES)), help="QAT detection loss (default: darknet, the loss "
+              "pretrained Darknet weights were trained with, as every trainer fine-tunes them).")
 @device_option
 @report_option
 @exist_ok_option
@@ -104,4 +109,10 @@ def quantize_command(report_path: str | None, exist_ok: bool, **options: Any) ->
 
 def _echo(report: Report) -> None:
     click.echo(_table(report))
+    v = report.get("vs_fp32") or {}
+    if v.get("checks"):
+        drops = ", ".join(f"{k} {c['drop']:+.1f}" for k, c in v["checks"].items() if c["drop"] is not None)
+        click.echo(f"mAP@.5 points below fp32: {drops} (--max-drop {v['max_drop']})")
+    if v.get("int8_slower"):
+        click.echo(f"warning: the int8 ONNX is slower than fp32 on this CPU ({v['latency_ratio']}x)")
     click.echo(f"-> {report['cfg']}, {report['weights']}, {report['onnx']}")

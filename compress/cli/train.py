@@ -5,11 +5,10 @@ from typing import Any
 
 import click
 
-from compress.cli.common import (DATA_HELP, device_option, exist_ok_option, fit_options, model_options, out_option,
+from compress.cli.common import (DATA_HELP, device_option, exist_ok_option, fit_options, hyp_option, model_options, out_option,
                                  report_option, run, val_option)
 from compress.cli.group import cli
 from compress.darknet.summary import format_stage_table
-from compress.detection.losses import LOSSES
 from compress.jobs import TrainJob
 from compress.train.optim import SCHEDULERS
 
@@ -33,11 +32,7 @@ TABLE_KEYS = [("epochs", "epochs"), ("final_loss", "final loss"), ("map50", "mAP
 @click.option("--no-augment", is_flag=True, help="Train on un-augmented images (input geometry only).")
 @click.option("--eval-every", default=1, show_default=True, type=click.IntRange(1), help="Epochs between evals.")
 @click.option("--cutoff", type=click.IntRange(1), help="Load weights of the first N layers only (transfer).")
-@click.option("--loss", type=click.Choice(sorted(LOSSES)), help="Detection loss: darknet (the cfg's [yolo] keys, as "
-              "Darknet trains) or v5 (Ultralytics). Default: darknet when fine-tuning --weights, else v5.")
-@click.option("--hyp", type=click.Path(exists=True, dir_okay=False),
-              help="YAML of hyper-parameters (Ultralytics keys: lr0, lrf, momentum, weight_decay, warmup_epochs, "
-                   "box, obj, cls, hsv_h, scale, mosaic, ...; also freeze_bn_stats, bn_momentum).")
+@hyp_option
 @report_option
 @exist_ok_option
 def train_command(report_path: str | None, exist_ok: bool, **options: Any) -> None:

@@ -58,7 +58,7 @@ class DistillResult:
                 "kd_shares_per_epoch": self.shares,
                 "pairs": [list(p) for p in c.pairs] if c.pairs else None,
                 "epochs": self.kd.epochs, "world_size": self.world_size,
-                "map50_kd": kd.get("map50"), "map50_95_kd": kd.get("map50_95"),
+                "map50_kd": kd.get("map50"), "map50_95_kd": kd.get("map50_95"), **self.kd.health(),
                 "map50_baseline": base.get("map50"), "map50_95_baseline": base.get("map50_95")}
 
 

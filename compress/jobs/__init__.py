@@ -12,7 +12,7 @@ See `base.py` for the steps `run_job` takes, and docs/design.md ("Job contract",
 from __future__ import annotations
 
 from compress.jobs.base import CLI_ONLY, JOBS, REPORT_NAME, Job, Report, job_paths, register_job, run_job, write_report
-from compress.jobs.data import ConvertJob, SynthJob
+from compress.jobs.data import ConvertJob, SplitJob, SynthJob
 from compress.jobs.distill import DistillJob
 from compress.jobs.benchmark import BenchmarkJob
 from compress.jobs.export import ExportJob
@@ -23,4 +23,4 @@ from compress.jobs.train import TrainJob
 
 __all__ = ["run_job", "job_paths", "register_job", "write_report", "Job", "Report", "JOBS", "REPORT_NAME", "CLI_ONLY",
            "TrainJob", "SparseTrainJob", "PruneJob", "QuantizeJob", "DistillJob", "InfoJob", "EvalJob", "DetectJob",
-           "ExportJob", "AnchorsJob", "SynthJob", "ConvertJob", "BenchmarkJob"]
+           "ExportJob", "AnchorsJob", "SynthJob", "ConvertJob", "BenchmarkJob", "SplitJob"]

@@ -1,4 +1,4 @@
-"""Dataset jobs: `data synth` and `data convert`."""
+"""Dataset jobs: `data synth`, `data convert` and `data split`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,11 +9,12 @@ from compress.base.checks import SEED, check_img_size, check_range
 from compress.base.errors import DataError
 from compress.base.guard import Output
 from compress.data.convert import ConvertConfig, convert
+from compress.data.split import SplitFiles, write_split
 from compress.data.synth import SYNTH_NAMES, synthesize
 from compress.train.config import DistConfig
 from compress.jobs.base import Job, PathLike, Report, paths, register_job
 
-__all__ = ["SynthJob", "ConvertJob"]
+__all__ = ["SynthJob", "ConvertJob", "SplitJob"]
 
 
 @register_job
@@ -83,3 +84,32 @@ class ConvertJob(Job):
 
     def run(self, dist: DistConfig | None = None) -> Report:
         return self.report(convert(self.convert_config()).to_dict())
+
+
+@register_job
+@dataclass(frozen=True)
+class SplitJob(Job):
+    """A fixed hold-out split of `data`'s training images (sorted by name, index % holdout_every == 0 held
+    out) as list files and `split.data` / `all.data` in `out`."""
+
+    command: ClassVar[str] = "data split"
+
+    data: PathLike
+    out: PathLike
+    holdout_every: int = 4
+
+    def __post_init__(self) -> None:
+        check_range("--holdout-every", self.holdout_every, 2, error=DataError)
+
+    def inputs(self) -> tuple[Path, ...]:
+        return paths(self.data)
+
+    def outputs(self) -> tuple[Output, ...]:
+        return (Output(Path(self.out), "dir", "--out"),
+                *(Output(p, "file", "--out") for p in SplitFiles(Path(self.out)).all()))
+
+    def out_dir(self) -> Path:
+        return Path(self.out)
+
+    def run(self, dist: DistConfig | None = None) -> Report:
+        return self.report(write_split(self.data, self.out, self.holdout_every))

@@ -54,6 +54,7 @@ class DistillJob(TrainingJob):
     w_feat: float | None = None
     reference_kd1: bool = False
     device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
+    hyp: PathLike | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,7 +71,7 @@ class DistillJob(TrainingJob):
         return DistillConfig(strategy=self.kd, **options)
 
     def inputs(self) -> tuple[Path, ...]:
-        return paths(self.cfg, self.weights, self.t_cfg, self.t_weights, data_path(self.data), self.val)
+        return paths(self.cfg, self.weights, self.t_cfg, self.t_weights, data_path(self.data), self.val, self.hyp)
 
     def data_files(self) -> tuple[Path, ...]:
         return dataset_files(self.data, self.val)

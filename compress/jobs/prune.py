@@ -12,12 +12,14 @@ from compress.train.config import DistConfig, TrainConfig
 from compress.jobs.base import Job, PathLike, Report, out_folder, paths, register_job
 from compress.jobs.ranks import process_device
 from compress.jobs.training import TrainingJob, data_path, dataset_files
-from compress.base.errors import PruneError
 from compress.prune import PruneConfig
 from compress.prune.costs import Target
 from compress.prune.latency_target import LatencySettings
 from compress.prune.pipeline import Measure, prune_files
 from compress.prune.sparsity import SparsityConfig, run_sparse_train
+from compress.base.checks import check_range
+from compress.base.errors import PruneError
+from compress.train.bn_adapt import DEFAULT_BN_ADAPT
 
 __all__ = ["PruneJob", "SparseTrainJob", "LATENCY_RUNS"]
 
@@ -60,9 +62,11 @@ class PruneJob(Job):
     latency_table: PathLike | None = None
     refine: int = LatencySettings.refine
     device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
+    bn_adapt: int = DEFAULT_BN_ADAPT  # batches of --data's training images (0: off; no --data: none)
 
     def __post_init__(self) -> None:
         self.prune_config(), self.measure(), self.latency_settings()  # their rules and messages
+        check_range("--bn-adapt", self.bn_adapt, 0, error=PruneError)
 
     def target(self) -> Target | None:
         given = {name: getattr(self, name) for name in ("target_latency", "target_ms", "target_flops",
@@ -123,7 +127,7 @@ class PruneJob(Job):
     def run(self, dist: DistConfig | None = None) -> Report:
         outputs = None if self.dry_run else self.pruned_pair()
         return self.report(prune_files(self.cfg, self.weights, self.prune_config(), outputs, self.measure(),
-                                       self.latency_settings()))
+                                       self.latency_settings(), self.bn_adapt))
 
 
 @register_job
@@ -148,6 +152,7 @@ class SparseTrainJob(TrainingJob):
     target_sparsity: float | None = None
     s_growth: float = 2.0
     device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
+    hyp: PathLike | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -161,7 +166,7 @@ class SparseTrainJob(TrainingJob):
         return pair_paths(self.out, f"{Path(self.cfg).stem}-sparse")
 
     def inputs(self) -> tuple[Path, ...]:
-        return paths(self.cfg, self.weights, data_path(self.data), self.val)
+        return paths(self.cfg, self.weights, data_path(self.data), self.val, self.hyp)
 
     def data_files(self) -> tuple[Path, ...]:
         return dataset_files(self.data, self.val)

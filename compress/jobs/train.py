@@ -7,14 +7,13 @@ from typing import Any, ClassVar, Mapping
 
 from compress.base.checks import check_range
 from compress.base.guard import Output
-from compress.darknet.cfg import read_cfg
 from compress.data.dataset import load_data_spec
 from compress.train.config import DistConfig, TrainConfig, TrainError
 from compress.jobs.base import PathLike, Report, out_folder, paths, register_job
 from compress.jobs.ranks import process_device
 from compress.jobs.training import FIT_OPTIONS, TrainingJob, data_path, dataset_files, train_values
 from compress.train.api import train_model
-from compress.train.hyp import resolve_train_config
+from compress.train.loop import TrainFiles
 
 __all__ = ["TrainJob"]
 
@@ -32,7 +31,7 @@ class TrainJob(TrainingJob):
     produces_model: ClassVar[bool] = True  # recipes continue from its report's cfg/weights
     in_summary: ClassVar[bool] = True
     train_options: ClassVar[tuple[str, ...]] = FIT_OPTIONS + (
-        "scheduler", "resume", "no_ema", "amp", "accumulate", "no_augment", "eval_every", "loss")
+        "scheduler", "resume", "no_ema", "amp", "accumulate", "no_augment", "eval_every")
 
     cfg: PathLike
     weights: PathLike | None
@@ -49,11 +48,8 @@ class TrainJob(TrainingJob):
         check_range("--cutoff", self.cutoff, 1, error=TrainError)
 
     @classmethod
-    def make_train(cls, options: Mapping[str, Any], train: Mapping[str, Any], given: set[str]) -> TrainConfig:
-        values = train_values(train)
-        values.setdefault("img_size", read_cfg(options["cfg"]).width)
-        pretrained = options.get("weights") is not None and options.get("cutoff") is None
-        return resolve_train_config(values, given, options.get("hyp"), pretrained=pretrained)
+    def pretrained(cls, options: Mapping[str, Any]) -> bool:
+        return options.get("weights") is not None and options.get("cutoff") is None  # --cutoff: transfer
 
     def inputs(self) -> tuple[Path, ...]:
         return paths(self.cfg, self.weights, data_path(self.data), self.val, self.hyp)

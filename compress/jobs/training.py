@@ -1,5 +1,10 @@
 """The training options: one `train: TrainConfig` for train, sparse-train, distill (and QAT in quantize).
 
+One precedence for every trainer (`train.hyp.resolve_train_config`): TrainConfig defaults < the command's own
+defaults < the fine-tune defaults when it starts from pretrained `--weights` (darknet loss, a low lr0, no
+warm-up, frozen BN statistics, the collapse check) < `--hyp` < the options the user typed. Every training
+report carries the `train_config` it ran with.
+
 Their CLI options (`--epochs`, `--lr0`, `--no-ema`, ...) are not job fields: `from_options` / `from_dict` hand
 them to the job's `make_train`, which builds the TrainConfig once. An option is a TrainConfig field of the same
 name, or a negated flag (`no_ema` -> `ema=False`). `to_argv` renders a training job's `train` back into the
@@ -15,16 +20,17 @@ from compress.base.errors import CompressError
 from compress.base.guard import Output, data_file_inputs
 from compress.data.dataspec import IMG_EXTS, find_names, label_path, list_images, load_data_spec
 from compress.darknet.cfg import read_cfg
-from compress.jobs.base import NEGATED, Job, PathLike
-from compress.train.loop import TrainFiles
+from compress.jobs.base import NEGATED, Job, PathLike, Report
 from compress.train.config import TrainConfig
+from compress.train.hyp import resolve_train_config
 from compress.train.loop import TrainFiles
 
 __all__ = ["FIT_OPTIONS", "TrainingJob", "train_values", "data_path", "dataset_files"]
 
 # The loop options every training command has (compress.cli.common.fit_options), in CLI order.
 FIT_OPTIONS = ("epochs", "batch_size", "img_size", "lr0", "optimizer", "warmup_epochs", "workers", "seed",
-               "letterbox", "cache", "cache_dir", "mosaic", "sync_bn", "no_progress")
+               "letterbox", "cache", "cache_dir", "mosaic", "sync_bn", "no_progress", "loss", "bn_momentum",
+               "freeze_bn_stats", "bn_adapt")
 
 
 def train_values(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -76,7 +82,8 @@ def data_path(data: Any) -> PathLike | None:
 
 class TrainingJob(Job):
     """A job with `train: TrainConfig` built from `FIT_OPTIONS` + resume (subclasses add options). `train`
-    None at construction: the TrainConfig the job builds without training options."""
+    None at construction: the TrainConfig the job builds without training options. Subclasses have the fields
+    `cfg`, `weights` and `hyp` (the --hyp YAML)."""
 
     train_options: ClassVar[tuple[str, ...]] = FIT_OPTIONS + ("resume",)
     train_defaults: ClassVar[Mapping[str, Any]] = {}   # this command's defaults (the CLI shows the same)
@@ -97,10 +104,20 @@ class TrainingJob(Job):
         return cls.train_defaults.get(name, getattr(TrainConfig, name))
 
     @classmethod
+    def pretrained(cls, options: Mapping[str, Any]) -> bool:
+        """The run starts from a trained model (the fine-tune defaults apply)."""
+        return options.get("weights") is not None
+
+    @classmethod
     def make_train(cls, options: Mapping[str, Any], train: Mapping[str, Any], given: set[str]) -> TrainConfig:
         values = {**cls.train_defaults, **train_values(train), **cls.train_extra}
         values.setdefault("img_size", read_cfg(options["cfg"]).width)  # default: the cfg's size
-        return TrainConfig(**values)
+        explicit = set(given) | set(cls.train_extra)
+        return resolve_train_config(values, explicit, options.get("hyp"), pretrained=cls.pretrained(options))
+
+    def report(self, figures: Mapping[str, Any]) -> Report:
+        """Every training report says what it trained with."""
+        return Report(self.command, {**figures, "train_config": self.train.to_dict()})
 
     def resumes(self) -> bool:
         return self.train.resume

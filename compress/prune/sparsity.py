@@ -333,4 +333,5 @@ def run_sparse_train(cfg: str | os.PathLike, weights: str | os.PathLike | None, 
             **{k: v for k, v in summary.items() if k != "history"}, "s": sparsity.s,
             "prune": sparsity.mode, "s_schedule": sparsity.schedule, "epochs": train_config.epochs,
             "world_size": getattr(distributed, "world_size", 1) or 1,
+            **result.health(),
             "gamma_history": summary["history"]}

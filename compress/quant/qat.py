@@ -107,7 +107,7 @@ def run_qat(qmodel: torch.nn.Module, spec: Any, train: TrainConfig, settings: An
         set_act_drop(qmodel, 0.0)  # calibration, evaluation and export quantize every element
     return {"qat_epochs": result.epochs, "qat_final_loss": result.final_loss, "qat_lr0": train.lr0,
             "qat_freeze_observers_after": obs, "qat_freeze_bn_after": bn, "qat_resumed": train.resume,
-            "qat_act_drop": float(settings.act_drop)}
+            "qat_act_drop": float(settings.act_drop), **{f"qat_{k}": v for k, v in result.health().items()}}
 
 
 def freeze_epochs(epochs: int, observers_after: int | None, bn_after: int | None) -> tuple[int, int]:

@@ -53,4 +53,4 @@ def _report(result: TrainResult, config: TrainConfig, device: str | torch.device
     return {**figures, "epochs": result.epochs, "final_loss": result.final_loss,
             "best_epoch": best_row.get("epoch"), "last_cfg": str(result.last_cfg),
             "last_weights": str(result.last_weights), "checkpoint": str(result.checkpoint),
-            "train_config": config.to_dict(), "history": result.history}
+            **result.health(), "train_config": config.to_dict(), "history": result.history}

@@ -9,6 +9,7 @@ from compress.data.imcache import CACHE_MODES
 from compress.base.checks import SEED, check_choice
 from compress.base.errors import CompressError
 from compress.detection.losses import LOSSES
+from compress.train.bn_adapt import DEFAULT_BN_ADAPT
 from compress.train.optim import OPTIMIZERS, SCHEDULERS
 
 __all__ = ["TrainConfig", "DistConfig", "TrainError"]
@@ -30,6 +31,7 @@ class TrainConfig:
     BatchNorm: `freeze_bn_stats` keeps the running mean/var fixed (BN layers normalise with them while
     training, as at inference); `bn_momentum` (None = the model's) sets how fast they follow the batches;
     `sync_bn` uses SyncBatchNorm under DDP on CUDA (refused for CPU processes; see train.distributed).
+    `bn_adapt` batches re-estimate the saved model's BN statistics (train.bn_adapt); `collapse_ratio`: see fit.
     hsv_h ... mosaic: the augmentation (`compress.data.augment.AugmentConfig`), used when `augment`.
     """
     epochs: int = 100
@@ -62,6 +64,12 @@ class TrainConfig:
     freeze_bn_stats: bool = False
     bn_momentum: float | None = None
     sync_bn: bool = False
+    # BN adaptation (train.bn_adapt): before each evaluation and save, the saved model's BN statistics are
+    # re-estimated on this many un-augmented training batches (0: off, the trained statistics are kept)
+    bn_adapt: int = DEFAULT_BN_ADAPT
+    # a final mAP@.5 below this share of the starting model's is a collapse: warned and reported (None: the
+    # starting model is not evaluated; the fine-tune defaults set 0.3)
+    collapse_ratio: float | None = None
     # augmentation: flat (hyp-file keys), defaults and validation from AugmentConfig (one place)
     hsv_h: float = AugmentConfig.hsv_h
     hsv_s: float = AugmentConfig.hsv_s
@@ -83,7 +91,7 @@ class TrainConfig:
         positive = ("epochs", "batch_size", "img_size", "accumulate", "eval_every", "lr0", "lrf")
         for name in positive:
             _check(name, getattr(self, name) > 0, "must be > 0", getattr(self, name))
-        for name in ("weight_decay", "warmup_epochs", "workers", "box", "obj", "cls"):
+        for name in ("weight_decay", "warmup_epochs", "workers", "box", "obj", "cls", "bn_adapt"):
             _check(name, getattr(self, name) >= 0, "must be >= 0", getattr(self, name))
         _check("momentum", 0 <= self.momentum < 1, "must be in [0, 1)", self.momentum)
         _check("img_size", self.img_size % 32 == 0, "must be a multiple of 32", self.img_size)
@@ -95,6 +103,8 @@ class TrainConfig:
         _check("loss", self.loss in LOSSES, f"must be one of {sorted(LOSSES)}", self.loss)
         _check("bn_momentum", self.bn_momentum is None or 0 <= self.bn_momentum <= 1, "must be in [0, 1] or None",
                self.bn_momentum)
+        _check("collapse_ratio", self.collapse_ratio is None or 0 < self.collapse_ratio < 1, "must be in (0, 1) "
+               "or None", self.collapse_ratio)
         for name in ("hsv_h", "hsv_s", "hsv_v", "fliplr", "translate", "mosaic"):
             _check(name, 0 <= getattr(self, name) <= 1, "must be in [0, 1]", getattr(self, name))
         _check("scale", 0 <= self.scale < 1, "must be in [0, 1)", self.scale)

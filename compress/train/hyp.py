@@ -1,6 +1,6 @@
 """Hyper-parameter files (`--hyp FILE.yaml`, Ultralytics keys) and the fine-tune defaults.
 
-Precedence when the `train` command builds its TrainConfig, lowest first: TrainConfig's defaults < the
+Precedence when a training command (train, sparse-train, distill) builds its TrainConfig, lowest first: TrainConfig's defaults < the
 fine-tune defaults (only when starting from pretrained `--weights`) < the `--hyp` file < options given on
 the command line. The loss itself defaults to "darknet" for fine-tuning (the loss the weights were trained
 with: its assignment and objectness targets keep their calibration) and to "v5" from scratch (the recipes'
@@ -61,12 +61,16 @@ FINETUNE: dict[str, dict[str, Any]] = {
 }
 
 
+# Every loss: the starting model is evaluated, and a final mAP@.5 below 0.3x of it is reported as a collapse.
+FINETUNE_ANY: dict[str, Any] = {"collapse_ratio": 0.3}
+
 FINETUNE_LOSS = "darknet"
 
 
 def finetune_defaults(loss: str) -> dict[str, Any]:
-    """Defaults used when training starts from pretrained weights, for loss `loss`."""
-    return dict(FINETUNE.get(loss, {}))
+    """Defaults used when training starts from pretrained weights, for loss `loss` (every trainer: train,
+    sparse-train, distill; QAT its loss)."""
+    return {**FINETUNE_ANY, **FINETUNE.get(loss, {})}
 
 
 def load_hyp(path: str | os.PathLike) -> dict[str, Any]:
