@@ -12,11 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from compress.darknet.cfg import parse_cfg
+from compress.darknet.model import DarknetModel, build_model
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", ROOT.parent / "shared" / "assets"))
 TINY_CFGS = sorted(DATA.glob("tiny-*.cfg"))
 DEMO_CFG = ROOT / "recipes" / "demo.cfg"
+# a 3-class tiny model with a shortcut: the trainers' tests (train, DDP, fine-tune)
+TINY3_CFG_TEXT = (DATA / "tiny-shortcut.cfg").read_text().replace("classes=2", "classes=3").replace("filters=21",
+                                                                                                     "filters=24")
 
 
 def require_assets() -> Path:
@@ -64,3 +70,9 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
+
+
+def tiny3_model(seed: int = 0) -> DarknetModel:
+    """The 3-class tiny model, its weights drawn from `seed`."""
+    torch.manual_seed(seed)
+    return build_model(parse_cfg(TINY3_CFG_TEXT, "tiny-3cls.cfg"))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -10,11 +9,10 @@ from compress import build_model, parse_cfg
 from compress.data.dataset import load_data_spec
 from compress.data.synth import synthesize
 from compress.train import DistConfig, TrainConfig, fit
-from conftest import DATA
+from conftest import TINY3_CFG_TEXT
 from conftest import free_port
 
-CFG_TEXT = (DATA / "tiny-shortcut.cfg").read_text().replace("classes=2", "classes=3").replace("filters=21",
-                                                                                               "filters=24")
+CFG_TEXT = TINY3_CFG_TEXT
 
 
 

@@ -7,7 +7,6 @@ through `{placeholders}` filled from the `world` fixture; every row also checks 
 dataset, the model pair). The next round adds rows here, not files."""
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import json

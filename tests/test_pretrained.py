@@ -11,8 +11,6 @@ import torch
 from click.testing import CliRunner
 
 from compress.cli import cli
-from compress.darknet.cfg import parse_cfg
-from compress.darknet.model import build_model
 from compress.darknet.persist import load, save
 from compress.data.dataset import load_data_spec
 from compress.data.synth import synthesize
@@ -23,15 +21,10 @@ from compress.train import TrainConfig, fit
 from compress.train import loop as train_loop
 from compress.train.bn_adapt import adapt_bn, image_batches
 
-from conftest import DATA, randomize_bn
+from conftest import DATA, TINY3_CFG_TEXT, tiny3_model, randomize_bn
 
-CFG_TEXT = (DATA / "tiny-shortcut.cfg").read_text().replace("classes=2", "classes=3").replace("filters=21",
-                                                                                               "filters=24")
-
-
-def tiny_model(seed: int = 0):
-    torch.manual_seed(seed)
-    return build_model(parse_cfg(CFG_TEXT, "tiny-3cls.cfg"))
+CFG_TEXT = TINY3_CFG_TEXT
+tiny_model = tiny3_model
 
 
 @pytest.fixture(scope="module")

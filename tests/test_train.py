@@ -15,15 +15,10 @@ from compress.data.dataset import load_data_spec
 from compress.data.synth import synthesize
 from compress.train import Hook, TrainConfig, fit
 from compress.train.optim import build_optimizer
-from conftest import DATA
+from conftest import TINY3_CFG_TEXT, tiny3_model
 
-CFG_TEXT = (DATA / "tiny-shortcut.cfg").read_text().replace("classes=2", "classes=3").replace("filters=21",
-                                                                                               "filters=24")
-
-
-def tiny_model(seed: int = 0):
-    torch.manual_seed(seed)
-    return build_model(parse_cfg(CFG_TEXT, "tiny-3cls.cfg"))
+CFG_TEXT = TINY3_CFG_TEXT
+tiny_model = tiny3_model
 
 
 @pytest.fixture(scope="module")

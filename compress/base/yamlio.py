@@ -9,7 +9,6 @@ too, instead of being read as whatever the node holds. Every failure is one line
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import yaml

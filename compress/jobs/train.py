@@ -11,9 +11,8 @@ from compress.data.dataset import load_data_spec
 from compress.train.config import DistConfig, TrainConfig, TrainError
 from compress.jobs.base import PathLike, Report, out_folder, paths, register_job
 from compress.jobs.ranks import process_device
-from compress.jobs.training import FIT_OPTIONS, TrainingJob, data_path, dataset_files, train_values
+from compress.jobs.training import FIT_OPTIONS, TrainingJob, data_path, dataset_files
 from compress.train.api import train_model
-from compress.train.loop import TrainFiles
 
 __all__ = ["TrainJob"]
 

@@ -63,14 +63,14 @@ def target_cost(model: DarknetModel, config: PruneConfig, cost: CostModel | None
 def select_for_target(model: DarknetModel, coupling: Coupling, config: PruneConfig, cost: CostModel
                       ) -> tuple[ChannelMask, dict]:
     """Per-group widths that reach `config.target` on `cost` (search.plan_widths over the method's scores);
-    each group keeps its top channels by group score. Round-to: --round-to, else the larger of the method's
-    and the cost's multiple (the runtime's fast channel count)."""
+    each group keeps its top channels by group score. Round-to: --round-to, else the cost's multiple when it
+    knows one (a latency table: the runtime's fast channel count), else the method's default (8)."""
     pruner, target = METHODS[config.method], config.target
     assert pruner.scores is not None and target is not None  # PruneConfig refuses anything else
     scores = pruner.scores(model, coupling, config)
     groups = [g for g in cuttable_groups(coupling) if all(i in scores for i in g)]
     ranked = [group_score(coupling, scores, g) for g in groups]
-    multiple = config.round_to or max(pruner.default_round_to, cost.multiple)
+    multiple = config.round_to or (cost.multiple if cost.multiple > 1 else pruner.default_round_to)
     plan = plan_widths(build_layout(coupling, groups), ranked, cost, target.goal(cost.base), multiple,
                        max(config.layer_keep, config.min_keep), target.option, target.best_effort)
     mask = {i: top_k(s, w) for g, s, w in zip(groups, ranked, plan.widths) for i in g}

@@ -19,7 +19,7 @@ import torch
 
 from compress.deploy.latency import LayerGrid
 from compress.prune.coupling import Coupling
-from compress.prune.surgery import propagate
+from compress.prune.surgery import TagOps, propagate
 
 __all__ = ["Layout", "build_layout", "cuttable_groups", "table_grid", "GRID_FRACTIONS"]
 
@@ -73,7 +73,7 @@ def build_layout(coupling: Coupling, groups: Sequence[tuple[int, ...]]) -> Layou
     graph = coupling.graph
     tag = {i: n + 1 for n, g in enumerate(groups) for i in g}   # 0: a channel no cut group owns
     own = lambda i: torch.full((graph.channels[i],), float(tag.get(i, 0)))  # noqa: E731
-    flow = propagate(graph, own, torch.zeros(graph.cfg.channels), torch.maximum)
+    flow = propagate(graph, TagOps(graph, own, torch.zeros(graph.cfg.channels)))
     convs = tuple(i for i, s in enumerate(graph.sections) if s.conv)
     full = tuple(graph.channels[g[0]] for g in groups)
     in_const, in_mult = {}, {}

@@ -30,7 +30,7 @@ from compress.darknet.sections import Section
 from compress.prune.coupling import build_coupling
 from compress.prune.mask import ChannelMask, validate_mask
 
-__all__ = ["apply_channel_mask", "propagate", "channel_offsets", "copy_layer"]
+__all__ = ["apply_channel_mask", "propagate", "TagOps", "channel_offsets", "copy_layer"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,18 @@ class _VectorOps:
 
     def fresh(self, i: int) -> torch.Tensor:
         return torch.ones(self.graph.channels[i], dtype=torch.bool)
+
+
+class TagOps(_VectorOps):
+    """Float channel tags (e.g. which coupled group a channel comes from): joins keep the larger tag where their
+    inputs overlap, channels a block creates get tag 0 (pruning to a target's width layout)."""
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        m = min(len(a), len(b))
+        return torch.cat((torch.maximum(a[:m], b[:m]), a[m:]))
+
+    def fresh(self, i: int) -> torch.Tensor:
+        return torch.zeros(self.graph.channels[i])
 
 
 def _rows(live: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
