@@ -12,7 +12,6 @@ from compress.quant.modules import batch_moments
 from conftest import free_port
 
 
-
 def _full_batch() -> torch.Tensor:
     return torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0)) * 3 + 1
 
@@ -29,6 +28,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         mu, var, n = batch_moments(y, sync=True)
         _loss(mu, var).backward()
         torch.save({"mu": mu.detach(), "var": var.detach(), "n": n, "grad": y.grad}, f"{out}/rank{rank}.pt")
+        # both ranks' collectives (the backward's all_reduce too) are done before the group goes: destroying it
+        # while gloo still runs one aborted a rank ("terminate called without an active exception") under load
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
