@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from compress.base.errors import CfgError
 
@@ -66,31 +67,25 @@ class Block:
             return int(as_float)
 
     def get_float(self, key: str, default: float | None = None) -> float:
-        raw = self.get(key)
-        if raw is None:
-            return self._default(key, default)
-        try:
-            return float(raw)
-        except ValueError:
-            raise self._bad(key, raw, "a number") from None
+        return self._typed(key, default, float, "a number")
 
     def get_ints(self, key: str, default: tuple[int, ...] | None = None) -> tuple[int, ...]:
-        raw = self.get(key)
-        if raw is None:
-            return self._default(key, default)
-        try:
-            return tuple(int(p) for p in raw.split(",") if p.strip())
-        except ValueError:
-            raise self._bad(key, raw, "a comma-separated list of integers") from None
+        return self._typed(key, default, lambda raw: tuple(int(p) for p in raw.split(",") if p.strip()),
+                           "a comma-separated list of integers")
 
     def get_floats(self, key: str, default: tuple[float, ...] | None = None) -> tuple[float, ...]:
+        return self._typed(key, default, lambda raw: tuple(float(p) for p in raw.split(",") if p.strip()),
+                           "a comma-separated list of numbers")
+
+    def _typed(self, key: str, default: object, convert: Callable[[str], object], what: str) -> Any:
+        """`convert(value)` of `key` (its default when absent); a value it cannot read names file:line and `what`."""
         raw = self.get(key)
         if raw is None:
             return self._default(key, default)
         try:
-            return tuple(float(p) for p in raw.split(",") if p.strip())
+            return convert(raw)
         except ValueError:
-            raise self._bad(key, raw, "a comma-separated list of numbers") from None
+            raise self._bad(key, raw, what) from None
 
     def replace(self, **changes: object) -> "Block":
         """New block with keys changed (None removes a key); order kept, new keys appended."""

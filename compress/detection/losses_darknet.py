@@ -55,10 +55,7 @@ REFUSED_KEYS = {"map": "remaps truth classes through a label-map file",
 def _check_keys(block: Block) -> None:
     """Refuse the keys that change Darknet's training and that we do not implement; warn once on unknown ones."""
     keys = [k for k, _ in block.options]
-    twice = sorted({k for k in keys if keys.count(k) > 1} & set(LOSS_KEYS))
-    if twice:  # Darknet's option_find returns a key's first line, Block.get its last: say so, do not guess
-        raise CompressError(f"{block.where(twice[0])}: [yolo] {', '.join(twice)} set more than once (Darknet "
-                            "trains with the first value); keep one line per key")
+    # a key set twice: Block.get reads its first line, as Darknet's option_find does (cfg parsing warns once)
     for key in keys:
         if key in REFUSED_KEYS:
             raise CompressError(f"{block.where(key)}: [yolo] {key}= {REFUSED_KEYS[key]} in Darknet's training, "
