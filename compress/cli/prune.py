@@ -12,6 +12,7 @@ from compress.cli.common import (DATA_HELP, device_option, exist_ok_option, fit_
 from compress.cli.group import cli
 from compress.darknet.summary import format_stage_table
 from compress.jobs import PruneJob, Report, SparseTrainJob
+from compress.jobs.prune import SPARSITY
 from compress.deploy.latency import LATENCY_RUNTIMES
 from compress.prune import METHODS
 from compress.prune.sparsity import SCHEDULES, UPDATES
@@ -23,7 +24,9 @@ _ROWS = [("params", "params"), ("gflops", "GFLOPs"), ("size_mb", "weights MB"), 
 _SPARSE_KEYS = [("params", "params"), ("gflops", "GFLOPs"), ("map50", "mAP@.5"), ("s_final", "final s"),
                 ("safe_percent", "safe --percent (no layer emptied)"),
                 ("near_zero_percent", "near-zero --percent (|gamma| < 1e-2 only)"),
-                ("near_zero_percent_reached_epoch", "target reached (epoch)")]
+                ("near_zero_percent_reached_epoch", "target reached (epoch)"),
+                ("gflops_ratio_after_prune", "GFLOPs ratio after the planned prune"),
+                ("prune_max_abs_diff", "pruned vs sparse max |diff|"), ("prune_with", "prune with")]
 
 
 def _target_lines(report: Report) -> list[str]:
@@ -77,6 +80,9 @@ def _before_after(report: Report) -> str:
               help="Instead of --percent: prune to this ratio of the FLOPs.")
 @click.option("--target-params", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Instead of --percent: prune to this ratio of the parameters.")
+@click.option("--threshold", type=click.FloatRange(0),
+              help="Instead of --percent: cut every channel whose score (slim: |gamma|) is <= this; 0 cuts exactly "
+                   "what `sparse-train --sparsity fade` zeroed.")
 @click.option("--runtime", type=click.Choice(list(LATENCY_RUNTIMES)), default="onnxruntime", show_default=True,
               help="Runtime whose latency a latency target is measured on.")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
@@ -120,6 +126,29 @@ def prune_command(report_path: str | None, exist_ok: bool, **options: Any) -> No
               help="Raise s (x --s-growth per epoch) until this share of |gamma| is below 1e-2.")
 @click.option("--s-growth", type=click.FloatRange(1, 100, min_open=True), default=2.0, show_default=True,
               help="Factor on s per epoch while below --target-sparsity.")
+@click.option("--sparsity", type=click.Choice(sorted(SPARSITY)), default="l1", show_default=True,
+              help="l1: L1 on BN gammas (network slimming; prune chooses afterwards). fade: plan the prune first "
+                   "(--method with --percent / --target-flops / --target-params) and fade exactly those channels "
+                   "to zero by --fade-end; then `prune --method M --threshold 0` cuts them exactly.")
+@click.option("--method", type=click.Choice(sorted(n for n, p in METHODS.items() if p.kind == "channel")),
+              default="slim", show_default=True, help="--sparsity fade: the channel method whose plan is faded.")
+@click.option("--percent", type=click.FloatRange(0, 1, max_open=True), default=SparseTrainJob.percent,
+              show_default=True, help="--sparsity fade: the share of the method's channels to fade.")
+@click.option("--target-flops", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="--sparsity fade: instead of --percent, fade until this ratio of the FLOPs is left.")
+@click.option("--target-params", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="--sparsity fade: instead of --percent, fade until this ratio of the parameters is left.")
+@click.option("--round-to", type=click.IntRange(1), help="--sparsity fade: kept widths a multiple of this (default "
+              "the method's, 8).")
+@click.option("--fade-end", type=click.FloatRange(0, 1, min_open=True), default=SparseTrainJob.fade_end,
+              show_default=True, help="--sparsity fade: share of training after which the planned channels are "
+                                      "zero (the rest trains the pruned structure).")
+@click.option("--t_cfg", "--t-cfg", "t_cfg", type=click.Path(exists=True, dir_okay=False),
+              help="Teacher cfg to distill from while sparsifying (e.g. the input model itself).")
+@click.option("--t_weights", "--t-weights", "t_weights", type=click.Path(exists=True, dir_okay=False),
+              help="Teacher weights (with --t_cfg).")
+@click.option("--kd", type=click.IntRange(1, 5), default=SparseTrainJob.kd, show_default=True,
+              help="Distillation strategy with --t_cfg (see distill).")
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in --out from its last.pt.")
 @fit_options(SparseTrainJob)
 @hyp_option
@@ -127,7 +156,7 @@ def prune_command(report_path: str | None, exist_ok: bool, **options: Any) -> No
 @report_option
 @exist_ok_option
 def sparse_train_command(report_path: str | None, exist_ok: bool, sr_flag: bool, **options: Any) -> None:
-    """Train with an L1 penalty on BN gammas (network slimming) so that `prune` can cut channels."""
+    """Sparse training so that `prune` can cut channels: L1 on BN gammas, or fading a planned cut."""
     report = run(SparseTrainJob, options, report_path, exist_ok)
     if report.is_main:
         click.echo(format_stage_table([report.to_dict()], _SPARSE_KEYS))

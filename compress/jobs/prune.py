@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar, Mapping
 
-from compress.darknet.persist import pair_paths
+from compress.darknet.persist import load, pair_paths
+from compress.distill.config import DEFAULT_STRATEGY, DistillConfig
+from compress.distill.hook import DistillHook
 from compress.base.guard import Output
 from compress.data.dataset import load_data_spec
 from compress.train.config import DistConfig, TrainConfig
@@ -16,8 +18,9 @@ from compress.prune import PruneConfig
 from compress.prune.costs import Target
 from compress.prune.latency_target import LatencySettings
 from compress.prune.pipeline import Measure, prune_files
+from compress.prune.fade import FadeConfig
 from compress.prune.sparsity import SparsityConfig, run_sparse_train
-from compress.base.checks import check_range
+from compress.base.checks import check_choice, check_range
 from compress.base.errors import PruneError
 from compress.train.bn_adapt import DEFAULT_BN_ADAPT
 
@@ -25,6 +28,21 @@ __all__ = ["PruneJob", "SparseTrainJob", "LATENCY_RUNS"]
 
 LATENCY_RUNS = 5  # --latency: CPU latency is the median of this many runs, before and after
 TABLE_NAME = "latency_table.json"  # a latency target's table in --out when no --latency-table is given
+
+
+TARGET_OPTIONS = ("target_latency", "target_ms", "target_flops", "target_params")
+
+
+def target_of(options: Mapping[str, float | None]) -> Target | None:
+    """The one target among the TARGET_OPTIONS given (None: --percent decides); two are an error."""
+    given = {name: value for name, value in options.items() if value is not None}
+    if len(given) > 1:
+        raise PruneError(f"give one target, not {' and '.join('--' + k.replace('_', '-') for k in given)}")
+    if not given:
+        return None
+    (name, value), = given.items()
+    metric = {"target_ms": "latency"}.get(name, name.removeprefix("target_"))
+    return Target(metric, value=value) if name == "target_ms" else Target(metric, ratio=value)
 
 
 @register_job
@@ -57,6 +75,7 @@ class PruneJob(Job):
     target_ms: float | None = None
     target_flops: float | None = None
     target_params: float | None = None
+    threshold: float | None = PruneConfig.threshold
     runtime: str = LatencySettings.runtime
     threads: int = LatencySettings.threads
     latency_table: PathLike | None = None
@@ -69,20 +88,12 @@ class PruneJob(Job):
         check_range("--bn-adapt", self.bn_adapt, 0, error=PruneError)
 
     def target(self) -> Target | None:
-        given = {name: getattr(self, name) for name in ("target_latency", "target_ms", "target_flops",
-                                                        "target_params") if getattr(self, name) is not None}
-        if len(given) > 1:
-            raise PruneError(f"give one target, not {' and '.join('--' + k.replace('_', '-') for k in given)}")
-        if not given:
-            return None
-        (name, value), = given.items()
-        metric = {"target_ms": "latency"}.get(name, name.removeprefix("target_"))
-        return Target(metric, value=value) if name == "target_ms" else Target(metric, ratio=value)
+        return target_of({name: getattr(self, name) for name in TARGET_OPTIONS})
 
     def prune_config(self) -> PruneConfig:
         return PruneConfig(method=self.method, percent=self.percent, shortcuts=self.shortcuts,
                            round_to=self.round_to, min_keep=self.min_keep, layer_keep=self.layer_keep,
-                           compensate=not self.no_compensate, target=self.target())
+                           compensate=not self.no_compensate, target=self.target(), threshold=self.threshold)
 
     def latency_settings(self) -> LatencySettings:
         return LatencySettings(self.runtime, self.threads, self.table_path(), self.refine, measure=not self.dry_run)
@@ -130,14 +141,34 @@ class PruneJob(Job):
                                        self.latency_settings(), self.bn_adapt))
 
 
+def _l1(job: "SparseTrainJob") -> SparsityConfig:
+    return SparsityConfig(s=job.s, mode=job.prune, schedule=job.s_schedule, update=job.l1_update,
+                          target=job.target_sparsity, growth=job.s_growth)
+
+
+def _fade(job: "SparseTrainJob") -> FadeConfig:
+    target = target_of({"target_flops": job.target_flops, "target_params": job.target_params})
+    plan = PruneConfig(method=job.method, percent=job.percent, round_to=job.round_to, target=target)
+    return FadeConfig(plan=plan, end=job.fade_end)
+
+
+# --sparsity NAME -> the config of its hook (prune/sparsity.py: L1 on BN gammas; prune/fade.py: fade a plan)
+SPARSITY: dict[str, Callable[["SparseTrainJob"], SparsityConfig | FadeConfig]] = {"l1": _l1, "fade": _fade}
+_FADE_ONLY = ("method", "percent", "round_to", "target_flops", "target_params", "fade_end")
+
+
 @register_job
 @dataclass(frozen=True)
 class SparseTrainJob(TrainingJob):
-    """Training with an L1 penalty on BN gammas (network slimming) -> `out`/<cfg stem>-sparse.cfg/.weights."""
+    """Sparse training -> `out`/<cfg stem>-sparse.cfg/.weights: L1 on BN gammas (`sparsity` l1, network
+    slimming) or fading exactly the channels a prune plan cuts (`sparsity` fade: `method` with `percent` or
+    `target_flops`/`target_params`, zero at `fade_end` of training); with `t_cfg`/`t_weights`, distilling
+    from that teacher (strategy `kd`) meanwhile."""
 
     command: ClassVar[str] = "sparse-train"
     produces_model: ClassVar[bool] = True  # recipes continue from its report's cfg/weights
     in_summary: ClassVar[bool] = True
+    flags: ClassVar[Mapping[str, str]] = {"t_cfg": "--t_cfg", "t_weights": "--t_weights"}
 
     cfg: PathLike
     weights: PathLike | None
@@ -145,28 +176,46 @@ class SparseTrainJob(TrainingJob):
     out: PathLike
     train: TrainConfig | None = None
     val: PathLike | None = None
+    sparsity: str = "l1"
     s: float = 1e-3
     prune: int = 0
     s_schedule: str = "constant"
     l1_update: str = "auto"
     target_sparsity: float | None = None
     s_growth: float = 2.0
+    method: str = "slim"
+    percent: float = PruneConfig.percent
+    round_to: int | None = PruneConfig.round_to
+    target_flops: float | None = None
+    target_params: float | None = None
+    fade_end: float = FadeConfig.end
+    t_cfg: PathLike | None = None
+    t_weights: PathLike | None = None
+    kd: int = DEFAULT_STRATEGY
     device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
     hyp: PathLike | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.sparsity()
+        check_choice("--sparsity", self.sparsity, tuple(SPARSITY), error=PruneError)
+        if self.sparsity != "fade":
+            given = [n for n in _FADE_ONLY if getattr(self, n) != getattr(SparseTrainJob, n, None)]
+            if given:
+                raise PruneError(f"--{given[0].replace('_', '-')} plans a fade: add --sparsity fade (with --sparsity "
+                                 "l1 the prune step chooses its channels after training)")
+        if (self.t_cfg is None) != (self.t_weights is None):
+            raise PruneError("--t_cfg and --t_weights go together: the teacher to distill from while sparsifying")
+        DistillConfig(strategy=self.kd)  # its rules and messages
+        self.sparsity_config()
 
-    def sparsity(self) -> SparsityConfig:
-        return SparsityConfig(s=self.s, mode=self.prune, schedule=self.s_schedule, update=self.l1_update,
-                              target=self.target_sparsity, growth=self.s_growth)
+    def sparsity_config(self) -> SparsityConfig | FadeConfig:
+        return SPARSITY[self.sparsity](self)
 
     def sparse_pair(self) -> tuple[Path, Path]:
         return pair_paths(self.out, f"{Path(self.cfg).stem}-sparse")
 
     def inputs(self) -> tuple[Path, ...]:
-        return paths(self.cfg, self.weights, data_path(self.data), self.val, self.hyp)
+        return paths(self.cfg, self.weights, data_path(self.data), self.val, self.hyp, self.t_cfg, self.t_weights)
 
     def data_files(self) -> tuple[Path, ...]:
         return dataset_files(self.data, self.val)
@@ -180,6 +229,10 @@ class SparseTrainJob(TrainingJob):
     def run(self, dist: DistConfig | None = None) -> Report:
         device = process_device(self.device, dist)
         data = load_data_spec(self.data, self.val, training=True)
-        figures = run_sparse_train(self.cfg, self.weights, data, self.sparsity(), self.train, self.sparse_pair(),
-                                   self.out, device, dist)
-        return self.report(figures)
+        hooks, kd = [], {"kd": None}
+        if self.t_cfg is not None:
+            hooks = [DistillHook(load(self.t_cfg, self.t_weights, device=device), DistillConfig(strategy=self.kd))]
+            kd = {"kd": self.kd, "teacher": [str(self.t_cfg), str(self.t_weights)]}
+        figures = run_sparse_train(self.cfg, self.weights, data, self.sparsity_config(), self.train,
+                                   self.sparse_pair(), self.out, device, dist, hooks)
+        return self.report({**figures, **kd} if figures else figures)

@@ -6,7 +6,9 @@ Methods live one per file and register themselves with `@register_pruner(name, k
 * kind "layer": `select(model, coupling, config) -> (set of shortcut indices, info)` -> `blocks.remove_units`;
 * kind "model": `run(model, config) -> PruneResult` (compositions such as layer-channel).
 With `config.target`, a channel method's `scores` rank the channels and `search.plan_widths` chooses each
-coupled group's width to reach the target on a cost model (`select_for_target`) instead of its --percent.
+coupled group's width to reach the target on a cost model (`select_for_target`) instead of its --percent;
+with `config.threshold`, every channel scoring <= it is cut (`select_by_threshold`). `plan_mask` is the one
+place that chooses among the three: the prune itself and sparse training's fade plan (`fade.py`) both call it.
 """
 from __future__ import annotations
 
@@ -19,13 +21,14 @@ from compress.prune.blocks import remove_units
 from compress.prune.costs import ConvCost, CostModel
 from compress.prune.coupling import Coupling, build_coupling
 from compress.prune.layout import build_layout, cuttable_groups
-from compress.prune.mask import (ChannelMask, apply_floor, group_score, merge_coupled, round_masks, top_k,
-                                 validate_mask)
+from compress.prune.mask import (ChannelMask, apply_floor, group_score, merge_coupled, round_masks,
+                                 threshold_masks, top_k, validate_mask)
 from compress.prune.registry import METHODS, PruneConfig, Pruner, PruneResult
 from compress.prune.search import plan_widths
 from compress.prune.surgery import apply_channel_mask
 
-__all__ = ["prune", "select_mask", "finalize_mask", "select_for_target", "target_cost"]
+__all__ = ["prune", "select_mask", "finalize_mask", "select_for_target", "select_by_threshold", "target_cost",
+           "plan_mask"]
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +45,8 @@ def finalize_mask(mask: ChannelMask, coupling: Coupling, scores: dict, config: P
 
 
 def select_mask(model: DarknetModel, config: PruneConfig) -> tuple[ChannelMask, dict]:
-    """The validated mask a channel method chooses (no surgery)."""
-    pruner = METHODS[config.method]
-    if pruner.kind != "channel":
-        raise PruneError(f"--method {config.method} removes layers, it has no channel mask")
-    return pruner.fn(model, build_coupling(model.graph), config)
+    """The validated mask a channel method chooses (no surgery; a target counts FLOPs/params at the cfg's size)."""
+    return plan_mask(model, config)
 
 
 def target_cost(model: DarknetModel, config: PruneConfig, cost: CostModel | None, img_size: int | None = None
@@ -78,12 +78,33 @@ def select_for_target(model: DarknetModel, coupling: Coupling, config: PruneConf
     return validate_mask(coupling, mask), info
 
 
-def _run_channel(model: DarknetModel, config: PruneConfig, pruner: Pruner, cost: CostModel | None) -> PruneResult:
+def select_by_threshold(model: DarknetModel, coupling: Coupling, config: PruneConfig) -> tuple[ChannelMask, dict]:
+    """Cut every channel whose score is <= `config.threshold` (kept when any coupled member scores above it),
+    with the method's per-layer floor and rounding (`finalize_mask`)."""
+    pruner, thr = METHODS[config.method], float(config.threshold)  # type: ignore[arg-type]
+    scores = pruner.scores(model, coupling, config)  # type: ignore[misc]
+    mask = apply_floor(threshold_masks(scores, thr, strict=True), scores, config.layer_keep)
+    cut = sum(int((s <= thr).sum()) for s in scores.values())
+    info = {"threshold": thr, "prunable_layers": len(scores), "at_or_below_threshold": cut,
+            "scored_channels": sum(len(s) for s in scores.values())}
+    return finalize_mask(mask, coupling, scores, config, merge="union"), info
+
+
+def plan_mask(model: DarknetModel, config: PruneConfig, cost: CostModel | None = None) -> tuple[ChannelMask, dict]:
+    """The mask channel method `config.method` cuts (`threshold`, a `target` on `cost`, or its --percent)."""
+    pruner = METHODS[config.method]
+    if pruner.kind != "channel":
+        raise PruneError(f"--method {config.method} removes layers, it has no channel mask")
     coupling = build_coupling(model.graph)
-    if config.target is None:
-        mask, info = pruner.fn(model, coupling, config)
-    else:
-        mask, info = select_for_target(model, coupling, config, target_cost(model, config, cost))
+    if config.threshold is not None:
+        return select_by_threshold(model, coupling, config)
+    if config.target is not None:
+        return select_for_target(model, coupling, config, target_cost(model, config, cost))
+    return pruner.fn(model, coupling, config)
+
+
+def _run_channel(model: DarknetModel, config: PruneConfig, pruner: Pruner, cost: CostModel | None) -> PruneResult:
+    mask, info = plan_mask(model, config, cost)
     return PruneResult(apply_channel_mask(model, mask, config.compensate), mask, (), info)
 
 

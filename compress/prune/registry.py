@@ -51,7 +51,9 @@ class PruneConfig:
     (None = the method's default, DEFAULT_ROUND_TO = 8; 1 = the reference's exact widths). min_keep: per-layer floor as a fraction of the
     width (0 = normal/shortcut raise instead of emptying a layer). layer_keep: slim's per-layer floor.
     compensate: fold removed channels' act(beta) into consumers. img_size: probe size for torch-pruning.
-    target: prune to a latency/FLOPs/params target instead of `percent` (channel methods; see prune/search.py)."""
+    target: prune to a latency/FLOPs/params target instead of `percent` (channel methods; see prune/search.py).
+    threshold: cut the channels whose importance score is <= this instead of `percent` (channel methods; 0 cuts
+    exactly the channels `sparse-train --sparsity fade` drove to zero)."""
 
     method: str = "slim"
     percent: float = 0.5
@@ -62,10 +64,15 @@ class PruneConfig:
     compensate: bool = True
     img_size: int = 64
     target: Target | None = None
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise PruneError(f"--method {self.method!r} is unknown; choose one of {', '.join(sorted(METHODS))}")
+        if self.threshold is not None and (self.threshold < 0 or METHODS[self.method].scores is None
+                                           or self.target is not None):
+            raise PruneError(f"--threshold {self.threshold} must be >= 0, with a channel method and no target "
+                             f"(--method {self.method}{', ' + self.target.option if self.target else ''})")
         if self.target is not None and METHODS[self.method].scores is None:
             targeted = ", ".join(sorted(n for n, p in METHODS.items() if p.scores is not None))
             raise PruneError(f"--method {self.method} cannot prune to a target ({self.target.option}); use a channel "

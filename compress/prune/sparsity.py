@@ -29,7 +29,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar, Sequence
 
 import torch
 
@@ -40,6 +40,7 @@ from compress.darknet.persist import load, save
 from compress.darknet.summary import bn_gammas, gamma_stats, plot_gamma_histogram, stage_figures
 from compress.prune.coupling import build_coupling, prunable_layers
 from compress.prune.mask import safe_percent
+from compress.prune.fade import FadeConfig, FadeHook
 from compress.train import Hook, TrainState, fit
 from compress.train.checkpoint import seed_all
 
@@ -67,6 +68,16 @@ class SparsityConfig:
     update: str = "auto"
     target: float | None = None
     growth: float = 2.0
+    name: ClassVar[str] = "l1"
+
+    def hook(self, model: DarknetModel, steps_per_epoch: int) -> "BNL1Hook":
+        layers = sparsity_layers(model, self.mode)
+        if not layers:
+            raise PruneError(f"--prune {self.mode}: this cfg has no BN conv in that prune set; try --prune 1")
+        return BNL1Hook(self, layers, steps_per_epoch)
+
+    def to_dict(self) -> dict:
+        return {"s": self.s, "prune": self.mode, "s_schedule": self.schedule}
 
     def __post_init__(self) -> None:
         if self.s < 0 or not math.isfinite(self.s):
@@ -279,9 +290,9 @@ class BNL1Hook(Hook):
         reached.setdefault("near_zero_percent", reached.pop("safe_percent", None))  # a state file of before #26
         self.reached, self.history = reached, list(entry["history"])
 
-    def summary(self, model: DarknetModel) -> dict:
+    def summary(self, model: DarknetModel, img_size: int | None = None) -> dict:
         """Final statistics of `model` (pass the saved model), the largest --percent that empties no layer
-        (suggestion), the final s and when the target was reached."""
+        (suggestion), the final s and when the target was reached (`img_size`: unused, FadeHook's signature)."""
         figures = self._figures(bn_gammas(model, self.layers))
         extra = ("safe_percent", "near_zero_percent", "limiting_layer")
         out = {"gamma": {k: v for k, v in figures.items() if k not in extra},
@@ -301,37 +312,39 @@ def _steps_per_epoch(n_images: int, train_config, distributed=None) -> int:
     return max(1, math.ceil(batches / train_config.accumulate))
 
 
-def sparse_train(model: DarknetModel, data_spec, config: SparsityConfig, train_config, device="cpu",
-                 out_dir: str | Path | None = None, distributed=None) -> tuple[object, BNL1Hook]:
-    """`fit()` plus a `BNL1Hook` on the mode's layer set. Returns (TrainResult, hook); call
-    `hook.summary(saved_model)` for the figures of what was saved."""
+def sparse_train(model: DarknetModel, data_spec, config: SparsityConfig | FadeConfig, train_config, device="cpu",
+                 out_dir: str | Path | None = None, distributed=None, hooks: Sequence[Hook] = ()
+                 ) -> tuple[object, BNL1Hook | FadeHook]:
+    """`fit()` plus the sparsity hook of `config` (L1 on BN gammas: `SparsityConfig`; fading a prune plan:
+    `FadeConfig`) and `hooks` (e.g. a DistillHook from the original model). Returns (TrainResult, hook); call
+    `hook.summary(saved_model, img_size)` for the figures of what was saved."""
     steps = _steps_per_epoch(len(data_spec.train), train_config, distributed)
-    hook = BNL1Hook(config, sparsity_layers(model, config.mode), steps)
-    if not hook.layers:
-        raise PruneError(f"--prune {config.mode}: this cfg has no BN conv in that prune set; try --prune 1")
-    result = fit(model, data_spec, train_config, hooks=[hook], device=device, out_dir=out_dir,
+    hook = config.hook(model, steps)
+    result = fit(model, data_spec, train_config, hooks=[hook, *hooks], device=device, out_dir=out_dir,
                  distributed=distributed)
     return result, hook
 
 
-def run_sparse_train(cfg: str | os.PathLike, weights: str | os.PathLike | None, data_spec, sparsity: SparsityConfig,
-                     train_config, outputs: tuple[Path, Path], out_dir: str | os.PathLike, device="cpu",
-                     distributed=None) -> dict:
-    """Load cfg/weights, `sparse_train` in `out_dir` (with `train_config.resume`: continue its last.pt), save the
-    final (EMA) model as `outputs` (cfg, weights) and return the report figures ({} on torchrun ranks > 0:
-    rank 0 writes). `compress.jobs.run_job(SparseTrainJob(...))` guards the outputs first and writes report.json."""
+def run_sparse_train(cfg: str | os.PathLike, weights: str | os.PathLike | None, data_spec,
+                     sparsity: SparsityConfig | FadeConfig, train_config, outputs: tuple[Path, Path],
+                     out_dir: str | os.PathLike, device="cpu", distributed=None,
+                     hooks: Sequence[Hook] = ()) -> dict:
+    """Load cfg/weights, `sparse_train` in `out_dir` (with `train_config.resume`: continue its last.pt; `hooks`
+    train along, e.g. a DistillHook from the original model), save the final (EMA) model as
+    `outputs` (cfg, weights) and return the report figures ({} on torchrun ranks > 0: rank 0 writes).
+    `compress.jobs.run_job(SparseTrainJob(...))` guards the outputs first and writes report.json."""
     seed_all(train_config.seed)  # without --weights: --seed's initialisation
     model = load(cfg, weights, device=device)
-    result, hook = sparse_train(model, data_spec, sparsity, train_config, device, Path(out_dir), distributed)
+    result, hook = sparse_train(model, data_spec, sparsity, train_config, device, Path(out_dir), distributed, hooks)
     if distributed is not None and distributed.rank != 0:
         return {}  # rank 0 writes the pair and the report
     final = load(result.last_cfg, result.last_weights) if result.last_weights else model
-    summary = hook.summary(final)
+    summary = hook.summary(final, train_config.img_size)
     save(final, *outputs)
     size = (train_config.img_size, train_config.img_size)
     return {**stage_figures(final, *outputs, result.metrics, size),
-            **{k: v for k, v in summary.items() if k != "history"}, "s": sparsity.s,
-            "prune": sparsity.mode, "s_schedule": sparsity.schedule, "epochs": train_config.epochs,
+            **sparsity.to_dict(), **{k: v for k, v in summary.items() if k != "history"},
+            "sparsity": type(sparsity).name, "epochs": train_config.epochs,
             "world_size": getattr(distributed, "world_size", 1) or 1,
             **result.health(),
-            "gamma_history": summary["history"]}
+            "gamma_history": hook.history}
