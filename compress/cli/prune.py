@@ -15,6 +15,7 @@ from compress.jobs import PruneJob, Report, SparseTrainJob
 from compress.jobs.prune import SPARSITY
 from compress.deploy.latency import LATENCY_RUNTIMES
 from compress.prune import METHODS
+from compress.prune.fade import IMPORTANCE
 from compress.prune.sparsity import SCHEDULES, UPDATES
 
 _ROWS = [("params", "params"), ("gflops", "GFLOPs"), ("size_mb", "weights MB"), ("latency_ms", "CPU latency ms"),
@@ -143,6 +144,9 @@ def prune_command(report_path: str | None, exist_ok: bool, **options: Any) -> No
 @click.option("--fade-end", type=click.FloatRange(0, 1, min_open=True), default=SparseTrainJob.fade_end,
               show_default=True, help="--sparsity fade: share of training after which the planned channels are "
                                       "zero (the rest trains the pruned structure).")
+@click.option("--importance", type=click.Choice(list(IMPORTANCE)), default=SparseTrainJob.importance,
+              show_default=True, help="--sparsity fade: what ranks the channels: the --method's own scores, or "
+                                      "taylor (first-order loss change of each BN channel on the training images).")
 @click.option("--t_cfg", "--t-cfg", "t_cfg", type=click.Path(exists=True, dir_okay=False),
               help="Teacher cfg to distill from while sparsifying (e.g. the input model itself).")
 @click.option("--t_weights", "--t-weights", "t_weights", type=click.Path(exists=True, dir_okay=False),

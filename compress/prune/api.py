@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+import torch
+
 from compress.base.errors import PruneError
 from compress.darknet.model import DarknetModel
 from compress.prune.blocks import remove_units
@@ -60,14 +62,15 @@ def target_cost(model: DarknetModel, config: PruneConfig, cost: CostModel | None
     return ConvCost(model, config.target.metric, img_size)
 
 
-def select_for_target(model: DarknetModel, coupling: Coupling, config: PruneConfig, cost: CostModel
-                      ) -> tuple[ChannelMask, dict]:
+def select_for_target(model: DarknetModel, coupling: Coupling, config: PruneConfig, cost: CostModel,
+                      scores: dict[int, torch.Tensor] | None = None) -> tuple[ChannelMask, dict]:
     """Per-group widths that reach `config.target` on `cost` (search.plan_widths over the method's scores);
     each group keeps its top channels by group score. Round-to: --round-to, else the cost's multiple when it
-    knows one (a latency table: the runtime's fast channel count), else the method's default (8)."""
+    knows one (a latency table: the runtime's fast channel count), else the method's default (8). `scores`:
+    importance to rank by instead of the method's own (e.g. `importance.taylor_bn_scores`)."""
     pruner, target = METHODS[config.method], config.target
     assert pruner.scores is not None and target is not None  # PruneConfig refuses anything else
-    scores = pruner.scores(model, coupling, config)
+    scores = scores if scores is not None else pruner.scores(model, coupling, config)
     groups = [g for g in cuttable_groups(coupling) if all(i in scores for i in g)]
     ranked = [group_score(coupling, scores, g) for g in groups]
     multiple = config.round_to or (cost.multiple if cost.multiple > 1 else pruner.default_round_to)
@@ -78,11 +81,14 @@ def select_for_target(model: DarknetModel, coupling: Coupling, config: PruneConf
     return validate_mask(coupling, mask), info
 
 
-def select_by_threshold(model: DarknetModel, coupling: Coupling, config: PruneConfig) -> tuple[ChannelMask, dict]:
-    """Cut every channel whose score is <= `config.threshold` (kept when any coupled member scores above it),
-    with the method's per-layer floor and rounding (`finalize_mask`)."""
-    pruner, thr = METHODS[config.method], float(config.threshold)  # type: ignore[arg-type]
-    scores = pruner.scores(model, coupling, config)  # type: ignore[misc]
+def select_by_threshold(model: DarknetModel, coupling: Coupling, config: PruneConfig,
+                        scores: dict[int, torch.Tensor] | None = None) -> tuple[ChannelMask, dict]:
+    """Cut every channel whose score is <= `config.threshold` (or, without one, below the global --percent
+    threshold of `scores`; kept when any coupled member scores above it), with the method's per-layer floor and
+    rounding (`finalize_mask`). `scores`: importance instead of the method's own."""
+    pruner = METHODS[config.method]
+    scores = scores if scores is not None else pruner.scores(model, coupling, config)  # type: ignore[misc]
+    thr = float(config.threshold) if config.threshold is not None else _below(scores, config.percent)
     mask = apply_floor(threshold_masks(scores, thr, strict=True), scores, config.layer_keep)
     cut = sum(int((s <= thr).sum()) for s in scores.values())
     info = {"threshold": thr, "prunable_layers": len(scores), "at_or_below_threshold": cut,
@@ -90,16 +96,25 @@ def select_by_threshold(model: DarknetModel, coupling: Coupling, config: PruneCo
     return finalize_mask(mask, coupling, scores, config, merge="union"), info
 
 
-def plan_mask(model: DarknetModel, config: PruneConfig, cost: CostModel | None = None) -> tuple[ChannelMask, dict]:
-    """The mask channel method `config.method` cuts (`threshold`, a `target` on `cost`, or its --percent)."""
+def _below(scores: dict[int, torch.Tensor], percent: float) -> float:
+    """The largest score among the lowest `percent` of all channels (-1 when that is none of them)."""
+    flat = torch.sort(torch.cat([s.float().flatten() for s in scores.values()])).values
+    n = int(len(flat) * percent)
+    return float(flat[n - 1]) if n > 0 else -1.0
+
+
+def plan_mask(model: DarknetModel, config: PruneConfig, cost: CostModel | None = None,
+              scores: dict[int, torch.Tensor] | None = None) -> tuple[ChannelMask, dict]:
+    """The mask channel method `config.method` cuts (`threshold`, a `target` on `cost`, or its --percent);
+    `scores` (per conv, per channel) rank instead of the method's own importance."""
     pruner = METHODS[config.method]
     if pruner.kind != "channel":
         raise PruneError(f"--method {config.method} removes layers, it has no channel mask")
     coupling = build_coupling(model.graph)
-    if config.threshold is not None:
-        return select_by_threshold(model, coupling, config)
     if config.target is not None:
-        return select_for_target(model, coupling, config, target_cost(model, config, cost))
+        return select_for_target(model, coupling, config, target_cost(model, config, cost), scores)
+    if config.threshold is not None or scores is not None:
+        return select_by_threshold(model, coupling, config, scores)
     return pruner.fn(model, coupling, config)
 
 

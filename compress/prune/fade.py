@@ -8,19 +8,21 @@ given), caps the BN gamma AND beta of every planned channel at `alpha(t) * |thei
 linearly from 1 to 0 at `end` of the optimizer steps. For leaky/ReLU/linear activations scaling both is scaling
 the channel's output, so the network sees its channels dim gradually and re-learns around them; after `end` the
 remaining epochs train the pruned structure itself. The saved model has those channels at exactly gamma = beta = 0,
-so `prune --method <method> --threshold 0` cuts exactly them and the pruned model computes what the sparse one did
-(`FadeHook.check_prune` measures that on the saved model).
+so `prune --method slim --threshold 0` cuts exactly them (whichever method planned them) and the pruned model
+computes what the sparse one did (`FadeHook.check_prune` measures that on the saved model).
 
 The EMA copy is capped too: a convex mix of two capped tensors stays inside the cap, and at alpha = 0 it is 0.
-The plan and the starting magnitudes are kept in OUT/fade_plan.json, so `--resume` continues the same fade.
+The plan and the starting magnitudes are kept in OUT/fade_plan.json, so `--resume` continues the same fade
+(and OUT/fade_history.json its per-epoch rows).
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
-from typing import ClassVar
 from pathlib import Path
+from typing import Callable, ClassVar, Sequence
 
 import torch
 
@@ -29,23 +31,28 @@ from compress.base.fileio import write_text_atomic
 from compress.darknet.model import DarknetModel
 from compress.darknet.summary import bn_gammas, gamma_stats, summarize
 from compress.prune.api import plan_mask, prune
+from compress.prune.coupling import build_coupling, prunable_layers
+from compress.prune.importance import taylor_bn_scores
 from compress.prune.mask import ChannelMask
 from compress.prune.registry import METHODS, PruneConfig
 from compress.train import Hook, TrainState
 
-__all__ = ["FadeConfig", "FadeHook", "PLAN_FILE"]
+__all__ = ["FadeConfig", "FadeHook", "PLAN_FILE", "HISTORY_FILE"]
 
 log = logging.getLogger(__name__)
 PLAN_FILE = "fade_plan.json"
+HISTORY_FILE = "fade_history.json"  # the per-epoch rows, each with its optimizer step (a resume keeps those <= its own)
 
 
 @dataclass(frozen=True)
 class FadeConfig:
     """plan: the prune the fade prepares (a channel method with --percent or a FLOPs/params target). end: share
     of the optimizer steps after which the planned channels are exactly zero (the rest trains the pruned
-    structure)."""
+    structure). importance: what ranks the channels: `method` (the plan method's own scores) or `taylor`
+    (`importance.taylor_bn_scores` of the training loss on the training images, before training)."""
     plan: PruneConfig = PruneConfig(method="slim", percent=0.5)
     end: float = 0.6
+    importance: str = "method"
     name: ClassVar[str] = "fade"
 
     def __post_init__(self) -> None:
@@ -58,30 +65,48 @@ class FadeConfig:
                              "latency table): use --target-flops / --target-params or --percent")
         if self.plan.threshold is not None:
             raise PruneError("--sparsity fade plans with --percent or a target, not --threshold")
+        if self.importance not in IMPORTANCE:
+            raise PruneError(f"--importance {self.importance!r} is unknown; use one of {', '.join(IMPORTANCE)}")
         if not 0.0 < self.end <= 1.0:
             raise PruneError(f"--fade-end {self.end} must be in (0, 1]: the share of training after which the "
                              "planned channels are zero")
 
-    def hook(self, model: DarknetModel, steps_per_epoch: int) -> "FadeHook":
-        return FadeHook(self, model, steps_per_epoch)
+    def hook(self, model: DarknetModel, steps_per_epoch: int, images: Sequence[str | os.PathLike] = (),
+             train_config=None, device: str | torch.device = "cpu") -> "FadeHook":
+        """The hook, its plan made now on `model` (ranked on `images` with the training loss for `taylor`)."""
+        scores = IMPORTANCE[self.importance](model, images, train_config, device)
+        return FadeHook(self, model, steps_per_epoch, scores)
 
     def prune_config(self) -> PruneConfig:
-        """What cuts the faded model: the same method and rounding, every channel at score 0."""
+        """What cuts the faded model: slim (whichever method planned: a faded channel's score is its gamma, 0)
+        with the plan's rounding, every channel at |gamma| = 0."""
         p = self.plan
-        return PruneConfig(method=p.method, round_to=p.round_to, layer_keep=p.layer_keep, min_keep=p.min_keep,
+        return PruneConfig(method="slim", round_to=p.round_to, layer_keep=p.layer_keep, min_keep=p.min_keep,
                            compensate=p.compensate, img_size=p.img_size, threshold=0.0)
 
     def to_dict(self) -> dict:
         p = self.plan
-        return {"fade": {"method": p.method, "percent": None if p.target else p.percent,
-                         "target": p.target.to_dict() if p.target else None, "round_to": p.rounding, "end": self.end}}
+        return {"fade": {"method": p.method, "importance": self.importance,
+                         "percent": None if p.target else p.percent, "target": p.target.to_dict() if p.target else None, "round_to": p.rounding, "end": self.end}}
+
+
+def _taylor(model: DarknetModel, images: Sequence[str | os.PathLike], train_config, device) -> dict[int, torch.Tensor]:
+    if not images or train_config is None:
+        raise PruneError("--importance taylor needs training images and the training options")
+    return taylor_bn_scores(model, prunable_layers(build_coupling(model.graph), 1), images, train_config, device)
+
+
+# --importance NAME -> per-channel scores for the plan (None: the plan method's own)
+IMPORTANCE: dict[str, Callable[..., dict[int, torch.Tensor] | None]] = {
+    "method": lambda model, images, train_config, device: None, "taylor": _taylor}
 
 
 class FadeHook(Hook):
     """Caps the BN gamma/beta of the planned channels at alpha(step) x their start values after every optimizer
     step (training model and EMA copy); per-epoch alpha and share of the planned channels at zero."""
 
-    def __init__(self, config: FadeConfig, model: DarknetModel, steps_per_epoch: int = 100) -> None:
+    def __init__(self, config: FadeConfig, model: DarknetModel, steps_per_epoch: int = 100,
+                 scores: dict[int, torch.Tensor] | None = None) -> None:
         self.config, self.steps_per_epoch = config, max(1, steps_per_epoch)
         self.mask: ChannelMask = {}
         self.info: dict = {}
@@ -89,10 +114,10 @@ class FadeHook(Hook):
         self.cut: dict[int, torch.Tensor] = {}                          # conv -> indices of its planned channels
         self.history: list[dict] = []
         self.total_steps = 1
-        self._plan(model)
+        self._plan(model, scores)
 
-    def _plan(self, model: DarknetModel) -> None:
-        self.mask, info = plan_mask(model, self.config.plan)
+    def _plan(self, model: DarknetModel, scores: dict[int, torch.Tensor] | None) -> None:
+        self.mask, info = plan_mask(model, self.config.plan, scores=scores)
         self.info = {k: v for k, v in info.items() if not isinstance(v, torch.Tensor)}
         self._set_cut(model)
 
@@ -119,6 +144,7 @@ class FadeHook(Hook):
         path = Path(state.out_dir) / PLAN_FILE if state.out_dir is not None else None
         if getattr(state.config, "resume", False) and path is not None and path.is_file():
             self._load(path, state.model)
+            self.history = [r for r in self._rows(path.with_name(HISTORY_FILE)) if r.get("step", 0) <= state.step]
         elif path is not None and state.rank == 0:
             self._save(path)
         log.info("fade: %d planned channels in %d convs reach zero at step %d of %d", self.planned, len(self.cut),
@@ -138,7 +164,8 @@ class FadeHook(Hook):
     def on_epoch_end(self, state: TrainState, metrics: dict) -> None:
         saved = state.ema.module if getattr(state, "ema", None) is not None else state.model
         zero = sum(int((saved.layers[i].bn.weight.detach()[idx] == 0).sum()) for i, idx in self.cut.items())
-        row = {"epoch": state.epoch, "alpha": self.alpha(state.step), "planned_at_zero": zero / max(1, self.planned),
+        row = {"epoch": state.epoch, "step": state.step, "alpha": self.alpha(state.step),
+               "planned_at_zero": zero / max(1, self.planned),
                "map50": metrics.get("map50"), "map50_95": metrics.get("map50_95"),
                **gamma_stats(bn_gammas(saved, list(self.mask)))}
         self.history.append(row)
@@ -146,6 +173,16 @@ class FadeHook(Hook):
                         "gamma_below_1e-2": row.get("share_below_1e-2")})
         log.info("epoch %d fade: alpha %.3f, %.1f%% of the %d planned channels at zero", state.epoch + 1,
                  row["alpha"], 100 * row["planned_at_zero"], self.planned)
+        if state.out_dir is not None and state.rank == 0:
+            write_text_atomic(Path(state.out_dir) / HISTORY_FILE, json.dumps(self.history, default=float) + "\n")
+
+    @staticmethod
+    def _rows(path: Path) -> list[dict]:
+        try:
+            rows = json.loads(path.read_text())
+            return rows if isinstance(rows, list) else []
+        except (OSError, ValueError):
+            return []
 
     def _save(self, path: Path) -> None:
         data = {"config": self.config.to_dict()["fade"], "info": self.info,

@@ -70,7 +70,8 @@ class SparsityConfig:
     growth: float = 2.0
     name: ClassVar[str] = "l1"
 
-    def hook(self, model: DarknetModel, steps_per_epoch: int) -> "BNL1Hook":
+    def hook(self, model: DarknetModel, steps_per_epoch: int, images=(), train_config=None, device="cpu"
+             ) -> "BNL1Hook":
         layers = sparsity_layers(model, self.mode)
         if not layers:
             raise PruneError(f"--prune {self.mode}: this cfg has no BN conv in that prune set; try --prune 1")
@@ -319,7 +320,7 @@ def sparse_train(model: DarknetModel, data_spec, config: SparsityConfig | FadeCo
     `FadeConfig`) and `hooks` (e.g. a DistillHook from the original model). Returns (TrainResult, hook); call
     `hook.summary(saved_model, img_size)` for the figures of what was saved."""
     steps = _steps_per_epoch(len(data_spec.train), train_config, distributed)
-    hook = config.hook(model, steps)
+    hook = config.hook(model, steps, data_spec.train, train_config, device)
     result = fit(model, data_spec, train_config, hooks=[hook, *hooks], device=device, out_dir=out_dir,
                  distributed=distributed)
     return result, hook
