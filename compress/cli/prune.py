@@ -96,6 +96,9 @@ def _before_after(report: Report) -> str:
 @click.option("--bn-adapt", type=click.IntRange(0), default=PruneJob.bn_adapt, show_default=True,
               help="Re-estimate the pruned model's BN statistics on this many batches of --data's training "
                    "images (0: off; without --data: not done).")
+@click.option("--reconstruct", type=click.IntRange(0), default=PruneJob.reconstruct, show_default=True,
+              help="Refit every conv that lost input channels by least squares so it reproduces the original's "
+                   "output, on this many --data training images (e.g. 96; 0: off).")
 @device_option
 @report_option
 @exist_ok_option

@@ -82,10 +82,14 @@ class PruneJob(Job):
     refine: int = LatencySettings.refine
     device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
     bn_adapt: int = DEFAULT_BN_ADAPT  # batches of --data's training images (0: off; no --data: none)
+    reconstruct: int = 0              # least-squares refit on this many --data training images (0: off)
 
     def __post_init__(self) -> None:
         self.prune_config(), self.measure(), self.latency_settings()  # their rules and messages
         check_range("--bn-adapt", self.bn_adapt, 0, error=PruneError)
+        check_range("--reconstruct", self.reconstruct, 0, error=PruneError)
+        if self.reconstruct and self.data is None:
+            raise PruneError("--reconstruct needs --data: the least-squares refit runs on its training images")
 
     def target(self) -> Target | None:
         return target_of({name: getattr(self, name) for name in TARGET_OPTIONS})
@@ -138,7 +142,7 @@ class PruneJob(Job):
     def run(self, dist: DistConfig | None = None) -> Report:
         outputs = None if self.dry_run else self.pruned_pair()
         return self.report(prune_files(self.cfg, self.weights, self.prune_config(), outputs, self.measure(),
-                                       self.latency_settings(), self.bn_adapt))
+                                       self.latency_settings(), self.bn_adapt, self.reconstruct))
 
 
 def _l1(job: "SparseTrainJob") -> SparsityConfig:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from compress.data.dataspec import load_data_spec
 from compress.detection.evaluate import EvalConfig, check_classes, evaluate, input_letterbox
 from compress.prune.api import prune, target_cost
 from compress.prune.latency_target import LatencySettings, prune_to_latency
+from compress.prune.reconstruct import ReconstructConfig, reconstruct
 from compress.prune.registry import PruneConfig, PruneResult
 from compress.train.bn_adapt import adapt_bn, image_batches
 
@@ -99,6 +101,19 @@ def _adapt(model: DarknetModel, measure: Measure, size: int, batches: int) -> tu
                                           "map50_unadapted": theirs["map50"]}
 
 
+def _reconstruct(model: DarknetModel, result: PruneResult, measure: Measure, size: int, images: int) -> dict:
+    """Least-squares refit of the pruned model's convs on `images` training images of `measure.data` (batches of
+    8, the model's input geometry)."""
+    if not images:
+        return {"reconstructed_convs": []}
+    if not measure.data:
+        raise PruneError("--reconstruct needs --data: the least-squares fit runs on its training images")
+    spec = load_data_spec(measure.data)
+    letterbox = input_letterbox(model, measure.letterbox)
+    batches = image_batches(spec.train, size, 8, math.ceil(images / 8), letterbox)
+    return reconstruct(model, result.model, result.mask, batches, ReconstructConfig(), measure.device)
+
+
 def _collapsed(before: float | None, after: float | None, info: dict) -> bool | None:
     """Issue 23: a recipe ran on for 18 minutes from a pruned model at mAP 0.000 and nothing said so."""
     if before is None or after is None:
@@ -113,10 +128,12 @@ def _collapsed(before: float | None, after: float | None, info: dict) -> bool | 
 
 def prune_files(cfg: str | os.PathLike, weights: str | os.PathLike | None, config: PruneConfig,
                 outputs: tuple[Path, Path] | None, measure: Measure = Measure(),
-                latency: LatencySettings = LatencySettings(), bn_adapt: int = 0) -> dict:
+                latency: LatencySettings = LatencySettings(), bn_adapt: int = 0,
+                reconstruct_images: int = 0) -> dict:
     """Load cfg/weights, prune (by percent or to `config.target`; a latency target on `latency`'s runtime),
     re-estimate the pruned model's BN statistics on `bn_adapt` batches of the training images of `measure.data`
-    (when given), save the pruned pair as `outputs` (None: a dry run, nothing written) and return the report
+    (when given; with `reconstruct_images`, first refit the convs that lost inputs by least squares on that many
+    training images: `reconstruct.py`), save the pruned pair as `outputs` (None: a dry run, nothing written) and return the report
     figures (before/after, per-layer channels, the target's plan and, for latency, predicted and measured ms).
     `compress.jobs.run_job(PruneJob(...))` guards the outputs first and writes OUT/report.json."""
     model = load(cfg, weights, device=measure.device)
@@ -124,6 +141,7 @@ def prune_files(cfg: str | os.PathLike, weights: str | os.PathLike | None, confi
         check_classes(model.num_classes, load_data_spec(measure.data).nc, measure.data)
     size = measure.img_size or model.cfg.width
     result, target = _prune(model, config, size, latency)
+    refit = _reconstruct(model, result, measure, size, reconstruct_images)
     pruned, adapted = _adapt(result.model, measure, size, bn_adapt)
     if outputs is not None:
         outputs[0].parent.mkdir(parents=True, exist_ok=True)
@@ -134,6 +152,6 @@ def prune_files(cfg: str | os.PathLike, weights: str | os.PathLike | None, confi
             **{f"{k}_before": before[k] for k in _STAGE_KEYS},
             **{f"{k}_after": after[k] for k in _STAGE_KEYS}, "method": config.method,
             "percent": config.percent, "shortcuts": config.shortcuts, "round_to": config.rounding,
-            "img_size": size, "removed_blocks": list(result.removed_blocks), **adapted,
+            "img_size": size, "removed_blocks": list(result.removed_blocks), **adapted, **refit,
             "channels": [{"layer": i, "before": b, "after": a, "type": t} for i, t, b, a in result.channel_rows(model)],
             "info": result.info, "dry_run": outputs is None, **_counted_target(config, result, before, after), **target}

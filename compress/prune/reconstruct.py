@@ -1,0 +1,148 @@
+"""Least-squares reconstruction after channel pruning (He, Zhang & Sun 2017, "Channel Pruning for Accelerating Very
+Deep Neural Networks"; Luo et al. 2017, ThiNet): every conv that lost input channels gets new weights that make
+its output, fed what the PRUNED model now feeds it, reproduce the ORIGINAL model's output on calibration images.
+
+Why: a cut that is not exact (channels with non-zero gamma) leaves each consumer summing fewer inputs than it was
+trained on; on a pretrained model that was never sparse-trained every criterion lands near mAP 0 (official
+yolov4-tiny to 0.5x FLOPs: slim 0.006, l1 0.039, taylor 0.030 on the held-out COCO128 images). The remaining input
+channels can stand in for much of what was removed, and a linear least-squares fit finds how, in closed form.
+
+How: the convs that lost input channels and (`downstream`, default) every plain conv after the first of them,
+whose inputs changed too, in network order (so each sees the inputs its already-reconstructed predecessors
+give; refitting only the narrowed convs left yolov4-tiny's second head further from the original); for conv j,
+forward hooks take its input in the pruned model and the pre-BN output of the same conv in the original (the
+output channels j keeps), `unfold` turns sampled output positions into patch rows, and the normal equations
+(float64, with an intercept column, ridge `ridge` x mean diagonal) are accumulated over the images and solved.
+The intercept goes into the BN running mean (or is the conv bias without BN), so the constants of removed channels
+(surgery's compensation) are re-fitted too. tests/test_reconstruct.py checks the solve against numpy's lstsq. Depthwise/grouped and shared-weight convs keep their weights.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.base.errors import PruneError
+from compress.darknet.model import DarknetModel
+from compress.data.dataset import to_input
+
+__all__ = ["ReconstructConfig", "reconstruct", "refit_layers"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReconstructConfig:
+    """positions: output positions sampled per image; ridge: Tikhonov weight relative to the mean diagonal of the
+    normal matrix; seed: the position sampling."""
+    positions: int = 256
+    ridge: float = 1e-2
+    downstream: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.positions < 1:
+            raise PruneError(f"reconstruction positions {self.positions} must be >= 1")
+        if not self.ridge >= 0:
+            raise PruneError(f"reconstruction ridge {self.ridge} must be >= 0")
+
+
+def refit_layers(original: DarknetModel, pruned: DarknetModel, downstream: bool = False) -> list[int]:
+    """Convs of `pruned` whose input width shrank (plain convs with groups=1, not shared): what to refit; with
+    `downstream`, every such conv from the first one that lost inputs on (their inputs changed too)."""
+    out: list[int] = []
+    for j, (a, b) in enumerate(zip(original.layers, pruned.layers)):
+        conv_a, conv_b = getattr(a, "conv", None), getattr(b, "conv", None)
+        if not isinstance(conv_b, nn.Conv2d) or getattr(b, "shared", False) or conv_b.groups != 1:
+            continue
+        if conv_b.in_channels < conv_a.in_channels or (downstream and out):
+            out.append(j)
+    return out
+
+
+class _Capture(Exception):
+    pass
+
+
+def _capture(model: DarknetModel, j: int, x: torch.Tensor, want: str) -> torch.Tensor:
+    """Layer j's conv input (`want`="input") or output ("output") for batch `x`; the rest of the net is skipped."""
+    got: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        got.append(inputs[0] if want == "input" else output)
+        raise _Capture
+
+    handle = model.layers[j].conv.register_forward_hook(hook)
+    try:
+        model(x, raw=True)
+    except _Capture:
+        pass
+    finally:
+        handle.remove()
+    return got[0].detach()
+
+
+def _rows(conv: nn.Conv2d, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Patch rows (positions, C_in*k*k + 1 intercept) of input `x` at flat output positions `idx` (per image)."""
+    cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (N, C*k*k, L)
+    picked = torch.gather(cols, 2, idx.unsqueeze(1).expand(-1, cols.shape[1], -1))  # (N, C*k*k, R)
+    rows = picked.permute(0, 2, 1).reshape(-1, cols.shape[1]).double()
+    return torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype)], 1)
+
+
+@torch.no_grad()
+def _refit(original: DarknetModel, pruned: DarknetModel, j: int, keep: torch.Tensor | None,
+           batches: Sequence[torch.Tensor], config: ReconstructConfig, gen: torch.Generator) -> None:
+    conv, layer = pruned.layers[j].conv, pruned.layers[j]
+    d = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + 1
+    xtx = torch.zeros(d, d, dtype=torch.float64)
+    xty = torch.zeros(d, conv.out_channels, dtype=torch.float64)
+    for x in batches:
+        x_in = _capture(pruned, j, x, "input").cpu()
+        y = _capture(original, j, x, "output").cpu()
+        y = y[:, keep] if keep is not None else y
+        n, _, h, w = y.shape
+        idx = torch.rand(n, h * w, generator=gen).argsort(1)[:, :config.positions]  # without replacement
+        rows = _rows(conv, x_in, idx)
+        target = torch.gather(y.reshape(n, y.shape[1], -1), 2, idx.unsqueeze(1).expand(-1, y.shape[1], -1))
+        target = target.permute(0, 2, 1).reshape(-1, y.shape[1]).double()
+        xtx += rows.T @ rows
+        xty += rows.T @ target
+    lam = config.ridge * float(xtx.diagonal()[:-1].mean())
+    reg = torch.eye(d, dtype=torch.float64) * lam
+    reg[-1, -1] = 0.0  # the intercept is not shrunk
+    sol = torch.linalg.solve(xtx + reg, xty)  # (d, C_out)
+    w, b = sol[:-1].T.reshape(conv.weight.shape), sol[-1]
+    conv.weight.copy_(w.to(conv.weight.dtype))
+    if layer.bn is not None:
+        mean = original.layers[j].bn.running_mean.cpu()
+        mean = mean[keep] if keep is not None else mean
+        layer.bn.running_mean.copy_((mean.double() - b).to(layer.bn.running_mean.dtype))
+    else:
+        conv.bias.copy_(b.to(conv.bias.dtype))
+
+
+def reconstruct(original: DarknetModel, pruned: DarknetModel, mask: dict[int, torch.Tensor],
+                batches: Iterable[torch.Tensor], config: ReconstructConfig = ReconstructConfig(),
+                device: str | torch.device = "cpu") -> dict:
+    """Refit, in place, every conv of `pruned` that lost input channels (`refit_layers`) on the uint8 image
+    `batches` (`mask`: the pruning's kept output channels per conv). Returns report figures."""
+    layers = refit_layers(original, pruned, config.downstream)
+    data = [to_input(b, device) for b in batches]
+    if not data:
+        raise PruneError("reconstruction needs calibration images (--data)")
+    gen = torch.Generator().manual_seed(config.seed)
+    modes = (original.training, pruned.training)
+    original.eval(), pruned.eval()
+    try:
+        for j in layers:
+            _refit(original, pruned, j, mask.get(j), data, config, gen)
+    finally:
+        original.train(modes[0]), pruned.train(modes[1])
+    log.info("reconstruction: %d convs refitted on %d images", len(layers), sum(len(b) for b in data))
+    return {"reconstructed_convs": layers, "reconstruct_images": sum(len(b) for b in data),
+            "reconstruct_positions": config.positions, "reconstruct_ridge": config.ridge}
