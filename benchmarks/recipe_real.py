@@ -60,7 +60,7 @@ def split(work: Path) -> Path:
 def run_recipe(recipe: Path, cfg: Path, weights: Path, data: Path, out: Path, sets: list[str]) -> dict:
     """The recipe in a child process (as a user runs it); wall and CPU seconds of it."""
     args = [sys.executable, "-m", "compress", "run", str(recipe), "--out", str(out), "--set", f"model.cfg={cfg}",
-            "--set", f"model.weights={weights}", "--set", f"data={data}", "--no-progress"]
+            "--set", f"model.weights={weights}", "--set", f"data={data}"]
     for s in sets:
         args += ["--set", s]
     before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
