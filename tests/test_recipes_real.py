@@ -92,7 +92,10 @@ def test_pretrained_slim_recipes(assets, tmp_path, name, weights, flops):
     assert list(stages) == ["sparse-train", "prune", "distill", "quantize"]
     full = read_cfg(w / f"{weights}.cfg")
     pruned = json.loads((out / "02-prune" / "report.json").read_text())
-    # which channels go depends on the (here 1-epoch, 64 px) sparse training: near the recipe's FLOPs target
+    # the fade planned the cut at the recipe's FLOPs target (counted at the cfg's size) and prune took exactly it
+    sparse = json.loads((out / "01-sparse-train" / "report.json").read_text())
+    assert sparse["sparsity"] == "fade" and sparse["kd"] == 4 and sparse["prune_matches_plan"]
+    assert sparse["prune_max_abs_diff"] < 1e-3 and sparse["gflops_ratio_after_prune"] <= flops + 0.01
     assert pruned["gflops_after"] <= (flops + 0.05) * pruned["gflops_before"] and pruned["round_to"] == 8
     for step in ("01-sparse-train", "03-distill"):  # pretrained: the shared fine-tune defaults, BN adaptation
         report = json.loads((out / step / "report.json").read_text())
