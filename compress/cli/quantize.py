@@ -58,7 +58,13 @@ def _table(r: Report) -> str:
               help="QAT: activation ranges stop moving after this many epochs (default: half, rounded up).")
 @click.option("--freeze-bn-after", type=click.IntRange(0),
               help="QAT: BN folds with running statistics after this many epochs (default: 80%, rounded up).")
-@click.option("--calib-batches", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--calib-batches", type=click.IntRange(1), default=8, show_default=True,
+              help="Calibration batches of --batch-size images (unless --calib-images is given).")
+@click.option("--calib-images", type=click.IntRange(1),
+              help="PTQ calibration images (activation ranges, learned rounding, bias correction); default "
+                   "--calib-batches x --batch-size, at most what the data holds.")
+@click.option("--calib-seed", type=click.IntRange(0), default=0, show_default=True,
+              help="0: the first calibration images in order; N > 0: a random sample drawn with seed N.")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--lr0", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True, help="QAT lr (Adam, from the pretrained weights).")
 @click.option("--img-size", type=click.IntRange(32, 4096), help="Input size (default: the cfg's).")
