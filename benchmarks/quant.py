@@ -67,6 +67,11 @@ RUNS: dict[str, tuple[str, int | None, dict, bool]] = {
     "v4t-w4-ptq-mixed": ("yolov4-tiny", 320, {"bits": 4, "avg_bits": 4.5, "rounding": "learned"}, False),
     "v4t-w4-ptq-mixed-416": ("yolov4-tiny", 416, {"bits": 4, "avg_bits": 4.5, "rounding": "learned"}, False),
     "fastest-w4-ptq-learned": ("yolo-fastest-1.1", 320, {"bits": 4, "rounding": "learned"}, False),
+    # block reconstruction (BRECQ): each block's convs fitted jointly to the block's output
+    "v4t-w4-ptq-block": ("yolov4-tiny", 320, {"bits": 4, "rounding": "block"}, False),
+    "v4t-w4-ptq-block-416": ("yolov4-tiny", 416, {"bits": 4, "rounding": "block"}, False),
+    "v4t-w4-ptq-mixed-block": ("yolov4-tiny", 320, {"bits": 4, "avg_bits": 4.5, "rounding": "block"}, False),
+    "fastest-w4-ptq-block": ("yolo-fastest-1.1", 320, {"bits": 4, "rounding": "block"}, False),
     "demo-w4-qdrop": ("demo", None, {"bits": 4, "act_drop": 0.5}, True),
     "demo-w4-pow2-qdrop": ("demo", None, {"bits": 4, "pow2": True, "act_drop": 0.5}, True),
 }

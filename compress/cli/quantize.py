@@ -78,10 +78,13 @@ def _table(r: Report) -> str:
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
               help="PTQ: shift each conv's bias by the mean output error of its rounded weights (Nagel et al.).")
 @click.option("--rounding", type=click.Choice(ROUNDINGS),
-              help="PTQ weight rounding: nearest, or learned on the calibration images so each layer reproduces "
-                   "its float output (AdaRound; default: learned at --bits <= 6 with --method google).")
+              help="PTQ weight rounding: nearest; learned on the calibration images so each layer reproduces "
+                   "its float output (AdaRound); block: each block's convs (branches that rejoin, e.g. a CSP "
+                   "block) fitted jointly to the block's output (BRECQ), other convs as learned. Default: "
+                   "learned at --bits <= 6 with --method google.")
 @click.option("--rounding-iters", type=click.IntRange(1), default=300, show_default=True,
-              help="Learned rounding: optimisation steps per layer (8 images, a 32x32 output window each).")
+              help="Learned rounding: optimisation steps per layer or block (8 images, a 24x24 output window or "
+                   "a 32x32 block input window each).")
 @click.option("--mixed-precision", is_flag=True,
               help="Keep the convs whose low-bit weights disturb the output most (measured on calibration "
                    "images) at 8 bits, within --avg-bits; report.json and quant.json give each layer's bits.")

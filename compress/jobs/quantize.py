@@ -82,8 +82,8 @@ class QuantizeJob(Job):
         self.quant_config(), self.settings()  # their rules and messages
         check_range("--max-drop", self.max_drop, 0, error=QuantError)
         check_range("--avg-bits", self.avg_bits, 2, 8, error=QuantError)  # also when --mixed-precision is off
-        if self.train is not None and self.rounding == "learned":
-            raise QuantError("--rounding learned is post-training rounding; QAT (--epochs N) learns the weights "
+        if self.train is not None and self.rounding not in (None, "nearest"):
+            raise QuantError(f"--rounding {self.rounding} is post-training rounding; QAT (--epochs N) learns the weights "
                              "themselves: drop --rounding or --epochs")
         if self.train is not None and self.train.resume and self.mixed_precision:
             raise QuantError("--resume with --mixed-precision is not supported: rerun the QAT from the start")

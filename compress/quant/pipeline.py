@@ -29,7 +29,8 @@ from compress.train.config import DistConfig, TrainConfig
 from compress.quant.config import config_to_dict
 from compress.quant.prepare import calibrate, prepare_qat
 from compress.quant.config import QuantConfig
-from compress.quant.adaround import ROUNDINGS, RoundingConfig, learn_rounding
+from compress.quant.adaround import ROUNDINGS, RoundingConfig
+from compress.quant.reconstruct import learn_rounding
 from compress.quant.bias_correct import bias_correction
 from compress.quant.mixed import assign_bits, average_bits, layer_sensitivity
 from compress.quant.cpuinfo import cpu_flags
@@ -216,7 +217,8 @@ def _run(cfg: Any, weights: Any, data: Any, config: QuantConfig, paths: QuantOut
     seen = 0 if resume else calibrate(qmodel, _calibration_batches(spec, img, settings), device)
     rounding = ptq_rounding(config, settings.rounding) if train is None and not resume else "nearest"
     learned = learn_rounding(model, qmodel, _calibration_images(spec, img, settings),
-                             RoundingConfig(iters=settings.rounding_iters), device) if rounding == "learned" else {}
+                             RoundingConfig(iters=settings.rounding_iters, blocks=rounding == "block"),
+                             device) if rounding != "nearest" else {}
     corrected = bias_correction(qmodel, _calibration_batches(spec, img, settings), device) \
         if settings.bias_correction and train is None else 0
     figures: dict[str, Any] = {"method": config.method, "quant_config": config_to_dict(config),
