@@ -63,6 +63,8 @@ RUNS: dict[str, tuple[str, int | None, dict, bool]] = {
     # PTQ with learned rounding (the default at <= 6 bits) and mixed precision (issue 24)
     "v4t-w4-ptq-learned": ("yolov4-tiny", 320, {"bits": 4, "rounding": "learned"}, False),
     "v4t-w4-ptq-learned-416": ("yolov4-tiny", 416, {"bits": 4, "rounding": "learned"}, False),
+    "v4t-w4-ptq-learned-nobc": ("yolov4-tiny", 320, {"bits": 4, "rounding": "learned", "bias_correction": False},
+                                False),
     "v4t-w4-ptq-nearest": ("yolov4-tiny", 320, {"bits": 4, "rounding": "nearest"}, False),
     "v4t-w4-ptq-mixed": ("yolov4-tiny", 320, {"bits": 4, "avg_bits": 4.5, "rounding": "learned"}, False),
     "v4t-w4-ptq-mixed-416": ("yolov4-tiny", 416, {"bits": 4, "avg_bits": 4.5, "rounding": "learned"}, False),

@@ -9,7 +9,8 @@ uses (MSE clip, pow2, safe range), so only the codes change and every artifact t
 Layer by layer, in network order ("asymmetric reconstruction"): the input is what the quantized model, with the
 rounding learned so far and its activation quantizers, feeds the layer; the target is the float model's output of
 that layer (after its activation). Convolutions are local, so each step fits a random window of the output maps of
-a few images: a step costs the same at 320 and 608.
+a few images: a step costs the same at 320 and 608. `learn_layer` does one conv; `compress.quant.reconstruct`
+walks the network (and hands blocks to `compress.quant.brecq`).
 """
 from __future__ import annotations
 
