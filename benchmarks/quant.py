@@ -63,10 +63,17 @@ RUNS: dict[str, tuple[str, int | None, dict, bool]] = {
     # PTQ with learned rounding (the default at <= 6 bits) and mixed precision (issue 24)
     "v4t-w4-ptq-learned": ("yolov4-tiny", 320, {"bits": 4, "rounding": "learned"}, False),
     "v4t-w4-ptq-learned-416": ("yolov4-tiny", 416, {"bits": 4, "rounding": "learned"}, False),
+    "v4t-w4-ptq-learned-nobc": ("yolov4-tiny", 320, {"bits": 4, "rounding": "learned", "bias_correction": False},
+                                False),
     "v4t-w4-ptq-nearest": ("yolov4-tiny", 320, {"bits": 4, "rounding": "nearest"}, False),
     "v4t-w4-ptq-mixed": ("yolov4-tiny", 320, {"bits": 4, "avg_bits": 4.5, "rounding": "learned"}, False),
     "v4t-w4-ptq-mixed-416": ("yolov4-tiny", 416, {"bits": 4, "avg_bits": 4.5, "rounding": "learned"}, False),
     "fastest-w4-ptq-learned": ("yolo-fastest-1.1", 320, {"bits": 4, "rounding": "learned"}, False),
+    # block reconstruction (BRECQ): each block's convs fitted jointly to the block's output
+    "v4t-w4-ptq-block": ("yolov4-tiny", 320, {"bits": 4, "rounding": "block"}, False),
+    "v4t-w4-ptq-block-416": ("yolov4-tiny", 416, {"bits": 4, "rounding": "block"}, False),
+    "v4t-w4-ptq-mixed-block": ("yolov4-tiny", 320, {"bits": 4, "avg_bits": 4.5, "rounding": "block"}, False),
+    "fastest-w4-ptq-block": ("yolo-fastest-1.1", 320, {"bits": 4, "rounding": "block"}, False),
     "demo-w4-qdrop": ("demo", None, {"bits": 4, "act_drop": 0.5}, True),
     "demo-w4-pow2-qdrop": ("demo", None, {"bits": 4, "pow2": True, "act_drop": 0.5}, True),
 }
@@ -80,7 +87,7 @@ def _model(name: str, args: argparse.Namespace) -> tuple[str, str, str]:
                                                                    "train2017")
 
 
-def run_one(name: str, args: argparse.Namespace) -> dict:
+def run_one(name: str, args: argparse.Namespace, calib_seed: int = 0) -> dict:
     model, img, kwargs, qat = RUNS[name]
     cfg, weights, data = _model(model, args)
     kw = dict(kwargs)
@@ -91,21 +98,36 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
     if args.rounding_iters:
         job_kw.setdefault("rounding_iters", args.rounding_iters)
     settings = QuantSettings(calib_batches=args.calib_batches, batch_size=args.batch_size, img_size=img,
-                             latency_runs=5, verify=False, **job_kw)
+                             calib_images=args.calib_images, calib_seed=calib_seed, latency_runs=5, verify=False,
+                             **job_kw)
     train = qat_train_config(args.epochs, args.batch_size, img or read_cfg(cfg).width, args.lr0 or 1e-4, 0, False,
                              False) if qat and args.epochs else None
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     figures = quantize(cfg, weights, data, config, outputs, settings, train)
-    figures.update(run=name, wall_s=round(time.perf_counter() - t0, 1))
+    # process CPU time (all threads): on a shared CPU the wall time says little about a quiet run
+    figures.update(run=name, calib_seed=calib_seed, wall_s=round(time.perf_counter() - t0, 1),
+                   cpu_s=round(time.process_time() - c0, 1))
     return figures
 
 
 def _row(f: dict) -> list:
     v = f.get("verify", {})
-    return [f["run"], f["method"], f["quant_config"].get("bits", f["quant_config"].get("w_bits")),
+    return [f["run"], f.get("calib_seed", 0), f["method"], f["quant_config"].get("bits", f["quant_config"].get("w_bits")),
             f["quant_config"]["pow2"], f["img_size"], f.get("qat_epochs", 0), f["map50_fp32"], f["map50_fakequant"],
             f["map50_int8_onnx"], f["map50_darknet"], v.get("passed"), f.get("rounding"), f.get("avg_w_bits"),
-            f["wall_s"]]
+            f["wall_s"], f.get("cpu_s")]
+
+
+def _mean_rows(results: list[dict]) -> list[list]:
+    """One row per run measured with several calibration samplings: the mean of each mAP."""
+    rows = []
+    for name in dict.fromkeys(f["run"] for f in results):
+        fs = [f for f in results if f["run"] == name]
+        if len(fs) > 1:
+            mean = {k: sum(f[k] for f in fs) / len(fs) for k in ("map50_fp32", "map50_fakequant", "map50_int8_onnx",
+                                                                  "map50_darknet", "wall_s", "cpu_s")}
+            rows.append(_row({**fs[0], **mean, "calib_seed": f"mean of {len(fs)}", "verify": {}}))
+    return rows
 
 
 def main() -> None:
@@ -116,6 +138,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5, help="QAT epochs of the runs that train")
     ap.add_argument("--lr0", type=float, help="QAT lr (default: the job's, 1e-4 Adam)")
     ap.add_argument("--calib-batches", type=int, default=8)
+    ap.add_argument("--calib-images", type=int, help="calibration images (default: --calib-batches x batch size)")
+    ap.add_argument("--calib-seeds", type=int, nargs="+", default=[0],
+                    help="calibration samplings: 0 = the first images, N > 0 = a random sample with seed N")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-quant"))
     ap.add_argument("--out", help="write the figures as JSON here")
@@ -127,13 +152,15 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     results = []
     for name in args.runs:
-        results.append(run_one(name, args))
-        print(f"{name}: int8 ONNX {results[-1]['map50_int8_onnx']:.4f}", flush=True)
+        for seed in args.calib_seeds:
+            results.append(run_one(name, args, seed))
+            print(f"{name} (calib seed {seed}): int8 ONNX {results[-1]['map50_int8_onnx']:.4f}, Darknet "
+                  f"{results[-1]['map50_darknet']:.4f}", flush=True)
         if args.out:  # partial results survive a long run being stopped
             write_text_atomic(args.out, json.dumps(results, indent=2, default=str) + "\n")
-    print(tabulate([_row(f) for f in results], tablefmt="github", floatfmt=".4f",
-                   headers=["run", "method", "w bits", "pow2", "img", "QAT ep", "fp32", "fake-quant", "int8 ONNX",
-                            "Darknet", "verified", "rounding", "avg w bits", "wall s"]))
+    print(tabulate([_row(f) for f in results] + _mean_rows(results), tablefmt="github", floatfmt=".4f",
+                   headers=["run", "calib seed", "method", "w bits", "pow2", "img", "QAT ep", "fp32", "fake-quant", "int8 ONNX",
+                            "Darknet", "verified", "rounding", "avg w bits", "wall s", "cpu s"]))
 
 
 if __name__ == "__main__":

@@ -58,7 +58,13 @@ def _table(r: Report) -> str:
               help="QAT: activation ranges stop moving after this many epochs (default: half, rounded up).")
 @click.option("--freeze-bn-after", type=click.IntRange(0),
               help="QAT: BN folds with running statistics after this many epochs (default: 80%, rounded up).")
-@click.option("--calib-batches", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--calib-batches", type=click.IntRange(1), default=8, show_default=True,
+              help="Calibration batches of --batch-size images (unless --calib-images is given).")
+@click.option("--calib-images", type=click.IntRange(1),
+              help="PTQ calibration images (activation ranges, learned rounding, bias correction); default "
+                   "--calib-batches x --batch-size, at most what the data holds.")
+@click.option("--calib-seed", type=click.IntRange(0), default=0, show_default=True,
+              help="0: the first calibration images in order; N > 0: a random sample drawn with seed N.")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--lr0", type=click.FloatRange(0, min_open=True), default=1e-4, show_default=True, help="QAT lr (Adam, from the pretrained weights).")
 @click.option("--img-size", type=click.IntRange(32, 4096), help="Input size (default: the cfg's).")
@@ -72,10 +78,13 @@ def _table(r: Report) -> str:
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
               help="PTQ: shift each conv's bias by the mean output error of its rounded weights (Nagel et al.).")
 @click.option("--rounding", type=click.Choice(ROUNDINGS),
-              help="PTQ weight rounding: nearest, or learned on the calibration images so each layer reproduces "
-                   "its float output (AdaRound; default: learned at --bits <= 6 with --method google).")
+              help="PTQ weight rounding: nearest; learned on the calibration images so each layer reproduces "
+                   "its float output (AdaRound); block: each block's convs (branches that rejoin, e.g. a CSP "
+                   "block) fitted jointly to the block's output (BRECQ), other convs as learned. Default: "
+                   "learned at --bits <= 6 with --method google.")
 @click.option("--rounding-iters", type=click.IntRange(1), default=300, show_default=True,
-              help="Learned rounding: optimisation steps per layer (8 images, a 32x32 output window each).")
+              help="Learned rounding: optimisation steps per layer or block (8 images, a 24x24 output window or "
+                   "a 32x32 block input window each).")
 @click.option("--mixed-precision", is_flag=True,
               help="Keep the convs whose low-bit weights disturb the output most (measured on calibration "
                    "images) at 8 bits, within --avg-bits; report.json and quant.json give each layer's bits.")

@@ -61,6 +61,8 @@ class QuantizeJob(Job):
     freeze_observers_after: int | None = None
     freeze_bn_after: int | None = None
     calib_batches: int = 8
+    calib_images: int | None = None
+    calib_seed: int = 0
     batch_size: int = 8
     img_size: int | None = None
     sync_bn: bool = False
@@ -80,8 +82,8 @@ class QuantizeJob(Job):
         self.quant_config(), self.settings()  # their rules and messages
         check_range("--max-drop", self.max_drop, 0, error=QuantError)
         check_range("--avg-bits", self.avg_bits, 2, 8, error=QuantError)  # also when --mixed-precision is off
-        if self.train is not None and self.rounding == "learned":
-            raise QuantError("--rounding learned is post-training rounding; QAT (--epochs N) learns the weights "
+        if self.train is not None and self.rounding not in (None, "nearest"):
+            raise QuantError(f"--rounding {self.rounding} is post-training rounding; QAT (--epochs N) learns the weights "
                              "themselves: drop --rounding or --epochs")
         if self.train is not None and self.train.resume and self.mixed_precision:
             raise QuantError("--resume with --mixed-precision is not supported: rerun the QAT from the start")
@@ -119,7 +121,8 @@ class QuantizeJob(Job):
                            safe_range=self.safe_range)
 
     def settings(self) -> QuantSettings:
-        return QuantSettings(calib_batches=self.calib_batches, batch_size=self.batch_size, img_size=self.img_size,
+        return QuantSettings(calib_batches=self.calib_batches, calib_images=self.calib_images,
+                             calib_seed=self.calib_seed, batch_size=self.batch_size, img_size=self.img_size,
                              letterbox=self.letterbox, evaluate=not self.no_eval, verify=not self.no_verify,
                              bias_correction=self.bias_correction, sync_bn=self.sync_bn, act_drop=self.act_drop,
                              rounding=self.rounding, rounding_iters=self.rounding_iters,

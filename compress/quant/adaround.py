@@ -9,7 +9,8 @@ uses (MSE clip, pow2, safe range), so only the codes change and every artifact t
 Layer by layer, in network order ("asymmetric reconstruction"): the input is what the quantized model, with the
 rounding learned so far and its activation quantizers, feeds the layer; the target is the float model's output of
 that layer (after its activation). Convolutions are local, so each step fits a random window of the output maps of
-a few images: a step costs the same at 320 and 608.
+a few images: a step costs the same at 320 and 608. `learn_layer` does one conv; `compress.quant.reconstruct`
+walks the network (and hands blocks to `compress.quant.brecq`).
 """
 from __future__ import annotations
 
@@ -25,11 +26,12 @@ from compress.base.errors import QuantError
 from compress.data.dataset import to_input
 from compress.quant.modules import QConvBNAct
 
-__all__ = ["RoundingConfig", "learn_rounding", "fit_layer", "layer_error", "ROUNDINGS"]
+__all__ = ["RoundingConfig", "learn_layer", "fit_layer", "layer_error", "regulariser", "ROUNDINGS"]
 
 log = logging.getLogger(__name__)
 
-ROUNDINGS = ("nearest", "learned")
+# learned: layer by layer; block: each block's convs jointly (compress.quant.brecq), layer by layer outside blocks
+ROUNDINGS = ("nearest", "learned", "block")
 _ZETA, _GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (Louizos et al. 2018, as in AdaRound)
 
 
@@ -45,11 +47,14 @@ class RoundingConfig:
     warmup: float = 0.2         # share of the steps before the regulariser starts
     max_bits: int = 6           # layers with more weight bits keep nearest rounding (nothing to gain at 8)
     seed: int = 0
+    blocks: bool = False        # fit each block's convs jointly to the block's output (BRECQ)
+    block_window: int = 32      # block reconstruction: input rows/columns per step
 
     def __post_init__(self) -> None:
         check_range("--rounding-iters", self.iters, 1, error=QuantError)
         check_range("rounding batch", self.batch, 1, error=QuantError)
         check_range("rounding window", self.window, 1, error=QuantError)
+        check_range("block window", self.block_window, 1, error=QuantError)
         check_range("rounding lr", self.lr, 0, lo_open=True, error=QuantError)
         if not 0.0 <= self.warmup < 1.0:
             raise QuantError(f"rounding warmup={self.warmup} must be in [0, 1)")
@@ -97,6 +102,40 @@ def _capture(model: nn.Module, index: int, images: torch.Tensor, output: bool, d
     return torch.cat(got)
 
 
+@torch.no_grad()
+def _capture_many(model: nn.Module, ids: list[int], images: torch.Tensor, device: torch.device,
+                  chunk: int = 8) -> dict[int, torch.Tensor]:
+    """The outputs of layers `ids` (-1: the input image as the network sees it) for every image, running the
+    model only as far as the last of them."""
+    got: dict[int, list[torch.Tensor]] = {i: [] for i in ids}
+    last = max(ids)
+
+    def hook(i: int):
+        def post(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            got[i].append(out.detach())
+            if i == last:
+                raise _Stop
+        return post
+
+    handles = [model.layers[i].register_forward_hook(hook(i)) for i in ids if i >= 0]
+    model.eval()
+    try:
+        for k in range(0, len(images), chunk):
+            x = to_input(images[k:k + chunk], device)
+            if -1 in got:
+                got[-1].append(model._image(x))
+            if last < 0:
+                continue
+            try:
+                model(x, raw=True)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: torch.cat(t) for i, t in got.items()}
+
+
 def _float_folded(layer: QConvBNAct) -> tuple[torch.Tensor, torch.Tensor]:
     """The folded float weight and bias the quantizer rounds (BN folded with running statistics)."""
     if layer.bn is None:
@@ -136,6 +175,13 @@ def _window(x: torch.Tensor, y: torch.Tensor, layer: QConvBNAct, config: Roundin
     return xs, y[idx, :, oy:oy + oh, ox:ox + ow]
 
 
+def regulariser(h: torch.Tensor, step: int, warm: int, config: RoundingConfig) -> torch.Tensor:
+    """AdaRound's rounding regulariser, mean over the weights: zero where h is 0 or 1; beta anneals from
+    config.beta[0] (only h near 0.5 is pushed) to config.beta[1] (every h)."""
+    beta = config.beta[0] + (config.beta[1] - config.beta[0]) * (step - warm) / max(config.iters - warm, 1)
+    return (1 - (2 * h - 1).abs().pow(beta)).mean()
+
+
 def fit_layer(layer: QConvBNAct, x: torch.Tensor, y: torch.Tensor, config: RoundingConfig,
               gen: torch.Generator) -> torch.Tensor:
     """Learn `layer`'s rounding so that it maps `x` (its input in the quantized model) to `y` (the float layer's
@@ -154,8 +200,7 @@ def fit_layer(layer: QConvBNAct, x: torch.Tensor, y: torch.Tensor, config: Round
         rec = (_layer_out(layer, xs, wq, b, padded=True) - ys).pow(2).mean() / ys.pow(2).mean().clamp_min(1e-12)
         loss = rec
         if step >= warm:
-            beta = config.beta[0] + (config.beta[1] - config.beta[0]) * (step - warm) / max(config.iters - warm, 1)
-            loss = loss + config.reg * (1 - (2 * h - 1).abs().pow(beta)).mean()
+            loss = loss + config.reg * regulariser(h, step, warm, config)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -176,29 +221,20 @@ def _eligible(layer: nn.Module, config: RoundingConfig) -> bool:
         layer.spec.w_bits <= config.max_bits
 
 
-def learn_rounding(float_model: nn.Module, qmodel: nn.Module, images: torch.Tensor,
-                   config: RoundingConfig = RoundingConfig(), device: str | torch.device = "cpu") -> dict[int, dict]:
-    """Learn the rounding of every eligible conv of `qmodel` (calibrated: its activation ranges are set), in
-    layer order, on `images` (uint8 or float (N, 3, H, W)); `float_model` is the model it was prepared from.
-    Returns {layer: {"nearest": relative output error, "learned": ...}} on the calibration images."""
-    device = torch.device(device)
-    gen = torch.Generator().manual_seed(config.seed)
-    report: dict[int, dict] = {}
-    for i, layer in enumerate(qmodel.layers):
-        if not _eligible(layer, config):
-            continue
-        x = _capture(qmodel, i, images, False, device)
-        y = _capture(float_model, i, images, True, device)
-        with torch.enable_grad():
-            codes = fit_layer(layer, x, y, config, gen)
-        before = layer_error(layer, x, y)
-        layer.fix_codes(codes)
-        after = layer_error(layer, x, y)
-        if after > before:  # a short schedule can end worse than nearest on some layer: keep nearest there
-            layer.fixed_codes = None
-        report[i] = {"nearest": round(before, 6), "learned": round(after, 6), "kept": "learned" if after <= before
-                     else "nearest"}
-        log.info("layer %d rounding learned: relative output error %.4f -> %.4f", i, before, after)
-    if not report:
-        log.warning("learned rounding: no conv with <= %d-bit symmetric weights; nothing learned", config.max_bits)
-    return report
+def learn_layer(float_model: nn.Module, qmodel: nn.Module, i: int, images: torch.Tensor, config: RoundingConfig,
+                gen: torch.Generator, device: torch.device) -> dict:
+    """Learn conv i's rounding on `images` and fix it, unless it ends with a larger output error than nearest
+    rounding; returns {"nearest": error, "learned": error, "kept": ...} (relative output error)."""
+    layer = qmodel.layers[i]
+    x = _capture(qmodel, i, images, False, device)
+    y = _capture(float_model, i, images, True, device)
+    with torch.enable_grad():
+        codes = fit_layer(layer, x, y, config, gen)
+    before = layer_error(layer, x, y)
+    layer.fix_codes(codes)
+    after = layer_error(layer, x, y)
+    if after > before:  # a short schedule can end worse than nearest on some layer: keep nearest there
+        layer.fixed_codes = None
+    log.info("layer %d rounding learned: relative output error %.4f -> %.4f", i, before, after)
+    return {"nearest": round(before, 6), "learned": round(after, 6), "kept": "learned" if after <= before
+            else "nearest"}

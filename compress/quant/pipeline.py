@@ -8,7 +8,6 @@ artifacts against the fake-quant model (`figures["verify"]`; `check_verified` ra
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -30,7 +29,8 @@ from compress.train.config import DistConfig, TrainConfig
 from compress.quant.config import config_to_dict
 from compress.quant.prepare import calibrate, prepare_qat
 from compress.quant.config import QuantConfig
-from compress.quant.adaround import ROUNDINGS, RoundingConfig, learn_rounding
+from compress.quant.adaround import ROUNDINGS, RoundingConfig
+from compress.quant.reconstruct import learn_rounding
 from compress.quant.bias_correct import bias_correction
 from compress.quant.mixed import assign_bits, average_bits, layer_sensitivity
 from compress.quant.cpuinfo import cpu_flags
@@ -75,6 +75,9 @@ class QuantSettings:
     """How a run calibrates, trains (QAT, with a TrainConfig), measures and verifies."""
     calib_batches: int = 8
     batch_size: int = 8
+    calib_images: int | None = None     # calibration images (ranges, learned rounding, bias correction); None:
+                                        # calib_batches x batch_size
+    calib_seed: int = 0                 # 0: the first images in order; N > 0: a random sample drawn with seed N
     img_size: int | None = None         # None: the cfg's width
     letterbox: bool | None = None       # eval input geometry; None: the cfg's [net] letter_box
     evaluate: bool = True
@@ -94,6 +97,8 @@ class QuantSettings:
     def __post_init__(self) -> None:
         if self.calib_batches < 1 or self.batch_size < 1:
             raise QuantError("--calib-batches and the batch size must be >= 1")
+        checks.check_range("--calib-images", self.calib_images, 1, error=QuantError)
+        checks.check_range("--calib-seed", self.calib_seed, 0, error=QuantError)
         check_img_size(self.img_size)
         if self.rounding not in (None, *ROUNDINGS):
             raise QuantError(f"--rounding {self.rounding} is unknown; use {' or '.join(ROUNDINGS)}")
@@ -108,6 +113,11 @@ class QuantSettings:
                 raise QuantError(f"{name}={getattr(self, name)} must be a number of epochs >= 0 "
                                  f"(--{name.replace('_', '-')})")
 
+    @property
+    def calib_count(self) -> int:
+        """How many calibration images a run takes (fewer when the data holds fewer)."""
+        return self.calib_images if self.calib_images is not None else self.calib_batches * self.batch_size
+
 
 def check_img_size(img_size: int | None) -> None:
     """quantize's --img-size: the shared bounds, a multiple of 32 (calibration and QAT run the network)."""
@@ -115,8 +125,17 @@ def check_img_size(img_size: int | None) -> None:
 
 
 def _calibration_batches(spec: Any, img: int, settings: QuantSettings):
-    loader = make_loader(spec, img, settings.batch_size, augment=False, workers=0, split="train")
-    return (imgs for imgs, *_ in itertools.islice(loader, settings.calib_batches))
+    """`settings.calib_count` training images in batches: the first ones, or a seeded random sample (several
+    samplings show how much a result owes to the particular calibration images)."""
+    seed = settings.calib_seed
+    loader = make_loader(spec, img, settings.batch_size, augment=False, workers=0, split="train",
+                         shuffle=seed > 0, seed=seed)
+    left = settings.calib_count
+    for imgs, *_ in loader:
+        if left <= 0:
+            return
+        yield imgs[:left]
+        left -= len(imgs)
 
 
 def _calibration_images(spec: Any, img: int, settings: QuantSettings) -> torch.Tensor:
@@ -198,7 +217,8 @@ def _run(cfg: Any, weights: Any, data: Any, config: QuantConfig, paths: QuantOut
     seen = 0 if resume else calibrate(qmodel, _calibration_batches(spec, img, settings), device)
     rounding = ptq_rounding(config, settings.rounding) if train is None and not resume else "nearest"
     learned = learn_rounding(model, qmodel, _calibration_images(spec, img, settings),
-                             RoundingConfig(iters=settings.rounding_iters), device) if rounding == "learned" else {}
+                             RoundingConfig(iters=settings.rounding_iters, blocks=rounding == "block"),
+                             device) if rounding != "nearest" else {}
     corrected = bias_correction(qmodel, _calibration_batches(spec, img, settings), device) \
         if settings.bias_correction and train is None else 0
     figures: dict[str, Any] = {"method": config.method, "quant_config": config_to_dict(config),
