@@ -88,8 +88,7 @@ def evaluate_stage(row: dict, size: int, work: Path, split_dir: Path) -> dict:
     out = {}
     for key, data in (("all", split_dir / "all.data"), ("held_out", split_dir / "split.data")):
         args = ["eval", "--weights", row["weights"], "--data", str(data), "--img-size", str(size), "--no-progress"]
-        if row["cfg"]:
-            args += ["--cfg", row["cfg"]]
+        args += ["--cfg", row["cfg"] or row["model_cfg"]]  # an exported model: its weights name the format
         r = _report(args, work / "eval.json")
         out.update({f"map50_{key}": round(r["map50"], 4), f"map50_95_{key}": round(r["map50_95"], 4)})
     cfg = row["cfg"] or row.get("model_cfg")
