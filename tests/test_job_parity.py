@@ -25,6 +25,9 @@ REQUIRED = {"cfg": CFG, "t_cfg": CFG, "weights": "/x.weights", "t_weights": "/t.
             "out": "/o", "source": "/s", "recipe": "/r.yaml"}
 # A value accepted alone may need another option to build (a cross-option rule click does not see either).
 COMPANIONS = {("quantize", "method", "dorefa"): {"reduce_range": False}}  # DoReFa 8-bit codes need --full-range
+# options that only mean something together with another (any value): sparse-train's fade plan needs --sparsity fade
+COMPANIONS.update({("sparse-train", p, "*"): {"sparsity": "fade"}
+                   for p in ("method", "percent", "round_to", "target_flops", "target_params", "fade_end", "importance")})
 
 
 def commands(group: click.Group = cli, prefix: str = "") -> Iterator[tuple[str, click.Command]]:
@@ -126,7 +129,7 @@ def test_a_value_click_accepts_at_the_bounds_is_accepted(name, param, coco):
     for value in inside(param.type):
         if isinstance(param.type, click.Choice):
             value = as_field(value, name, param.name)
-        companions = COMPANIONS.get((name, param.name, value), {})
+        companions = COMPANIONS.get((name, param.name, value)) or COMPANIONS.get((name, param.name, "*"), {})
         JOBS[name].from_dict({**base, **companions, param.name: value})
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from compress.base.errors import WeightsError
 from compress.base.fileio import atomic_files
 from compress.data.dataset import DataSpec, DetectionDataset, collate, to_input
 from compress.detection.losses import build_loss
@@ -338,7 +339,12 @@ class _Trainer:
         if not self.cfg.bn_adapt:
             return self._evaluate(plain), plain
         adapted = self._snapshot()
-        mine, theirs = self._evaluate(adapted), self._evaluate(plain)
+        theirs = self._evaluate(plain)
+        try:
+            mine = self._evaluate(adapted)
+        except WeightsError as e:  # statistics re-estimated on a few images can make the net overflow: not kept
+            log.warning("BN adaptation made the model's output non-finite (%s); keeping the trained statistics", e)
+            mine = {"map50": -1.0}
         keep = mine["map50"] > theirs["map50"]  # a tie keeps the trained statistics (re-estimates on a few
         # images can blow up an untrained net: yolov3 from scratch, 2 images at 64 px, exported inf boxes)
         chosen = mine if keep else theirs
