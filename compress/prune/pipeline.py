@@ -95,12 +95,12 @@ def _adapt(model: DarknetModel, measure: Measure, size: int, batches: int) -> tu
     images = load_data_spec(measure.data).train
     letterbox = input_letterbox(model, measure.letterbox)
     seen = adapt_bn(adapted, image_batches(images, size, 8, batches, letterbox), measure.device)
-    theirs = _evaluate(model, measure, size)
     try:
         mine = _evaluate(adapted, measure, size)
     except WeightsError as e:  # re-estimates on a few images can make the net overflow: not kept (as in `fit`)
         log.warning("BN adaptation made the pruned model's output non-finite (%s); keeping its statistics", e)
         mine = {"map50": -1.0}
+    theirs = _evaluate(model, measure, size)
     keep = mine["map50"] > theirs["map50"]  # a tie keeps the model's own statistics (see `fit`)
     return (adapted if keep else model), {"bn_adapted_images": seen, "bn_adapted": keep,
                                           "map50_unadapted": theirs["map50"]}
