@@ -167,3 +167,18 @@ def test_cli_fade_with_teacher_resumes_exactly_and_prunes_exactly(tmp_path: Path
     assert pruned["gflops_after"] == pytest.approx(a["gflops"] * a["gflops_ratio_after_prune"], rel=1e-3)
     cut = sum(c["before"] - c["after"] for c in pruned["channels"])
     assert cut == a["fade"]["planned_channels"]
+
+
+def test_given_scores_rank_the_plan_as_slim_ranks_gammas() -> None:
+    """plan_mask(scores=...) with --percent: the same cut slim makes when those scores are the gammas."""
+    from compress.darknet.summary import bn_gammas
+    from compress.prune.api import plan_mask
+    from compress.prune.coupling import build_coupling, prunable_layers
+    model = randomize_bn(tiny3_model())
+    layers = prunable_layers(build_coupling(model.graph), 1)
+    config = PruneConfig(method="l1", percent=0.4, round_to=1)
+    given, _ = plan_mask(model, config, scores=bn_gammas(model, layers))
+    slim, _ = plan_mask(model, PruneConfig(method="slim", percent=0.4, round_to=1))
+    assert set(given) == set(slim) and all(torch.equal(given[i], slim[i]) for i in slim)
+    reversed_, _ = plan_mask(model, config, scores={i: -g for i, g in bn_gammas(model, layers).items()})
+    assert any(not torch.equal(reversed_[i], slim[i]) for i in slim)  # the scores, not the method, decide

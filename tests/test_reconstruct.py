@@ -59,7 +59,6 @@ def _heads(model, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def test_reconstruction_brings_a_real_pruned_model_closer(assets: Path) -> None:
-    from compress.data.dataset import load_data_spec
     from compress.train.bn_adapt import image_batches
     w = assets / "weights"
     model = compress.load(w / "yolov4-tiny.cfg", w / "yolov4-tiny.weights")

@@ -23,8 +23,8 @@ from compress.prune.blocks import remove_units
 from compress.prune.costs import ConvCost, CostModel
 from compress.prune.coupling import Coupling, build_coupling
 from compress.prune.layout import build_layout, cuttable_groups
-from compress.prune.mask import (ChannelMask, apply_floor, group_score, merge_coupled, round_masks,
-                                 threshold_masks, top_k, validate_mask)
+from compress.prune.mask import (ChannelMask, apply_floor, global_threshold, group_score, merge_coupled,
+                                 round_masks, threshold_masks, top_k, validate_mask)
 from compress.prune.registry import METHODS, PruneConfig, Pruner, PruneResult
 from compress.prune.search import plan_widths
 from compress.prune.surgery import apply_channel_mask
@@ -83,24 +83,17 @@ def select_for_target(model: DarknetModel, coupling: Coupling, config: PruneConf
 
 def select_by_threshold(model: DarknetModel, coupling: Coupling, config: PruneConfig,
                         scores: dict[int, torch.Tensor] | None = None) -> tuple[ChannelMask, dict]:
-    """Cut every channel whose score is <= `config.threshold` (or, without one, below the global --percent
-    threshold of `scores`; kept when any coupled member scores above it), with the method's per-layer floor and
+    """Cut every channel whose score is <= `config.threshold` (or, without one, <= the global --percent
+    threshold of `scores`, slim's rule; kept when any coupled member scores above it), with the method's per-layer floor and
     rounding (`finalize_mask`). `scores`: importance instead of the method's own."""
     pruner = METHODS[config.method]
     scores = scores if scores is not None else pruner.scores(model, coupling, config)  # type: ignore[misc]
-    thr = float(config.threshold) if config.threshold is not None else _below(scores, config.percent)
+    thr = float(config.threshold) if config.threshold is not None else global_threshold(scores, config.percent)
     mask = apply_floor(threshold_masks(scores, thr, strict=True), scores, config.layer_keep)
     cut = sum(int((s <= thr).sum()) for s in scores.values())
     info = {"threshold": thr, "prunable_layers": len(scores), "at_or_below_threshold": cut,
             "scored_channels": sum(len(s) for s in scores.values())}
     return finalize_mask(mask, coupling, scores, config, merge="union"), info
-
-
-def _below(scores: dict[int, torch.Tensor], percent: float) -> float:
-    """The largest score among the lowest `percent` of all channels (-1 when that is none of them)."""
-    flat = torch.sort(torch.cat([s.float().flatten() for s in scores.values()])).values
-    n = int(len(flat) * percent)
-    return float(flat[n - 1]) if n > 0 else -1.0
 
 
 def plan_mask(model: DarknetModel, config: PruneConfig, cost: CostModel | None = None,
