@@ -21,6 +21,7 @@ from compress.darknet.summary import summarize
 from compress.jobs.prune import SparseTrainJob
 from compress.prune import PruneConfig, prune
 from compress.prune.costs import Target
+from compress.prune.surgery import apply_channel_mask
 from compress.prune.fade import PLAN_FILE, FadeConfig, FadeHook
 from compress.train.ema import ModelEMA
 
@@ -182,3 +183,23 @@ def test_given_scores_rank_the_plan_as_slim_ranks_gammas() -> None:
     assert set(given) == set(slim) and all(torch.equal(given[i], slim[i]) for i in slim)
     reversed_, _ = plan_mask(model, config, scores={i: -g for i, g in bn_gammas(model, layers).items()})
     assert any(not torch.equal(reversed_[i], slim[i]) for i in slim)  # the scores, not the method, decide
+
+
+def test_fade_plan_keeps_the_layer_floor_on_yolov4_tiny(assets: Path, tmp_path: Path) -> None:
+    """`sparse-train --sparsity fade --layer-keep 0.5 --target-flops 0.5`: the planned cut reaches the target and
+    keeps at least half of every layer (without the floor, l1's FLOPs plan cuts some 64- and 256-wide layers to
+    8, which the pretrained model does not heal from)."""
+    from compress.prune.api import plan_mask
+    w = assets / "weights"
+    job = SparseTrainJob(cfg=w / "yolov4-tiny.cfg", weights=w / "yolov4-tiny.weights", data=tmp_path, out=tmp_path,
+                         sparsity="fade", method="l1", target_flops=0.5, layer_keep=0.5)
+    plan = job.sparsity_config().plan
+    assert plan.layer_keep == 0.5
+    model = compress.load(job.cfg, job.weights)
+    floored, _ = plan_mask(model, plan)
+    bare, _ = plan_mask(model, PruneConfig(method="l1", round_to=8, target=plan.target))
+    assert all(int(m.sum()) >= len(m) // 2 for m in floored.values())
+    assert any(int(m.sum()) < len(m) // 4 for m in bare.values())  # the default floor lets l1 crush a layer
+    for mask in (floored, bare):
+        ratio = summarize(apply_channel_mask(model, mask), (416, 416)).gflops / summarize(model, (416, 416)).gflops
+        assert 0.45 < ratio <= 0.5

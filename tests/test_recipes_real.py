@@ -86,21 +86,22 @@ def test_yolov3_layer(assets, tmp_path):
 @pytest.mark.parametrize("name,weights,flops", [("yolov4-tiny-slim", "yolov4-tiny", 0.5),
                                                 ("yolo-fastest-slim", "yolo-fastest-1.1", 0.7)])
 def test_pretrained_slim_recipes(assets, tmp_path, name, weights, flops):
-    """sparse-train -> prune -> distill (teacher: the input model) -> int8 -> export, from the COCO weights."""
+    """prune (l1 to the FLOPs target, half of every layer kept, least-squares refit) -> distill (teacher: the
+    input model) -> int8 -> export, from the COCO weights."""
     w = assets / "weights"
     stages, out = run(name, (w / f"{weights}.cfg", w / f"{weights}.weights"), assets, tmp_path)
-    assert list(stages) == ["sparse-train", "prune", "distill", "quantize"]
-    full = read_cfg(w / f"{weights}.cfg")
-    pruned = json.loads((out / "02-prune" / "report.json").read_text())
-    # the fade planned the cut at the recipe's FLOPs target (counted at the cfg's size) and prune took exactly it
-    sparse = json.loads((out / "01-sparse-train" / "report.json").read_text())
-    assert sparse["sparsity"] == "fade" and sparse["kd"] == 4 and sparse["prune_matches_plan"]
-    assert sparse["prune_max_abs_diff"] < 1e-3 and sparse["gflops_ratio_after_prune"] <= flops + 0.01
-    assert pruned["gflops_after"] <= (flops + 0.05) * pruned["gflops_before"] and pruned["round_to"] == 8
-    for step in ("01-sparse-train", "03-distill"):  # pretrained: the shared fine-tune defaults, BN adaptation
-        report = json.loads((out / step / "report.json").read_text())
-        assert report["train_config"]["loss"] == "darknet" and report["train_config"]["bn_adapt"] > 0
-        assert report["map50_start"] is not None and "collapsed" in report
-    quant = json.loads((out / "04-quantize" / "report.json").read_text())
+    assert list(stages) == ["prune", "distill", "quantize"]
+    pruned = json.loads((out / "01-prune" / "report.json").read_text())
+    full, cut = read_cfg(w / f"{weights}.cfg"), read_cfg(Path(pruned["cfg"]))
+    assert pruned["gflops_after"] <= (flops + 0.01) * pruned["gflops_before"] and pruned["round_to"] == 8
+    assert pruned["reconstruct_images"] == 2  # all the (2) training images of the shrunk data
+    widths = [(a.get_int("filters"), b.get_int("filters")) for a, b in zip(full.blocks, cut.blocks)
+              if a.type == "convolutional"]
+    assert any(b < a for a, b in widths) and all(b >= a // 2 for a, b in widths)  # the floor: half of every layer
+    report = json.loads((out / "02-distill" / "report.json").read_text())  # pretrained: fine-tune defaults
+    assert report["train_config"]["loss"] == "darknet" and report["train_config"]["bn_adapt"] > 0
+    assert report["train_config"]["optimizer"] == "sgd" and report["map50_start"] is not None
+    assert "collapsed" in report
+    quant = json.loads((out / "03-quantize" / "report.json").read_text())
     assert quant["vs_fp32"]["max_drop"] == 100 and quant["vs_fp32"]["checks"]
-    assert (out / "05-export" / "model.onnx").is_file() and full.width in (320, 416)
+    assert (out / "04-export" / "model.onnx").is_file() and full.width in (320, 416)

@@ -144,6 +144,9 @@ def prune_command(report_path: str | None, exist_ok: bool, **options: Any) -> No
               help="--sparsity fade: instead of --percent, fade until this ratio of the parameters is left.")
 @click.option("--round-to", type=click.IntRange(1), help="--sparsity fade: kept widths a multiple of this (default "
               "the method's, 8).")
+@click.option("--layer-keep", type=click.FloatRange(0, 1), default=SparseTrainJob.layer_keep, show_default=True,
+              help="--sparsity fade: per-layer floor of the plan (fraction of width; e.g. 0.5 keeps at least half of "
+                   "every layer, which a pretrained model heals from far better than a few layers cut to 8).")
 @click.option("--fade-end", type=click.FloatRange(0, 1, min_open=True), default=SparseTrainJob.fade_end,
               show_default=True, help="--sparsity fade: share of training after which the planned channels are "
                                       "zero (the rest trains the pruned structure).")

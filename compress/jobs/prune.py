@@ -152,13 +152,14 @@ def _l1(job: "SparseTrainJob") -> SparsityConfig:
 
 def _fade(job: "SparseTrainJob") -> FadeConfig:
     target = target_of({"target_flops": job.target_flops, "target_params": job.target_params})
-    plan = PruneConfig(method=job.method, percent=job.percent, round_to=job.round_to, target=target)
+    plan = PruneConfig(method=job.method, percent=job.percent, round_to=job.round_to, layer_keep=job.layer_keep,
+                       target=target)
     return FadeConfig(plan=plan, end=job.fade_end, importance=job.importance)
 
 
 # --sparsity NAME -> the config of its hook (prune/sparsity.py: L1 on BN gammas; prune/fade.py: fade a plan)
 SPARSITY: dict[str, Callable[["SparseTrainJob"], SparsityConfig | FadeConfig]] = {"l1": _l1, "fade": _fade}
-_FADE_ONLY = ("method", "percent", "round_to", "target_flops", "target_params", "fade_end", "importance")
+_FADE_ONLY = ("method", "percent", "round_to", "layer_keep", "target_flops", "target_params", "fade_end", "importance")
 
 
 @register_job
@@ -190,6 +191,7 @@ class SparseTrainJob(TrainingJob):
     method: str = "slim"
     percent: float = PruneConfig.percent
     round_to: int | None = PruneConfig.round_to
+    layer_keep: float = PruneConfig.layer_keep
     target_flops: float | None = None
     target_params: float | None = None
     fade_end: float = FadeConfig.end

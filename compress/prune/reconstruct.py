@@ -11,7 +11,8 @@ How: the convs that lost input channels and (`downstream`, default) every plain 
 whose inputs changed too, in network order (so each sees the inputs its already-reconstructed predecessors
 give; refitting only the narrowed convs left yolov4-tiny's second head further from the original); for conv j,
 forward hooks take its input in the pruned model and the pre-BN output of the same conv in the original (the
-output channels j keeps), `unfold` turns sampled output positions into patch rows, and the normal equations
+output channels j keeps; one forward of the original per batch serves every layer, kept only at the sampled
+positions), `unfold` turns sampled output positions into patch rows, and the normal equations
 (float64, with an intercept column, ridge `ridge` x mean diagonal) are accumulated over the images and solved.
 The intercept goes into the BN running mean (or is the conv bias without BN), so the constants of removed channels
 (surgery's compensation) are re-fitted too. tests/test_reconstruct.py checks the solve against numpy's lstsq. Depthwise/grouped and shared-weight convs keep their weights.
@@ -95,21 +96,47 @@ def _rows(conv: nn.Conv2d, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _targets(original: DarknetModel, layers: Sequence[int], mask: dict[int, torch.Tensor],
+             batches: Sequence[torch.Tensor], config: ReconstructConfig, gen: torch.Generator
+             ) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per refit layer and batch: (sampled flat output positions, the original's pre-BN output of the kept channels
+    at them as (positions, C) float64 rows). One forward of the original per batch serves every layer (it never
+    changes) instead of one per layer and batch; only the sampled positions are kept. Positions are drawn layer by
+    layer, batch by batch, from `gen` (the order a layer-by-layer capture would draw them in)."""
+    grabbed: dict[int, torch.Tensor] = {}
+    hooks = [original.layers[j].conv.register_forward_hook(
+        lambda m, i, o, j=j: grabbed.__setitem__(j, o.detach())) for j in layers]
+    try:
+        original(batches[0][:1], raw=True)  # output sizes per layer (the same for every batch: one input size)
+        cells = {j: grabbed[j].shape[2] * grabbed[j].shape[3] for j in layers}
+        idx = {j: [torch.rand(len(x), cells[j], generator=gen).argsort(1)[:, :config.positions] for x in batches]
+               for j in layers}
+        out: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {j: [] for j in layers}
+        for b, x in enumerate(batches):
+            original(x, raw=True)
+            for j in layers:
+                y = grabbed[j].cpu()
+                y = y[:, mask[j]] if j in mask else y
+                n, c = y.shape[:2]
+                at = torch.gather(y.reshape(n, c, -1), 2, idx[j][b].unsqueeze(1).expand(-1, c, -1))
+                out[j].append((idx[j][b], at.permute(0, 2, 1).reshape(-1, c).double()))
+            grabbed.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+@torch.no_grad()
 def _refit(original: DarknetModel, pruned: DarknetModel, j: int, keep: torch.Tensor | None,
-           batches: Sequence[torch.Tensor], config: ReconstructConfig, gen: torch.Generator) -> None:
+           batches: Sequence[torch.Tensor], targets: list[tuple[torch.Tensor, torch.Tensor]],
+           config: ReconstructConfig) -> None:
     conv, layer = pruned.layers[j].conv, pruned.layers[j]
     d = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + 1
     xtx = torch.zeros(d, d, dtype=torch.float64)
     xty = torch.zeros(d, conv.out_channels, dtype=torch.float64)
-    for x in batches:
-        x_in = _capture(pruned, j, x, "input").cpu()
-        y = _capture(original, j, x, "output").cpu()
-        y = y[:, keep] if keep is not None else y
-        n, _, h, w = y.shape
-        idx = torch.rand(n, h * w, generator=gen).argsort(1)[:, :config.positions]  # without replacement
-        rows = _rows(conv, x_in, idx)
-        target = torch.gather(y.reshape(n, y.shape[1], -1), 2, idx.unsqueeze(1).expand(-1, y.shape[1], -1))
-        target = target.permute(0, 2, 1).reshape(-1, y.shape[1]).double()
+    for x, (idx, target) in zip(batches, targets):
+        rows = _rows(conv, _capture(pruned, j, x, "input").cpu(), idx)
         xtx += rows.T @ rows
         xty += rows.T @ target
     lam = config.ridge * float(xtx.diagonal()[:-1].mean())
@@ -139,8 +166,9 @@ def reconstruct(original: DarknetModel, pruned: DarknetModel, mask: dict[int, to
     modes = (original.training, pruned.training)
     original.eval(), pruned.eval()
     try:
+        targets = _targets(original, layers, mask, data, config, gen)
         for j in layers:
-            _refit(original, pruned, j, mask.get(j), data, config, gen)
+            _refit(original, pruned, j, mask.get(j), data, targets.pop(j), config)
     finally:
         original.train(modes[0]), pruned.train(modes[1])
     log.info("reconstruction: %d convs refitted on %d images", len(layers), sum(len(b) for b in data))
