@@ -69,12 +69,12 @@ class _Capture(Exception):
     pass
 
 
-def _capture(model: DarknetModel, j: int, x: torch.Tensor, want: str) -> torch.Tensor:
-    """Layer j's conv input (`want`="input") or output ("output") for batch `x`; the rest of the net is skipped."""
+def _capture(model: DarknetModel, j: int, x: torch.Tensor) -> torch.Tensor:
+    """Layer j's conv input for batch `x`; the rest of the net is skipped."""
     got: list[torch.Tensor] = []
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        got.append(inputs[0] if want == "input" else output)
+        got.append(inputs[0])
         raise _Capture
 
     handle = model.layers[j].conv.register_forward_hook(hook)
@@ -136,7 +136,7 @@ def _refit(original: DarknetModel, pruned: DarknetModel, j: int, keep: torch.Ten
     xtx = torch.zeros(d, d, dtype=torch.float64)
     xty = torch.zeros(d, conv.out_channels, dtype=torch.float64)
     for x, (idx, target) in zip(batches, targets):
-        rows = _rows(conv, _capture(pruned, j, x, "input").cpu(), idx)
+        rows = _rows(conv, _capture(pruned, j, x).cpu(), idx)
         xtx += rows.T @ rows
         xty += rows.T @ target
     lam = config.ridge * float(xtx.diagonal()[:-1].mean())
