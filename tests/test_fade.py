@@ -194,7 +194,7 @@ def test_fade_plan_keeps_the_layer_floor_on_yolov4_tiny(assets: Path, tmp_path: 
     job = SparseTrainJob(cfg=w / "yolov4-tiny.cfg", weights=w / "yolov4-tiny.weights", data=tmp_path, out=tmp_path,
                          sparsity="fade", method="l1", target_flops=0.5, layer_keep=0.5)
     plan = job.sparsity_config().plan
-    assert plan.layer_keep == 0.5
+    assert plan.layer_keep == 0.5 and job.sparsity_config().to_dict()["fade"]["layer_keep"] == 0.5  # reported
     model = compress.load(job.cfg, job.weights)
     floored, _ = plan_mask(model, plan)
     bare, _ = plan_mask(model, PruneConfig(method="l1", round_to=8, target=plan.target))

@@ -27,7 +27,8 @@ REQUIRED = {"cfg": CFG, "t_cfg": CFG, "weights": "/x.weights", "t_weights": "/t.
 COMPANIONS = {("quantize", "method", "dorefa"): {"reduce_range": False}}  # DoReFa 8-bit codes need --full-range
 # options that only mean something together with another (any value): sparse-train's fade plan needs --sparsity fade
 COMPANIONS.update({("sparse-train", p, "*"): {"sparsity": "fade"}
-                   for p in ("method", "percent", "round_to", "layer_keep", "target_flops", "target_params", "fade_end", "importance")})
+                   for p in ("method", "percent", "round_to", "layer_keep", "target_flops", "target_params", "fade_end",
+                             "importance")})
 
 
 def commands(group: click.Group = cli, prefix: str = "") -> Iterator[tuple[str, click.Command]]:

@@ -17,7 +17,7 @@ from compress.jobs.training import TrainingJob, data_path, dataset_files
 from compress.prune import PruneConfig
 from compress.prune.costs import Target
 from compress.prune.latency_target import LatencySettings
-from compress.prune.pipeline import Measure, prune_files
+from compress.prune.pipeline import Measure, check_reconstruct, prune_files
 from compress.prune.fade import FadeConfig
 from compress.prune.sparsity import SparsityConfig, run_sparse_train
 from compress.base.checks import check_choice, check_range
@@ -88,8 +88,7 @@ class PruneJob(Job):
         self.prune_config(), self.measure(), self.latency_settings()  # their rules and messages
         check_range("--bn-adapt", self.bn_adapt, 0, error=PruneError)
         check_range("--reconstruct", self.reconstruct, 0, error=PruneError)
-        if self.reconstruct and self.data is None:
-            raise PruneError("--reconstruct needs --data: the least-squares refit runs on its training images")
+        check_reconstruct(self.reconstruct, self.data)
 
     def target(self) -> Target | None:
         return target_of({name: getattr(self, name) for name in TARGET_OPTIONS})

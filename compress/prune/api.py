@@ -84,8 +84,8 @@ def select_for_target(model: DarknetModel, coupling: Coupling, config: PruneConf
 def select_by_threshold(model: DarknetModel, coupling: Coupling, config: PruneConfig,
                         scores: dict[int, torch.Tensor] | None = None) -> tuple[ChannelMask, dict]:
     """Cut every channel whose score is <= `config.threshold` (or, without one, <= the global --percent
-    threshold of `scores`, slim's rule; kept when any coupled member scores above it), with the method's per-layer floor and
-    rounding (`finalize_mask`). `scores`: importance instead of the method's own."""
+    threshold of `scores`, slim's rule; kept when any coupled member scores above it), with the method's
+    per-layer floor and rounding (`finalize_mask`). `scores`: importance instead of the method's own."""
     pruner = METHODS[config.method]
     scores = scores if scores is not None else pruner.scores(model, coupling, config)  # type: ignore[misc]
     thr = float(config.threshold) if config.threshold is not None else global_threshold(scores, config.percent)

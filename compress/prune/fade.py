@@ -87,7 +87,9 @@ class FadeConfig:
     def to_dict(self) -> dict:
         p = self.plan
         return {"fade": {"method": p.method, "importance": self.importance,
-                         "percent": None if p.target else p.percent, "target": p.target.to_dict() if p.target else None, "round_to": p.rounding, "end": self.end}}
+                         "percent": None if p.target else p.percent,
+                         "target": p.target.to_dict() if p.target else None, "round_to": p.rounding,
+                         "layer_keep": p.layer_keep, "end": self.end}}
 
 
 def _taylor(model: DarknetModel, images: Sequence[str | os.PathLike], train_config, device) -> dict[int, torch.Tensor]:

@@ -106,13 +106,18 @@ def _adapt(model: DarknetModel, measure: Measure, size: int, batches: int) -> tu
                                           "map50_unadapted": theirs["map50"]}
 
 
+def check_reconstruct(images: int, data: object) -> None:
+    """`--reconstruct N` fits on N training images of `--data`: refused without one (before anything runs)."""
+    if images and not data:
+        raise PruneError("--reconstruct needs --data: the least-squares refit runs on its training images")
+
+
 def _reconstruct(model: DarknetModel, result: PruneResult, measure: Measure, size: int, images: int) -> dict:
     """Least-squares refit of the pruned model's convs on `images` training images of `measure.data` (batches of
     8, the model's input geometry)."""
+    check_reconstruct(images, measure.data)
     if not images:
         return {"reconstructed_convs": []}
-    if not measure.data:
-        raise PruneError("--reconstruct needs --data: the least-squares fit runs on its training images")
     spec = load_data_spec(measure.data)
     letterbox = input_letterbox(model, measure.letterbox)
     batches = image_batches(spec.train, size, 8, math.ceil(images / 8), letterbox)
@@ -138,8 +143,9 @@ def prune_files(cfg: str | os.PathLike, weights: str | os.PathLike | None, confi
     """Load cfg/weights, prune (by percent or to `config.target`; a latency target on `latency`'s runtime),
     re-estimate the pruned model's BN statistics on `bn_adapt` batches of the training images of `measure.data`
     (when given; with `reconstruct_images`, first refit the convs that lost inputs by least squares on that many
-    training images: `reconstruct.py`), save the pruned pair as `outputs` (None: a dry run, nothing written) and return the report
-    figures (before/after, per-layer channels, the target's plan and, for latency, predicted and measured ms).
+    training images: `reconstruct.py`), save the pruned pair as `outputs` (None: a dry run, nothing written) and
+    return the report figures (before/after, per-layer channels, the target's plan and, for latency, predicted
+    and measured ms).
     `compress.jobs.run_job(PruneJob(...))` guards the outputs first and writes OUT/report.json."""
     model = load(cfg, weights, device=measure.device)
     if measure.data:  # before pruning and writing: a mismatch found by the evaluation after would leave a pair

@@ -15,7 +15,8 @@ output channels j keeps; one forward of the original per batch serves every laye
 positions), `unfold` turns sampled output positions into patch rows, and the normal equations
 (float64, with an intercept column, ridge `ridge` x mean diagonal) are accumulated over the images and solved.
 The intercept goes into the BN running mean (or is the conv bias without BN), so the constants of removed channels
-(surgery's compensation) are re-fitted too. tests/test_reconstruct.py checks the solve against numpy's lstsq. Depthwise/grouped and shared-weight convs keep their weights.
+(surgery's compensation) are re-fitted too. tests/test_reconstruct.py checks the solve against numpy's lstsq.
+Depthwise/grouped and shared-weight convs keep their weights.
 """
 from __future__ import annotations
 
@@ -101,8 +102,8 @@ def _targets(original: DarknetModel, layers: Sequence[int], mask: dict[int, torc
              ) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Per refit layer and batch: (sampled flat output positions, the original's pre-BN output of the kept channels
     at them as (positions, C) float64 rows). One forward of the original per batch serves every layer (it never
-    changes) instead of one per layer and batch; only the sampled positions are kept. Positions are drawn layer by
-    layer, batch by batch, from `gen` (the order a layer-by-layer capture would draw them in)."""
+    changes) instead of one per layer and batch; only the sampled positions are kept. Positions are drawn from
+    `gen` layer by layer, batch by batch (so the sample does not depend on how the forwards are grouped)."""
     grabbed: dict[int, torch.Tensor] = {}
     hooks = [original.layers[j].conv.register_forward_hook(
         lambda m, i, o, j=j: grabbed.__setitem__(j, o.detach())) for j in layers]
