@@ -10,32 +10,41 @@ For each case (model@size:method) and runtime (1 thread): the per-layer latency 
 global `--percent` threshold, its percent found by bisection on the same table so that its predicted latency
 equals the targeted model's, then corrected by up to 3 secant steps on its measured latency. The unpruned,
 targeted and uniform models are then timed together, round-robin (`measure_models`: 0.25-quantile of process
-CPU time per run, 1 thread), and both pruned models are evaluated (mAP@.5 on the first --images COCO128 images, no fine-tuning).
-Weights: the official Darknet weights; "slim" ranks by their BN gammas WITHOUT sparse training (none is
-available here), so its mAP after pruning is far below a sparse-trained model's.
+CPU time per run, 1 thread), and both pruned models are evaluated with no fine-tuning: mAP@.5 on the 32 held-out
+COCO128 images (sorted by name, every 4th: `data split`'s rule) as cut, and, with --reconstruct N (default 64),
+after the least-squares refit of `prune --reconstruct N` (no labels, no gradient steps) on the first N of the
+other 96 images, on the held-out 32, on every image the refit did not see (128 - N) and on all 128. Without it every cut of the official weights scores ~0, targeted
+and uniform alike, which compares nothing.
+Weights: the official Darknet weights, or `MODEL@SIZE:METHOD=WEIGHTS` (e.g. slim after `sparse-train`).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tabulate import tabulate
 
 import compress
+from compress.base.errors import WeightsError
 from compress.base.fileio import write_text_atomic
 from compress.data.dataspec import DataSpec, load_data_spec
+from compress.data.split import holdout_split
 from compress.deploy.latency import measure_models
 from compress.deploy.latency_table import machine_id
-from compress.detection.evaluate import EvalConfig, evaluate
+from compress.detection.evaluate import EvalConfig, evaluate, input_letterbox
 from compress.prune import PruneConfig, prune, select_mask
 from compress.prune.costs import LatencyCost, Target
 from compress.prune.coupling import build_coupling
 from compress.prune.latency_target import LatencySettings, areas, latency_table, prune_to_latency
 from compress.prune.layout import build_layout, cuttable_groups
+from compress.prune.reconstruct import reconstruct
+from compress.train.bn_adapt import image_batches
 
 ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 CASES = ("yolov4-tiny@416:l1", "yolov4-tiny@416:slim", "yolo-fastest-1.1@320:l1")
@@ -66,11 +75,46 @@ def uniform_percent(model: compress.DarknetModel, method: str, cost: LatencyCost
 
 
 def uniform_model(model, method: str, percent: float):  # type: ignore[no-untyped-def]
-    return prune(model, PruneConfig(method=method, percent=percent)).model
+    return prune(model, PruneConfig(method=method, percent=percent))
 
 
-def map50(model, data: DataSpec, size: int) -> float:  # type: ignore[no-untyped-def]
-    return round(evaluate(model, data, EvalConfig(img_size=size, progress=False, workers=0), "cpu").map50, 4)
+@dataclass(frozen=True)
+class Images:
+    """The 96/32 split of COCO128: `held` scores the held-out 32, `full` all 128, `unseen` every image the refit
+    did not use (the held-out 32 and the training images after the first `refit`); the first `refit` of
+    `held.train` (the other 96, sorted) refit the pruned models (0: none)."""
+    held: DataSpec
+    full: DataSpec
+    refit: int
+
+    @property
+    def unseen(self) -> DataSpec:
+        return DataSpec(self.held.train, list(self.held.valid) + list(self.held.train[self.refit:]),
+                        self.held.names)
+
+
+def map50(model, data: DataSpec, size: int) -> float | None:  # type: ignore[no-untyped-def]
+    """mAP@.5, or None when the model's output overflows (Inf/NaN) on one of the images."""
+    try:
+        return round(evaluate(model, data, EvalConfig(img_size=size, progress=False, workers=0), "cpu").map50, 4)
+    except WeightsError as e:
+        logging.warning("no mAP: %s", e)
+        return None
+
+
+def scores(original, result, images: Images, size: int, key: str) -> dict:  # type: ignore[no-untyped-def]
+    """mAP@.5 of the pruned model as cut (held-out 32) and after the least-squares refit on `images.refit`
+    training images (held-out 32 and all 128); `result.model` is refitted in place."""
+    pruned = result.model
+    out = {f"map50_{key}": map50(pruned, images.held, size)}
+    if images.refit:
+        letterbox = input_letterbox(original, None)
+        batches = image_batches(images.held.train, size, 8, math.ceil(images.refit / 8), letterbox)
+        reconstruct(original, pruned, result.mask, batches, removed=result.removed_blocks)
+        out.update({f"map50_{key}_refit": map50(pruned, images.held, size),
+                    f"map50_{key}_refit_unseen": map50(pruned, images.unseen, size),
+                    f"map50_{key}_refit_all": map50(pruned, images.full, size)})
+    return out
 
 
 def match_uniform(model, method: str, size: int, settings: LatencySettings, want: float, percent: float,
@@ -80,7 +124,7 @@ def match_uniform(model, method: str, size: int, settings: LatencySettings, want
     pts: list[tuple[float, float, object]] = []
     for _ in range(tries):
         uniform = uniform_model(model, method, percent)
-        base, flat = measure_models([model, uniform], settings.runtime, 1, size, rounds)
+        base, flat = measure_models([model, uniform.model], settings.runtime, 1, size, rounds)
         pts.append((percent, flat / base, uniform))
         if abs(flat / base / want - 1) <= 0.02:
             break
@@ -95,7 +139,7 @@ def match_uniform(model, method: str, size: int, settings: LatencySettings, want
     return best[0], best[2]
 
 
-def one_target(model, method: str, size: int, settings: LatencySettings, target: float, data: DataSpec,
+def one_target(model, method: str, size: int, settings: LatencySettings, target: float, images: Images,
                rounds: int) -> dict:
     t0 = time.time()
     config = PruneConfig(method=method, target=Target("latency", ratio=target))
@@ -104,39 +148,44 @@ def one_target(model, method: str, size: int, settings: LatencySettings, target:
     cost = LatencyCost(table, areas(model, size))
     guess = uniform_percent(model, method, cost, predicted_ratio(model, result.mask, cost))
     percent, uniform = match_uniform(model, method, size, settings, fig["measured_ratio"], guess, rounds)
-    base, targeted, flat = measure_models([model, result.model, uniform], settings.runtime, 1, size, rounds)
+    base, targeted, flat = measure_models([model, result.model, uniform.model], settings.runtime, 1, size, rounds)
     return {"target": target, "measured_ratio": round(targeted / base, 4),
             "miss": round(targeted / base / target - 1, 4), "predicted_ratio": fig["predicted_ratio"],
             "loop_rounds": len(fig["rounds"]), "base_ms": round(base, 3), "targeted_ms": round(targeted, 3),
             "uniform_ms": round(flat, 3), "uniform_percent": round(percent, 4),
-            "uniform_ratio": round(flat / base, 4), "map50_targeted": map50(result.model, data, size),
-            "map50_uniform": map50(uniform, data, size),
+            "uniform_ratio": round(flat / base, 4),
+            **scores(model, result, images, size, "targeted"), **scores(model, uniform, images, size, "uniform"),
+            "removed_units": fig["removed_units"],
             "widths": [{"layer": i, "before": model.graph.channels[i], "after": int(m.sum())}
                        for i, m in sorted(result.mask.items())],
             "seconds": round(time.time() - t0), "loadavg_1min": round(os.getloadavg()[0], 2)}
 
 
-def run_case(case: str, runtimes: list[str], targets: list[float], data: DataSpec, tables: Path,
+def run_case(case: str, runtimes: list[str], targets: list[float], images: Images, tables: Path,
              rounds: int) -> list[dict]:
-    name_size, method = case.split(":")
+    """`case`: MODEL@SIZE:METHOD[=WEIGHTS] (default: the official weights of MODEL)."""
+    name_size, method_weights = case.split(":")
+    method, _, weights = method_weights.partition("=")
     name, size = name_size.split("@")
     w = ASSETS / "weights"
-    model = compress.load(w / f"{name}.cfg", w / f"{name}.weights").eval()
-    base_map = map50(model, data, int(size))
+    model = compress.load(w / f"{name}.cfg", weights or w / f"{name}.weights").eval()
+    base = {"map50_unpruned": map50(model, images.held, int(size)),
+            "map50_unpruned_unseen": map50(model, images.unseen, int(size)),
+            "map50_unpruned_all": map50(model, images.full, int(size)), "weights": weights or "official"}
     rows = []
     for runtime in runtimes:
         settings = LatencySettings(runtime, 1, tables, refine=3, rounds=rounds)
         for target in targets:
-            row = {"model": name, "img_size": int(size), "method": method, "runtime": runtime,
-                   "map50_unpruned": base_map,
-                   **one_target(model, method, int(size), settings, target, data, rounds)}
+            row = {"model": name, "img_size": int(size), "method": method, "runtime": runtime, **base,
+                   **one_target(model, method, int(size), settings, target, images, rounds)}
             logging.info("%s", {k: v for k, v in row.items() if k != "widths"})
             rows.append(row)
     return rows
 
 
-HEADERS = ["model", "method", "runtime", "target", "measured_ratio", "miss", "uniform_ratio", "map50_unpruned",
-           "map50_targeted", "map50_uniform", "uniform_percent"]
+HEADERS = ["model", "method", "runtime", "target", "measured_ratio", "miss", "uniform_ratio", "uniform_percent",
+           "map50_unpruned", "map50_targeted", "map50_uniform", "map50_targeted_refit", "map50_uniform_refit",
+           "map50_unpruned_unseen", "map50_targeted_refit_unseen", "map50_uniform_refit_unseen"]
 
 
 def main() -> None:
@@ -144,7 +193,8 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=list(CASES), help="MODEL@SIZE:METHOD")
     ap.add_argument("--runtimes", nargs="+", default=["onnxruntime", "ncnn"])
     ap.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.7])
-    ap.add_argument("--images", type=int, default=128, help="COCO128 images for mAP@.5 (the first N)")
+    ap.add_argument("--reconstruct", type=int, default=64,
+                    help="refit both pruned models on this many of the 96 training images (0: score the cut only)")
     ap.add_argument("--rounds", type=int, default=30, help="round-robin runs per latency measurement")
     ap.add_argument("--tables", type=Path, default=Path("runs/latency_tables.json"), help="latency table cache")
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
@@ -153,17 +203,20 @@ def main() -> None:
     for noisy in ("compress.deploy.export", "compress.prune.api", "compress.prune.surgery"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     spec = load_data_spec(ASSETS / "data" / "coco128" / "images" / "train2017")
-    data = DataSpec(spec.train, sorted(spec.valid)[:args.images], spec.names)
+    train, held = holdout_split(spec.train)
+    images = Images(DataSpec(train, held, spec.names), DataSpec(train, sorted(spec.valid), spec.names),
+                    args.reconstruct)
     load_before, rows = os.getloadavg()[0], []
     for case in args.cases:
-        rows += run_case(case, args.runtimes, args.targets, data, args.tables, args.rounds)
+        rows += run_case(case, args.runtimes, args.targets, images, args.tables, args.rounds)
         if args.out:
             write_text_atomic(args.out, json.dumps({"rows": rows}, indent=2) + "\n")
     print(tabulate([[r[h] for h in HEADERS] for r in rows], headers=HEADERS, tablefmt="github"))
     figures = {"cpu": machine_id(), "cores": os.cpu_count(),
                "loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0],
                "clock": "0.25-quantile of process CPU time per run, 1 thread, round-robin",
-               "images": args.images, "weights": "official Darknet weights, no sparse training, no fine-tuning",
+               "scored_on": "COCO128: held-out 32 (every 4th by name) and all 128", "refit_images": args.reconstruct,
+               "weights": "per row (official Darknet weights unless given); no fine-tuning",
                "rows": rows}
     print(f"\n1-min load average {load_before:.1f} before, {figures['loadavg_1min_after']:.1f} after "
           f"({os.cpu_count()} cores)")

@@ -93,6 +93,10 @@ def _before_after(report: Report) -> str:
                    "else measured and added (default: OUT/latency_table.json).")
 @click.option("--refine", type=click.IntRange(0), default=2, show_default=True,
               help="Re-plan a latency target up to N times from the measured latency of the result.")
+@click.option("--remove-units/--keep-units", default=PruneJob.remove_units, show_default=True,
+              help="When channel widths alone cannot reach a latency target, remove the fewest residual units "
+                   "(the `layer` method's order) first; --keep-units: widths only (the narrowest plan when out "
+                   "of reach).")
 @click.option("--bn-adapt", type=click.IntRange(0), default=PruneJob.bn_adapt, show_default=True,
               help="Re-estimate the pruned model's BN statistics on this many batches of --data's training "
                    "images (0: off; without --data: not done).")

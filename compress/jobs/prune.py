@@ -80,6 +80,7 @@ class PruneJob(Job):
     threads: int = LatencySettings.threads
     latency_table: PathLike | None = None
     refine: int = LatencySettings.refine
+    remove_units: bool = LatencySettings.remove_units
     device: str = "auto"      # resolved when it runs (auto: a GPU if one is visible)
     bn_adapt: int = DEFAULT_BN_ADAPT  # batches of --data's training images (0: off; no --data: none)
     reconstruct: int = 0              # least-squares refit on this many --data training images (0: off)
@@ -99,7 +100,8 @@ class PruneJob(Job):
                            compensate=not self.no_compensate, target=self.target(), threshold=self.threshold)
 
     def latency_settings(self) -> LatencySettings:
-        return LatencySettings(self.runtime, self.threads, self.table_path(), self.refine, measure=not self.dry_run)
+        return LatencySettings(self.runtime, self.threads, self.table_path(), self.refine, measure=not self.dry_run,
+                               remove_units=self.remove_units)
 
     def table_path(self) -> Path | None:
         """Where a latency target's table is read and kept: --latency-table, else OUT/latency_table.json (a dry

@@ -16,7 +16,7 @@ import torch
 from compress.darknet.block import Block
 from compress.base.errors import PruneError
 from compress.darknet.model import DarknetModel, build_model
-from compress.prune.coupling import residual_units
+from compress.prune.coupling import residual_units, unit_conv
 from compress.prune.surgery import channel_offsets, copy_layer
 
 __all__ = ["remove_blocks", "remove_units"]
@@ -107,5 +107,6 @@ def remove_units(model: DarknetModel, shortcuts: set[int], compensate: bool = Tr
         raise PruneError(f"layer {bad[0]} does not close a removable residual block ([conv][conv][shortcut from=-3] "
                          "or a bottleneck of single-reader convs)")
     drop = {b for s in shortcuts for b in units[s]}
-    keep = {units[s][-2]: torch.zeros(model.graph.channels[units[s][-2]], dtype=torch.bool) for s in shortcuts}
+    closing = [unit_conv(model.graph, units[s]) for s in shortcuts]
+    keep = {c: torch.zeros(model.graph.channels[c], dtype=torch.bool) for c in closing}
     return remove_blocks(model, drop, keep, compensate), drop

@@ -25,7 +25,7 @@ import numpy as np
 from compress.darknet.block import Block
 from compress.darknet.graph import LayerGraph
 
-__all__ = ["Coupling", "build_coupling", "prunable_layers", "residual_units", "MODES"]
+__all__ = ["Coupling", "build_coupling", "prunable_layers", "residual_units", "unit_conv", "MODES"]
 
 MODES = (0, 1, 2)
 
@@ -151,9 +151,11 @@ def build_coupling(graph: LayerGraph) -> Coupling:
 
 def residual_units(graph: LayerGraph) -> dict[int, tuple[int, ...]]:
     """Shortcuts that close a removable residual block -> (its blocks..., shortcut): Darknet's
-    `[conv][conv][shortcut from=-3]`, or a MobileNet bottleneck `[conv][depthwise][se][conv][shortcut from=-5]`.
-    The chain from the shortcut's source to it must be single-reader blocks ending in a BN conv that keeps the
-    source's width, so removing the unit leaves the identity path."""
+    `[conv][conv][shortcut from=-3]`, or a MobileNet bottleneck `[conv][depthwise][se][conv][shortcut from=-5]`,
+    optionally with blocks that are the identity at inference between the last conv and the shortcut
+    (Yolo-Fastest's `[conv][dropout][shortcut]`). The chain from the shortcut's source to it must be single-reader
+    blocks whose last conv (`unit_conv`) has BN and keeps the source's width, so removing the unit leaves the
+    identity path."""
     out = {}
     for s, (b, section) in enumerate(zip(graph.cfg.blocks, graph.sections)):
         if section.residual is None or len(graph.inputs[s]) != 2 or not section.residual(b):
@@ -162,13 +164,22 @@ def residual_units(graph: LayerGraph) -> dict[int, tuple[int, ...]]:
         chain = tuple(range(src + 1, s))
         if prev != s - 1 or len(chain) < 2 or graph.channels[s - 1] != graph.channels[src]:
             continue
-        last = graph.cfg.blocks[s - 1]
-        if not graph.sections[s - 1].conv or not last.get_int("batch_normalize", 0):
+        last = unit_conv(graph, chain + (s,))
+        if last <= src + 1 or not graph.sections[last].conv or not graph.cfg.blocks[last].get_int("batch_normalize", 0):
             continue
         if all(graph.inputs[j] == (j - 1,) and graph.consumers[j] == (j + 1,)
                and (graph.sections[j].conv or graph.sections[j].unit_passenger) for j in chain):
             out[s] = chain + (s,)
     return out
+
+
+def unit_conv(graph: LayerGraph, unit: tuple[int, ...]) -> int:
+    """The conv that closes a residual unit's branch (its BN gamma scores the unit; removing the unit zeroes it):
+    the last block before the shortcut that is not the identity at inference."""
+    k = len(unit) - 2
+    while k > 0 and graph.sections[unit[k]].inference_identity:
+        k -= 1
+    return unit[k]
 
 
 def _reference_excluded(graph: LayerGraph) -> set[int]:
@@ -187,7 +198,8 @@ def prunable_layers(coupling: Coupling, mode: int) -> list[int]:
     residual convs included), 2 (layer pruning: the BN conv right before each removable shortcut)."""
     graph = coupling.graph
     if mode == 2:
-        return sorted(u[-2] for u in residual_units(graph).values() if u[-2] not in coupling.fixed)
+        return sorted(c for c in (unit_conv(graph, u) for u in residual_units(graph).values())
+                      if c not in coupling.fixed)
     excluded = _reference_excluded(graph) | coupling.fixed
     out = []
     for group in coupling.groups:

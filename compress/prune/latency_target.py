@@ -7,12 +7,19 @@ NetAdapt, which measures each proposal, we then measure: the unpruned and the pr
 round-robin (`measure_models`) and, when the measured ratio misses the target by more than `tolerance`, the
 goal given to the planner is corrected by the ratio of measured to predicted saving, up to `refine` times.
 The result closest to the target is kept; every round is reported.
+
+Channel widths alone cannot reach every target: a model of narrow layers (Yolo-Fastest: 8-48 channels) costs
+about 0.6 of its latency on onnxruntime with every group at its floor (per-op work that no width removes). Then
+(`LatencySettings.remove_units`) the fewest residual units, in the `layer` method's order (`ranked_units`),
+are removed first (`_shorten`: bisection on their number, each shorter model timed against the original, its
+floor plan predicted from the original's table, whose conv timings still hold: removing a unit changes no other
+conv's shapes); the channel search then runs on the shorter model.
 """
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,9 +28,11 @@ from compress.base.errors import PruneError
 from compress.darknet.model import DarknetModel
 from compress.deploy.latency import LATENCY_RUNTIMES, measure_models, measure_table, table_key
 from compress.deploy.latency_table import LatencyTable, find_table, store_table
-from compress.prune.api import prune
+from compress.prune.api import plan_mask, prune
+from compress.prune.blocks import remove_units
 from compress.prune.costs import LatencyCost, Target
 from compress.prune.coupling import build_coupling
+from compress.prune.layer import ranked_units
 from compress.prune.layout import Layout, build_layout, cuttable_groups, table_grid
 from compress.prune.registry import PruneConfig, PruneResult
 from compress.prune.surgery import apply_channel_mask
@@ -38,7 +47,8 @@ class LatencySettings:
     """`runtime` (a LATENCY_RUNTIMES key) with `threads`; `table`: the JSON file the table is read from and
     stored in (None: measured and not kept); `refine`: re-plans from measured latency; `tolerance`: the
     relative miss that triggers one; `runs`: timed runs per grid point; `rounds`: round-robin rounds per
-    whole-model measurement; `measure`: False = plan only (a dry run: nothing measured after pruning)."""
+    whole-model measurement; `measure`: False = plan only (a dry run: nothing measured after pruning);
+    `remove_units`: when the channel widths cannot reach the target, remove residual units first (`_shorten`)."""
 
     runtime: str = "onnxruntime"
     threads: int = 1
@@ -48,6 +58,7 @@ class LatencySettings:
     runs: int = 10
     rounds: int = 30
     measure: bool = True
+    remove_units: bool = True
 
     def __post_init__(self) -> None:
         if self.runtime not in LATENCY_RUNTIMES:
@@ -145,6 +156,80 @@ def _next_ratio(rounds: list[dict], want: float) -> float:
     return min(0.999, max(0.02, nxt))
 
 
+# A shorter model is kept when its floor plan predicts this fraction of the goal or less: the table's
+# predictions miss by up to ~10 % and the measured re-plans need room below the goal to correct them.
+_FLOOR_MARGIN = 0.9
+
+
+@dataclass(frozen=True)
+class Shortened:
+    """The model the channel search starts from: `model` itself (no unit removed) or a shorter one, its cost
+    model, `index` (original layer -> its index in the shorter model) and the `dropped` original blocks."""
+
+    model: DarknetModel
+    cost: LatencyCost
+    index: dict[int, int]
+    dropped: tuple[int, ...] = ()
+    info: dict = field(default_factory=dict)
+
+    def to_original(self, result: PruneResult) -> PruneResult:
+        """`result` (a prune of the shorter model) with its mask in the original's layer numbering."""
+        if not self.dropped:
+            return result
+        back = {j: i for i, j in self.index.items()}
+        return PruneResult(result.model, {back[j]: m for j, m in result.mask.items()}, self.dropped,
+                           {**result.info, "removed_units": self.info})
+
+
+def _reaches(model: DarknetModel, config: PruneConfig, cost: LatencyCost, goal: float) -> tuple[bool, float]:
+    """(whether the channel search reaches `goal` ms on `cost`, its prediction for the narrowest plan tried)."""
+    _, info = plan_mask(model, replace(config, target=Target("latency", value=goal, best_effort=True)), cost)
+    return bool(info["plan"]["reached"]), float(info["plan"]["predicted"])
+
+
+def _shorter(model: DarknetModel, shortcuts: list[int], config: PruneConfig, table: LatencyTable,
+             settings: LatencySettings, img_size: int) -> Shortened:
+    """`model` without the residual units closed by `shortcuts`, timed against `model` on the runtime; its cost
+    model is the original table's conv timings renumbered, based at the measured latency of the shorter model."""
+    short, dropped = remove_units(model, set(shortcuts), config.compensate)
+    index = {old: new for new, old in enumerate(i for i in range(len(model.layers)) if i not in dropped)}
+    full_ms, short_ms = measure_models([model, short], settings.runtime, settings.threads, img_size,
+                                       settings.rounds)
+    layers = tuple(replace(t, layer=index[t.layer]) for t in table.layers if t.layer in index)
+    base = table.model_ms * short_ms / full_ms
+    cost = LatencyCost(replace(table, layers=layers, model_ms=base), areas(short, img_size),
+                       multiple=settings.multiple)
+    return Shortened(short, cost, index, tuple(sorted(dropped)))
+
+
+def _shorten(model: DarknetModel, config: PruneConfig, table: LatencyTable, cost: LatencyCost,
+             settings: LatencySettings, goal: float, img_size: int) -> Shortened:
+    """The model to search channel widths on: `model` when its widths can reach `goal` ms (or units may not be
+    removed, or it has none), else the shorter model with the fewest residual units removed (in `ranked_units`
+    order; bisection on their number) whose floor plan predicts <= _FLOOR_MARGIN x the goal, or without every
+    removable unit when none does (the search then gives its best effort)."""
+    same = Shortened(model, cost, {i: i for i in range(len(model.layers))})
+    if not settings.remove_units or _reaches(model, config, cost, goal)[0]:
+        return same
+    order = [s for s, _ in ranked_units(model, build_coupling(model.graph))]
+    lo, hi, best, tried = 1, len(order), None, []
+    while lo <= hi:
+        k = (lo + hi) // 2
+        short = _shorter(model, order[:k], config, table, settings, img_size)
+        ok, floor = _reaches(short.model, config, short.cost, _FLOOR_MARGIN * goal)
+        tried.append({"units": k, "base_ratio": round(short.cost.base / table.model_ms, 4),
+                      "floor_ratio": round(floor / table.model_ms, 4)})
+        best, lo, hi = (short if ok else best), (lo if ok else k + 1), (k - 1 if ok else hi)
+    if best is None and order:
+        best = _shorter(model, order, config, table, settings, img_size)
+    if best is None:
+        return same
+    units = sorted(s for s in order if s in best.dropped)
+    log.info("%s: channel widths alone cannot reach it; removing %d residual unit(s) first: %s",
+             config.target.option if config.target else "the target", len(units), units)
+    return replace(best, info={"shortcuts": units, "candidates": len(order), "tried": tried})
+
+
 def prune_to_latency(model: DarknetModel, config: PruneConfig, settings: LatencySettings, img_size: int
                      ) -> tuple[PruneResult, dict]:
     """Prune `model` to `config.target` (metric latency) on the settings' runtime; returns the result and the
@@ -162,10 +247,11 @@ def prune_to_latency(model: DarknetModel, config: PruneConfig, settings: Latency
     else:
         want = float(target.ratio)  # type: ignore[arg-type]
     goal, rounds, best = table.model_ms * want, [], None
+    start = _shorten(model, config, table, cost, settings, goal, img_size)
     for k in range(settings.refine + 1 if settings.measure else 1):
         # best effort while measuring: the table may under-predict savings, which a measured round corrects
         planned = Target("latency", value=goal, best_effort=settings.measure, label=target.option)
-        result = prune(model, replace(config, target=planned), cost)
+        result = start.to_original(prune(start.model, replace(config, target=planned), start.cost))
         measured = (tuple(measure_models([model, result.model], settings.runtime, settings.threads, img_size,
                                          settings.rounds)) if settings.measure else None)
         rounds.append(_round(k, goal, result, table, measured))
@@ -182,7 +268,7 @@ def prune_to_latency(model: DarknetModel, config: PruneConfig, settings: Latency
                "target": target.to_dict(), "target_ratio": round(want, 4), **{k: row[k] for k in (
                    "base_ms", "predicted_ms", "predicted_ratio", "measured_ms", "measured_ratio")},
                "miss": None if row["measured_ratio"] is None else round(row["measured_ratio"] / want - 1, 4),
-               "rounds": rounds}
+               "rounds": rounds, "removed_units": start.info.get("shortcuts", [])}
     if figures["miss"] is not None and abs(figures["miss"]) > settings.tolerance:
         log.warning("%s on %s: measured %.3f of the unpruned latency (%+.1f%% off) after %d round(s)",
                     target.option, settings.runtime, row["measured_ratio"], 100 * figures["miss"], len(rounds))

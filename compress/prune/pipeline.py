@@ -121,7 +121,8 @@ def _reconstruct(model: DarknetModel, result: PruneResult, measure: Measure, siz
     spec = load_data_spec(measure.data)
     letterbox = input_letterbox(model, measure.letterbox)
     batches = image_batches(spec.train, size, 8, math.ceil(images / 8), letterbox)
-    return reconstruct(model, result.model, result.mask, batches, ReconstructConfig(), measure.device)
+    return reconstruct(model, result.model, result.mask, batches, ReconstructConfig(), measure.device,
+                       result.removed_blocks)
 
 
 def _collapsed(before: float | None, after: float | None, info: dict) -> bool | None:

@@ -15,7 +15,10 @@ output channels j keeps; one forward of the original per batch serves every laye
 positions), `unfold` turns sampled output positions into patch rows, and the normal equations
 (float64, with an intercept column, ridge `ridge` x mean diagonal) are accumulated over the images and solved.
 The intercept goes into the BN running mean (or is the conv bias without BN), so the constants of removed channels
-(surgery's compensation) are re-fitted too. tests/test_reconstruct.py checks the solve against numpy's lstsq.
+(surgery's compensation) are re-fitted too. After layer removal (residual units: `--method layer`, a latency
+target out of reach of channel widths) the pruned model's layers are the original's minus the removed blocks,
+and every conv after the first removed block is refitted. tests/test_reconstruct.py checks the solve against
+numpy's lstsq.
 Depthwise/grouped and shared-weight convs keep their weights.
 """
 from __future__ import annotations
@@ -53,15 +56,29 @@ class ReconstructConfig:
             raise PruneError(f"reconstruction ridge {self.ridge} must be >= 0")
 
 
-def refit_layers(original: DarknetModel, pruned: DarknetModel, downstream: bool = False) -> list[int]:
-    """Convs of `pruned` whose input width shrank (plain convs with groups=1, not shared): what to refit; with
-    `downstream`, every such conv from the first one that lost inputs on (their inputs changed too)."""
+def kept_layers(original: DarknetModel, removed: Sequence[int] = ()) -> list[int]:
+    """The original index of each layer of the pruned model: all but the `removed` blocks (original numbering;
+    layer removal renumbers, channel pruning does not)."""
+    gone = set(removed)
+    return [i for i in range(len(original.layers)) if i not in gone]
+
+
+def refit_layers(original: DarknetModel, pruned: DarknetModel, downstream: bool = False,
+                 removed: Sequence[int] = ()) -> list[int]:
+    """Convs of `pruned` (its numbering) whose input width shrank (plain convs with groups=1, not shared): what to
+    refit; with `downstream`, every such conv from the first one that lost inputs, or the first after a removed
+    block, on (their inputs changed too)."""
     out: list[int] = []
-    for j, (a, b) in enumerate(zip(original.layers, pruned.layers)):
-        conv_a, conv_b = getattr(a, "conv", None), getattr(b, "conv", None)
-        if not isinstance(conv_b, nn.Conv2d) or getattr(b, "shared", False) or conv_b.groups != 1:
+    first_gap = min(removed, default=len(original.layers))
+    kept = kept_layers(original, removed)
+    if len(kept) != len(pruned.layers):
+        raise PruneError(f"the pruned model has {len(pruned.layers)} layers, the original {len(original.layers)} "
+                         f"less the {len(removed)} removed blocks given: pass the pruning's removed blocks")
+    for j, i in enumerate(kept):
+        conv_a, conv_b = getattr(original.layers[i], "conv", None), getattr(pruned.layers[j], "conv", None)
+        if not isinstance(conv_b, nn.Conv2d) or getattr(pruned.layers[j], "shared", False) or conv_b.groups != 1:
             continue
-        if conv_b.in_channels < conv_a.in_channels or (downstream and out):
+        if conv_b.in_channels < conv_a.in_channels or (downstream and (out or i > first_gap)):
             out.append(j)
     return out
 
@@ -129,9 +146,10 @@ def _targets(original: DarknetModel, layers: Sequence[int], mask: dict[int, torc
 
 
 @torch.no_grad()
-def _refit(original: DarknetModel, pruned: DarknetModel, j: int, keep: torch.Tensor | None,
+def _refit(original: DarknetModel, pruned: DarknetModel, j: int, i: int, keep: torch.Tensor | None,
            batches: Sequence[torch.Tensor], targets: list[tuple[torch.Tensor, torch.Tensor]],
            config: ReconstructConfig) -> None:
+    """Refit `pruned`'s conv j to reproduce the original's conv i (the same layer before any renumbering)."""
     conv, layer = pruned.layers[j].conv, pruned.layers[j]
     d = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + 1
     xtx = torch.zeros(d, d, dtype=torch.float64)
@@ -147,7 +165,7 @@ def _refit(original: DarknetModel, pruned: DarknetModel, j: int, keep: torch.Ten
     w, b = sol[:-1].T.reshape(conv.weight.shape), sol[-1]
     conv.weight.copy_(w.to(conv.weight.dtype))
     if layer.bn is not None:
-        mean = original.layers[j].bn.running_mean.cpu()
+        mean = original.layers[i].bn.running_mean.cpu()
         mean = mean[keep] if keep is not None else mean
         layer.bn.running_mean.copy_((mean.double() - b).to(layer.bn.running_mean.dtype))
     else:
@@ -156,10 +174,12 @@ def _refit(original: DarknetModel, pruned: DarknetModel, j: int, keep: torch.Ten
 
 def reconstruct(original: DarknetModel, pruned: DarknetModel, mask: dict[int, torch.Tensor],
                 batches: Iterable[torch.Tensor], config: ReconstructConfig = ReconstructConfig(),
-                device: str | torch.device = "cpu") -> dict:
+                device: str | torch.device = "cpu", removed: Sequence[int] = ()) -> dict:
     """Refit, in place, every conv of `pruned` that lost input channels (`refit_layers`) on the uint8 image
-    `batches` (`mask`: the pruning's kept output channels per conv). Returns report figures."""
-    layers = refit_layers(original, pruned, config.downstream)
+    `batches` (`mask`: the pruning's kept output channels per conv; `removed`: blocks the pruning removed; both
+    in the original's numbering). Returns report figures (`reconstructed_convs` in `pruned`'s numbering)."""
+    layers = refit_layers(original, pruned, config.downstream, removed)
+    origin = kept_layers(original, removed)
     data = [to_input(b, device) for b in batches]
     if not data:
         raise PruneError("reconstruction needs calibration images (--data)")
@@ -167,9 +187,9 @@ def reconstruct(original: DarknetModel, pruned: DarknetModel, mask: dict[int, to
     modes = (original.training, pruned.training)
     original.eval(), pruned.eval()
     try:
-        targets = _targets(original, layers, mask, data, config, gen)
+        targets = _targets(original, [origin[j] for j in layers], mask, data, config, gen)
         for j in layers:
-            _refit(original, pruned, j, mask.get(j), data, targets.pop(j), config)
+            _refit(original, pruned, j, origin[j], mask.get(origin[j]), data, targets.pop(origin[j]), config)
     finally:
         original.train(modes[0]), pruned.train(modes[1])
     log.info("reconstruction: %d convs refitted on %d images", len(layers), sum(len(b) for b in data))

@@ -102,10 +102,12 @@ class PruneResult:
     def channel_rows(self, before: DarknetModel) -> list[tuple[int, str, int, int]]:
         """(layer, type, channels before, after) for every maskable conv of `before` (channel methods; none for
         layer removal alone), unchanged ones too: the totals then count the same layers whatever the mask
-        holds (issue #26: --round-to dropped layers it rounded back to full width, so totals differed)."""
+        holds (issue #26: --round-to dropped layers it rounded back to full width, so totals differed); a conv of a
+        removed block (`removed_blocks`, in `before`'s numbering) keeps 0."""
         if not self.mask:
             return []
         graph = before.graph
+        removed = set(self.removed_blocks)
         return [(i, before.cfg.blocks[i].type, graph.channels[i],
-                 int(self.mask[i].sum()) if i in self.mask else graph.channels[i])
+                 0 if i in removed else int(self.mask[i].sum()) if i in self.mask else graph.channels[i])
                 for i in range(len(before.cfg.blocks)) if graph.sections[i].conv]

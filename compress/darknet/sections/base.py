@@ -145,6 +145,7 @@ class Section:
     darknet_loss: bool = False        # a head carrying Darknet's training keys: the darknet loss trains it
     conv: bool = False                # a ConvBNAct: its output channels can be masked by pruning
     unit_passenger: bool = False      # one input, same channels and size: may sit inside a removable residual unit
+    inference_identity: bool = False  # passes its input unchanged at inference (constants too): [dropout]
     dialects: tuple[str, ...] = ("darknet",)   # where it comes from: darknet, reference, yolo-compress
     aliases: tuple[str, ...] = ()
     header: str = ""                  # spelling written back when it is not the name ([Gaussian_yolo])

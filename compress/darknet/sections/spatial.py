@@ -89,7 +89,7 @@ def _build_dropout(block: Block, ins: list[int], ctx: Ctx) -> Any:
 
 register(Section(
     "dropout", "dropout while training, identity at inference", _build_dropout,
-    keys=(Key("probability", "float", min=0, max=1),), unit_passenger=True))
+    keys=(Key("probability", "float", min=0, max=1),), unit_passenger=True, inference_identity=True))
 
 
 # --- [reorg] (YOLOv2, Darknet's reorg_old) and [reorg3d] (space-to-depth) ---------------------------------------
