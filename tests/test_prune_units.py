@@ -133,3 +133,12 @@ def test_no_unit_removed_when_widths_reach_the_target(tmp_path: Path) -> None:
     lat = run_job(PruneJob(cfg, weights, tmp_path / "o2", method="l1", target_latency=0.95, runtime="torch",
                            refine=0, img_size=64))
     assert lat["latency"]["removed_units"] == [] and lat["removed_blocks"] == []
+
+
+def test_refit_without_the_removed_blocks_is_refused(assets: Path) -> None:
+    from compress.base.errors import PruneError
+    model = _fastest(assets)
+    cut = prune(model, PruneConfig(method="layer", shortcuts=1))
+    images = sorted((assets / "data" / "coco128" / "images" / "train2017").glob("*.jpg"))[:4]
+    with pytest.raises(PruneError, match="pass the pruning's removed blocks"):
+        reconstruct(model, cut.model, cut.mask, image_batches(images, 320, 4, 1, False))
