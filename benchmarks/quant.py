@@ -25,14 +25,14 @@ from tabulate import tabulate
 
 from compress.base.fileio import write_text_atomic
 from compress.quant.config import make_config
-from compress.darknet.cfg import read_cfg
 from compress.quant.pipeline import QuantOutputs, QuantSettings, quantize
-from compress.quant.qat import qat_train_config
+from compress.jobs import QuantizeJob
+from compress.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("YOLO_COMPRESS_ASSETS", ROOT.parent / "shared" / "assets"))
 V4T = ("yolov4-tiny", 320)
-JOB_KEYS = ("bias_correction", "act_drop", "rounding", "rounding_iters", "avg_bits")
+JOB_KEYS = ("bias_correction", "act_drop", "act_drop_after", "rounding", "rounding_iters", "avg_bits")
 
 # name -> (model, img size or None for the cfg's, make_config kwargs (+ QuantSettings' in JOB_KEYS), QAT?)
 RUNS: dict[str, tuple[str, int | None, dict, bool]] = {
@@ -60,6 +60,10 @@ RUNS: dict[str, tuple[str, int | None, dict, bool]] = {
     "v4t-w4-qat-qdrop": ("yolov4-tiny", 320, {"bits": 4, "act_drop": 0.5}, True),
     "v4t-w4-pow2-qat-qdrop": ("yolov4-tiny", 320, {"bits": 4, "pow2": True, "act_drop": 0.5}, True),
     "v4t-w4-pow2-qat-416-qdrop": ("yolov4-tiny", 416, {"bits": 4, "pow2": True, "act_drop": 0.5}, True),
+    # issue 24 item 3: pow2 QAT without QDrop (the default, spelled out), and QDrop in the last third only
+    "v4t-w4-pow2-qat-nodrop": ("yolov4-tiny", 320, {"bits": 4, "pow2": True, "act_drop": 0.0}, True),
+    "v4t-w4-pow2-qat-qdrop-late": ("yolov4-tiny", 320, {"bits": 4, "pow2": True, "act_drop": 0.5,
+                                                        "act_drop_after": 8}, True),
     # PTQ with learned rounding (the default at <= 6 bits) and mixed precision (issue 24)
     "v4t-w4-ptq-learned": ("yolov4-tiny", 320, {"bits": 4, "rounding": "learned"}, False),
     "v4t-w4-ptq-learned-416": ("yolov4-tiny", 416, {"bits": 4, "rounding": "learned"}, False),
@@ -100,14 +104,20 @@ def run_one(name: str, args: argparse.Namespace, calib_seed: int = 0) -> dict:
     settings = QuantSettings(calib_batches=args.calib_batches, batch_size=args.batch_size, img_size=img,
                              calib_images=args.calib_images, calib_seed=calib_seed, latency_runs=5, verify=False,
                              **job_kw)
-    train = qat_train_config(args.epochs, args.batch_size, img or read_cfg(cfg).width, args.lr0 or 1e-4, 0, False,
-                             False) if qat and args.epochs else None
+    train = _qat_train(cfg, weights, img, args) if qat and args.epochs else None
     t0, c0 = time.perf_counter(), time.process_time()
     figures = quantize(cfg, weights, data, config, outputs, settings, train)
     # process CPU time (all threads): on a shared CPU the wall time says little about a quiet run
     figures.update(run=name, calib_seed=calib_seed, wall_s=round(time.perf_counter() - t0, 1),
                    cpu_s=round(time.process_time() - c0, 1))
     return figures
+
+
+def _qat_train(cfg: str, weights: str, img: int | None, args: argparse.Namespace) -> TrainConfig:
+    """The QAT loop `yolo-compress quantize --epochs N` runs (the job's: its loss from --weights, no BN
+    adaptation), so a run measures the command and not a loop of its own."""
+    options = {"cfg": cfg, "weights": weights, "batch_size": args.batch_size, "img_size": img}
+    return QuantizeJob.make_train(options, {"epochs": args.epochs, "lr0": args.lr0}, set())
 
 
 def _row(f: dict) -> list:

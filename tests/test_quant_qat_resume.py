@@ -49,8 +49,11 @@ def _history(out) -> list[list[str]]:
 
 
 def test_interrupted_qat_resumes_to_the_same_steps_weights_and_ranges(setup, monkeypatch):
+    """Interrupted in epoch 2, where QDrop (off in epoch 1: --act-drop-after 1) is on: the resumed run drops
+    from the same epoch with the same random masks."""
     tmp, data = setup
-    quantize(_job(tmp, data, "a"))
+    drop = {"act_drop": 0.5, "act_drop_after": 1}
+    quantize(_job(tmp, data, "a", **drop))
     seen = []
 
     def interrupt(self, state, *args):  # mid-epoch 2 (2 batches per epoch), after the freeze points
@@ -61,12 +64,14 @@ def test_interrupted_qat_resumes_to_the_same_steps_weights_and_ranges(setup, mon
 
     monkeypatch.setattr(QATHook, "extra_loss", interrupt, raising=False)
     with pytest.raises(KeyboardInterrupt):
-        quantize(_job(tmp, data, "b"))
+        quantize(_job(tmp, data, "b", **drop))
     monkeypatch.undo()
     assert seen == [0, 1, 2, 3]
     assert read_checkpoint(tmp / "b" / "qat" / "last.pt")["step"] == 3
-    report = quantize(_job(tmp, data, "b", resume=True))
+    report = quantize(_job(tmp, data, "b", resume=True, **drop))
     assert report["qat_resumed"] and report["calib_images"] == 0  # ranges came from the checkpoint
+    rows = _history(tmp / "b")
+    assert [r[rows[0].index("act_drop")] for r in rows[1:]] == ["0", "0.5"]  # the share each epoch trained with
     a, b = tmp / "a", tmp / "b"
     assert read_checkpoint(a / "qat" / "last.pt")["step"] == read_checkpoint(b / "qat" / "last.pt")["step"] == 4
     assert _history(a) == _history(b)  # same per-epoch losses (CSV text: equal to the printed digits)

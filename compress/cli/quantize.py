@@ -75,6 +75,8 @@ def _table(r: Report) -> str:
 @click.option("--act-drop", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="QAT: QDrop, the share of activation elements that skip fake quantization in each training "
                    "step (the model then also holds with float activations, as in the Darknet pair).")
+@click.option("--act-drop-after", type=click.IntRange(0), default=0, show_default=True,
+              help="QAT: epochs trained with every activation quantized before --act-drop starts.")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
               help="PTQ: shift each conv's bias by the mean output error of its rounded weights (Nagel et al.).")
 @click.option("--rounding", type=click.Choice(ROUNDINGS),

@@ -67,6 +67,7 @@ class QuantizeJob(Job):
     img_size: int | None = None
     sync_bn: bool = False
     act_drop: float = 0.0
+    act_drop_after: int = 0
     bias_correction: bool = True
     safe_range: str = "half"
     rounding: str | None = None
@@ -125,6 +126,7 @@ class QuantizeJob(Job):
                              calib_seed=self.calib_seed, batch_size=self.batch_size, img_size=self.img_size,
                              letterbox=self.letterbox, evaluate=not self.no_eval, verify=not self.no_verify,
                              bias_correction=self.bias_correction, sync_bn=self.sync_bn, act_drop=self.act_drop,
+                             act_drop_after=self.act_drop_after,
                              rounding=self.rounding, rounding_iters=self.rounding_iters,
                              avg_bits=self.avg_bits if self.mixed_precision else None,
                              freeze_observers_after=self.freeze_observers_after, freeze_bn_after=self.freeze_bn_after)

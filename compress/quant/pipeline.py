@@ -88,6 +88,7 @@ class QuantSettings:
     bias_correction: bool = True        # PTQ: Nagel et al. 2019 empirical bias correction
     sync_bn: bool = False               # QAT under torchrun: BatchNorm statistics over the global batch
     act_drop: float = 0.0               # QAT: QDrop share of activation elements left unquantized (Wei et al. 2022)
+    act_drop_after: int = 0             # QAT epochs trained with every activation quantized before QDrop starts
     freeze_observers_after: int | None = None  # QAT epochs; None: half of them (rounded up)
     freeze_bn_after: int | None = None  # QAT epochs; None: 80% of them (rounded up)
     rounding: str | None = None         # PTQ weight rounding: nearest | learned; None: learned at <= 6 bits
@@ -108,7 +109,7 @@ class QuantSettings:
             raise QuantError(f"--act-drop {self.act_drop} must be in [0, 1), e.g. 0.5")
         if not 0.0 <= self.verify_tolerance <= 1.0:
             raise QuantError(f"verify_tolerance={self.verify_tolerance} is a mAP@.5 difference in [0, 1], e.g. 0.01")
-        for name in ("freeze_observers_after", "freeze_bn_after"):
+        for name in ("freeze_observers_after", "freeze_bn_after", "act_drop_after"):
             if (getattr(self, name) or 0) < 0:
                 raise QuantError(f"{name}={getattr(self, name)} must be a number of epochs >= 0 "
                                  f"(--{name.replace('_', '-')})")

@@ -206,6 +206,7 @@ class _Trainer:
     def run(self) -> TrainResult:
         if self.cfg.collapse_ratio is not None and self.main and self.spec.valid and self.map50_start is None:
             self.map50_start = self._evaluate(self.eval_model)["map50"]  # the model as given
+        self.state.epoch = self.start_epoch  # hooks see the first epoch left to train (not 0 on resume)
         self.hooks.on_fit_start(self.state)
         try:
             for epoch in range(self.start_epoch, self.cfg.epochs):
