@@ -13,8 +13,9 @@ targeted and uniform models are then timed together, round-robin (`measure_model
 CPU time per run, 1 thread), and both pruned models are evaluated with no fine-tuning: mAP@.5 on the 32 held-out
 COCO128 images (sorted by name, every 4th: `data split`'s rule) as cut, and, with --reconstruct N (default 64),
 after the least-squares refit of `prune --reconstruct N` (no labels, no gradient steps) on the first N of the
-other 96 images, on the held-out 32, on every image the refit did not see (128 - N) and on all 128. Without it every cut of the official weights scores ~0, targeted
-and uniform alike, which compares nothing.
+other 96 images, on the held-out 32, on every image the refit did not see (128 - N) and on all 128. Without it
+every cut of the official weights scores ~0, targeted and uniform alike, which compares nothing. --layer-keep F
+floors every layer of both cuts.
 Weights: the official Darknet weights, or `MODEL@SIZE:METHOD=WEIGHTS` (e.g. slim after `sparse-train`).
 """
 from __future__ import annotations
@@ -61,12 +62,13 @@ def predicted_ratio(model: compress.DarknetModel, mask: dict, cost: LatencyCost)
     return 1 - saved / cost.base
 
 
-def uniform_percent(model: compress.DarknetModel, method: str, cost: LatencyCost, goal: float) -> float:
+def uniform_percent(model: compress.DarknetModel, method: str, cost: LatencyCost, goal: float,
+                    keep: float) -> float:
     """The --percent whose predicted latency ratio is `goal` (bisection; the method's global threshold)."""
     lo, hi = 0.0, 0.99
     for _ in range(10):
         mid = (lo + hi) / 2
-        mask, _ = select_mask(model, PruneConfig(method=method, percent=mid, layer_keep=0.01))
+        mask, _ = select_mask(model, PruneConfig(method=method, percent=mid, layer_keep=keep))
         if predicted_ratio(model, mask, cost) > goal:
             lo = mid
         else:
@@ -74,8 +76,8 @@ def uniform_percent(model: compress.DarknetModel, method: str, cost: LatencyCost
     return hi
 
 
-def uniform_model(model, method: str, percent: float):  # type: ignore[no-untyped-def]
-    return prune(model, PruneConfig(method=method, percent=percent))
+def uniform_model(model, method: str, percent: float, keep: float):  # type: ignore[no-untyped-def]
+    return prune(model, PruneConfig(method=method, percent=percent, layer_keep=keep))
 
 
 @dataclass(frozen=True)
@@ -118,12 +120,12 @@ def scores(original, result, images: Images, size: int, key: str) -> dict:  # ty
 
 
 def match_uniform(model, method: str, size: int, settings: LatencySettings, want: float, percent: float,
-                  rounds: int, tries: int = 3) -> tuple[float, object]:  # type: ignore[no-untyped-def]
+                  rounds: int, keep: float, tries: int = 3) -> tuple[float, object]:  # type: ignore[no-untyped-def]
     """The uniform --percent whose MEASURED latency ratio is closest to `want`: start from `percent` (the table's
     guess), then secant steps on (percent, measured ratio), each timed against the unpruned model."""
     pts: list[tuple[float, float, object]] = []
     for _ in range(tries):
-        uniform = uniform_model(model, method, percent)
+        uniform = uniform_model(model, method, percent, keep)
         base, flat = measure_models([model, uniform.model], settings.runtime, 1, size, rounds)
         pts.append((percent, flat / base, uniform))
         if abs(flat / base / want - 1) <= 0.02:
@@ -140,14 +142,14 @@ def match_uniform(model, method: str, size: int, settings: LatencySettings, want
 
 
 def one_target(model, method: str, size: int, settings: LatencySettings, target: float, images: Images,
-               rounds: int) -> dict:
+               rounds: int, keep: float) -> dict:
     t0 = time.time()
-    config = PruneConfig(method=method, target=Target("latency", ratio=target))
+    config = PruneConfig(method=method, target=Target("latency", ratio=target), layer_keep=keep)
     result, fig = prune_to_latency(model, config, settings, size)
     table, _ = latency_table(model, settings, size)
     cost = LatencyCost(table, areas(model, size))
-    guess = uniform_percent(model, method, cost, predicted_ratio(model, result.mask, cost))
-    percent, uniform = match_uniform(model, method, size, settings, fig["measured_ratio"], guess, rounds)
+    guess = uniform_percent(model, method, cost, predicted_ratio(model, result.mask, cost), keep)
+    percent, uniform = match_uniform(model, method, size, settings, fig["measured_ratio"], guess, rounds, keep)
     base, targeted, flat = measure_models([model, result.model, uniform.model], settings.runtime, 1, size, rounds)
     return {"target": target, "measured_ratio": round(targeted / base, 4),
             "miss": round(targeted / base / target - 1, 4), "predicted_ratio": fig["predicted_ratio"],
@@ -162,7 +164,7 @@ def one_target(model, method: str, size: int, settings: LatencySettings, target:
 
 
 def run_case(case: str, runtimes: list[str], targets: list[float], images: Images, tables: Path,
-             rounds: int) -> list[dict]:
+             rounds: int, keep: float) -> list[dict]:
     """`case`: MODEL@SIZE:METHOD[=WEIGHTS] (default: the official weights of MODEL)."""
     name_size, method_weights = case.split(":")
     method, _, weights = method_weights.partition("=")
@@ -177,7 +179,8 @@ def run_case(case: str, runtimes: list[str], targets: list[float], images: Image
         settings = LatencySettings(runtime, 1, tables, refine=3, rounds=rounds)
         for target in targets:
             row = {"model": name, "img_size": int(size), "method": method, "runtime": runtime, **base,
-                   **one_target(model, method, int(size), settings, target, images, rounds)}
+                   "layer_keep": keep,
+                   **one_target(model, method, int(size), settings, target, images, rounds, keep)}
             logging.info("%s", {k: v for k, v in row.items() if k != "widths"})
             rows.append(row)
     return rows
@@ -196,6 +199,8 @@ def main() -> None:
     ap.add_argument("--reconstruct", type=int, default=64,
                     help="refit both pruned models on this many of the 96 training images (0: score the cut only)")
     ap.add_argument("--rounds", type=int, default=30, help="round-robin runs per latency measurement")
+    ap.add_argument("--layer-keep", type=float, default=PruneConfig.layer_keep,
+                    help="per-layer floor of both the targeted and the uniform cut")
     ap.add_argument("--tables", type=Path, default=Path("runs/latency_tables.json"), help="latency table cache")
     ap.add_argument("--out", type=Path, help="write the rows as JSON here")
     args = ap.parse_args()
@@ -208,7 +213,7 @@ def main() -> None:
                     args.reconstruct)
     load_before, rows = os.getloadavg()[0], []
     for case in args.cases:
-        rows += run_case(case, args.runtimes, args.targets, images, args.tables, args.rounds)
+        rows += run_case(case, args.runtimes, args.targets, images, args.tables, args.rounds, args.layer_keep)
         if args.out:
             write_text_atomic(args.out, json.dumps({"rows": rows}, indent=2) + "\n")
     print(tabulate([[r[h] for h in HEADERS] for r in rows], headers=HEADERS, tablefmt="github"))
