@@ -10,6 +10,7 @@ block is an error naming it.
 from __future__ import annotations
 
 import logging
+from typing import Iterable
 
 import torch
 
@@ -19,9 +20,16 @@ from compress.darknet.model import DarknetModel, build_model
 from compress.prune.coupling import residual_units, unit_conv
 from compress.prune.surgery import channel_offsets, copy_layer
 
-__all__ = ["remove_blocks", "remove_units"]
+__all__ = ["remove_blocks", "remove_units", "kept_layers"]
 
 log = logging.getLogger(__name__)
+
+
+def kept_layers(n_layers: int, removed: Iterable[int] = ()) -> list[int]:
+    """The old index of each layer left after removing `removed` from `n_layers`: the one renumbering (the new
+    index of old layer kept[j] is j; channel pruning alone renumbers nothing)."""
+    gone = set(removed)
+    return [i for i in range(n_layers) if i not in gone]
 
 
 def _ref_count(block: Block, keys: tuple[str, ...]) -> int:
@@ -77,7 +85,7 @@ def remove_blocks(model: DarknetModel, drop: set[int], keep: dict[int, torch.Ten
     if not drop:
         raise PruneError("no block to remove; pass at least one layer index")
     resolve = _resolver(model, drop)
-    kept = [i for i in range(len(blocks)) if i not in drop]
+    kept = kept_layers(len(blocks), drop)
     new_index = {old: new for new, old in enumerate(kept)}
     for pos, i in enumerate(kept):  # the implicit input (previous block) must survive the removal
         section = graph.sections[i]

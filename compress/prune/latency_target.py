@@ -29,7 +29,7 @@ from compress.darknet.model import DarknetModel
 from compress.deploy.latency import LATENCY_RUNTIMES, measure_models, measure_table, table_key
 from compress.deploy.latency_table import LatencyTable, find_table, store_table
 from compress.prune.api import plan_mask, prune
-from compress.prune.blocks import remove_units
+from compress.prune.blocks import kept_layers, remove_units
 from compress.prune.costs import LatencyCost, Target
 from compress.prune.coupling import build_coupling
 from compress.prune.layer import ranked_units
@@ -164,11 +164,11 @@ _FLOOR_MARGIN = 0.9
 @dataclass(frozen=True)
 class Shortened:
     """The model the channel search starts from: `model` itself (no unit removed) or a shorter one, its cost
-    model, `index` (original layer -> its index in the shorter model) and the `dropped` original blocks."""
+    model, `kept` (the original index of each of its layers: `blocks.kept_layers`) and the `dropped` blocks."""
 
     model: DarknetModel
     cost: LatencyCost
-    index: dict[int, int]
+    kept: list[int]
     dropped: tuple[int, ...] = ()
     info: dict = field(default_factory=dict)
 
@@ -176,8 +176,7 @@ class Shortened:
         """`result` (a prune of the shorter model) with its mask in the original's layer numbering."""
         if not self.dropped:
             return result
-        back = {j: i for i, j in self.index.items()}
-        return PruneResult(result.model, {back[j]: m for j, m in result.mask.items()}, self.dropped,
+        return PruneResult(result.model, {self.kept[j]: m for j, m in result.mask.items()}, self.dropped,
                            {**result.info, "removed_units": self.info})
 
 
@@ -192,14 +191,15 @@ def _shorter(model: DarknetModel, shortcuts: list[int], config: PruneConfig, tab
     """`model` without the residual units closed by `shortcuts`, timed against `model` on the runtime; its cost
     model is the original table's conv timings renumbered, based at the measured latency of the shorter model."""
     short, dropped = remove_units(model, set(shortcuts), config.compensate)
-    index = {old: new for new, old in enumerate(i for i in range(len(model.layers)) if i not in dropped)}
+    kept = kept_layers(len(model.layers), dropped)
+    index = {old: new for new, old in enumerate(kept)}
     full_ms, short_ms = measure_models([model, short], settings.runtime, settings.threads, img_size,
                                        settings.rounds)
     layers = tuple(replace(t, layer=index[t.layer]) for t in table.layers if t.layer in index)
     base = table.model_ms * short_ms / full_ms
     cost = LatencyCost(replace(table, layers=layers, model_ms=base), areas(short, img_size),
                        multiple=settings.multiple)
-    return Shortened(short, cost, index, tuple(sorted(dropped)))
+    return Shortened(short, cost, kept, tuple(sorted(dropped)))
 
 
 def _shorten(model: DarknetModel, config: PruneConfig, table: LatencyTable, cost: LatencyCost,
@@ -208,7 +208,7 @@ def _shorten(model: DarknetModel, config: PruneConfig, table: LatencyTable, cost
     removed, or it has none), else the shorter model with the fewest residual units removed (in `ranked_units`
     order; bisection on their number) whose floor plan predicts <= _FLOOR_MARGIN x the goal, or without every
     removable unit when none does (the search then gives its best effort)."""
-    same = Shortened(model, cost, {i: i for i in range(len(model.layers))})
+    same = Shortened(model, cost, kept_layers(len(model.layers)))
     if not settings.remove_units or _reaches(model, config, cost, goal)[0]:
         return same
     order = [s for s, _ in ranked_units(model, build_coupling(model.graph))]

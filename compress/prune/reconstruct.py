@@ -34,6 +34,7 @@ from torch import nn
 from compress.base.errors import PruneError
 from compress.darknet.model import DarknetModel
 from compress.data.dataset import to_input
+from compress.prune.blocks import kept_layers
 
 __all__ = ["ReconstructConfig", "reconstruct", "refit_layers"]
 
@@ -56,13 +57,6 @@ class ReconstructConfig:
             raise PruneError(f"reconstruction ridge {self.ridge} must be >= 0")
 
 
-def kept_layers(original: DarknetModel, removed: Sequence[int] = ()) -> list[int]:
-    """The original index of each layer of the pruned model: all but the `removed` blocks (original numbering;
-    layer removal renumbers, channel pruning does not)."""
-    gone = set(removed)
-    return [i for i in range(len(original.layers)) if i not in gone]
-
-
 def refit_layers(original: DarknetModel, pruned: DarknetModel, downstream: bool = False,
                  removed: Sequence[int] = ()) -> list[int]:
     """Convs of `pruned` (its numbering) whose input width shrank (plain convs with groups=1, not shared): what to
@@ -70,7 +64,7 @@ def refit_layers(original: DarknetModel, pruned: DarknetModel, downstream: bool 
     block, on (their inputs changed too)."""
     out: list[int] = []
     first_gap = min(removed, default=len(original.layers))
-    kept = kept_layers(original, removed)
+    kept = kept_layers(len(original.layers), removed)
     if len(kept) != len(pruned.layers):
         raise PruneError(f"the pruned model has {len(pruned.layers)} layers, the original {len(original.layers)} "
                          f"less the {len(removed)} removed blocks given: pass the pruning's removed blocks")
@@ -179,7 +173,7 @@ def reconstruct(original: DarknetModel, pruned: DarknetModel, mask: dict[int, to
     `batches` (`mask`: the pruning's kept output channels per conv; `removed`: blocks the pruning removed; both
     in the original's numbering). Returns report figures (`reconstructed_convs` in `pruned`'s numbering)."""
     layers = refit_layers(original, pruned, config.downstream, removed)
-    origin = kept_layers(original, removed)
+    origin = kept_layers(len(original.layers), removed)
     data = [to_input(b, device) for b in batches]
     if not data:
         raise PruneError("reconstruction needs calibration images (--data)")
