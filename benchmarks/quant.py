@@ -41,6 +41,7 @@ RUNS: dict[str, tuple[str, int | None, dict, bool]] = {
     "demo-w4-google": ("demo", None, {"method": "google", "bits": 4}, True),
     "demo-w8a8": ("demo", None, {"method": "google", "bits": 8}, False),
     "v4t-w8a8": ("yolov4-tiny", 416, {"method": "google", "bits": 8}, False),
+    "v4t-w8a8-320": ("yolov4-tiny", 320, {"method": "google", "bits": 8}, False),
     "v4t-w8a8-nobc": ("yolov4-tiny", 416, {"method": "google", "bits": 8, "bias_correction": False}, False),
     "v4t-w8a8-s8": ("yolov4-tiny", 416, {"method": "google", "bits": 8, "act_scheme": "symmetric"}, False),
     "v4t-w8a8-full": ("yolov4-tiny", 416, {"method": "google", "bits": 8, "reduce_range": False}, False),
@@ -72,6 +73,9 @@ RUNS: dict[str, tuple[str, int | None, dict, bool]] = {
     "v4t-w4-ptq-nearest": ("yolov4-tiny", 320, {"bits": 4, "rounding": "nearest"}, False),
     "v4t-w4-ptq-mixed": ("yolov4-tiny", 320, {"bits": 4, "avg_bits": 4.5, "rounding": "learned"}, False),
     "v4t-w4-ptq-mixed-416": ("yolov4-tiny", 416, {"bits": 4, "avg_bits": 4.5, "rounding": "learned"}, False),
+    "v4t-w4-ptq-mixed-nearest": ("yolov4-tiny", 320, {"bits": 4, "avg_bits": 4.5, "rounding": "nearest"}, False),
+    "v4t-w4-ptq-mixed-nearest-416": ("yolov4-tiny", 416, {"bits": 4, "avg_bits": 4.5, "rounding": "nearest"},
+                                     False),
     "fastest-w4-ptq-learned": ("yolo-fastest-1.1", 320, {"bits": 4, "rounding": "learned"}, False),
     # block reconstruction (BRECQ): each block's convs fitted jointly to the block's output
     "v4t-w4-ptq-block": ("yolov4-tiny", 320, {"bits": 4, "rounding": "block"}, False),

@@ -18,10 +18,11 @@ from compress.darknet.model import build_model
 from compress.data.synth import synthesize
 from compress.quant import GoogleConfig, QConvBNAct, calibrate, prepare_qat, to_darknet
 from compress.quant.adaround import RoundingConfig
+from compress.quant.config import make_config
 from compress.quant.reconstruct import learn_rounding
 from compress.quant.brecq import block_error, find_blocks
 from compress.quant.mixed import assign_bits, average_bits, layer_sensitivity
-from compress.quant.pipeline import QuantSettings, _calibration_images
+from compress.quant.pipeline import QuantSettings, _calibration_images, ptq_rounding
 from compress.data.dataset import load_data_spec
 from compress.quant.onnx_qdq import OnnxPredictor, _RawHeads, export_qdq_onnx
 from conftest import DATA, DEMO_CFG, randomize_bn
@@ -91,7 +92,7 @@ def test_learned_codes_reach_the_onnx_and_the_darknet_pair(learned, tmp_path):
 def test_assign_bits_keeps_the_budget_and_raises_the_most_sensitive_first():
     sizes = {0: 100, 1: 1000, 2: 1000, 3: 4000, 4: 200}
     bits = {0: 8, 1: 4, 2: 4, 3: 4, 4: 8}
-    sens = {1: 0.5, 2: 0.01, 3: 0.9}
+    sens = {1: {4: 0.5}, 2: {4: 0.01}, 3: {4: 0.9}}
     out = assign_bits(sens, sizes, bits, avg_bits=5.0)
     assert average_bits(out, sizes) <= 5.0
     assert out[1] == 8 and out[2] == 4 and out[3] == 4  # layer 3 is most sensitive but per weight less than 1
@@ -99,6 +100,28 @@ def test_assign_bits_keeps_the_budget_and_raises_the_most_sensitive_first():
     assert assign_bits(sens, sizes, bits, avg_bits=8) == {i: 8 for i in sizes}
     with pytest.raises(QuantError, match="--avg-bits 4.1 is below"):
         assign_bits(sens, sizes, bits, avg_bits=4.1)
+
+
+def test_assign_bits_widens_by_one_bit_where_that_removes_more_error_per_bit():
+    # one more bit quarters each conv's error: with one bit per weight to spend, every conv at 5 bits (summed
+    # error 4 x 0.25 = 1.0) beats raising one of the four to 8 (3 x 1.0 = 3.0)
+    sizes = {i: 1000 for i in range(4)}
+    bits = {i: 4 for i in range(4)}
+    sens = {i: {4: 1.0, 5: 0.25, 6: 0.06, 7: 0.015} for i in range(4)}
+    out = assign_bits(sens, sizes, bits, avg_bits=5.0)
+    assert out == {i: 5 for i in range(4)}
+    assert average_bits(out, sizes) == 5.0
+    # a conv whose error does not fall with width is never widened; the others take the budget
+    sens[3] = {4: 0.01, 5: 0.01, 6: 0.01, 7: 0.01}
+    out = assign_bits(sens, sizes, bits, avg_bits=5.0)
+    assert out[3] == 4 and sum(out.values()) <= 20 and min(out[i] for i in range(3)) >= 5
+
+
+def test_default_rounding_is_learned_for_google_low_bits_only():
+    assert ptq_rounding(GoogleConfig(bits=4), None) == "learned"
+    assert ptq_rounding(GoogleConfig(bits=8), None) == "nearest"
+    assert ptq_rounding(GoogleConfig(bits=4), "nearest") == "nearest"  # asked for: given
+    assert ptq_rounding(make_config("dorefa", 4), None) == "nearest"  # its tanh grid is not learned
 
 
 def test_sensitivity_measures_each_conv_alone_and_restores_the_model():
@@ -132,6 +155,8 @@ def test_quantize_mixed_precision_with_learned_rounding_writes_per_layer_bits(de
     report = json.loads((out / "report.json").read_text())
     assert report["rounding"] == "learned" and report["rounding_error"]
     assert report["avg_w_bits"] <= 5.0 and any(b == 8 for b in report["layer_bits"].values())
+    # every low-bit conv measured at each width it may take (--bits to 7; 8 counts as no error)
+    assert report["sensitivity"] and all(set(v) == {"4", "5", "6", "7"} for v in report["sensitivity"].values())
     doc = json.loads((out / "quant.json").read_text())
     written = {str(r["layer"]): r["weight"]["bits"] for r in doc["layers"] if r["type"] == "convolutional"}
     assert written == report["layer_bits"]

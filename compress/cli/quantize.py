@@ -88,8 +88,9 @@ def _table(r: Report) -> str:
               help="Learned rounding: optimisation steps per layer or block (8 images, a 24x24 output window or "
                    "a 32x32 block input window each).")
 @click.option("--mixed-precision", is_flag=True,
-              help="Keep the convs whose low-bit weights disturb the output most (measured on calibration "
-                   "images) at 8 bits, within --avg-bits; report.json and quant.json give each layer's bits.")
+              help="Give each conv a weight width from --bits to 8, most output error (measured on calibration "
+                   "images) removed per added bit first, within --avg-bits; report.json and quant.json give each "
+                   "layer's bits.")
 @click.option("--avg-bits", type=click.FloatRange(2, 8), default=4.5, show_default=True,
               help="--mixed-precision: average weight bits (weighted by weight count, first/last convs included).")
 @click.option("--safe-range", type=click.Choice(SAFE_RANGES), default="half", show_default=True,

@@ -32,7 +32,7 @@ from compress.quant.config import QuantConfig
 from compress.quant.adaround import ROUNDINGS, RoundingConfig
 from compress.quant.reconstruct import learn_rounding
 from compress.quant.bias_correct import bias_correction
-from compress.quant.mixed import assign_bits, average_bits, layer_sensitivity
+from compress.quant.mixed import HIGH_BITS, assign_bits, average_bits, layer_sensitivity
 from compress.quant.cpuinfo import cpu_flags
 from compress.quant.export import write_int_weights, write_quant_json
 from compress.quant.modules import QConvBNAct
@@ -146,8 +146,9 @@ def _calibration_images(spec: Any, img: int, settings: QuantSettings) -> torch.T
 
 def ptq_rounding(config: QuantConfig, rounding: str | None) -> str:
     """The PTQ rounding a run uses: the one asked for, else learned for Google weights of <= 6 bits (yolov4-tiny
-    W4A8 @320: int8 ONNX 0.4794 against 0.4111 with nearest rounding, README), nearest at 7-8 bits, where the
-    rounding error is small, and for DoReFa, whose tanh grid it does not learn."""
+    W4A8 @320: int8 ONNX 0.4794 against 0.4111 with nearest rounding; mixed precision at 4.5 bits @416: 0.5037
+    against 0.4732, README), nearest at 7-8 bits, where the rounding error is small, and for DoReFa, whose tanh
+    grid it does not learn."""
     if rounding is not None:
         return rounding
     bits = getattr(config, "bits", None)
@@ -156,19 +157,25 @@ def ptq_rounding(config: QuantConfig, rounding: str | None) -> str:
 
 def _mixed_config(model: torch.nn.Module, config: QuantConfig, images: torch.Tensor, settings: QuantSettings,
                   device: str) -> tuple[QuantConfig, dict]:
-    """Mixed precision: each low-bit conv's sensitivity on (up to 8 of) the calibration images, then the most
-    sensitive per weight raised to 8 bits within `settings.avg_bits`; the config carries the per-layer bits."""
+    """Mixed precision: each low-bit conv's sensitivity at every width from --bits to 7 on (up to 8 of) the
+    calibration images, then widths chosen for the most error removed per added bit within `settings.avg_bits`;
+    the config carries the per-layer bits."""
     if config.method != "google":
         raise QuantError("--mixed-precision needs --method google (DoReFa's 8-bit codes need --full-range)")
     uniform = prepare_qat(model, config)
     convs = {i: m for i, m in enumerate(uniform.layers) if isinstance(m, QConvBNAct)}
     sizes = {i: m.conv.weight.numel() for i, m in convs.items()}
-    sens = layer_sensitivity(model, uniform, images[:8], device)
+    sens: dict[int, dict[int, float]] = {}
+    for b in range(config.bits, HIGH_BITS):
+        at_b = uniform if b == config.bits else prepare_qat(model, dataclasses.replace(config, bits=b))
+        for i, e in layer_sensitivity(model, at_b, images[:8], device).items():
+            if at_b.layers[i].spec.w_bits == b:  # not an edge conv held at --first-last-bits
+                sens.setdefault(i, {})[b] = e
     bits = assign_bits(sens, sizes, {i: m.spec.w_bits for i, m in convs.items()}, settings.avg_bits)
     changed = tuple((i, b) for i, b in sorted(bits.items()) if b != convs[i].spec.w_bits)
     return dataclasses.replace(config, layer_bits=changed), {
         "layer_bits": {str(i): b for i, b in bits.items()}, "avg_w_bits": round(average_bits(bits, sizes), 4),
-        "sensitivity": {str(i): round(v, 6) for i, v in sens.items()}}
+        "sensitivity": {str(i): {str(b): round(v, 6) for b, v in e.items()} for i, e in sens.items()}}
 
 
 def _evaluate(model_or_fn: Any, spec: Any, img: int, settings: QuantSettings, device: str) -> dict:
