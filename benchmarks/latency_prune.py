@@ -201,7 +201,8 @@ def one_target(model, method: str, size: int, settings: LatencySettings, target:
                                            settings.runtime, 1, size, rounds)
     ratios = {name: ms / base for name, ms in zip(cuts, flat)}
     uniform = {name: {"layer_keep": c.keep, "percent": round(c.percent, 4), "ms": round(ms, 3),
-                      "ratio": round(ms / base, 4), "matched_ratio": round(c.matched_ratio, 4), **scores(model, c.result, images, size, "uniform")}
+                      "ratio": round(ms / base, 4), "matched_ratio": round(c.matched_ratio, 4),
+                      **scores(model, c.result, images, size, "uniform")}
                for (name, c), ms in zip(cuts.items(), flat)}
     return {"target": target, "layer_keep": config.keep_floor, "measured_ratio": round(targeted / base, 4),
             "miss": round(targeted / base / target - 1, 4), "predicted_ratio": fig["predicted_ratio"],
