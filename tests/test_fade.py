@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ from compress.darknet.summary import summarize
 from compress.jobs.prune import SparseTrainJob
 from compress.prune import PruneConfig, prune
 from compress.prune.costs import Target
+from compress.prune.registry import LAYER_KEEP
 from compress.prune.surgery import apply_channel_mask
 from compress.prune.fade import PLAN_FILE, FadeConfig, FadeHook
 from compress.train.ema import ModelEMA
@@ -186,20 +188,24 @@ def test_given_scores_rank_the_plan_as_slim_ranks_gammas() -> None:
 
 
 def test_fade_plan_keeps_the_layer_floor_on_yolov4_tiny(assets: Path, tmp_path: Path) -> None:
-    """`sparse-train --sparsity fade --layer-keep 0.5 --target-flops 0.5`: the planned cut reaches the target and
-    keeps at least half of every layer (without the floor, l1's FLOPs plan cuts some 64- and 256-wide layers to
-    8, which the pretrained model does not heal from)."""
+    """`sparse-train --sparsity fade --target-flops 0.5` (no --layer-keep: a target's default floor, 0.5): the
+    planned cut reaches the target and keeps at least half of every layer; `--layer-keep 0.01` given explicitly
+    still wins (l1's FLOPs plan then cuts some 64- and 256-wide layers to 8, which the pretrained model does not
+    heal from)."""
     from compress.prune.api import plan_mask
     w = assets / "weights"
     job = SparseTrainJob(cfg=w / "yolov4-tiny.cfg", weights=w / "yolov4-tiny.weights", data=tmp_path, out=tmp_path,
-                         sparsity="fade", method="l1", target_flops=0.5, layer_keep=0.5)
+                         sparsity="fade", method="l1", target_flops=0.5)
     plan = job.sparsity_config().plan
-    assert plan.layer_keep == 0.5 and job.sparsity_config().to_dict()["fade"]["layer_keep"] == 0.5  # reported
+    assert plan.layer_keep is None and plan.keep_floor == LAYER_KEEP.target == 0.5
+    assert job.sparsity_config().to_dict()["fade"]["layer_keep"] == 0.5  # reported: the floor in effect
+    explicit = replace(job, layer_keep=LAYER_KEEP.percent).sparsity_config()
+    assert explicit.plan.keep_floor == 0.01 and explicit.to_dict()["fade"]["layer_keep"] == 0.01
     model = compress.load(job.cfg, job.weights)
     floored, _ = plan_mask(model, plan)
-    bare, _ = plan_mask(model, PruneConfig(method="l1", round_to=8, target=plan.target))
+    bare, _ = plan_mask(model, explicit.plan)
     assert all(int(m.sum()) >= len(m) // 2 for m in floored.values())
-    assert any(int(m.sum()) < len(m) // 4 for m in bare.values())  # the default floor lets l1 crush a layer
+    assert any(int(m.sum()) < len(m) // 4 for m in bare.values())  # the explicit 0.01 floor lets l1 crush a layer
     for mask in (floored, bare):
         ratio = summarize(apply_channel_mask(model, mask), (416, 416)).gflops / summarize(model, (416, 416)).gflops
         assert 0.45 < ratio <= 0.5

@@ -23,11 +23,12 @@ from compress.darknet.summary import summarize
 from compress.deploy.latency import LATENCY_RUNTIMES, layer_module, measure_table
 from compress.deploy.latency_table import (LatencyTable, LayerTiming, TableKey, find_table, machine_id,
                                            model_fingerprint, read_tables, store_table)
-from compress.jobs import InfoJob, PruneJob, run_job
+from compress.jobs import InfoJob, PruneJob, SparseTrainJob, run_job
 from compress.prune import PruneConfig, prune
 from compress.prune.costs import ConvCost, LatencyCost, Target
 from compress.prune.coupling import build_coupling
 from compress.prune.latency_target import areas
+from compress.prune.registry import LAYER_KEEP
 from compress.prune.layout import build_layout, cuttable_groups, table_grid
 from compress.prune.search import allowed_widths
 
@@ -223,6 +224,73 @@ def test_target_refused_where_it_cannot_apply(model):
         Target("flops", ratio=1.5)
     with pytest.raises(PruneError, match="needs measured per-layer latencies"):
         prune(model, PruneConfig(method="slim", target=Target("latency", ratio=0.5)))
+
+
+# --- the per-layer floor: 0.5 for a target search unless given, 0.01 for --percent -----------------------------
+
+def _below_half(mask) -> list[int]:
+    return [i for i, m in mask.items() if int(m.sum()) < len(m) // 2]
+
+
+@pytest.mark.parametrize("metric,ratio", [("latency", 0.55), ("flops", 0.4)])
+def test_target_search_keeps_half_of_every_layer_by_default(model, metric, ratio):
+    """No --layer-keep: a target search keeps >= half of every cut layer (LAYER_KEEP.target) and reports that
+    floor; an explicit --layer-keep 0.01 with the same target still wins and goes lower."""
+    cost = (LatencyCost(fake_table(model), areas(model, SIZE), multiple=4) if metric == "latency"
+            else ConvCost(model, metric, SIZE))
+    target = Target(metric, ratio=ratio)   # the fake table's floor-0.5 plan predicts 0.46 at best
+    config = PruneConfig(method="slim", target=target)
+    assert config.layer_keep is None and config.keep_floor == LAYER_KEEP.target == 0.5
+    floored = prune(model, config, cost)
+    assert floored.mask and not _below_half(floored.mask) and floored.info["layer_keep"] == 0.5
+    assert any(int(m.sum()) < len(m) for m in floored.mask.values())     # it did cut
+    bare = prune(model, PruneConfig(method="slim", target=target, layer_keep=0.01), cost)
+    assert _below_half(bare.mask) and bare.info["layer_keep"] == 0.01
+
+
+def test_percent_keeps_its_default_floor(model):
+    """--percent without --layer-keep keeps the methods' 0.01: the same cut as --layer-keep 0.01 given, layers
+    may go below half, and the report names 0.01."""
+    config = PruneConfig(method="slim", percent=0.8, round_to=1)
+    assert config.keep_floor == LAYER_KEEP.percent == 0.01
+    default = prune(model, config)
+    given = prune(model, PruneConfig(method="slim", percent=0.8, round_to=1, layer_keep=0.01))
+    assert all(torch.equal(default.mask[i], given.mask[i]) for i in given.mask) and set(default.mask) == set(given.mask)
+    assert _below_half(default.mask) and default.info["layer_keep"] == 0.01
+    assert PruneConfig(method="l1", threshold=0.0).keep_floor == 0.01   # a --threshold cut is not a target search
+    with pytest.raises(PruneError, match=r"--layer-keep 1.5 must be a fraction in \[0, 1\]"):
+        PruneConfig(method="slim", layer_keep=1.5)
+
+
+def test_cli_and_job_leave_the_floor_to_the_kind_of_plan(pair, tmp_path):
+    """CLI and job agree: --layer-keep not given is None (the report records the floor in effect: 0.5 with a
+    target, 0.01 with --percent); given, it is passed on and rendered back, 0.01 included."""
+    cfg, weights = pair
+    prune_cmd = cli.commands["prune"]
+    option = next(p for p in prune_cmd.params if p.name == "layer_keep")
+    assert option.default is None is PruneJob.layer_keep and "default 0.5 with a --target-*, else 0.01" in option.help
+    sparse = next(p for p in cli.commands["sparse-train"].params if p.name == "layer_keep")
+    assert sparse.default is None is SparseTrainJob.layer_keep and "default 0.5 with a --target-*" in sparse.help
+
+    def report(*args: str) -> dict:
+        out = tmp_path / f"r{len(list(tmp_path.iterdir()))}.json"
+        cli.main(["prune", "--cfg", str(cfg), "--weights", str(weights), "--out", str(tmp_path / "o"), "--dry-run",
+                  "--report", str(out), *args], standalone_mode=False)
+        return json.loads(out.read_text())
+
+    targeted = report("--target-flops", "0.4")
+    assert targeted["layer_keep"] == 0.5 and all(c["after"] >= c["before"] // 2 for c in targeted["channels"])
+    assert report("--target-flops", "0.4", "--layer-keep", "0.01")["layer_keep"] == 0.01
+    assert report("--percent", "0.5")["layer_keep"] == 0.01
+    job = PruneJob(cfg, weights, tmp_path / "o", target_flops=0.4)
+    assert job.prune_config().keep_floor == 0.5 and "--layer-keep" not in job.to_argv()
+    explicit = PruneJob(cfg, weights, tmp_path / "o", target_flops=0.4, layer_keep=0.01)
+    assert explicit.prune_config().keep_floor == 0.01
+    assert explicit.to_argv()[explicit.to_argv().index("--layer-keep") + 1] == "0.01"
+    recipe = {"cfg": str(cfg), "weights": str(weights), "out": str(tmp_path), "target_flops": 0.4}
+    assert PruneJob.from_dict(recipe).layer_keep is None                  # a recipe step without layer_keep
+    with pytest.raises(PruneError, match="--layer-keep plans a fade: add --sparsity fade"):
+        SparseTrainJob(cfg=cfg, weights=weights, data=tmp_path, out=tmp_path, layer_keep=0.01)
 
 
 # --- the job, the CLI, info ----------------------------------------------------------------------------------

@@ -15,8 +15,12 @@ from compress.jobs import PruneJob, Report, SparseTrainJob
 from compress.jobs.prune import SPARSITY
 from compress.deploy.latency import LATENCY_RUNTIMES
 from compress.prune import METHODS
+from compress.prune.registry import LAYER_KEEP
 from compress.prune.fade import IMPORTANCE
 from compress.prune.sparsity import SCHEDULES, UPDATES
+
+# --layer-keep's default depends on the kind of plan (registry.LAYER_KEEP): not given is None, resolved there
+_LAYER_KEEP_DEFAULT = f"default {LAYER_KEEP.target} with a --target-*, else {LAYER_KEEP.percent}"
 
 _ROWS = [("params", "params"), ("gflops", "GFLOPs"), ("size_mb", "weights MB"), ("latency_ms", "CPU latency ms"),
          ("map50", "mAP@.5"), ("map50_95", "mAP@.5:.95")]
@@ -65,8 +69,9 @@ def _before_after(report: Report) -> str:
               "reference's exact widths).")
 @click.option("--min-keep", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Per-layer floor (fraction of width); 0 = normal/shortcut refuse to empty a layer.")
-@click.option("--layer-keep", "--layer_keep", "layer_keep", type=click.FloatRange(0, 1), default=0.01,
-              show_default=True, help="slim / torch-pruning per-layer floor (fraction of width).")
+@click.option("--layer-keep", "--layer_keep", "layer_keep", type=click.FloatRange(0, 1), default=None,
+              help=f"Per-layer floor of slim / torch-pruning and of a target search (fraction of width; "
+                   f"{_LAYER_KEEP_DEFAULT}).")
 @click.option("--no-compensate", is_flag=True, help="Do not fold removed channels' act(beta) into consumers.")
 @click.option("--data", type=click.Path(exists=True), help=f"Evaluate mAP before/after on this ({DATA_HELP}).")
 @click.option("--img-size", type=click.IntRange(32, 4096), help="Size for figures/eval (default: the cfg's).")
@@ -148,9 +153,10 @@ def prune_command(report_path: str | None, exist_ok: bool, **options: Any) -> No
               help="--sparsity fade: instead of --percent, fade until this ratio of the parameters is left.")
 @click.option("--round-to", type=click.IntRange(1), help="--sparsity fade: kept widths a multiple of this (default "
               "the method's, 8).")
-@click.option("--layer-keep", type=click.FloatRange(0, 1), default=SparseTrainJob.layer_keep, show_default=True,
-              help="--sparsity fade: per-layer floor of the plan (fraction of width; e.g. 0.5 keeps at least half of "
-                   "every layer, which a pretrained model heals from far better than a few layers cut to 8).")
+@click.option("--layer-keep", type=click.FloatRange(0, 1), default=SparseTrainJob.layer_keep,
+              help=f"--sparsity fade: per-layer floor of the plan (fraction of width; {_LAYER_KEEP_DEFAULT}; e.g. 0.5 "
+                   "keeps at least half of every layer, which a pretrained model heals from far better than a few "
+                   "layers cut to 8).")
 @click.option("--fade-end", type=click.FloatRange(0, 1, min_open=True), default=SparseTrainJob.fade_end,
               show_default=True, help="--sparsity fade: share of training after which the planned channels are "
                                       "zero (the rest trains the pruned structure).")

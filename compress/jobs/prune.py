@@ -64,7 +64,7 @@ class PruneJob(Job):
     shortcuts: int = PruneConfig.shortcuts
     round_to: int | None = PruneConfig.round_to
     min_keep: float = PruneConfig.min_keep
-    layer_keep: float = PruneConfig.layer_keep
+    layer_keep: float | None = PruneConfig.layer_keep   # None: registry.LAYER_KEEP, by kind of plan
     no_compensate: bool = not PruneConfig.compensate
     data: PathLike | None = None
     img_size: int | None = None
@@ -192,7 +192,7 @@ class SparseTrainJob(TrainingJob):
     method: str = "slim"
     percent: float = PruneConfig.percent
     round_to: int | None = PruneConfig.round_to
-    layer_keep: float = PruneConfig.layer_keep
+    layer_keep: float | None = PruneConfig.layer_keep   # None: registry.LAYER_KEEP, by kind of plan
     target_flops: float | None = None
     target_params: float | None = None
     fade_end: float = FadeConfig.end

@@ -75,9 +75,10 @@ def select_for_target(model: DarknetModel, coupling: Coupling, config: PruneConf
     ranked = [group_score(coupling, scores, g) for g in groups]
     multiple = config.round_to or (cost.multiple if cost.multiple > 1 else pruner.default_round_to)
     plan = plan_widths(build_layout(coupling, groups), ranked, cost, target.goal(cost.base), multiple,
-                       max(config.layer_keep, config.min_keep), target.option, target.best_effort)
+                       max(config.keep_floor, config.min_keep), target.option, target.best_effort)
     mask = {i: top_k(s, w) for g, s, w in zip(groups, ranked, plan.widths) for i in g}
-    info = {"target": target.to_dict(), "plan": plan.to_dict(cost.metric), "prunable_layers": len(scores)}
+    info = {"target": target.to_dict(), "plan": plan.to_dict(cost.metric), "prunable_layers": len(scores),
+            "layer_keep": config.keep_floor}
     return validate_mask(coupling, mask), info
 
 
@@ -89,10 +90,10 @@ def select_by_threshold(model: DarknetModel, coupling: Coupling, config: PruneCo
     pruner = METHODS[config.method]
     scores = scores if scores is not None else pruner.scores(model, coupling, config)  # type: ignore[misc]
     thr = float(config.threshold) if config.threshold is not None else global_threshold(scores, config.percent)
-    mask = apply_floor(threshold_masks(scores, thr, strict=True), scores, config.layer_keep)
+    mask = apply_floor(threshold_masks(scores, thr, strict=True), scores, config.keep_floor)
     cut = sum(int((s <= thr).sum()) for s in scores.values())
-    info = {"threshold": thr, "prunable_layers": len(scores), "at_or_below_threshold": cut,
-            "scored_channels": sum(len(s) for s in scores.values())}
+    info = {"threshold": thr, "prunable_layers": len(scores), "layer_keep": config.keep_floor,
+            "at_or_below_threshold": cut, "scored_channels": sum(len(s) for s in scores.values())}
     return finalize_mask(mask, coupling, scores, config, merge="union"), info
 
 

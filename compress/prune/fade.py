@@ -81,7 +81,7 @@ class FadeConfig:
         """What cuts the faded model: slim (whichever method planned: a faded channel's score is its gamma, 0)
         with the plan's rounding, every channel at |gamma| = 0."""
         p = self.plan
-        return PruneConfig(method="slim", round_to=p.round_to, layer_keep=p.layer_keep, min_keep=p.min_keep,
+        return PruneConfig(method="slim", round_to=p.round_to, layer_keep=p.keep_floor, min_keep=p.min_keep,
                            compensate=p.compensate, img_size=p.img_size, threshold=0.0)
 
     def to_dict(self) -> dict:
@@ -89,7 +89,7 @@ class FadeConfig:
         return {"fade": {"method": p.method, "importance": self.importance,
                          "percent": None if p.target else p.percent,
                          "target": p.target.to_dict() if p.target else None, "round_to": p.rounding,
-                         "layer_keep": p.layer_keep, "end": self.end}}
+                         "layer_keep": p.keep_floor, "end": self.end}}
 
 
 def _taylor(model: DarknetModel, images: Sequence[str | os.PathLike], train_config, device) -> dict[int, torch.Tensor]:

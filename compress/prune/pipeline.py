@@ -164,6 +164,7 @@ def prune_files(cfg: str | os.PathLike, weights: str | os.PathLike | None, confi
             **{f"{k}_before": before[k] for k in _STAGE_KEYS},
             **{f"{k}_after": after[k] for k in _STAGE_KEYS}, "method": config.method,
             "percent": config.percent, "shortcuts": config.shortcuts, "round_to": config.rounding,
-            "img_size": size, "removed_blocks": list(result.removed_blocks), **adapted, **refit,
+            "layer_keep": config.keep_floor, "img_size": size, "removed_blocks": list(result.removed_blocks),
+            **adapted, **refit,
             "channels": [{"layer": i, "before": b, "after": a, "type": t} for i, t, b, a in result.channel_rows(model)],
             "info": result.info, "dry_run": outputs is None, **_counted_target(config, result, before, after), **target}

@@ -1,5 +1,6 @@
 """slim: network slimming (SlimYOLOv3; reference 4.4). Keep |gamma| > thr over the mode-1 set with a
-per-layer floor max(1, floor(C * layer_keep)), then the union over each residual chain."""
+per-layer floor max(1, floor(C * layer_keep)) (`PruneConfig.keep_floor`), then the union over each residual
+chain."""
 from __future__ import annotations
 
 from compress.darknet.model import DarknetModel
@@ -21,7 +22,7 @@ def scores(model: DarknetModel, coupling: Coupling, config: PruneConfig) -> dict
 def select(model: DarknetModel, coupling: Coupling, config: PruneConfig) -> tuple[ChannelMask, dict]:
     gammas = scores(model, coupling, config)
     thr = global_threshold(gammas, config.percent)
-    mask = apply_floor(threshold_masks(gammas, thr, strict=True), gammas, config.layer_keep)
+    mask = apply_floor(threshold_masks(gammas, thr, strict=True), gammas, config.keep_floor)
     info = {"threshold": thr, "safe_percent": safe_percent(gammas)[0], "prunable_layers": len(gammas),
-            "layer_keep": config.layer_keep}
+            "layer_keep": config.keep_floor}
     return finalize_mask(mask, coupling, gammas, config, merge="union"), info

@@ -158,8 +158,9 @@ def _make(criterion: str) -> Callable:
     def select(model: DarknetModel, coupling: Coupling, config: PruneConfig) -> tuple[ChannelMask, dict]:
         scores = tp_scores(model, coupling, criterion, config.img_size)
         thr = global_threshold(scores, config.percent)
-        mask = apply_floor(threshold_masks(scores, thr, strict=True), scores, config.layer_keep)
-        info = {"threshold": thr, "criterion": criterion, "prunable_layers": len(scores)}
+        mask = apply_floor(threshold_masks(scores, thr, strict=True), scores, config.keep_floor)
+        info = {"threshold": thr, "criterion": criterion, "prunable_layers": len(scores),
+                "layer_keep": config.keep_floor}
         return finalize_mask(mask, coupling, scores, config), info
     select.__doc__ = f"torch-pruning {criterion} importance -> global threshold -> shared mask policy."
     return select
