@@ -22,6 +22,7 @@ from compress.quant.config import make_config
 from compress.quant.reconstruct import learn_rounding
 from compress.quant.brecq import block_error, find_blocks
 from compress.quant.mixed import assign_bits, average_bits, layer_sensitivity
+from compress.jobs import QuantizeJob
 from compress.quant.pipeline import QuantSettings, _calibration_images, ptq_rounding
 from compress.data.dataset import load_data_spec
 from compress.quant.onnx_qdq import OnnxPredictor, _RawHeads, export_qdq_onnx
@@ -124,6 +125,21 @@ def test_default_rounding_is_learned_for_google_low_bits_only():
     assert ptq_rounding(make_config("dorefa", 4), None) == "nearest"  # its tanh grid is not learned
 
 
+def test_rounding_steps_default_to_600_with_mixed_precision_only():
+    """The measured defaults (README, issue 24 fourth round): 300 steps per layer, 600 with --mixed-precision;
+    --rounding-iters wins either way, and the job passes "not given" through."""
+    assert QuantSettings().rounding_steps == 300
+    assert QuantSettings(avg_bits=4.5).rounding_steps == 600
+    assert QuantSettings(avg_bits=4.5, rounding_iters=50).rounding_steps == 50
+    assert QuantSettings(rounding_iters=50).rounding_steps == 50
+    job = dict(cfg="a.cfg", weights=None, data="d", out="o", bits=4)
+    assert QuantizeJob(**job).settings().rounding_steps == 300
+    assert QuantizeJob(**job, mixed_precision=True).settings().rounding_steps == 600
+    assert QuantizeJob(**job, mixed_precision=True, rounding_iters=7).settings().rounding_steps == 7
+    with pytest.raises(QuantError, match="--rounding-iters"):
+        QuantSettings(avg_bits=4.5, rounding_iters=0)
+
+
 def test_sensitivity_measures_each_conv_alone_and_restores_the_model():
     model = randomize_bn(build_model(read_cfg(CFG))).eval()
     before = copy.deepcopy(model.state_dict())
@@ -153,7 +169,7 @@ def test_quantize_mixed_precision_with_learned_rounding_writes_per_layer_bits(de
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
-    assert report["rounding"] == "learned" and report["rounding_error"]
+    assert report["rounding"] == "learned" and report["rounding_error"] and report["rounding_iters"] == 10
     assert report["avg_w_bits"] <= 5.0 and any(b == 8 for b in report["layer_bits"].values())
     # every low-bit conv measured at each width it may take (--bits to 7; 8 counts as no error)
     assert report["sensitivity"] and all(set(v) == {"4", "5", "6", "7"} for v in report["sensitivity"].values())

@@ -11,7 +11,7 @@ from compress.cli.common import (DATA_HELP, device_option, exist_ok_option, lett
 from compress.cli.group import cli
 from compress.darknet.summary import format_stage_table
 from compress.jobs import QuantizeJob, Report
-from compress.quant.adaround import ROUNDINGS
+from compress.quant.adaround import MIXED_ROUNDING_STEPS, ROUNDING_STEPS, ROUNDINGS
 from compress.quant.config import ACT_SCHEMES, METHOD_CONFIGS, SAFE_RANGES
 from compress.quant.pipeline import QuantVerifyError
 from compress.quant.weights import W_CLIPS
@@ -84,9 +84,10 @@ def _table(r: Report) -> str:
                    "its float output (AdaRound); block: each block's convs (branches that rejoin, e.g. a CSP "
                    "block) fitted jointly to the block's output (BRECQ), other convs as learned. Default: "
                    "learned at --bits <= 6 with --method google.")
-@click.option("--rounding-iters", type=click.IntRange(1), default=300, show_default=True,
+@click.option("--rounding-iters", type=click.IntRange(1),
               help="Learned rounding: optimisation steps per layer or block (8 images, a 24x24 output window or "
-                   "a 32x32 block input window each). With --mixed-precision 600 measured better (README).")
+                   f"a 32x32 block input window each). Default: {ROUNDING_STEPS}; {MIXED_ROUNDING_STEPS} with "
+                   "--mixed-precision (measured better there: README).")
 @click.option("--mixed-precision", is_flag=True,
               help="Give each conv a weight width from --bits to 8, most output error (measured on calibration "
                    "images) removed per added bit first, within --avg-bits; report.json and quant.json give each "

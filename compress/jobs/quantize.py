@@ -71,7 +71,7 @@ class QuantizeJob(Job):
     bias_correction: bool = True
     safe_range: str = "half"
     rounding: str | None = None
-    rounding_iters: int = 300
+    rounding_iters: int | None = None  # None: 300, 600 with --mixed-precision (QuantSettings.rounding_steps)
     mixed_precision: bool = False
     avg_bits: float = 4.5
     no_eval: bool = False
