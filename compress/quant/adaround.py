@@ -40,7 +40,7 @@ _ZETA, _GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (Louizos et al. 201
 
 @dataclass(frozen=True)
 class RoundingConfig:
-    """How the rounding of each layer is learned (defaults sized for a 2-core CPU: ~3 min on yolov4-tiny)."""
+    """How the rounding of each layer is learned (sized for a 2-core CPU: 300 steps take ~3-8 min on yolov4-tiny)."""
     iters: int = ROUNDING_STEPS  # Adam steps per layer
     batch: int = 8              # images per step
     window: int = 24            # output rows/columns per step (a random crop of the layer's output maps)
