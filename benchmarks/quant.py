@@ -158,7 +158,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-quant"))
     ap.add_argument("--out", help="write the figures as JSON here")
-    ap.add_argument("--rounding-iters", type=int, help="learned rounding: steps per layer (default: the job's, 300; 600 with mixed precision)")
+    ap.add_argument("--rounding-iters", type=int,
+                    help="learned rounding: steps per layer (default: the job's, 300; 600 with mixed precision)")
     ap.add_argument("--threads", type=int, help="torch threads (1 is fastest on a busy shared CPU)")
     args = ap.parse_args()
     if args.threads:

@@ -116,9 +116,10 @@ class QuantSettings:
 
     @property
     def rounding_steps(self) -> int:
-        """Learned rounding's steps per layer: the ones asked for, else 300, or 600 with mixed precision, measured
-        better there (yolov4-tiny @416 at 4.5 bits, mean of 3 samplings: int8 ONNX / pair -1.54 / -1.67 points with
-        600 against -1.96 / -2.34 with 300; @320 -3.51 / -2.75 against -3.87 / -3.94 on one; README, issue 24)."""
+        """Learned rounding's steps per layer: the ones asked for, else ROUNDING_STEPS, or MIXED_ROUNDING_STEPS with
+        mixed precision, measured better there (yolov4-tiny @416 at 4.5 bits, mean of 3 samplings: int8 ONNX / pair
+        -1.54 / -1.67 points with 600 against -1.96 / -2.34 with 300; @320 -3.51 / -2.75 against -3.87 / -3.94 on
+        one sampling; README, issue 24)."""
         if self.rounding_iters is not None:
             return self.rounding_iters
         return MIXED_ROUNDING_STEPS if self.avg_bits is not None else ROUNDING_STEPS
